@@ -1,0 +1,383 @@
+//! Paged KV-cache bookkeeping: which physical blocks hold which sequence's keys and values.
+//!
+//! **Owns**: the pool of `num_blocks` blocks of `block_size` token slots, one block table per
+//! sequence, reference counts, the prefix cache (full blocks identified by a hash chained over
+//! the parent block's hash and the block's token ids) and the LRU queue of free blocks, some of
+//! which still hold a cached prefix until they are needed.
+//!
+//! **Must not**: know about requests' sampling, queues or policies, time, I/O or threads. It
+//! answers "how many blocks would this take", does the allocation, and maps token positions to
+//! cache slots; the scheduler decides who gets them.
+//!
+//! Main types: [`BlockManager`], [`BlockManagerConfig`], [`BlockError`]; [`hash_block`] for the
+//! chained block hashes, which callers keep per sequence and pass back in.
+//!
+//! As in vLLM, block 0 is the *null block*: it is never handed out (padding rows of a block
+//! table point at it), so `num_blocks - 1` blocks are usable.
+
+mod free_queue;
+
+use free_queue::FreeQueue;
+use std::collections::HashMap;
+
+/// Index of a physical KV block.
+pub type BlockId = u32;
+/// Caller-chosen dense id of a sequence (the scheduler's slot index); tables live in a `Vec`.
+pub type SeqId = u32;
+/// Hash identifying a full block's content together with everything before it.
+pub type BlockHash = u64;
+
+/// The block reserved as padding target; never allocated.
+pub const NULL_BLOCK: BlockId = 0;
+
+const ROOT_SEED: u64 = 0x5745_4156_455f_4b56; // "WEAVE_KV"
+
+/// Hash of one full block, chained over its parent's hash so equal blocks at different
+/// prefixes differ. `tokens` must be exactly one block's token ids.
+pub fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+    let seed = parent.map_or(ROOT_SEED, |p| p.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15);
+    xxhash_rust::xxh3::xxh3_64_with_seed(bytemuck::cast_slice(tokens), seed)
+}
+
+/// Extends `hashes` with the hashes of every full block of `tokens` not yet hashed.
+pub fn extend_block_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: usize) {
+    let full = tokens.len() / block_size;
+    for i in hashes.len()..full {
+        let parent = i.checked_sub(1).map(|p| hashes[p]);
+        let h = hash_block(parent, &tokens[i * block_size..(i + 1) * block_size]);
+        hashes.push(h);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockManagerConfig {
+    /// Blocks in the pool, the null block included.
+    pub num_blocks: usize,
+    /// Token slots per block.
+    pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    /// Blocks that [`BlockManager::can_allocate`] keeps in reserve so that running sequences
+    /// can keep decoding after a new one is admitted. 0 matches vLLM V1.
+    pub watermark_blocks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error("invalid block manager config: {0}")]
+    InvalidConfig(String),
+    #[error("not enough free KV blocks: {needed} needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+    #[error("sequence {0} has no block table")]
+    UnknownSeq(SeqId),
+    #[error("cached prefix blocks can only be given to a sequence with no blocks yet (sequence {0})")]
+    PrefixOnNonEmptyTable(SeqId),
+    #[error("block {0} was offered as a cached prefix block but is not cached")]
+    NotCached(BlockId),
+    #[error("position {pos} of sequence {seq} has no slot: its table covers {capacity} tokens")]
+    NoSlot { seq: SeqId, pos: usize, capacity: usize },
+}
+
+/// Prefix-cache counters, in tokens, as vLLM counts them: every lookup queries the request's
+/// whole known length and hits the tokens covered by reused blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    pub lookups: u64,
+    pub queried_tokens: u64,
+    pub hit_tokens: u64,
+}
+
+impl PrefixCacheStats {
+    pub fn hit_rate(&self) -> f64 {
+        if self.queried_tokens == 0 {
+            0.0
+        } else {
+            self.hit_tokens as f64 / self.queried_tokens as f64
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Table {
+    blocks: Vec<BlockId>,
+    /// Leading blocks already registered in (or taken from) the prefix cache.
+    num_cached: usize,
+}
+
+/// The pool, the tables and the prefix cache. See the crate docs.
+#[derive(Debug, Clone)]
+pub struct BlockManager {
+    cfg: BlockManagerConfig,
+    ref_cnt: Vec<u32>,
+    block_hash: Vec<Option<BlockHash>>,
+    free: FreeQueue,
+    cached: HashMap<BlockHash, BlockId>,
+    tables: Vec<Option<Table>>,
+    stats: PrefixCacheStats,
+}
+
+impl BlockManager {
+    pub fn new(cfg: BlockManagerConfig) -> Result<Self, BlockError> {
+        if cfg.block_size == 0 {
+            return Err(BlockError::InvalidConfig("block_size must be at least 1".into()));
+        }
+        if cfg.num_blocks < 2 {
+            return Err(BlockError::InvalidConfig(format!(
+                "num_blocks is {}; at least 2 are needed (block 0 is the reserved null block)",
+                cfg.num_blocks
+            )));
+        }
+        if cfg.num_blocks > u32::MAX as usize - 1 {
+            return Err(BlockError::InvalidConfig("num_blocks does not fit in u32".into()));
+        }
+        let n = cfg.num_blocks;
+        Ok(BlockManager {
+            cfg,
+            ref_cnt: vec![0; n],
+            block_hash: vec![None; n],
+            free: FreeQueue::new(n, 1..n as BlockId),
+            cached: HashMap::new(),
+            tables: Vec::new(),
+            stats: PrefixCacheStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &BlockManagerConfig {
+        &self.cfg
+    }
+    pub fn block_size(&self) -> usize {
+        self.cfg.block_size
+    }
+    /// Blocks that can ever be handed out (the null block excluded).
+    pub fn num_usable_blocks(&self) -> usize {
+        self.cfg.num_blocks - 1
+    }
+    /// Free blocks, including free blocks that still hold a cached prefix.
+    pub fn num_free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    /// Blocks referenced by at least one table.
+    pub fn num_used_blocks(&self) -> usize {
+        self.num_usable_blocks() - self.num_free_blocks()
+    }
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.stats
+    }
+    /// Blocks that hold `num_tokens` tokens.
+    pub fn blocks_for(&self, num_tokens: usize) -> usize {
+        num_tokens.div_ceil(self.cfg.block_size)
+    }
+
+    /// Whether `num_blocks` new blocks can be taken while keeping the watermark in reserve.
+    pub fn can_allocate(&self, num_blocks: usize) -> bool {
+        num_blocks + self.cfg.watermark_blocks <= self.num_free_blocks()
+    }
+
+    /// The longest run of cached full blocks that begins `hashes` and covers at most
+    /// `max_tokens` tokens. Callers pass `num_tokens - 1` so that at least the last known token
+    /// is computed (its logits are needed). Counts a lookup of `num_tokens` queried tokens.
+    pub fn lookup_prefix(&mut self, hashes: &[BlockHash], num_tokens: usize) -> Vec<BlockId> {
+        if !self.cfg.enable_prefix_caching {
+            return Vec::new();
+        }
+        let max_blocks = num_tokens.saturating_sub(1) / self.cfg.block_size;
+        let hits: Vec<BlockId> = hashes
+            .iter()
+            .take(max_blocks)
+            .map_while(|h| self.cached.get(h).copied())
+            .collect();
+        self.stats.lookups += 1;
+        self.stats.queried_tokens += num_tokens as u64;
+        self.stats.hit_tokens += (hits.len() * self.cfg.block_size) as u64;
+        hits
+    }
+
+    /// Blocks that giving `seq` slots for `total_tokens` tokens would take from the free pool,
+    /// `prefix` being cached blocks it would reuse (free cached ones count: reusing them takes
+    /// them out of the free queue).
+    pub fn num_blocks_to_allocate(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId]) -> usize {
+        let have = self.table(seq).map_or(0, |t| t.blocks.len()) + prefix.len();
+        let fresh = self.blocks_for(total_tokens).saturating_sub(have);
+        let revived = prefix.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
+        fresh + revived
+    }
+
+    /// Gives `seq` (creating its table if needed) the cached `prefix` blocks and enough new
+    /// blocks to hold `total_tokens` tokens. All or nothing: on error nothing changed.
+    pub fn allocate(&mut self, seq: SeqId, prefix: &[BlockId], total_tokens: usize) -> Result<(), BlockError> {
+        let has_blocks = self.table(seq).is_some_and(|t| !t.blocks.is_empty());
+        if !prefix.is_empty() && has_blocks {
+            return Err(BlockError::PrefixOnNonEmptyTable(seq));
+        }
+        if let Some(&b) = prefix.iter().find(|&&b| self.block_hash[b as usize].is_none()) {
+            return Err(BlockError::NotCached(b));
+        }
+        let needed = self.num_blocks_to_allocate(seq, total_tokens, prefix);
+        if needed > self.num_free_blocks() {
+            return Err(BlockError::OutOfBlocks { needed, free: self.num_free_blocks() });
+        }
+        for &b in prefix {
+            if self.ref_cnt[b as usize] == 0 {
+                self.free.remove(b);
+            }
+            self.ref_cnt[b as usize] += 1;
+        }
+        let idx = seq as usize;
+        if idx >= self.tables.len() {
+            self.tables.resize_with(idx + 1, || None);
+        }
+        let mut table = self.tables[idx].take().unwrap_or_default();
+        if !prefix.is_empty() {
+            table.blocks.extend_from_slice(prefix);
+            table.num_cached = prefix.len();
+        }
+        let want = self.blocks_for(total_tokens);
+        while table.blocks.len() < want {
+            let b = self.free.pop_front().expect("free count checked above");
+            if let Some(h) = self.block_hash[b as usize].take() {
+                // Evict: the block's old content is about to be overwritten.
+                if self.cached.get(&h) == Some(&b) {
+                    self.cached.remove(&h);
+                }
+            }
+            self.ref_cnt[b as usize] = 1;
+            table.blocks.push(b);
+        }
+        self.tables[idx] = Some(table);
+        Ok(())
+    }
+
+    /// Registers the full blocks among the first `num_tokens` tokens of `seq` in the prefix
+    /// cache. `hashes` are the sequence's chained block hashes ([`extend_block_hashes`]).
+    /// A block whose content is already cached under another block stays private.
+    pub fn cache_full_blocks(&mut self, seq: SeqId, hashes: &[BlockHash], num_tokens: usize) {
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let bs = self.cfg.block_size;
+        let Some(table) = self.tables.get_mut(seq as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let full = (num_tokens / bs).min(hashes.len()).min(table.blocks.len());
+        for i in table.num_cached..full {
+            let b = table.blocks[i];
+            if self.block_hash[b as usize].is_none() {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hashes[i]) {
+                    e.insert(b);
+                    self.block_hash[b as usize] = Some(hashes[i]);
+                }
+            }
+        }
+        table.num_cached = table.num_cached.max(full);
+    }
+
+    /// Frees every block of `seq`. Blocks whose count drops to zero join the free queue's tail
+    /// in reverse table order, so a sequence's last blocks are evicted before its first ones
+    /// (the first ones are the likelier shared prefix).
+    pub fn free(&mut self, seq: SeqId) -> Result<(), BlockError> {
+        let table = self
+            .tables
+            .get_mut(seq as usize)
+            .and_then(Option::take)
+            .ok_or(BlockError::UnknownSeq(seq))?;
+        for &b in table.blocks.iter().rev() {
+            let rc = &mut self.ref_cnt[b as usize];
+            *rc -= 1;
+            if *rc == 0 {
+                self.free.push_back(b);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has_seq(&self, seq: SeqId) -> bool {
+        self.table(seq).is_some()
+    }
+
+    /// The block table of `seq` (empty if it has none).
+    pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
+        self.table(seq).map_or(&[], |t| &t.blocks)
+    }
+
+    /// The flat cache slot (`block * block_size + offset`) of token `pos` of `seq`.
+    pub fn slot(&self, seq: SeqId, pos: usize) -> Result<u32, BlockError> {
+        let blocks = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
+        let bs = self.cfg.block_size;
+        let b = blocks.blocks.get(pos / bs).ok_or(BlockError::NoSlot {
+            seq,
+            pos,
+            capacity: blocks.blocks.len() * bs,
+        })?;
+        Ok(*b * bs as u32 + (pos % bs) as u32)
+    }
+
+    /// Appends the slots of positions `start..start + n` of `seq` to `out`.
+    pub fn extend_slot_mapping(&self, seq: SeqId, start: usize, n: usize, out: &mut Vec<u32>) -> Result<(), BlockError> {
+        let table = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
+        let bs = self.cfg.block_size;
+        if start + n > table.blocks.len() * bs {
+            return Err(BlockError::NoSlot { seq, pos: start + n - 1, capacity: table.blocks.len() * bs });
+        }
+        out.extend((start..start + n).map(|p| table.blocks[p / bs] * bs as u32 + (p % bs) as u32));
+        Ok(())
+    }
+
+    fn table(&self, seq: SeqId) -> Option<&Table> {
+        self.tables.get(seq as usize).and_then(Option::as_ref)
+    }
+
+    /// Checks every structural invariant; `Err` names the first broken one. For tests.
+    pub fn audit(&self) -> Result<(), String> {
+        let n = self.cfg.num_blocks;
+        let mut holders = vec![0u32; n];
+        for t in self.tables.iter().flatten() {
+            for &b in &t.blocks {
+                if b == NULL_BLOCK || b as usize >= n {
+                    return Err(format!("table holds invalid block {b}"));
+                }
+                holders[b as usize] += 1;
+            }
+        }
+        let mut free_seen = 0;
+        for b in self.free.iter() {
+            free_seen += 1;
+            if holders[b as usize] != 0 {
+                return Err(format!("block {b} is free and in use"));
+            }
+        }
+        if free_seen != self.free.len() {
+            return Err("free queue length mismatch".into());
+        }
+        for b in 1..n {
+            if holders[b] != self.ref_cnt[b] {
+                return Err(format!("block {b}: ref count {} but {} tables", self.ref_cnt[b], holders[b]));
+            }
+            if (self.ref_cnt[b] == 0) != self.free.contains(b as BlockId) {
+                return Err(format!("block {b}: ref count {} but free = {}", self.ref_cnt[b], self.free.contains(b as BlockId)));
+            }
+        }
+        if self.free.contains(NULL_BLOCK) || self.ref_cnt[0] != 0 {
+            return Err("null block was handed out".into());
+        }
+        let in_use = holders.iter().filter(|&&h| h > 0).count();
+        if self.num_free_blocks() + in_use != self.num_usable_blocks() {
+            return Err(format!(
+                "free {} + used {in_use} != usable {}",
+                self.num_free_blocks(),
+                self.num_usable_blocks()
+            ));
+        }
+        for (h, &b) in &self.cached {
+            if self.block_hash[b as usize] != Some(*h) {
+                return Err(format!("cache maps a hash to block {b}, which holds another"));
+            }
+        }
+        let hashed = self.block_hash.iter().filter(|h| h.is_some()).count();
+        if hashed != self.cached.len() {
+            return Err("hashed blocks and cache entries differ".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+use super::*;
+use proptest::prelude::*;
+
+fn bm(num_blocks: usize, block_size: usize, caching: bool) -> BlockManager {
+    BlockManager::new(BlockManagerConfig { num_blocks, block_size, enable_prefix_caching: caching, watermark_blocks: 0 }).unwrap()
+}
+
+fn hashes(tokens: &[u32], bs: usize) -> Vec<BlockHash> {
+    let mut h = Vec::new();
+    extend_block_hashes(&mut h, tokens, bs);
+    h
+}
+
+#[test]
+fn null_block_is_reserved() {
+    let m = bm(5, 4, false);
+    assert_eq!(m.num_usable_blocks(), 4);
+    assert_eq!(m.num_free_blocks(), 4);
+    assert!(BlockManager::new(BlockManagerConfig { num_blocks: 1, block_size: 4, enable_prefix_caching: false, watermark_blocks: 0 }).is_err());
+    assert!(BlockManager::new(BlockManagerConfig { num_blocks: 4, block_size: 0, enable_prefix_caching: false, watermark_blocks: 0 }).is_err());
+}
+
+#[test]
+fn allocate_grow_slots_and_free() {
+    let mut m = bm(8, 4, false);
+    m.allocate(7, &[], 6).unwrap();
+    assert_eq!(m.block_table(7), &[1, 2]);
+    // Growing to 8 tokens needs no new block; 9 needs one.
+    assert_eq!(m.num_blocks_to_allocate(7, 8, &[]), 0);
+    assert_eq!(m.num_blocks_to_allocate(7, 9, &[]), 1);
+    m.allocate(7, &[], 9).unwrap();
+    assert_eq!(m.block_table(7), &[1, 2, 3]);
+    assert_eq!(m.slot(7, 0).unwrap(), 4);
+    assert_eq!(m.slot(7, 5).unwrap(), 9);
+    assert_eq!(m.slot(7, 8).unwrap(), 12);
+    assert!(matches!(m.slot(7, 12), Err(BlockError::NoSlot { .. })));
+    let mut slots = Vec::new();
+    m.extend_slot_mapping(7, 3, 3, &mut slots).unwrap();
+    assert_eq!(slots, vec![7, 8, 9]);
+    m.free(7).unwrap();
+    assert_eq!(m.num_free_blocks(), 7);
+    assert_eq!(m.free(7), Err(BlockError::UnknownSeq(7)));
+    m.audit().unwrap();
+}
+
+#[test]
+fn out_of_blocks_changes_nothing() {
+    let mut m = bm(4, 2, false);
+    m.allocate(0, &[], 4).unwrap();
+    let err = m.allocate(1, &[], 3).unwrap_err();
+    assert_eq!(err, BlockError::OutOfBlocks { needed: 2, free: 1 });
+    assert!(!m.has_seq(1));
+    assert_eq!(m.num_free_blocks(), 1);
+    m.audit().unwrap();
+}
+
+#[test]
+fn watermark_reserves_blocks() {
+    let m = BlockManager::new(BlockManagerConfig { num_blocks: 11, block_size: 4, enable_prefix_caching: false, watermark_blocks: 2 }).unwrap();
+    assert!(m.can_allocate(8));
+    assert!(!m.can_allocate(9));
+}
+
+#[test]
+fn prefix_cache_hit_share_and_lru_eviction() {
+    let bs = 4;
+    let mut m = bm(6, bs, true);
+    let a: Vec<u32> = (0..10).collect(); // 2 full blocks + 2 tokens
+    let ha = hashes(&a, bs);
+    assert!(m.lookup_prefix(&ha, a.len()).is_empty());
+    m.allocate(0, &[], a.len()).unwrap();
+    m.cache_full_blocks(0, &ha, a.len());
+    // Same first 8 tokens, different tail: both full blocks hit and are shared.
+    let mut b: Vec<u32> = (0..8).collect();
+    b.extend([100, 101, 102]);
+    let hb = hashes(&b, bs);
+    let hit = m.lookup_prefix(&hb, b.len());
+    assert_eq!(hit, m.block_table(0)[..2].to_vec());
+    assert_eq!(m.num_blocks_to_allocate(1, b.len(), &hit), 1);
+    m.allocate(1, &hit, b.len()).unwrap();
+    assert_eq!(m.num_used_blocks(), 4);
+    m.audit().unwrap();
+    // A prompt that is exactly two blocks may reuse only one: its last token must be computed.
+    let c: Vec<u32> = (0..8).collect();
+    assert_eq!(m.lookup_prefix(&hashes(&c, bs), c.len()).len(), 1);
+    // Free both: cached blocks stay reusable while free.
+    m.free(0).unwrap();
+    m.free(1).unwrap();
+    assert_eq!(m.num_free_blocks(), 5);
+    let hit = m.lookup_prefix(&ha, a.len());
+    assert_eq!(hit.len(), 2);
+    // Reviving free cached blocks takes them from the free pool.
+    assert_eq!(m.num_blocks_to_allocate(2, a.len(), &hit), 3);
+    // Filling the cache with unrelated blocks evicts the least recently freed first.
+    m.allocate(3, &[], 5 * bs).unwrap();
+    assert!(m.lookup_prefix(&ha, a.len()).is_empty());
+    let s = m.prefix_cache_stats();
+    assert_eq!(s.lookups, 5);
+    assert_eq!(s.hit_tokens, 8 + 4 + 8);
+    m.audit().unwrap();
+}
+
+#[test]
+fn caching_disabled_never_hits() {
+    let mut m = bm(6, 4, false);
+    let a: Vec<u32> = (0..12).collect();
+    let ha = hashes(&a, 4);
+    m.allocate(0, &[], 12).unwrap();
+    m.cache_full_blocks(0, &ha, 12);
+    assert!(m.lookup_prefix(&ha, 12).is_empty());
+    assert_eq!(m.prefix_cache_stats().lookups, 0);
+}
+
+#[test]
+fn bad_prefix_is_rejected() {
+    let mut m = bm(6, 4, true);
+    assert_eq!(m.allocate(0, &[3], 8), Err(BlockError::NotCached(3)));
+    m.allocate(0, &[], 4).unwrap();
+    let h = hashes(&[1, 2, 3, 4], 4);
+    m.cache_full_blocks(0, &h, 4);
+    let hit = m.lookup_prefix(&h, 5);
+    assert_eq!(m.allocate(0, &hit, 8), Err(BlockError::PrefixOnNonEmptyTable(0)));
+    m.audit().unwrap();
+}
+
+#[test]
+fn hashes_chain_over_parents() {
+    let x = [1u32, 2, 3, 4];
+    assert_eq!(hash_block(None, &x), hash_block(None, &x));
+    assert_ne!(hash_block(None, &x), hash_block(Some(hash_block(None, &x)), &x));
+    let mut h = Vec::new();
+    extend_block_hashes(&mut h, &[1, 2, 3, 4, 1, 2, 3, 4, 9], 4);
+    assert_eq!(h.len(), 2);
+    assert_ne!(h[0], h[1]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Start sequence `seq` with a prompt from token family `fam` of `len` tokens.
+    Start { seq: u32, fam: u32, len: usize },
+    /// Grow sequence `seq` by `n` tokens.
+    Grow { seq: u32, n: usize },
+    Free { seq: u32 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u32..6, 0u32..3, 1usize..40).prop_map(|(seq, fam, len)| Op::Start { seq, fam, len }),
+        (0u32..6, 1usize..10).prop_map(|(seq, n)| Op::Grow { seq, n }),
+        (0u32..6).prop_map(|seq| Op::Free { seq }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// After every operation: nothing both free and used, ref counts equal table holders,
+    /// free + used = total; and freeing everything leaks nothing.
+    #[test]
+    fn invariants_hold_under_random_ops(ops in prop::collection::vec(op(), 1..80), bs in 1usize..6, nb in 2usize..40, caching: bool) {
+        let mut m = bm(nb, bs, caching);
+        let mut tokens: Vec<Option<Vec<u32>>> = vec![None; 6];
+        for op in ops {
+            match op {
+                Op::Start { seq, fam, len } => {
+                    if tokens[seq as usize].is_some() { continue; }
+                    // Families share content, so prefixes hit across sequences.
+                    let t: Vec<u32> = (0..len as u32).map(|i| fam * 1000 + i).collect();
+                    let h = hashes(&t, bs);
+                    let hit = m.lookup_prefix(&h, t.len());
+                    let need = m.num_blocks_to_allocate(seq, t.len(), &hit);
+                    let free_before = m.num_free_blocks();
+                    match m.allocate(seq, &hit, t.len()) {
+                        Ok(()) => {
+                            prop_assert_eq!(free_before - m.num_free_blocks(), need);
+                            m.cache_full_blocks(seq, &h, t.len());
+                            tokens[seq as usize] = Some(t);
+                        }
+                        Err(BlockError::OutOfBlocks { .. }) => {
+                            prop_assert!(need > free_before);
+                            prop_assert_eq!(m.num_free_blocks(), free_before);
+                        }
+                        Err(e) => prop_assert!(false, "unexpected {e}"),
+                    }
+                }
+                Op::Grow { seq, n } => {
+                    let Some(t) = tokens[seq as usize].as_mut() else { continue };
+                    let new_len = t.len() + n;
+                    if m.allocate(seq, &[], new_len).is_ok() {
+                        let base = t.len() as u32;
+                        t.extend((0..n as u32).map(|i| 50_000 + seq * 1000 + base + i));
+                        m.cache_full_blocks(seq, &hashes(t, bs), new_len);
+                        prop_assert_eq!(m.block_table(seq).len(), new_len.div_ceil(bs));
+                    }
+                }
+                Op::Free { seq } => {
+                    let had = tokens[seq as usize].take().is_some();
+                    prop_assert_eq!(m.free(seq).is_ok(), had);
+                }
+            }
+            if let Err(e) = m.audit() { prop_assert!(false, "{}", e); }
+        }
+        for seq in 0..6 {
+            if tokens[seq].is_some() { m.free(seq as u32).unwrap(); }
+        }
+        prop_assert_eq!(m.num_free_blocks(), m.num_usable_blocks());
+        prop_assert_eq!(m.num_used_blocks(), 0);
+        if let Err(e) = m.audit() { prop_assert!(false, "{}", e); }
+    }
+}
