@@ -69,12 +69,18 @@ pub enum BlockError {
     OutOfBlocks { needed: usize, free: usize },
     #[error("sequence {0} has no block table")]
     UnknownSeq(SeqId),
-    #[error("cached prefix blocks can only be given to a sequence with no blocks yet (sequence {0})")]
+    #[error(
+        "cached prefix blocks can only be given to a sequence with no blocks yet (sequence {0})"
+    )]
     PrefixOnNonEmptyTable(SeqId),
     #[error("block {0} was offered as a cached prefix block but is not cached")]
     NotCached(BlockId),
     #[error("position {pos} of sequence {seq} has no slot: its table covers {capacity} tokens")]
-    NoSlot { seq: SeqId, pos: usize, capacity: usize },
+    NoSlot {
+        seq: SeqId,
+        pos: usize,
+        capacity: usize,
+    },
 }
 
 /// Prefix-cache counters, in tokens, as vLLM counts them: every lookup queries the request's
@@ -118,7 +124,9 @@ pub struct BlockManager {
 impl BlockManager {
     pub fn new(cfg: BlockManagerConfig) -> Result<Self, BlockError> {
         if cfg.block_size == 0 {
-            return Err(BlockError::InvalidConfig("block_size must be at least 1".into()));
+            return Err(BlockError::InvalidConfig(
+                "block_size must be at least 1".into(),
+            ));
         }
         if cfg.num_blocks < 2 {
             return Err(BlockError::InvalidConfig(format!(
@@ -127,7 +135,9 @@ impl BlockManager {
             )));
         }
         if cfg.num_blocks > u32::MAX as usize - 1 {
-            return Err(BlockError::InvalidConfig("num_blocks does not fit in u32".into()));
+            return Err(BlockError::InvalidConfig(
+                "num_blocks does not fit in u32".into(),
+            ));
         }
         let n = cfg.num_blocks;
         Ok(BlockManager {
@@ -173,47 +183,72 @@ impl BlockManager {
     }
 
     /// The longest run of cached full blocks that begins `hashes` and covers at most
-    /// `max_tokens` tokens. Callers pass `num_tokens - 1` so that at least the last known token
-    /// is computed (its logits are needed). Counts a lookup of `num_tokens` queried tokens.
-    pub fn lookup_prefix(&mut self, hashes: &[BlockHash], num_tokens: usize) -> Vec<BlockId> {
+    /// `num_tokens - 1` tokens: at least the last known token is always computed, because its
+    /// logits are needed. Pure; see [`Self::record_prefix_lookup`].
+    pub fn lookup_prefix(&self, hashes: &[BlockHash], num_tokens: usize) -> Vec<BlockId> {
         if !self.cfg.enable_prefix_caching {
             return Vec::new();
         }
         let max_blocks = num_tokens.saturating_sub(1) / self.cfg.block_size;
-        let hits: Vec<BlockId> = hashes
+        hashes
             .iter()
             .take(max_blocks)
             .map_while(|h| self.cached.get(h).copied())
-            .collect();
-        self.stats.lookups += 1;
-        self.stats.queried_tokens += num_tokens as u64;
-        self.stats.hit_tokens += (hits.len() * self.cfg.block_size) as u64;
-        hits
+            .collect()
+    }
+
+    /// Counts one admitted lookup: `num_tokens` queried, `hit_blocks` reused. Callers record
+    /// once per admission, so a request that waits several steps is not counted each time.
+    pub fn record_prefix_lookup(&mut self, num_tokens: usize, hit_blocks: usize) {
+        if self.cfg.enable_prefix_caching {
+            self.stats.lookups += 1;
+            self.stats.queried_tokens += num_tokens as u64;
+            self.stats.hit_tokens += (hit_blocks * self.cfg.block_size) as u64;
+        }
     }
 
     /// Blocks that giving `seq` slots for `total_tokens` tokens would take from the free pool,
     /// `prefix` being cached blocks it would reuse (free cached ones count: reusing them takes
     /// them out of the free queue).
-    pub fn num_blocks_to_allocate(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId]) -> usize {
+    pub fn num_blocks_to_allocate(
+        &self,
+        seq: SeqId,
+        total_tokens: usize,
+        prefix: &[BlockId],
+    ) -> usize {
         let have = self.table(seq).map_or(0, |t| t.blocks.len()) + prefix.len();
         let fresh = self.blocks_for(total_tokens).saturating_sub(have);
-        let revived = prefix.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
+        let revived = prefix
+            .iter()
+            .filter(|&&b| self.ref_cnt[b as usize] == 0)
+            .count();
         fresh + revived
     }
 
     /// Gives `seq` (creating its table if needed) the cached `prefix` blocks and enough new
     /// blocks to hold `total_tokens` tokens. All or nothing: on error nothing changed.
-    pub fn allocate(&mut self, seq: SeqId, prefix: &[BlockId], total_tokens: usize) -> Result<(), BlockError> {
+    pub fn allocate(
+        &mut self,
+        seq: SeqId,
+        prefix: &[BlockId],
+        total_tokens: usize,
+    ) -> Result<(), BlockError> {
         let has_blocks = self.table(seq).is_some_and(|t| !t.blocks.is_empty());
         if !prefix.is_empty() && has_blocks {
             return Err(BlockError::PrefixOnNonEmptyTable(seq));
         }
-        if let Some(&b) = prefix.iter().find(|&&b| self.block_hash[b as usize].is_none()) {
+        if let Some(&b) = prefix
+            .iter()
+            .find(|&&b| self.block_hash[b as usize].is_none())
+        {
             return Err(BlockError::NotCached(b));
         }
         let needed = self.num_blocks_to_allocate(seq, total_tokens, prefix);
         if needed > self.num_free_blocks() {
-            return Err(BlockError::OutOfBlocks { needed, free: self.num_free_blocks() });
+            return Err(BlockError::OutOfBlocks {
+                needed,
+                free: self.num_free_blocks(),
+            });
         }
         for &b in prefix {
             if self.ref_cnt[b as usize] == 0 {
@@ -311,11 +346,21 @@ impl BlockManager {
     }
 
     /// Appends the slots of positions `start..start + n` of `seq` to `out`.
-    pub fn extend_slot_mapping(&self, seq: SeqId, start: usize, n: usize, out: &mut Vec<u32>) -> Result<(), BlockError> {
+    pub fn extend_slot_mapping(
+        &self,
+        seq: SeqId,
+        start: usize,
+        n: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<(), BlockError> {
         let table = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
         let bs = self.cfg.block_size;
         if start + n > table.blocks.len() * bs {
-            return Err(BlockError::NoSlot { seq, pos: start + n - 1, capacity: table.blocks.len() * bs });
+            return Err(BlockError::NoSlot {
+                seq,
+                pos: start + n - 1,
+                capacity: table.blocks.len() * bs,
+            });
         }
         out.extend((start..start + n).map(|p| table.blocks[p / bs] * bs as u32 + (p % bs) as u32));
         Ok(())
@@ -349,10 +394,17 @@ impl BlockManager {
         }
         for b in 1..n {
             if holders[b] != self.ref_cnt[b] {
-                return Err(format!("block {b}: ref count {} but {} tables", self.ref_cnt[b], holders[b]));
+                return Err(format!(
+                    "block {b}: ref count {} but {} tables",
+                    self.ref_cnt[b], holders[b]
+                ));
             }
             if (self.ref_cnt[b] == 0) != self.free.contains(b as BlockId) {
-                return Err(format!("block {b}: ref count {} but free = {}", self.ref_cnt[b], self.free.contains(b as BlockId)));
+                return Err(format!(
+                    "block {b}: ref count {} but free = {}",
+                    self.ref_cnt[b],
+                    self.free.contains(b as BlockId)
+                ));
             }
         }
         if self.free.contains(NULL_BLOCK) || self.ref_cnt[0] != 0 {
@@ -368,7 +420,9 @@ impl BlockManager {
         }
         for (h, &b) in &self.cached {
             if self.block_hash[b as usize] != Some(*h) {
-                return Err(format!("cache maps a hash to block {b}, which holds another"));
+                return Err(format!(
+                    "cache maps a hash to block {b}, which holds another"
+                ));
             }
         }
         let hashed = self.block_hash.iter().filter(|h| h.is_some()).count();

@@ -2,7 +2,13 @@ use super::*;
 use proptest::prelude::*;
 
 fn bm(num_blocks: usize, block_size: usize, caching: bool) -> BlockManager {
-    BlockManager::new(BlockManagerConfig { num_blocks, block_size, enable_prefix_caching: caching, watermark_blocks: 0 }).unwrap()
+    BlockManager::new(BlockManagerConfig {
+        num_blocks,
+        block_size,
+        enable_prefix_caching: caching,
+        watermark_blocks: 0,
+    })
+    .unwrap()
 }
 
 fn hashes(tokens: &[u32], bs: usize) -> Vec<BlockHash> {
@@ -16,8 +22,20 @@ fn null_block_is_reserved() {
     let m = bm(5, 4, false);
     assert_eq!(m.num_usable_blocks(), 4);
     assert_eq!(m.num_free_blocks(), 4);
-    assert!(BlockManager::new(BlockManagerConfig { num_blocks: 1, block_size: 4, enable_prefix_caching: false, watermark_blocks: 0 }).is_err());
-    assert!(BlockManager::new(BlockManagerConfig { num_blocks: 4, block_size: 0, enable_prefix_caching: false, watermark_blocks: 0 }).is_err());
+    assert!(BlockManager::new(BlockManagerConfig {
+        num_blocks: 1,
+        block_size: 4,
+        enable_prefix_caching: false,
+        watermark_blocks: 0
+    })
+    .is_err());
+    assert!(BlockManager::new(BlockManagerConfig {
+        num_blocks: 4,
+        block_size: 0,
+        enable_prefix_caching: false,
+        watermark_blocks: 0
+    })
+    .is_err());
 }
 
 #[test]
@@ -56,7 +74,13 @@ fn out_of_blocks_changes_nothing() {
 
 #[test]
 fn watermark_reserves_blocks() {
-    let m = BlockManager::new(BlockManagerConfig { num_blocks: 11, block_size: 4, enable_prefix_caching: false, watermark_blocks: 2 }).unwrap();
+    let m = BlockManager::new(BlockManagerConfig {
+        num_blocks: 11,
+        block_size: 4,
+        enable_prefix_caching: false,
+        watermark_blocks: 2,
+    })
+    .unwrap();
     assert!(m.can_allocate(8));
     assert!(!m.can_allocate(9));
 }
@@ -94,9 +118,11 @@ fn prefix_cache_hit_share_and_lru_eviction() {
     // Filling the cache with unrelated blocks evicts the least recently freed first.
     m.allocate(3, &[], 5 * bs).unwrap();
     assert!(m.lookup_prefix(&ha, a.len()).is_empty());
+    m.record_prefix_lookup(11, 2);
+    m.record_prefix_lookup(10, 0);
     let s = m.prefix_cache_stats();
-    assert_eq!(s.lookups, 5);
-    assert_eq!(s.hit_tokens, 8 + 4 + 8);
+    assert_eq!((s.lookups, s.queried_tokens, s.hit_tokens), (2, 21, 8));
+    assert!((s.hit_rate() - 8.0 / 21.0).abs() < 1e-12);
     m.audit().unwrap();
 }
 
@@ -108,6 +134,7 @@ fn caching_disabled_never_hits() {
     m.allocate(0, &[], 12).unwrap();
     m.cache_full_blocks(0, &ha, 12);
     assert!(m.lookup_prefix(&ha, 12).is_empty());
+    m.record_prefix_lookup(12, 0);
     assert_eq!(m.prefix_cache_stats().lookups, 0);
 }
 
@@ -119,7 +146,10 @@ fn bad_prefix_is_rejected() {
     let h = hashes(&[1, 2, 3, 4], 4);
     m.cache_full_blocks(0, &h, 4);
     let hit = m.lookup_prefix(&h, 5);
-    assert_eq!(m.allocate(0, &hit, 8), Err(BlockError::PrefixOnNonEmptyTable(0)));
+    assert_eq!(
+        m.allocate(0, &hit, 8),
+        Err(BlockError::PrefixOnNonEmptyTable(0))
+    );
     m.audit().unwrap();
 }
 
@@ -127,7 +157,10 @@ fn bad_prefix_is_rejected() {
 fn hashes_chain_over_parents() {
     let x = [1u32, 2, 3, 4];
     assert_eq!(hash_block(None, &x), hash_block(None, &x));
-    assert_ne!(hash_block(None, &x), hash_block(Some(hash_block(None, &x)), &x));
+    assert_ne!(
+        hash_block(None, &x),
+        hash_block(Some(hash_block(None, &x)), &x)
+    );
     let mut h = Vec::new();
     extend_block_hashes(&mut h, &[1, 2, 3, 4, 1, 2, 3, 4, 9], 4);
     assert_eq!(h.len(), 2);
@@ -137,10 +170,19 @@ fn hashes_chain_over_parents() {
 #[derive(Debug, Clone)]
 enum Op {
     /// Start sequence `seq` with a prompt from token family `fam` of `len` tokens.
-    Start { seq: u32, fam: u32, len: usize },
+    Start {
+        seq: u32,
+        fam: u32,
+        len: usize,
+    },
     /// Grow sequence `seq` by `n` tokens.
-    Grow { seq: u32, n: usize },
-    Free { seq: u32 },
+    Grow {
+        seq: u32,
+        n: usize,
+    },
+    Free {
+        seq: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -1,0 +1,84 @@
+//! `ScheduledBatch`: the contract between the scheduler and every backend.
+//!
+//! Flat, varlen arrays, exactly what the attention and KV-write kernels take. Sequence `i`
+//! owns token rows `query_start_loc[i]..query_start_loc[i + 1]`; its queries sit at positions
+//! `context_lens[i]..seq_lens[i]`, attend causally to the cached `context_lens[i]` tokens and
+//! to themselves, and their K/V go to `slot_mapping` (flat slot = block * block_size + offset).
+//! Row `i` of `block_tables` (stride `max_blocks_per_seq`, padded with the null block 0)
+//! lists sequence `i`'s blocks.
+
+use crate::request::RequestId;
+
+/// One scheduled sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqMeta {
+    pub request_id: RequestId,
+    /// Query tokens this step.
+    pub num_query_tokens: u32,
+    /// Tokens already in the KV cache before this step.
+    pub context_len: u32,
+    pub is_prefill: bool,
+    /// Whether this sequence samples a token this step (a decode, or a prefill's last chunk).
+    pub samples: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduledBatch {
+    pub step: u64,
+    pub seqs: Vec<SeqMeta>,
+    pub input_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Cumulative query offsets, `seqs.len() + 1` entries, starting at 0.
+    pub query_start_loc: Vec<u32>,
+    /// Context + query tokens per sequence.
+    pub seq_lens: Vec<u32>,
+    pub context_lens: Vec<u32>,
+    /// `seqs.len() * max_blocks_per_seq` block ids, row-major, padded with block 0.
+    pub block_tables: Vec<u32>,
+    pub max_blocks_per_seq: usize,
+    pub block_size: usize,
+    /// Flat KV slot of every input token.
+    pub slot_mapping: Vec<u32>,
+    /// Token row whose logits are sampled, one per sampling sequence, in sequence order.
+    pub logits_indices: Vec<u32>,
+    /// Requests preempted while this step was scheduled.
+    pub preempted: Vec<RequestId>,
+    pub num_prefill_tokens: usize,
+    pub num_decode_tokens: usize,
+    pub num_prefill_seqs: usize,
+    /// Prefill sequences whose prompt is not finished by this step.
+    pub num_partial_prefills: usize,
+    pub max_query_len: u32,
+    pub max_seq_len: u32,
+}
+
+impl ScheduledBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.input_ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+    /// Block table row of sequence `i`, padding included.
+    pub fn block_table(&self, i: usize) -> &[u32] {
+        &self.block_tables[i * self.max_blocks_per_seq..(i + 1) * self.max_blocks_per_seq]
+    }
+    /// Ids of the sequences that sample, in `logits_indices` order.
+    pub fn sampling_request_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.seqs.iter().filter(|s| s.samples).map(|s| s.request_id)
+    }
+}
+
+/// What a backend hands back: one sampled token per sampling sequence, in batch order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    pub sampled: Vec<u32>,
+}
+
+/// What [`crate::Scheduler::update`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepUpdate {
+    /// Each token appended this step, with its request.
+    pub new_tokens: Vec<(RequestId, u32)>,
+    pub finished: Vec<crate::FinishedRequest>,
+}
