@@ -19,6 +19,26 @@ mod free_queue;
 
 use free_queue::FreeQueue;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Block hashes are xxh3 outputs, already uniformly mixed: hashing them again (SipHash) only
+/// costs time on the scheduler's hot path.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThroughHasher(u64);
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+type HashToBlock = HashMap<BlockHash, BlockId, BuildHasherDefault<PassThroughHasher>>;
 
 /// Index of a physical KV block.
 pub type BlockId = u32;
@@ -69,18 +89,12 @@ pub enum BlockError {
     OutOfBlocks { needed: usize, free: usize },
     #[error("sequence {0} has no block table")]
     UnknownSeq(SeqId),
-    #[error(
-        "cached prefix blocks can only be given to a sequence with no blocks yet (sequence {0})"
-    )]
+    #[error("cached prefix blocks can only be given to a sequence with no blocks yet (sequence {0})")]
     PrefixOnNonEmptyTable(SeqId),
     #[error("block {0} was offered as a cached prefix block but is not cached")]
     NotCached(BlockId),
     #[error("position {pos} of sequence {seq} has no slot: its table covers {capacity} tokens")]
-    NoSlot {
-        seq: SeqId,
-        pos: usize,
-        capacity: usize,
-    },
+    NoSlot { seq: SeqId, pos: usize, capacity: usize },
 }
 
 /// Prefix-cache counters, in tokens, as vLLM counts them: every lookup queries the request's
@@ -116,7 +130,7 @@ pub struct BlockManager {
     ref_cnt: Vec<u32>,
     block_hash: Vec<Option<BlockHash>>,
     free: FreeQueue,
-    cached: HashMap<BlockHash, BlockId>,
+    cached: HashToBlock,
     tables: Vec<Option<Table>>,
     stats: PrefixCacheStats,
 }
@@ -124,9 +138,7 @@ pub struct BlockManager {
 impl BlockManager {
     pub fn new(cfg: BlockManagerConfig) -> Result<Self, BlockError> {
         if cfg.block_size == 0 {
-            return Err(BlockError::InvalidConfig(
-                "block_size must be at least 1".into(),
-            ));
+            return Err(BlockError::InvalidConfig("block_size must be at least 1".into()));
         }
         if cfg.num_blocks < 2 {
             return Err(BlockError::InvalidConfig(format!(
@@ -135,9 +147,7 @@ impl BlockManager {
             )));
         }
         if cfg.num_blocks > u32::MAX as usize - 1 {
-            return Err(BlockError::InvalidConfig(
-                "num_blocks does not fit in u32".into(),
-            ));
+            return Err(BlockError::InvalidConfig("num_blocks does not fit in u32".into()));
         }
         let n = cfg.num_blocks;
         Ok(BlockManager {
@@ -145,7 +155,7 @@ impl BlockManager {
             ref_cnt: vec![0; n],
             block_hash: vec![None; n],
             free: FreeQueue::new(n, 1..n as BlockId),
-            cached: HashMap::new(),
+            cached: HashToBlock::default(),
             tables: Vec::new(),
             stats: PrefixCacheStats::default(),
         })
@@ -190,11 +200,7 @@ impl BlockManager {
             return Vec::new();
         }
         let max_blocks = num_tokens.saturating_sub(1) / self.cfg.block_size;
-        hashes
-            .iter()
-            .take(max_blocks)
-            .map_while(|h| self.cached.get(h).copied())
-            .collect()
+        hashes.iter().take(max_blocks).map_while(|h| self.cached.get(h).copied()).collect()
     }
 
     /// Counts one admitted lookup: `num_tokens` queried, `hit_blocks` reused. Callers record
@@ -210,45 +216,26 @@ impl BlockManager {
     /// Blocks that giving `seq` slots for `total_tokens` tokens would take from the free pool,
     /// `prefix` being cached blocks it would reuse (free cached ones count: reusing them takes
     /// them out of the free queue).
-    pub fn num_blocks_to_allocate(
-        &self,
-        seq: SeqId,
-        total_tokens: usize,
-        prefix: &[BlockId],
-    ) -> usize {
+    pub fn num_blocks_to_allocate(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId]) -> usize {
         let have = self.table(seq).map_or(0, |t| t.blocks.len()) + prefix.len();
         let fresh = self.blocks_for(total_tokens).saturating_sub(have);
-        let revived = prefix
-            .iter()
-            .filter(|&&b| self.ref_cnt[b as usize] == 0)
-            .count();
+        let revived = prefix.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
         fresh + revived
     }
 
     /// Gives `seq` (creating its table if needed) the cached `prefix` blocks and enough new
     /// blocks to hold `total_tokens` tokens. All or nothing: on error nothing changed.
-    pub fn allocate(
-        &mut self,
-        seq: SeqId,
-        prefix: &[BlockId],
-        total_tokens: usize,
-    ) -> Result<(), BlockError> {
+    pub fn allocate(&mut self, seq: SeqId, prefix: &[BlockId], total_tokens: usize) -> Result<(), BlockError> {
         let has_blocks = self.table(seq).is_some_and(|t| !t.blocks.is_empty());
         if !prefix.is_empty() && has_blocks {
             return Err(BlockError::PrefixOnNonEmptyTable(seq));
         }
-        if let Some(&b) = prefix
-            .iter()
-            .find(|&&b| self.block_hash[b as usize].is_none())
-        {
+        if let Some(&b) = prefix.iter().find(|&&b| self.block_hash[b as usize].is_none()) {
             return Err(BlockError::NotCached(b));
         }
         let needed = self.num_blocks_to_allocate(seq, total_tokens, prefix);
         if needed > self.num_free_blocks() {
-            return Err(BlockError::OutOfBlocks {
-                needed,
-                free: self.num_free_blocks(),
-            });
+            return Err(BlockError::OutOfBlocks { needed, free: self.num_free_blocks() });
         }
         for &b in prefix {
             if self.ref_cnt[b as usize] == 0 {
@@ -293,12 +280,12 @@ impl BlockManager {
             return;
         };
         let full = (num_tokens / bs).min(hashes.len()).min(table.blocks.len());
-        for i in table.num_cached..full {
-            let b = table.blocks[i];
+        let start = table.num_cached.min(full);
+        for (&b, &h) in table.blocks[start..full].iter().zip(&hashes[start..full]) {
             if self.block_hash[b as usize].is_none() {
-                if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hashes[i]) {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(h) {
                     e.insert(b);
-                    self.block_hash[b as usize] = Some(hashes[i]);
+                    self.block_hash[b as usize] = Some(h);
                 }
             }
         }
@@ -309,11 +296,7 @@ impl BlockManager {
     /// in reverse table order, so a sequence's last blocks are evicted before its first ones
     /// (the first ones are the likelier shared prefix).
     pub fn free(&mut self, seq: SeqId) -> Result<(), BlockError> {
-        let table = self
-            .tables
-            .get_mut(seq as usize)
-            .and_then(Option::take)
-            .ok_or(BlockError::UnknownSeq(seq))?;
+        let table = self.tables.get_mut(seq as usize).and_then(Option::take).ok_or(BlockError::UnknownSeq(seq))?;
         for &b in table.blocks.iter().rev() {
             let rc = &mut self.ref_cnt[b as usize];
             *rc -= 1;
@@ -337,11 +320,8 @@ impl BlockManager {
     pub fn slot(&self, seq: SeqId, pos: usize) -> Result<u32, BlockError> {
         let blocks = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
         let bs = self.cfg.block_size;
-        let b = blocks.blocks.get(pos / bs).ok_or(BlockError::NoSlot {
-            seq,
-            pos,
-            capacity: blocks.blocks.len() * bs,
-        })?;
+        let b =
+            blocks.blocks.get(pos / bs).ok_or(BlockError::NoSlot { seq, pos, capacity: blocks.blocks.len() * bs })?;
         Ok(*b * bs as u32 + (pos % bs) as u32)
     }
 
@@ -356,11 +336,7 @@ impl BlockManager {
         let table = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
         let bs = self.cfg.block_size;
         if start + n > table.blocks.len() * bs {
-            return Err(BlockError::NoSlot {
-                seq,
-                pos: start + n - 1,
-                capacity: table.blocks.len() * bs,
-            });
+            return Err(BlockError::NoSlot { seq, pos: start + n - 1, capacity: table.blocks.len() * bs });
         }
         out.extend((start..start + n).map(|p| table.blocks[p / bs] * bs as u32 + (p % bs) as u32));
         Ok(())
@@ -392,12 +368,9 @@ impl BlockManager {
         if free_seen != self.free.len() {
             return Err("free queue length mismatch".into());
         }
-        for b in 1..n {
-            if holders[b] != self.ref_cnt[b] {
-                return Err(format!(
-                    "block {b}: ref count {} but {} tables",
-                    self.ref_cnt[b], holders[b]
-                ));
+        for (b, &held) in holders.iter().enumerate().skip(1) {
+            if held != self.ref_cnt[b] {
+                return Err(format!("block {b}: ref count {} but {held} tables", self.ref_cnt[b]));
             }
             if (self.ref_cnt[b] == 0) != self.free.contains(b as BlockId) {
                 return Err(format!(
@@ -420,9 +393,7 @@ impl BlockManager {
         }
         for (h, &b) in &self.cached {
             if self.block_hash[b as usize] != Some(*h) {
-                return Err(format!(
-                    "cache maps a hash to block {b}, which holds another"
-                ));
+                return Err(format!("cache maps a hash to block {b}, which holds another"));
             }
         }
         let hashed = self.block_hash.iter().filter(|h| h.is_some()).count();

@@ -146,10 +146,7 @@ fn bad_prefix_is_rejected() {
     let h = hashes(&[1, 2, 3, 4], 4);
     m.cache_full_blocks(0, &h, 4);
     let hit = m.lookup_prefix(&h, 5);
-    assert_eq!(
-        m.allocate(0, &hit, 8),
-        Err(BlockError::PrefixOnNonEmptyTable(0))
-    );
+    assert_eq!(m.allocate(0, &hit, 8), Err(BlockError::PrefixOnNonEmptyTable(0)));
     m.audit().unwrap();
 }
 
@@ -157,10 +154,7 @@ fn bad_prefix_is_rejected() {
 fn hashes_chain_over_parents() {
     let x = [1u32, 2, 3, 4];
     assert_eq!(hash_block(None, &x), hash_block(None, &x));
-    assert_ne!(
-        hash_block(None, &x),
-        hash_block(Some(hash_block(None, &x)), &x)
-    );
+    assert_ne!(hash_block(None, &x), hash_block(Some(hash_block(None, &x)), &x));
     let mut h = Vec::new();
     extend_block_hashes(&mut h, &[1, 2, 3, 4, 1, 2, 3, 4, 9], 4);
     assert_eq!(h.len(), 2);
@@ -241,8 +235,8 @@ proptest! {
             }
             if let Err(e) = m.audit() { prop_assert!(false, "{}", e); }
         }
-        for seq in 0..6 {
-            if tokens[seq].is_some() { m.free(seq as u32).unwrap(); }
+        for (seq, t) in tokens.iter().enumerate() {
+            if t.is_some() { m.free(seq as u32).unwrap(); }
         }
         prop_assert_eq!(m.num_free_blocks(), m.num_usable_blocks());
         prop_assert_eq!(m.num_used_blocks(), 0);

@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::{Duration, Instant};
 use weave_block_manager::{extend_block_hashes, BlockManager, BlockManagerConfig};
-use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig, StepOutput};
+use weave_scheduler::{NewRequest, ScheduledBatch, Scheduler, SchedulerConfig, StepOutput};
 
 const WAITING: usize = 1000;
 const PROMPT: usize = 512;
@@ -15,6 +15,8 @@ const MAX_TOKENS: usize = 256;
 struct Load {
     s: Scheduler,
     next_id: u64,
+    batch: ScheduledBatch,
+    out: StepOutput,
 }
 
 impl Load {
@@ -30,6 +32,8 @@ impl Load {
         let mut l = Load {
             s: Scheduler::new(cfg).unwrap(),
             next_id: 0,
+            batch: ScheduledBatch::default(),
+            out: StepOutput::default(),
         };
         l.fill();
         // Warm up until every running slot is decoding.
@@ -45,19 +49,16 @@ impl Load {
             // Staggered lengths so finishes (and admissions) spread over steps.
             let max_tokens = MAX_TOKENS / 2 + (id as usize * 37) % (MAX_TOKENS / 2);
             let prompt = (0..PROMPT as u32).map(|i| id as u32 * 4096 + i).collect();
-            self.s
-                .add_request(NewRequest::new(id, prompt, max_tokens))
-                .unwrap();
+            self.s.add_request(NewRequest::new(id, prompt, max_tokens)).unwrap();
         }
     }
     /// One step; returns the time of schedule + update only.
     fn step(&mut self) -> Duration {
         let t = Instant::now();
-        let b = self.s.schedule();
-        let out = StepOutput {
-            sampled: vec![1; b.logits_indices.len()],
-        };
-        let u = self.s.update(&out).unwrap();
+        self.s.schedule_into(&mut self.batch);
+        self.out.sampled.clear();
+        self.out.sampled.resize(self.batch.logits_indices.len(), 1);
+        let u = self.s.update(&self.out).unwrap();
         let dt = t.elapsed();
         if !u.finished.is_empty() {
             self.fill();
@@ -68,9 +69,7 @@ impl Load {
 
 fn bench_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("schedule_update");
-    g.measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(30);
+    g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
     for running in [32, 64, 128, 256, 512] {
         let mut load = Load::new(running);
         assert_eq!(load.s.num_running(), running);
@@ -95,11 +94,7 @@ fn bench_blocks(c: &mut Criterion) {
         let tokens: Vec<u32> = (0..512).collect();
         let mut hashes = Vec::new();
         extend_block_hashes(&mut hashes, &tokens, 16);
-        let name = if caching {
-            "alloc_free_32_blocks_cached"
-        } else {
-            "alloc_free_32_blocks"
-        };
+        let name = if caching { "alloc_free_32_blocks_cached" } else { "alloc_free_32_blocks" };
         g.bench_function(name, |b| {
             b.iter(|| {
                 let hit = m.lookup_prefix(&hashes, tokens.len());

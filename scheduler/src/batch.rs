@@ -53,6 +53,46 @@ pub struct ScheduledBatch {
 }
 
 impl ScheduledBatch {
+    /// Empties every array, keeping their capacity.
+    pub fn clear(&mut self) {
+        let ScheduledBatch {
+            step,
+            seqs,
+            input_ids,
+            positions,
+            query_start_loc,
+            seq_lens,
+            context_lens,
+            block_tables,
+            max_blocks_per_seq,
+            block_size: _,
+            slot_mapping,
+            logits_indices,
+            preempted,
+            num_prefill_tokens,
+            num_decode_tokens,
+            num_prefill_seqs,
+            num_partial_prefills,
+            max_query_len,
+            max_seq_len,
+        } = self;
+        *step = 0;
+        for v in
+            [input_ids, positions, query_start_loc, seq_lens, context_lens, block_tables, slot_mapping, logits_indices]
+        {
+            v.clear();
+        }
+        seqs.clear();
+        preempted.clear();
+        *max_blocks_per_seq = 0;
+        *num_prefill_tokens = 0;
+        *num_decode_tokens = 0;
+        *num_prefill_seqs = 0;
+        *num_partial_prefills = 0;
+        *max_query_len = 0;
+        *max_seq_len = 0;
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.input_ids.len()
     }

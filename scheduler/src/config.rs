@@ -25,9 +25,7 @@ impl std::str::FromStr for PolicyKind {
             "priority" => Ok(Self::Priority),
             "static" => Ok(Self::Static),
             "adaptive" => Ok(Self::Adaptive),
-            _ => Err(format!(
-                "unknown policy {s:?}; known: fcfs, priority, static, adaptive"
-            )),
+            _ => Err(format!("unknown policy {s:?}; known: fcfs, priority, static, adaptive")),
         }
     }
 }
@@ -44,10 +42,7 @@ pub struct AdaptiveConfig {
 
 impl Default for AdaptiveConfig {
     fn default() -> Self {
-        AdaptiveConfig {
-            low_load_requests: 4,
-            low_load_budget: 512,
-        }
+        AdaptiveConfig { low_load_requests: 4, low_load_budget: 512 }
     }
 }
 
@@ -105,10 +100,7 @@ impl SchedulerConfig {
             return bad("max_num_seqs must be at least 1".into());
         }
         if self.max_model_len < 2 {
-            return bad(format!(
-                "max_model_len is {}; it must be at least 2",
-                self.max_model_len
-            ));
+            return bad(format!("max_model_len is {}; it must be at least 2", self.max_model_len));
         }
         if self.block_size == 0 {
             return bad("block_size must be at least 1".into());

@@ -59,35 +59,29 @@ use weave_block_manager::BlockManagerConfig;
 pub enum SchedError {
     #[error("invalid scheduler config: {0}")]
     InvalidConfig(String),
-    #[error("request {0}: an unfinished request already has this id")]
-    DuplicateId(RequestId),
-    #[error("request {0}: the prompt is empty")]
-    EmptyPrompt(RequestId),
-    #[error("request {0}: max_tokens is 0; at least one output token must be asked for")]
-    ZeroMaxTokens(RequestId),
-    #[error("request {id}: the prompt has {len} tokens, over max_model_len {max_model_len}")]
-    PromptTooLong {
-        id: RequestId,
-        len: usize,
-        max_model_len: usize,
-    },
-    #[error("request {id}: the prompt has {len} tokens, over the token budget {budget}, and chunked prefill is off")]
-    PromptOverBudget {
-        id: RequestId,
-        len: usize,
-        budget: usize,
-    },
-    #[error("request {id}: it may grow to {tokens} tokens but the KV cache holds {capacity} (plus a watermark of {watermark} blocks); raise the cache size or lower max_tokens")]
-    CacheTooSmall {
-        id: RequestId,
-        tokens: usize,
-        capacity: usize,
-        watermark: usize,
-    },
+    #[error("request {id}: {reason}")]
+    Rejected { id: RequestId, reason: Rejection },
     #[error("step output has {got} sampled tokens but {expected} sequences sampled")]
     OutputMismatch { expected: usize, got: usize },
     #[error(transparent)]
     Block(#[from] BlockError),
+}
+
+/// Why [`Scheduler::add_request`] refused a request (it could never finish, or is malformed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("an unfinished request already has this id")]
+    DuplicateId,
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("max_tokens is 0; at least one output token must be asked for")]
+    ZeroMaxTokens,
+    #[error("the prompt has {len} tokens, over max_model_len {max_model_len}")]
+    PromptTooLong { len: usize, max_model_len: usize },
+    #[error("the prompt has {len} tokens, over the token budget {budget}, and chunked prefill is off")]
+    PromptOverBudget { len: usize, budget: usize },
+    #[error("it may grow to {tokens} tokens but the KV cache holds {capacity} (less a watermark of {watermark} blocks); raise the cache size or lower max_tokens")]
+    CacheTooSmall { tokens: usize, capacity: usize, watermark: usize },
 }
 
 /// The scheduler: see the crate docs.
@@ -105,6 +99,8 @@ pub struct Scheduler {
     next_arrival: u64,
     /// (slot, arrival_seq) of each sequence that sampled in the last batch.
     last_sampling: Vec<(Slot, u64)>,
+    /// Scratch for the step being planned, kept to avoid an allocation per step.
+    planned: Vec<Planned>,
 }
 
 /// One request's place in the step being built.
@@ -165,6 +161,7 @@ impl Scheduler {
             step: 0,
             next_arrival: 0,
             last_sampling: Vec::new(),
+            planned: Vec::new(),
         })
     }
 
@@ -200,35 +197,26 @@ impl Scheduler {
     /// Queues a request, or says why it can never run. A rejected request changes nothing.
     pub fn add_request(&mut self, r: NewRequest) -> Result<(), SchedError> {
         let (id, len) = (r.id, r.prompt.len());
+        let reject = |reason| Err(SchedError::Rejected { id, reason });
         if self.ids.contains_key(&id) {
-            return Err(SchedError::DuplicateId(id));
+            return reject(Rejection::DuplicateId);
         }
         if len == 0 {
-            return Err(SchedError::EmptyPrompt(id));
+            return reject(Rejection::EmptyPrompt);
         }
         if r.max_tokens == 0 {
-            return Err(SchedError::ZeroMaxTokens(id));
+            return reject(Rejection::ZeroMaxTokens);
         }
         if len > self.cfg.max_model_len {
-            return Err(SchedError::PromptTooLong {
-                id,
-                len,
-                max_model_len: self.cfg.max_model_len,
-            });
+            return reject(Rejection::PromptTooLong { len, max_model_len: self.cfg.max_model_len });
         }
-        let never_chunks =
-            !self.cfg.enable_chunked_prefill && self.cfg.policy != PolicyKind::Adaptive;
+        let never_chunks = !self.cfg.enable_chunked_prefill && self.cfg.policy != PolicyKind::Adaptive;
         if never_chunks && len > self.cfg.max_num_batched_tokens {
-            return Err(SchedError::PromptOverBudget {
-                id,
-                len,
-                budget: self.cfg.max_num_batched_tokens,
-            });
+            return reject(Rejection::PromptOverBudget { len, budget: self.cfg.max_num_batched_tokens });
         }
         let max_len = (len + r.max_tokens).min(self.cfg.max_model_len);
         if self.kv.blocks_for(max_len) + self.cfg.watermark_blocks > self.kv.num_usable_blocks() {
-            return Err(SchedError::CacheTooSmall {
-                id,
+            return reject(Rejection::CacheTooSmall {
                 tokens: max_len,
                 capacity: self.cfg.kv_capacity_tokens(),
                 watermark: self.cfg.watermark_blocks,
@@ -258,13 +246,17 @@ impl Scheduler {
 
     /// Builds the next step. An empty batch means nothing can run now (no requests).
     pub fn schedule(&mut self) -> ScheduledBatch {
+        let mut b = ScheduledBatch::default();
+        self.schedule_into(&mut b);
+        b
+    }
+
+    /// [`Self::schedule`] into `out`, reusing its buffers (the engine loop's hot path).
+    pub fn schedule_into(&mut self, out: &mut ScheduledBatch) {
         let load = Load {
             num_running: self.running.len(),
             num_waiting: self.waiting.len(),
-            running_has_outputs: self
-                .running
-                .iter()
-                .any(|&s| self.req(s).num_output_tokens() > 0),
+            running_has_outputs: self.running.iter().any(|&s| self.req(s).num_output_tokens() > 0),
         };
         let limits = self.policy.limits(load, &self.cfg);
         let uncapped = |cap: usize| if cap == 0 { usize::MAX } else { cap };
@@ -274,12 +266,10 @@ impl Scheduler {
             prefill_seqs: uncapped(self.cfg.max_num_partial_prefills),
         };
         // The long-prefill cap is moot when there is nobody else to make room for.
-        let threshold = if load.num_running + load.num_waiting <= 1 {
-            0
-        } else {
-            self.cfg.long_prefill_token_threshold
-        };
-        let mut planned: Vec<Planned> = Vec::with_capacity(self.running.len() + 8);
+        let threshold =
+            if load.num_running + load.num_waiting <= 1 { 0 } else { self.cfg.long_prefill_token_threshold };
+        let mut planned = std::mem::take(&mut self.planned);
+        planned.clear();
         let mut preempted: Vec<RequestId> = Vec::new();
 
         // 1. Running requests, in admission order.
@@ -295,20 +285,23 @@ impl Scheduler {
             n = n.min(budget.tokens);
             n = n.min((self.cfg.max_model_len - 1).saturating_sub(r.num_computed_tokens));
             if is_prefill {
-                n = if budget.prefill_seqs == 0 {
-                    0
-                } else {
-                    n.min(budget.prefill_tokens)
-                };
+                n = if budget.prefill_seqs == 0 { 0 } else { n.min(budget.prefill_tokens) };
             }
             if n == 0 {
                 i += 1;
                 continue;
             }
-            let total = r.num_computed_tokens + n;
+            let before = r.num_computed_tokens;
+            let total = before + n;
             let mut fits = false;
             loop {
-                if self.kv.num_blocks_to_allocate(slot, total, &[]) <= self.kv.num_free_blocks() {
+                let need = self.kv.num_blocks_to_allocate(slot, total, &[]);
+                if need == 0 {
+                    // The common decode case: the last block still has room.
+                    fits = true;
+                    break;
+                }
+                if need <= self.kv.num_free_blocks() {
                     self.kv.allocate(slot, &[], total).expect("fit checked");
                     fits = true;
                     break;
@@ -329,12 +322,10 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            self.cache_blocks(slot, total);
-            let p = Planned {
-                slot,
-                num_new: n,
-                is_prefill,
-            };
+            if total / self.cfg.block_size > before / self.cfg.block_size {
+                self.cache_blocks(slot, total);
+            }
+            let p = Planned { slot, num_new: n, is_prefill };
             budget.take(&p);
             planned.push(p);
             i += 1;
@@ -342,10 +333,7 @@ impl Scheduler {
 
         // 2. Waiting requests, never skipping the head.
         if preempted.is_empty() && self.policy.may_admit(load) {
-            while budget.tokens > 0
-                && self.running.len() < self.cfg.max_num_seqs
-                && budget.prefill_seqs > 0
-            {
+            while budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs && budget.prefill_seqs > 0 {
                 let Some(slot) = self.waiting.peek() else {
                     break;
                 };
@@ -360,10 +348,9 @@ impl Scheduler {
                     // Whole prompts only: a misfit stops admission. The first prompt of a step
                     // may exceed the prefill share, and (adaptive) the low-load budget, or it
                     // could never run.
-                    let fits_budget = n <= budget.tokens
-                        || (planned.is_empty() && n <= self.cfg.max_num_batched_tokens);
-                    let fits_share =
-                        n <= budget.prefill_tokens || !planned.iter().any(|p| p.is_prefill);
+                    let fits_budget =
+                        n <= budget.tokens || (planned.is_empty() && n <= self.cfg.max_num_batched_tokens);
+                    let fits_share = n <= budget.prefill_tokens || !planned.iter().any(|p| p.is_prefill);
                     if n > self.cfg.max_num_batched_tokens {
                         // A resumed request longer than any budget: chunk it after all.
                         n = budget.tokens.min(budget.prefill_tokens);
@@ -377,17 +364,13 @@ impl Scheduler {
                     break;
                 }
                 // Reserve for the whole known sequence, allocate only this chunk.
-                let whole = self
-                    .kv
-                    .num_blocks_to_allocate(slot, r.num_tokens(), &prefix);
+                let whole = self.kv.num_blocks_to_allocate(slot, r.num_tokens(), &prefix);
                 if !self.kv.can_allocate(whole) {
                     break;
                 }
                 let total = computed + n;
                 let num_tokens = r.num_tokens();
-                self.kv
-                    .allocate(slot, &prefix, total)
-                    .expect("whole sequence fits, so the chunk does");
+                self.kv.allocate(slot, &prefix, total).expect("whole sequence fits, so the chunk does");
                 self.kv.record_prefix_lookup(num_tokens, prefix.len());
                 self.waiting.pop();
                 self.running.push(slot);
@@ -396,19 +379,15 @@ impl Scheduler {
                 r.num_computed_tokens = computed;
                 r.num_cached_tokens.get_or_insert(computed);
                 self.cache_blocks(slot, total);
-                let p = Planned {
-                    slot,
-                    num_new: n,
-                    is_prefill: true,
-                };
+                let p = Planned { slot, num_new: n, is_prefill: true };
                 budget.take(&p);
                 planned.push(p);
             }
         }
 
-        let batch = self.build_batch(&planned, preempted);
+        self.build_batch(&planned, preempted, out);
+        self.planned = planned;
         self.step += 1;
-        batch
     }
 
     /// Registers the full blocks among `slot`'s first `total` tokens in the prefix cache as
@@ -416,8 +395,7 @@ impl Scheduler {
     /// may reuse them, since every token's K/V is written before attention reads the cache.
     fn cache_blocks(&mut self, slot: Slot, total: usize) {
         let r = self.slab[slot as usize].as_ref().expect("live slot");
-        self.kv
-            .cache_full_blocks(slot, &r.block_hashes, total.min(r.num_tokens()));
+        self.kv.cache_full_blocks(slot, &r.block_hashes, total.min(r.num_tokens()));
     }
 
     /// Index in `running` of the request to preempt.
@@ -428,12 +406,7 @@ impl Scheduler {
                     let r = self.req(s);
                     (r.priority, r.arrival_seq)
                 };
-                self.running
-                    .iter()
-                    .enumerate()
-                    .max_by_key(key)
-                    .map(|(i, _)| i)
-                    .expect("running is not empty")
+                self.running.iter().enumerate().max_by_key(key).map(|(i, _)| i).expect("running is not empty")
             }
             _ => self.running.len() - 1,
         }
@@ -450,48 +423,27 @@ impl Scheduler {
         id
     }
 
-    fn build_batch(&mut self, planned: &[Planned], preempted: Vec<RequestId>) -> ScheduledBatch {
-        let n_tokens: usize = planned.iter().map(|p| p.num_new).sum();
-        let mut b = ScheduledBatch {
-            step: self.step,
-            seqs: Vec::with_capacity(planned.len()),
-            input_ids: Vec::with_capacity(n_tokens),
-            positions: Vec::with_capacity(n_tokens),
-            query_start_loc: Vec::with_capacity(planned.len() + 1),
-            seq_lens: Vec::with_capacity(planned.len()),
-            context_lens: Vec::with_capacity(planned.len()),
-            slot_mapping: Vec::with_capacity(n_tokens),
-            block_size: self.cfg.block_size,
-            preempted,
-            ..Default::default()
-        };
+    fn build_batch(&mut self, planned: &[Planned], preempted: Vec<RequestId>, b: &mut ScheduledBatch) {
+        b.clear();
+        b.step = self.step;
+        b.block_size = self.cfg.block_size;
+        b.preempted = preempted;
         b.query_start_loc.push(0);
-        b.max_blocks_per_seq = planned
-            .iter()
-            .map(|p| self.kv.block_table(p.slot).len())
-            .max()
-            .unwrap_or(0);
-        b.block_tables.reserve(planned.len() * b.max_blocks_per_seq);
+        b.max_blocks_per_seq = planned.iter().map(|p| self.kv.block_table(p.slot).len()).max().unwrap_or(0);
         self.last_sampling.clear();
         for p in planned {
-            let r = self.slab[p.slot as usize]
-                .as_mut()
-                .expect("planned slot is live");
+            let r = self.slab[p.slot as usize].as_mut().expect("planned slot is live");
             let before = r.num_computed_tokens;
             let after = before + p.num_new;
             r.num_computed_tokens = after;
             let samples = after == r.num_tokens();
             b.input_ids.extend_from_slice(&r.tokens[before..after]);
             b.positions.extend(before as u32..after as u32);
-            self.kv
-                .extend_slot_mapping(p.slot, before, p.num_new, &mut b.slot_mapping)
-                .expect("slots were allocated");
+            self.kv.extend_slot_mapping(p.slot, before, p.num_new, &mut b.slot_mapping).expect("slots were allocated");
             let table = self.kv.block_table(p.slot);
             b.block_tables.extend_from_slice(table);
-            b.block_tables.resize(
-                b.block_tables.len() + b.max_blocks_per_seq - table.len(),
-                weave_block_manager::NULL_BLOCK,
-            );
+            b.block_tables
+                .resize(b.block_tables.len() + b.max_blocks_per_seq - table.len(), weave_block_manager::NULL_BLOCK);
             let end = b.input_ids.len() as u32;
             if samples {
                 b.logits_indices.push(end - 1);
@@ -517,7 +469,6 @@ impl Scheduler {
                 samples,
             });
         }
-        b
     }
 
     /// Applies a step's sampled tokens (one per sampling sequence of the last batch, in
@@ -525,32 +476,25 @@ impl Scheduler {
     /// blocks at once.
     pub fn update(&mut self, out: &StepOutput) -> Result<StepUpdate, SchedError> {
         if out.sampled.len() != self.last_sampling.len() {
-            return Err(SchedError::OutputMismatch {
-                expected: self.last_sampling.len(),
-                got: out.sampled.len(),
-            });
+            return Err(SchedError::OutputMismatch { expected: self.last_sampling.len(), got: out.sampled.len() });
         }
-        let mut upd = StepUpdate::default();
+        let mut upd = StepUpdate { new_tokens: Vec::with_capacity(out.sampled.len()), finished: Vec::new() };
         let sampling = std::mem::take(&mut self.last_sampling);
         let bs = self.cfg.block_size;
         let max_model_len = self.cfg.max_model_len;
         for (&(slot, arrival), &tok) in sampling.iter().zip(&out.sampled) {
             // The request may have been aborted since the batch was built.
-            let Some(r) = self.slab[slot as usize]
-                .as_mut()
-                .filter(|r| r.arrival_seq == arrival && r.status == Status::Running)
+            let Some(r) =
+                self.slab[slot as usize].as_mut().filter(|r| r.arrival_seq == arrival && r.status == Status::Running)
             else {
                 continue;
             };
             r.tokens.push(tok);
             weave_block_manager::extend_block_hashes(&mut r.block_hashes, &r.tokens, bs);
             upd.new_tokens.push((r.id, tok));
-            let reason = if r.num_tokens() >= max_model_len || r.num_output_tokens() >= r.max_tokens
-            {
+            let reason = if r.num_tokens() >= max_model_len || r.num_output_tokens() >= r.max_tokens {
                 Some(FinishReason::Length)
-            } else if (!r.ignore_eos && r.eos_token_id == Some(tok))
-                || r.stop_token_ids.contains(&tok)
-            {
+            } else if (!r.ignore_eos && r.eos_token_id == Some(tok)) || r.stop_token_ids.contains(&tok) {
                 Some(FinishReason::Stop)
             } else {
                 None
@@ -566,11 +510,7 @@ impl Scheduler {
 
     /// Ends a request now (client gone, or a stop string seen by the caller), freeing its
     /// blocks. `None` if no unfinished request has this id.
-    pub fn finish_request(
-        &mut self,
-        id: RequestId,
-        reason: FinishReason,
-    ) -> Option<FinishedRequest> {
+    pub fn finish_request(&mut self, id: RequestId, reason: FinishReason) -> Option<FinishedRequest> {
         let slot = *self.ids.get(&id)?;
         Some(self.remove(slot, reason))
     }
@@ -584,11 +524,7 @@ impl Scheduler {
         let r = self.slab[slot as usize].take().expect("live slot");
         match r.status {
             Status::Running => {
-                let i = self
-                    .running
-                    .iter()
-                    .position(|&s| s == slot)
-                    .expect("running request is listed");
+                let i = self.running.iter().position(|&s| s == slot).expect("running request is listed");
                 self.running.remove(i);
             }
             Status::Waiting | Status::Preempted => {

@@ -25,10 +25,7 @@ pub struct StepLimits {
 pub trait BatchPolicy: std::fmt::Debug + Send {
     fn limits(&self, load: Load, cfg: &SchedulerConfig) -> StepLimits {
         let _ = load;
-        StepLimits {
-            token_budget: cfg.max_num_batched_tokens,
-            chunked_prefill: cfg.enable_chunked_prefill,
-        }
+        StepLimits { token_budget: cfg.max_num_batched_tokens, chunked_prefill: cfg.enable_chunked_prefill }
     }
     /// Whether waiting requests may be admitted this step.
     fn may_admit(&self, load: Load) -> bool {
@@ -64,10 +61,7 @@ impl BatchPolicy for Adaptive {
                 chunked_prefill: false,
             }
         } else {
-            StepLimits {
-                token_budget: cfg.max_num_batched_tokens,
-                chunked_prefill: true,
-            }
+            StepLimits { token_budget: cfg.max_num_batched_tokens, chunked_prefill: true }
         }
     }
 }

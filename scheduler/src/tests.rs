@@ -1,40 +1,28 @@
 use super::*;
 
 fn cfg() -> SchedulerConfig {
-    SchedulerConfig {
-        num_gpu_blocks: 1024,
-        max_model_len: 4096,
-        ..Default::default()
-    }
+    SchedulerConfig { num_gpu_blocks: 1024, max_model_len: 4096, ..Default::default() }
 }
 
 /// Distinct token ids per request so the prefix cache never hits by accident.
 fn prompt(id: u64, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| (id as u32) * 100_000 + i + 1)
-        .collect()
+    (0..len as u32).map(|i| (id as u32) * 100_000 + i + 1).collect()
 }
 
 fn add(s: &mut Scheduler, id: u64, len: usize, max_tokens: usize) {
-    s.add_request(NewRequest::new(id, prompt(id, len), max_tokens))
-        .unwrap();
+    s.add_request(NewRequest::new(id, prompt(id, len), max_tokens)).unwrap();
 }
 
 /// One step with a synthetic token (7) for every sampling sequence.
 fn step(s: &mut Scheduler) -> (ScheduledBatch, StepUpdate) {
     let b = s.schedule();
-    let out = StepOutput {
-        sampled: vec![7; b.logits_indices.len()],
-    };
+    let out = StepOutput { sampled: vec![7; b.logits_indices.len()] };
     let u = s.update(&out).unwrap();
     (b, u)
 }
 
 fn tokens_of(b: &ScheduledBatch) -> Vec<(u64, u32)> {
-    b.seqs
-        .iter()
-        .map(|s| (s.request_id, s.num_query_tokens))
-        .collect()
+    b.seqs.iter().map(|s| (s.request_id, s.num_query_tokens)).collect()
 }
 
 #[test]
@@ -62,21 +50,12 @@ fn textbook_771_token_batch() {
 
 #[test]
 fn long_prompt_is_chunked_over_four_steps() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_batched_tokens: 512,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s = Scheduler::new(SchedulerConfig { max_num_batched_tokens: 512, ..cfg() }).unwrap();
     add(&mut s, 1, 2000, 5);
     let mut chunks = Vec::new();
     for _ in 0..4 {
         let (b, u) = step(&mut s);
-        chunks.push((
-            b.seqs[0].context_len,
-            b.seqs[0].num_query_tokens,
-            b.seqs[0].samples,
-            b.num_partial_prefills,
-        ));
+        chunks.push((b.seqs[0].context_len, b.seqs[0].num_query_tokens, b.seqs[0].samples, b.num_partial_prefills));
         // Slot mapping follows the block table across chunk boundaries.
         let bs = b.block_size as u32;
         for (k, &pos) in b.positions.iter().enumerate() {
@@ -85,15 +64,7 @@ fn long_prompt_is_chunked_over_four_steps() {
         }
         assert_eq!(u.new_tokens.len(), usize::from(b.seqs[0].samples));
     }
-    assert_eq!(
-        chunks,
-        vec![
-            (0, 512, false, 1),
-            (512, 512, false, 1),
-            (1024, 512, false, 1),
-            (1536, 464, true, 0)
-        ]
-    );
+    assert_eq!(chunks, vec![(0, 512, false, 1), (512, 512, false, 1), (1024, 512, false, 1), (1536, 464, true, 0)]);
     // Then it decodes one token per step.
     let (b, _) = step(&mut s);
     assert_eq!(tokens_of(&b), vec![(1, 1)]);
@@ -102,12 +73,7 @@ fn long_prompt_is_chunked_over_four_steps() {
 
 /// Steps (0-based) at which each request was first scheduled, and the step each finished.
 fn run(policy: PolicyKind) -> (Vec<u64>, Vec<u64>) {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_seqs: 4,
-        policy,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 4, policy, ..cfg() }).unwrap();
     for (id, max_tokens) in [8, 14, 16, 18, 4].into_iter().enumerate() {
         add(&mut s, id as u64, 8, max_tokens);
     }
@@ -132,10 +98,7 @@ fn static_vs_continuous_admission() {
     // 14th, 16th and 18th step (steps 7, 13, 15, 17).
     let (first, done) = run(PolicyKind::Fcfs);
     assert_eq!(&done[..4], &[7, 13, 15, 17]);
-    assert_eq!(
-        first[4], 8,
-        "continuous batching admits the fifth as soon as a slot frees"
-    );
+    assert_eq!(first[4], 8, "continuous batching admits the fifth as soon as a slot frees");
     let (first, done) = run(PolicyKind::Static);
     assert_eq!(&done[..4], &[7, 13, 15, 17]);
     assert_eq!(first[4], 18, "static batching waits for the whole batch");
@@ -144,12 +107,7 @@ fn static_vs_continuous_admission() {
 #[test]
 fn preemption_by_recompute_and_resume() {
     // 8 usable blocks of 4 tokens = 32 slots; two requests of 12 tokens growing to 18.
-    let c = SchedulerConfig {
-        num_gpu_blocks: 9,
-        block_size: 4,
-        enable_prefix_caching: false,
-        ..cfg()
-    };
+    let c = SchedulerConfig { num_gpu_blocks: 9, block_size: 4, enable_prefix_caching: false, ..cfg() };
     let mut s = Scheduler::new(c).unwrap();
     add(&mut s, 1, 12, 6);
     add(&mut s, 2, 12, 6);
@@ -168,30 +126,18 @@ fn preemption_by_recompute_and_resume() {
             break;
         }
     }
-    assert_eq!(
-        preempted,
-        vec![2],
-        "the most recently admitted request is the victim"
-    );
+    assert_eq!(preempted, vec![2], "the most recently admitted request is the victim");
     assert_eq!(finished.len(), 2);
     for f in &finished {
         assert_eq!(f.output_tokens.len(), 6);
     }
-    assert_eq!(
-        finished.iter().find(|f| f.id == 2).unwrap().num_preemptions,
-        1
-    );
+    assert_eq!(finished.iter().find(|f| f.id == 2).unwrap().num_preemptions, 1);
     assert_eq!(s.kv_blocks_used(), 0);
 }
 
 #[test]
 fn resumed_request_recomputes_prompt_and_outputs() {
-    let c = SchedulerConfig {
-        num_gpu_blocks: 9,
-        block_size: 4,
-        enable_prefix_caching: false,
-        ..cfg()
-    };
+    let c = SchedulerConfig { num_gpu_blocks: 9, block_size: 4, enable_prefix_caching: false, ..cfg() };
     let mut s = Scheduler::new(c).unwrap();
     add(&mut s, 1, 12, 6);
     add(&mut s, 2, 12, 6);
@@ -200,31 +146,20 @@ fn resumed_request_recomputes_prompt_and_outputs() {
         let b = s.schedule();
         if let Some(n) = outputs_at_preempt {
             if let Some(q) = b.seqs.iter().find(|q| q.request_id == 2) {
-                assert_eq!(
-                    (q.context_len, q.num_query_tokens as usize, q.is_prefill),
-                    (0, 12 + n, true)
-                );
+                assert_eq!((q.context_len, q.num_query_tokens as usize, q.is_prefill), (0, 12 + n, true));
                 break;
             }
         }
         if b.preempted.contains(&2) {
             outputs_at_preempt = Some(b.step as usize); // one output per step since step 0
         }
-        s.update(&StepOutput {
-            sampled: vec![7; b.logits_indices.len()],
-        })
-        .unwrap();
+        s.update(&StepOutput { sampled: vec![7; b.logits_indices.len()] }).unwrap();
     }
 }
 
 #[test]
 fn priority_policy_orders_waiting_and_preempts_worst() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_seqs: 1,
-        policy: PolicyKind::Priority,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 1, policy: PolicyKind::Priority, ..cfg() }).unwrap();
     for (id, prio) in [(1, 5), (2, -1), (3, 0)] {
         let mut r = NewRequest::new(id, prompt(id, 4), 2);
         r.priority = prio;
@@ -240,11 +175,7 @@ fn priority_policy_orders_waiting_and_preempts_worst() {
 
 #[test]
 fn prefix_cache_hit_skips_shared_blocks() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        block_size: 16,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s = Scheduler::new(SchedulerConfig { block_size: 16, ..cfg() }).unwrap();
     let shared: Vec<u32> = (1..=40).collect();
     let mut a = shared.clone();
     a.extend([900, 901]);
@@ -259,18 +190,12 @@ fn prefix_cache_hit_skips_shared_blocks() {
     assert_eq!((q.context_len, q.num_query_tokens), (32, 9));
     assert_eq!(batch.block_table(1)[..2], batch.block_table(0)[..2]);
     let st = s.prefix_cache_stats();
-    assert_eq!(
-        (st.lookups, st.queried_tokens, st.hit_tokens),
-        (2, 42 + 41, 32)
-    );
+    assert_eq!((st.lookups, st.queried_tokens, st.hit_tokens), (2, 42 + 41, 32));
 }
 
 #[test]
 fn long_prefill_threshold_caps_chunks_but_not_a_lone_request() {
-    let c = SchedulerConfig {
-        long_prefill_token_threshold: 100,
-        ..cfg()
-    };
+    let c = SchedulerConfig { long_prefill_token_threshold: 100, ..cfg() };
     let mut s = Scheduler::new(c.clone()).unwrap();
     add(&mut s, 1, 300, 1);
     assert_eq!(tokens_of(&s.schedule()), vec![(1, 300)]);
@@ -282,11 +207,7 @@ fn long_prefill_threshold_caps_chunks_but_not_a_lone_request() {
 
 #[test]
 fn prefill_share_and_partial_prefill_caps() {
-    let c = SchedulerConfig {
-        max_prefill_tokens_per_step: 64,
-        max_num_partial_prefills: 1,
-        ..cfg()
-    };
+    let c = SchedulerConfig { max_prefill_tokens_per_step: 64, max_num_partial_prefills: 1, ..cfg() };
     let mut s = Scheduler::new(c).unwrap();
     add(&mut s, 1, 100, 3);
     add(&mut s, 2, 100, 3);
@@ -295,38 +216,22 @@ fn prefill_share_and_partial_prefill_caps() {
     let (b, _) = step(&mut s);
     assert_eq!(tokens_of(&b), vec![(1, 36)]);
     let (b, _) = step(&mut s);
-    assert_eq!(
-        tokens_of(&b),
-        vec![(1, 1), (2, 64)],
-        "decodes are not limited by the prefill caps"
-    );
+    assert_eq!(tokens_of(&b), vec![(1, 1), (2, 64)], "decodes are not limited by the prefill caps");
 }
 
 #[test]
 fn no_chunking_stops_admission_at_the_first_misfit() {
-    let c = SchedulerConfig {
-        max_num_batched_tokens: 100,
-        enable_chunked_prefill: false,
-        ..cfg()
-    };
+    let c = SchedulerConfig { max_num_batched_tokens: 100, enable_chunked_prefill: false, ..cfg() };
     let mut s = Scheduler::new(c).unwrap();
     add(&mut s, 1, 60, 2);
     add(&mut s, 2, 60, 2);
     add(&mut s, 3, 10, 2);
     assert_eq!(tokens_of(&s.schedule()), vec![(1, 60)]);
-    let err = s
-        .add_request(NewRequest::new(9, prompt(9, 101), 1))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SchedError::PromptOverBudget {
-                id: 9,
-                len: 101,
-                budget: 100
-            }
-        ),
-        "{err}"
+    let err = s.add_request(NewRequest::new(9, prompt(9, 101), 1)).unwrap_err();
+    assert_eq!(err, SchedError::Rejected { id: 9, reason: Rejection::PromptOverBudget { len: 101, budget: 100 } });
+    assert_eq!(
+        err.to_string(),
+        "request 9: the prompt has 101 tokens, over the token budget 100, and chunked prefill is off"
     );
 }
 
@@ -334,10 +239,7 @@ fn no_chunking_stops_admission_at_the_first_misfit() {
 fn adaptive_switches_budget_with_load() {
     let c = SchedulerConfig {
         policy: PolicyKind::Adaptive,
-        adaptive: AdaptiveConfig {
-            low_load_requests: 2,
-            low_load_budget: 64,
-        },
+        adaptive: AdaptiveConfig { low_load_requests: 2, low_load_budget: 64 },
         max_num_batched_tokens: 1000,
         ..cfg()
     };
@@ -356,11 +258,7 @@ fn adaptive_switches_budget_with_load() {
 
 #[test]
 fn stop_tokens_eos_and_max_model_len() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_model_len: 10,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 10, ..cfg() }).unwrap();
     let mut r = NewRequest::new(1, prompt(1, 4), 100);
     r.eos_token_id = Some(7);
     s.add_request(r).unwrap();
@@ -391,11 +289,7 @@ fn abort_frees_at_once_and_late_output_is_ignored() {
     let f = s.abort(1).unwrap();
     assert_eq!(f.reason, FinishReason::Abort);
     assert!(s.abort(1).is_none());
-    let u = s
-        .update(&StepOutput {
-            sampled: vec![5; b.logits_indices.len()],
-        })
-        .unwrap();
+    let u = s.update(&StepOutput { sampled: vec![5; b.logits_indices.len()] }).unwrap();
     assert_eq!(u.new_tokens, vec![(2, 5)]);
     s.abort(2).unwrap();
     assert_eq!(s.kv_blocks_used(), 0);
@@ -404,52 +298,27 @@ fn abort_frees_at_once_and_late_output_is_ignored() {
 
 #[test]
 fn bad_requests_are_rejected_with_their_id() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_model_len: 100,
-        num_gpu_blocks: 5,
-        block_size: 16,
-        ..cfg()
-    })
-    .unwrap();
+    let mut s =
+        Scheduler::new(SchedulerConfig { max_model_len: 100, num_gpu_blocks: 5, block_size: 16, ..cfg() }).unwrap();
+    let rej = |id, reason| Err(SchedError::Rejected { id, reason });
+    assert_eq!(s.add_request(NewRequest::new(1, vec![], 5)), rej(1, Rejection::EmptyPrompt));
+    assert_eq!(s.add_request(NewRequest::new(2, prompt(2, 5), 0)), rej(2, Rejection::ZeroMaxTokens));
     assert_eq!(
-        s.add_request(NewRequest::new(1, vec![], 5)),
-        Err(SchedError::EmptyPrompt(1))
-    );
-    assert_eq!(
-        s.add_request(NewRequest::new(2, prompt(2, 5), 0)),
-        Err(SchedError::ZeroMaxTokens(2))
-    );
-    assert!(matches!(
         s.add_request(NewRequest::new(3, prompt(3, 101), 1)),
-        Err(SchedError::PromptTooLong { id: 3, .. })
-    ));
-    assert!(matches!(
-        s.add_request(NewRequest::new(4, prompt(4, 60), 20)),
-        Err(SchedError::CacheTooSmall {
-            id: 4,
-            tokens: 80,
-            capacity: 64,
-            ..
-        })
-    ));
-    s.add_request(NewRequest::new(5, prompt(5, 10), 1)).unwrap();
-    assert_eq!(
-        s.add_request(NewRequest::new(5, prompt(5, 10), 1)),
-        Err(SchedError::DuplicateId(5))
+        rej(3, Rejection::PromptTooLong { len: 101, max_model_len: 100 })
     );
+    assert_eq!(
+        s.add_request(NewRequest::new(4, prompt(4, 60), 20)),
+        rej(4, Rejection::CacheTooSmall { tokens: 80, capacity: 64, watermark: 0 })
+    );
+    s.add_request(NewRequest::new(5, prompt(5, 10), 1)).unwrap();
+    assert_eq!(s.add_request(NewRequest::new(5, prompt(5, 10), 1)), rej(5, Rejection::DuplicateId));
     assert_eq!(s.num_unfinished(), 1);
     let b = s.schedule();
     assert!(matches!(
         s.update(&StepOutput { sampled: vec![] }),
-        Err(SchedError::OutputMismatch {
-            expected: 1,
-            got: 0
-        })
+        Err(SchedError::OutputMismatch { expected: 1, got: 0 })
     ));
     assert_eq!(b.seqs.len(), 1);
-    assert!(Scheduler::new(SchedulerConfig {
-        max_num_seqs: 0,
-        ..cfg()
-    })
-    .is_err());
+    assert!(Scheduler::new(SchedulerConfig { max_num_seqs: 0, ..cfg() }).is_err());
 }

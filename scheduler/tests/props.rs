@@ -13,67 +13,35 @@ struct Req {
 }
 
 fn req() -> impl Strategy<Value = Req> {
-    (
-        0u64..30,
-        1usize..300,
-        1usize..40,
-        prop::option::of((0u32..3, 1usize..200)),
-    )
-        .prop_map(|(arrival, prompt_len, max_tokens, group)| Req {
-            arrival,
-            prompt_len,
-            max_tokens,
-            group,
-        })
+    (0u64..30, 1usize..300, 1usize..40, prop::option::of((0u32..3, 1usize..200)))
+        .prop_map(|(arrival, prompt_len, max_tokens, group)| Req { arrival, prompt_len, max_tokens, group })
 }
 
 fn config() -> impl Strategy<Value = SchedulerConfig> {
     (
-        (
-            16usize..600,
-            1usize..10,
-            prop::sample::select(vec![1usize, 4, 16]),
-            8usize..200,
-        ),
-        (
-            any::<bool>(),
-            prop::sample::select(vec![0usize, 32, 100]),
-            any::<bool>(),
-        ),
-        (
-            prop::sample::select(vec![0usize, 1, 2]),
-            prop::sample::select(vec![0usize, 48]),
-        ),
-        prop::sample::select(vec![
-            PolicyKind::Fcfs,
-            PolicyKind::Priority,
-            PolicyKind::Static,
-            PolicyKind::Adaptive,
-        ]),
+        (16usize..600, 1usize..10, prop::sample::select(vec![1usize, 4, 16]), 8usize..200),
+        (any::<bool>(), prop::sample::select(vec![0usize, 32, 100]), any::<bool>()),
+        (prop::sample::select(vec![0usize, 1, 2]), prop::sample::select(vec![0usize, 48])),
+        prop::sample::select(vec![PolicyKind::Fcfs, PolicyKind::Priority, PolicyKind::Static, PolicyKind::Adaptive]),
     )
-        .prop_map(
-            |((budget, seqs, bs, blocks_k), (chunked, thr, caching), (partial, pcap), policy)| {
-                SchedulerConfig {
-                    max_num_batched_tokens: budget,
-                    max_num_seqs: seqs,
-                    max_model_len: 320,
-                    block_size: bs,
-                    // From barely enough for one request to plenty: preemption gets exercised.
-                    num_gpu_blocks: 2 + (340usize.div_ceil(bs)) * blocks_k / 50,
-                    enable_chunked_prefill: chunked,
-                    long_prefill_token_threshold: thr,
-                    max_num_partial_prefills: partial,
-                    max_prefill_tokens_per_step: pcap,
-                    enable_prefix_caching: caching,
-                    watermark_blocks: 0,
-                    policy,
-                    adaptive: AdaptiveConfig {
-                        low_load_requests: 2,
-                        low_load_budget: 64,
-                    },
-                }
-            },
-        )
+        .prop_map(|((budget, seqs, bs, blocks_k), (chunked, thr, caching), (partial, pcap), policy)| {
+            SchedulerConfig {
+                max_num_batched_tokens: budget,
+                max_num_seqs: seqs,
+                max_model_len: 320,
+                block_size: bs,
+                // From barely enough for one request to plenty: preemption gets exercised.
+                num_gpu_blocks: 2 + (340usize.div_ceil(bs)) * blocks_k / 50,
+                enable_chunked_prefill: chunked,
+                long_prefill_token_threshold: thr,
+                max_num_partial_prefills: partial,
+                max_prefill_tokens_per_step: pcap,
+                enable_prefix_caching: caching,
+                watermark_blocks: 0,
+                policy,
+                adaptive: AdaptiveConfig { low_load_requests: 2, low_load_budget: 64 },
+            }
+        })
 }
 
 fn tokens(id: u64, r: &Req) -> Vec<u32> {
@@ -86,16 +54,8 @@ fn tokens(id: u64, r: &Req) -> Vec<u32> {
 }
 
 /// `known(id)`: the request's prompt + outputs so far.
-fn check_batch(
-    b: &ScheduledBatch,
-    cfg: &SchedulerConfig,
-    known: impl Fn(u64) -> usize,
-) -> Result<(), TestCaseError> {
-    prop_assert!(
-        b.num_tokens() <= cfg.max_num_batched_tokens,
-        "budget exceeded: {}",
-        b.num_tokens()
-    );
+fn check_batch(b: &ScheduledBatch, cfg: &SchedulerConfig, known: impl Fn(u64) -> usize) -> Result<(), TestCaseError> {
+    prop_assert!(b.num_tokens() <= cfg.max_num_batched_tokens, "budget exceeded: {}", b.num_tokens());
     prop_assert!(b.seqs.len() <= cfg.max_num_seqs);
     prop_assert_eq!(b.query_start_loc.len(), b.seqs.len() + 1);
     prop_assert_eq!(b.num_prefill_tokens + b.num_decode_tokens, b.num_tokens());
@@ -104,10 +64,7 @@ fn check_batch(
     let mut ids = std::collections::HashSet::new();
     for (i, q) in b.seqs.iter().enumerate() {
         prop_assert!(ids.insert(q.request_id), "sequence scheduled twice");
-        let (lo, hi) = (
-            b.query_start_loc[i] as usize,
-            b.query_start_loc[i + 1] as usize,
-        );
+        let (lo, hi) = (b.query_start_loc[i] as usize, b.query_start_loc[i + 1] as usize);
         prop_assert_eq!(hi - lo, q.num_query_tokens as usize);
         prop_assert!(q.num_query_tokens > 0);
         prop_assert_eq!(b.seq_lens[i], b.context_lens[i] + q.num_query_tokens);
@@ -119,9 +76,8 @@ fn check_batch(
             prop_assert!(blk != 0, "token mapped to the null block");
             prop_assert_eq!(b.slot_mapping[k], blk * bs + pos % bs);
         }
-        let chunking_off = !cfg.enable_chunked_prefill
-            && cfg.policy != PolicyKind::Adaptive
-            && cfg.long_prefill_token_threshold == 0;
+        let chunking_off =
+            !cfg.enable_chunked_prefill && cfg.policy != PolicyKind::Adaptive && cfg.long_prefill_token_threshold == 0;
         if chunking_off && q.is_prefill && known(q.request_id) <= cfg.max_num_batched_tokens {
             prop_assert!(q.samples, "a prompt was chunked with chunked prefill off");
         }
@@ -129,11 +85,7 @@ fn check_batch(
     let mut slots = b.slot_mapping.clone();
     slots.sort_unstable();
     slots.dedup();
-    prop_assert_eq!(
-        slots.len(),
-        b.num_tokens(),
-        "two tokens written to one slot"
-    );
+    prop_assert_eq!(slots.len(), b.num_tokens(), "two tokens written to one slot");
     Ok(())
 }
 
@@ -158,7 +110,10 @@ proptest! {
                 let nr = NewRequest { priority: (i % 3) as i32, ..NewRequest::new(i as u64, tokens(i as u64, r), r.max_tokens) };
                 match s.add_request(nr) {
                     Ok(()) => { accepted.insert(i as u64, r.clone()); }
-                    Err(SchedError::CacheTooSmall { .. } | SchedError::PromptOverBudget { .. } | SchedError::PromptTooLong { .. }) => {}
+                    Err(SchedError::Rejected {
+                        reason: Rejection::CacheTooSmall { .. } | Rejection::PromptOverBudget { .. } | Rejection::PromptTooLong { .. },
+                        ..
+                    }) => {}
                     Err(e) => prop_assert!(false, "unexpected rejection: {e}"),
                 }
                 next += 1;

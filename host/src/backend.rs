@@ -1,0 +1,44 @@
+//! Backends execute a [`ScheduledBatch`] and return one token per sampling sequence.
+//!
+//! A backend never reaches into scheduler state and holds no scheduling policy: the batch is
+//! all it sees. The engine loop is the same for all of them.
+
+use weave_scheduler::{ScheduledBatch, StepOutput};
+
+/// What a backend reports for one step.
+#[derive(Debug, Clone, Default)]
+pub struct StepResult {
+    pub output: StepOutput,
+    /// How long the step took on this backend's clock, in seconds, if it has its own clock
+    /// (a simulator); `None` means the engine measures wall time.
+    pub duration_s: Option<f64>,
+}
+
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// Whether the run's clock is wall time (real models) rather than the backend's own.
+    fn wall_clock(&self) -> bool {
+        false
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult>;
+}
+
+/// No model: every sampling sequence gets the same synthetic token (never an EOS, since
+/// replayed requests carry none); time is counted in steps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NullBackend;
+
+/// The token the null backend samples.
+pub const NULL_TOKEN: u32 = 0;
+
+impl Backend for NullBackend {
+    fn name(&self) -> &'static str {
+        "null"
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        Ok(StepResult {
+            output: StepOutput { sampled: vec![NULL_TOKEN; batch.logits_indices.len()] },
+            duration_s: Some(1.0),
+        })
+    }
+}

@@ -1,0 +1,14 @@
+//! weave's host: the engine loop, backends, and the commands built on them.
+//!
+//! **Owns**: the engine loop ([`engine`]), backends behind one trait ([`backend`]: null now;
+//! sim, cpu, cuda as they land), trace replay ([`trace`], [`replay`]), the step log and its
+//! batch-composition summary ([`steplog`]), and the `weave` CLI on top.
+//!
+//! **Must not**: put scheduling policy in a backend, or reach into scheduler state from one:
+//! a backend sees only the [`weave_scheduler::ScheduledBatch`].
+
+pub mod backend;
+pub mod engine;
+pub mod replay;
+pub mod steplog;
+pub mod trace;

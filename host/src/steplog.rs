@@ -1,0 +1,158 @@
+//! The per-step log every engine run can write, and the batch-composition summary over it.
+
+use serde::{Deserialize, Serialize};
+
+/// One scheduled sequence in a step record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduledRecord {
+    pub id: serde_json::Value,
+    pub num_tokens: u32,
+    pub is_prefill: bool,
+    pub num_computed_tokens_before: u32,
+}
+
+/// One line of the step log (JSONL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    /// Start of the step on the run's clock (seconds; steps for the null backend).
+    pub time: f64,
+    /// Step duration on the same clock.
+    pub duration: f64,
+    pub scheduled: Vec<ScheduledRecord>,
+    pub preempted: Vec<serde_json::Value>,
+    pub finished: Vec<serde_json::Value>,
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub num_seqs: usize,
+    pub num_prefill_seqs: usize,
+    pub num_partial_prefills: usize,
+    pub token_budget: usize,
+}
+
+impl StepRecord {
+    pub fn total_tokens(&self) -> usize {
+        self.prefill_tokens + self.decode_tokens
+    }
+}
+
+/// Mean / min / max of a per-step quantity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Stat {
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(xs: impl IntoIterator<Item = f64>) -> Stat {
+        let (mut n, mut sum, mut min, mut max) = (0usize, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+        for x in xs {
+            n += 1;
+            sum += x;
+            min = min.min(x);
+            max = max.max(x);
+        }
+        if n == 0 {
+            return Stat::default();
+        }
+        Stat { mean: sum / n as f64, min, max }
+    }
+}
+
+/// The textbook batch-composition summary of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub summary: bool,
+    pub clock: String,
+    pub steps: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub total_tokens: usize,
+    pub prefill_tokens_per_step: Stat,
+    pub decode_tokens_per_step: Stat,
+    pub total_tokens_per_step: Stat,
+    pub seqs_per_step: Stat,
+    /// Shares of all scheduled tokens.
+    pub prefill_ratio: f64,
+    pub decode_ratio: f64,
+    /// Mean of scheduled tokens / token budget.
+    pub budget_utilization: f64,
+    pub kv_usage: Stat,
+    pub preemptions: usize,
+    pub finished: usize,
+    pub rejected: usize,
+    pub prefix_cache_hit_rate: f64,
+    pub duration: f64,
+}
+
+impl Summary {
+    pub fn from_steps(steps: &[StepRecord], clock: &str) -> Summary {
+        let f = |g: fn(&StepRecord) -> f64| Stat::of(steps.iter().map(g));
+        let prefill: usize = steps.iter().map(|s| s.prefill_tokens).sum();
+        let decode: usize = steps.iter().map(|s| s.decode_tokens).sum();
+        let total = prefill + decode;
+        let ratio = |x: usize| if total == 0 { 0.0 } else { x as f64 / total as f64 };
+        Summary {
+            summary: true,
+            clock: clock.to_string(),
+            steps: steps.len(),
+            prefill_tokens: prefill,
+            decode_tokens: decode,
+            total_tokens: total,
+            prefill_tokens_per_step: f(|s| s.prefill_tokens as f64),
+            decode_tokens_per_step: f(|s| s.decode_tokens as f64),
+            total_tokens_per_step: f(|s| s.total_tokens() as f64),
+            seqs_per_step: f(|s| s.num_seqs as f64),
+            prefill_ratio: ratio(prefill),
+            decode_ratio: ratio(decode),
+            budget_utilization: f(|s| s.total_tokens() as f64 / s.token_budget.max(1) as f64).mean,
+            kv_usage: f(|s| s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64),
+            preemptions: steps.iter().map(|s| s.preempted.len()).sum(),
+            finished: steps.iter().map(|s| s.finished.len()).sum(),
+            rejected: 0,
+            prefix_cache_hit_rate: 0.0,
+            duration: steps.iter().map(|s| s.duration).sum(),
+        }
+    }
+
+    /// Human-readable lines.
+    pub fn render(&self) -> String {
+        let st = |s: &Stat| format!("mean {:8.1}  min {:6}  max {:6}", s.mean, s.min, s.max);
+        format!(
+            "batch composition ({} steps, clock: {})\n\
+             \x20 tokens            prefill {} + decode {} = {}\n\
+             \x20 prefill/step      {}\n\
+             \x20 decode/step       {}\n\
+             \x20 total/step        {}\n\
+             \x20 seqs/step         {}\n\
+             \x20 ratios            prefill {:.1}%  decode {:.1}%\n\
+             \x20 budget used       {:.1}% of the token budget on average\n\
+             \x20 KV usage          mean {:.1}%  max {:.1}%\n\
+             \x20 requests          {} finished, {} rejected, {} preemptions\n\
+             \x20 prefix cache      {:.1}% of queried tokens hit\n",
+            self.steps,
+            self.clock,
+            self.prefill_tokens,
+            self.decode_tokens,
+            self.total_tokens,
+            st(&self.prefill_tokens_per_step),
+            st(&self.decode_tokens_per_step),
+            st(&self.total_tokens_per_step),
+            st(&self.seqs_per_step),
+            100.0 * self.prefill_ratio,
+            100.0 * self.decode_ratio,
+            100.0 * self.budget_utilization,
+            100.0 * self.kv_usage.mean,
+            100.0 * self.kv_usage.max,
+            self.finished,
+            self.rejected,
+            self.preemptions,
+            100.0 * self.prefix_cache_hit_rate,
+        )
+    }
+}
