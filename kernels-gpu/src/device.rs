@@ -1,0 +1,636 @@
+//! The CUDA kernels (nvptx only). Raw pointers throughout: no slices, hence no bounds-check
+//! panics on the device. Indexing conventions and math come from the portable modules.
+
+use crate::attention::{split_blocks, MAX_BLOCK_SIZE, ROWS_PER_TILE};
+use crate::elem::{Bf16, Elem, F16};
+use crate::fmath::{exp, max, silu};
+use crate::ops::{argmax_pick, rms_inv, rope_pair, RopeLayout};
+use crate::{udiv, urem};
+use core::arch::nvptx::*;
+
+unsafe extern "C" {
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
+    fn shfl_bfly_f32(mask: u32, v: f32, lane_mask: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
+    fn shfl_bfly_i32(mask: u32, v: i32, lane_mask: u32, clamp: u32) -> i32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
+    fn shfl_idx_f32(mask: u32, v: f32, lane: u32, clamp: u32) -> f32;
+}
+
+const FULL: u32 = 0xffff_ffff;
+const THREADS: u32 = crate::BLOCK_THREADS;
+const WARPS: u32 = THREADS / 32;
+
+core::arch::global_asm!(".extern .shared .align 16 .b8 WEAVE_SMEM[];");
+
+/// Generic pointer to the dynamic shared memory.
+#[inline(always)]
+unsafe fn smem() -> *mut f32 {
+    let p: u64;
+    unsafe { core::arch::asm!("cvta.shared.u64 {p}, WEAVE_SMEM;", p = out(reg64) p) };
+    p as *mut f32
+}
+
+#[inline(always)]
+fn tid() -> u32 {
+    unsafe { _thread_idx_x() as u32 }
+}
+#[inline(always)]
+fn bx() -> u32 {
+    unsafe { _block_idx_x() as u32 }
+}
+#[inline(always)]
+fn by() -> u32 {
+    unsafe { _block_idx_y() as u32 }
+}
+#[inline(always)]
+fn bz() -> u32 {
+    unsafe { _block_idx_z() as u32 }
+}
+
+#[inline(always)]
+fn warp_sum(mut v: f32) -> f32 {
+    let mut o = 16;
+    while o > 0 {
+        v += unsafe { shfl_bfly_f32(FULL, v, o, 0x1f) };
+        o >>= 1;
+    }
+    v
+}
+
+#[inline(always)]
+fn warp_max(mut v: f32) -> f32 {
+    let mut o = 16;
+    while o > 0 {
+        v = max(v, unsafe { shfl_bfly_f32(FULL, v, o, 0x1f) });
+        o >>= 1;
+    }
+    v
+}
+
+/// Sum over the thread block (`THREADS` threads); every thread gets the result.
+#[inline(always)]
+unsafe fn block_sum(v: f32) -> f32 {
+    let s = unsafe { smem() };
+    let w = warp_sum(v);
+    if tid() % 32 == 0 {
+        unsafe { *s.add((tid() / 32) as usize) = w };
+    }
+    unsafe { _syncthreads() };
+    let mut t = 0.0;
+    for i in 0..WARPS as usize {
+        t += unsafe { *s.add(i) };
+    }
+    t
+}
+
+// ---------------------------------------------------------------- KV-cache write
+
+#[inline(always)]
+unsafe fn reshape_and_cache<T: Elem>(k: *const T, v: *const T, kc: *mut T, vc: *mut T, slots: *const u32, row: u32) {
+    let token = bx() as usize;
+    let slot = unsafe { *slots.add(token) };
+    if slot == u32::MAX {
+        return;
+    }
+    let (src, dst) = (token * row as usize, slot as usize * row as usize);
+    let mut i = tid();
+    while i < row {
+        unsafe {
+            *kc.add(dst + i as usize) = *k.add(src + i as usize);
+            *vc.add(dst + i as usize) = *v.add(src + i as usize);
+        }
+        i += THREADS;
+    }
+}
+
+// ---------------------------------------------------------------- paged attention
+
+/// Scalars of an attention launch, in kernel-parameter order.
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    num_tokens: u32,
+    nq: u32,
+    nkv: u32,
+    bs: u32,
+    max_bps: u32,
+    bps: u32,
+    num_splits: u32,
+    scale: f32,
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_attention<T: Elem, const DL: usize>(
+    out: *mut T,
+    partials: *mut f32,
+    q: *const T,
+    kc: *const T,
+    vc: *const T,
+    tiles: *const u32,
+    qsl: *const u32,
+    ctx_lens: *const u32,
+    block_tables: *const u32,
+    a: AttnArgs,
+) {
+    let d = (DL * 32) as u32;
+    let (t, warp, lane) = (tid(), tid() / 32, tid() % 32);
+    let (tile, kv_head, split) = (bx(), by(), bz());
+    unsafe {
+        let seq = *tiles.add(2 * tile as usize);
+        let q0 = *tiles.add(2 * tile as usize + 1);
+        let qstart = *qsl.add(seq as usize);
+        let qlen = *qsl.add(seq as usize + 1) - qstart;
+        let ctx = *ctx_lens.add(seq as usize);
+        let g = udiv(a.nq, a.nkv);
+        let tq = if g >= ROWS_PER_TILE { 1 } else { udiv(ROWS_PER_TILE, g) };
+        let ntok = if qlen - q0 < tq { qlen - q0 } else { tq };
+        let rows = ntok * g;
+        let (first, end) = split_blocks(split, a.bps, a.bs, ctx + q0 + ntok);
+
+        let sq = smem();
+        let sk = sq.add((ROWS_PER_TILE * d) as usize);
+        let sv = sk.add((MAX_BLOCK_SIZE * (d + 1)) as usize);
+        // Stage the tile's query rows, pre-scaled.
+        let mut i = t;
+        while i < rows * d {
+            let (r, dd) = (i / d, i % d); // d is a constant
+            let token = qstart + q0 + udiv(r, g);
+            let head = kv_head * g + urem(r, g);
+            *sq.add(i as usize) = (*q.add(((token * a.nq + head) * d + dd) as usize)).to_f32() * a.scale;
+            i += THREADS;
+        }
+
+        let table = block_tables.add((seq * a.max_bps) as usize);
+        // Four rows per warp, as four separate locals, each touched with a constant name
+        // (`rows4!` expands the body once per row), so their state stays in registers.
+        let (mut s0, mut s1, mut s2, mut s3) =
+            (RowState::<DL>::new(), RowState::<DL>::new(), RowState::<DL>::new(), RowState::<DL>::new());
+        macro_rules! rows4 {
+            (|$s:ident, $r:ident| $body:block) => {{
+                let ($s, $r) = (&mut s0, warp);
+                $body
+            }
+            {
+                let ($s, $r) = (&mut s1, warp + WARPS);
+                $body
+            }
+            {
+                let ($s, $r) = (&mut s2, warp + 2 * WARPS);
+                $body
+            }
+            {
+                let ($s, $r) = (&mut s3, warp + 3 * WARPS);
+                $body
+            }};
+        }
+        let mut j = first;
+        while j < end {
+            _syncthreads(); // the previous block's readers are done (and Q is staged)
+            let phys = *table.add(j as usize);
+            let mut i = t;
+            while i < a.bs * d {
+                let (kt, dd) = (i / d, i % d); // d is a constant
+                let o = (((phys * a.bs + kt) * a.nkv + kv_head) * d + dd) as usize;
+                *sk.add((kt * (d + 1) + dd) as usize) = (*kc.add(o)).to_f32();
+                *sv.add(i as usize) = (*vc.add(o)).to_f32();
+                i += THREADS;
+            }
+            _syncthreads();
+            rows4!(|s, r| {
+                if r < rows {
+                    s.attend_block::<DL>(
+                        sq.add((r * d) as usize),
+                        sk,
+                        sv,
+                        a.bs,
+                        j * a.bs,
+                        ctx + q0 + udiv(r, g) + 1,
+                        lane,
+                    );
+                }
+            });
+            j += 1;
+        }
+        rows4!(|s, r| {
+            if r < rows {
+                let token = qstart + q0 + udiv(r, g);
+                let head = kv_head * g + urem(r, g);
+                if a.num_splits == 1 {
+                    let inv = 1.0 / s.l;
+                    let o = out.add(((token * a.nq + head) * d + lane) as usize);
+                    for e in 0..DL {
+                        *o.add(32 * e) = T::from_f32(s.acc[e] * inv);
+                    }
+                } else {
+                    let po = partials.add((((split * a.num_tokens + token) * a.nq + head) * (d + 2)) as usize);
+                    if lane == 0 {
+                        *po = s.m;
+                        *po.add(1) = s.l;
+                    }
+                    for e in 0..DL {
+                        *po.add(2 + lane as usize + 32 * e) = s.acc[e];
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One query row's online-softmax state, spread over a warp: lane `x` owns output dims
+/// `x, x + 32, ...`.
+#[derive(Clone, Copy)]
+struct RowState<const DL: usize> {
+    m: f32,
+    l: f32,
+    acc: [f32; DL],
+}
+
+impl<const DL: usize> RowState<DL> {
+    #[inline(always)]
+    fn new() -> Self {
+        RowState { m: f32::NEG_INFINITY, l: 0.0, acc: [0.0; DL] }
+    }
+
+    /// Folds one staged KV block into the row: lane `t` scores key `first_key + t`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_block<const DL2: usize>(
+        &mut self,
+        qr: *const f32,
+        sk: *const f32,
+        sv: *const f32,
+        bs: u32,
+        first_key: u32,
+        visible: u32,
+        lane: u32,
+    ) {
+        let d = (DL * 32) as u32;
+        let mut s = f32::NEG_INFINITY;
+        if lane < bs && first_key + lane < visible {
+            let kr = unsafe { sk.add((lane * (d + 1)) as usize) };
+            let mut dot = 0.0;
+            let mut e = 0;
+            while e < d as usize {
+                dot += unsafe { *qr.add(e) * *kr.add(e) };
+                e += 1;
+            }
+            s = dot;
+        }
+        let bmax = warp_max(s);
+        if bmax == f32::NEG_INFINITY {
+            return; // every key of the block is masked for this row
+        }
+        let m_new = max(self.m, bmax);
+        let alpha = if self.m == f32::NEG_INFINITY { 0.0 } else { exp(self.m - m_new) };
+        let p = if s == f32::NEG_INFINITY { 0.0 } else { exp(s - m_new) };
+        self.l = self.l * alpha + warp_sum(p);
+        for e in 0..DL {
+            self.acc[e] *= alpha;
+        }
+        let mut kt = 0;
+        while kt < bs {
+            let pt = unsafe { shfl_idx_f32(FULL, p, kt, 0x1f) };
+            let vr = unsafe { sv.add((kt * d + lane) as usize) };
+            for e in 0..DL {
+                self.acc[e] += pt * unsafe { *vr.add(32 * e) };
+            }
+            kt += 1;
+        }
+        self.m = m_new;
+    }
+}
+
+#[inline(always)]
+unsafe fn attention_reduce<T: Elem, const DL: usize>(
+    out: *mut T,
+    partials: *const f32,
+    num_tokens: u32,
+    nq: u32,
+    num_splits: u32,
+) {
+    let d = (DL * 32) as u32;
+    let (token, head, lane) = (bx(), by(), tid());
+    let row = |s: u32| unsafe { partials.add((((s * num_tokens + token) * nq + head) * (d + 2)) as usize) };
+    let mut gm = f32::NEG_INFINITY;
+    for s in 0..num_splits {
+        gm = max(gm, unsafe { *row(s) });
+    }
+    let mut l = 0.0;
+    let mut acc = [0.0f32; DL];
+    for s in 0..num_splits {
+        let p = row(s);
+        let ls = unsafe { *p.add(1) };
+        if ls == 0.0 {
+            continue;
+        }
+        let w = exp(unsafe { *p } - gm);
+        l += ls * w;
+        for e in 0..DL {
+            acc[e] += unsafe { *p.add(2 + lane as usize + 32 * e) } * w;
+        }
+    }
+    let inv = 1.0 / l;
+    let o = unsafe { out.add(((token * nq + head) * d + lane) as usize) };
+    for e in 0..DL {
+        unsafe { *o.add(32 * e) = T::from_f32(acc[e] * inv) };
+    }
+}
+
+// ---------------------------------------------------------------- norms, rope, mlp, sampling
+
+#[inline(always)]
+unsafe fn rms_norm<T: Elem>(out: *mut T, x: *const T, w: *const f32, n: u32, eps: f32) {
+    let base = (bx() * n) as usize;
+    let mut ss = 0.0;
+    let mut i = tid();
+    while i < n {
+        let v = unsafe { (*x.add(base + i as usize)).to_f32() };
+        ss += v * v;
+        i += THREADS;
+    }
+    let inv = rms_inv(unsafe { block_sum(ss) }, n as usize, eps);
+    let mut i = tid();
+    while i < n {
+        unsafe {
+            let v = (*x.add(base + i as usize)).to_f32();
+            *out.add(base + i as usize) = T::from_f32(v * inv * *w.add(i as usize));
+        }
+        i += THREADS;
+    }
+}
+
+#[inline(always)]
+unsafe fn fused_add_rms_norm<T: Elem>(x: *mut T, residual: *mut T, w: *const f32, n: u32, eps: f32) {
+    let base = (bx() * n) as usize;
+    let mut ss = 0.0;
+    let mut i = tid();
+    while i < n {
+        unsafe {
+            let r = (*residual.add(base + i as usize)).to_f32() + (*x.add(base + i as usize)).to_f32();
+            let rt = T::from_f32(r);
+            *residual.add(base + i as usize) = rt;
+            let r = rt.to_f32(); // normalise what was stored, as the host does
+            ss += r * r;
+        }
+        i += THREADS;
+    }
+    let inv = rms_inv(unsafe { block_sum(ss) }, n as usize, eps);
+    let mut i = tid();
+    while i < n {
+        unsafe {
+            let r = (*residual.add(base + i as usize)).to_f32();
+            *x.add(base + i as usize) = T::from_f32(r * inv * *w.add(i as usize));
+        }
+        i += THREADS;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rotary_embedding<T: Elem>(
+    q: *mut T,
+    k: *mut T,
+    positions: *const u32,
+    cos_sin: *const f32,
+    nq: u32,
+    nk: u32,
+    head_dim: u32,
+    rot_dim: u32,
+    layout: u32,
+) {
+    let token = bx();
+    let layout = if layout == 0 { RopeLayout::Interleaved } else { RopeLayout::Neox };
+    let half = rot_dim / 2;
+    unsafe {
+        let row = cos_sin.add((*positions.add(token as usize) * rot_dim) as usize);
+        let mut i = tid();
+        while i < (nq + nk) * half {
+            let (h, p) = (udiv(i, half), urem(i, half));
+            let x = if h < nq {
+                q.add(((token * nq + h) * head_dim) as usize)
+            } else {
+                k.add(((token * nk + h - nq) * head_dim) as usize)
+            };
+            let (ia, ib) = layout.pair(p as usize, rot_dim as usize);
+            let (y0, y1) = rope_pair(
+                (*x.add(ia)).to_f32(),
+                (*x.add(ib)).to_f32(),
+                *row.add(p as usize),
+                *row.add((half + p) as usize),
+            );
+            *x.add(ia) = T::from_f32(y0);
+            *x.add(ib) = T::from_f32(y1);
+            i += THREADS;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn silu_and_mul<T: Elem>(out: *mut T, x: *const T, inter: u32) {
+    let (src, dst) = ((bx() * 2 * inter) as usize, (bx() * inter) as usize);
+    let mut i = tid();
+    while i < inter {
+        unsafe {
+            let gate = (*x.add(src + i as usize)).to_f32();
+            let up = (*x.add(src + (inter + i) as usize)).to_f32();
+            *out.add(dst + i as usize) = T::from_f32(silu(gate) * up);
+        }
+        i += THREADS;
+    }
+}
+
+#[inline(always)]
+unsafe fn embedding<T: Elem>(out: *mut T, table: *const T, ids: *const u32, hidden: u32) {
+    unsafe {
+        let src = (*ids.add(bx() as usize) * hidden) as usize;
+        let dst = (bx() * hidden) as usize;
+        let mut i = tid();
+        while i < hidden {
+            *out.add(dst + i as usize) = *table.add(src + i as usize);
+            i += THREADS;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn argmax(out: *mut u32, logits: *const f32, vocab: u32) {
+    let base = (bx() * vocab) as usize;
+    let mut best = (f32::NEG_INFINITY, u32::MAX);
+    let mut i = tid();
+    while i < vocab {
+        best = argmax_pick(best, (unsafe { *logits.add(base + i as usize) }, i));
+        i += THREADS;
+    }
+    let mut o = 16;
+    while o > 0 {
+        let v = unsafe { shfl_bfly_f32(FULL, best.0, o, 0x1f) };
+        let ix = unsafe { shfl_bfly_i32(FULL, best.1 as i32, o, 0x1f) } as u32;
+        best = argmax_pick(best, (v, ix));
+        o >>= 1;
+    }
+    let s = unsafe { smem() };
+    let si = s as *mut u32;
+    if tid() % 32 == 0 {
+        unsafe {
+            *s.add((tid() / 32) as usize) = best.0;
+            *si.add((WARPS + tid() / 32) as usize) = best.1;
+        }
+    }
+    unsafe { _syncthreads() };
+    if tid() == 0 {
+        let mut b = unsafe { (*s, *si.add(WARPS as usize)) };
+        for w in 1..WARPS as usize {
+            b = argmax_pick(b, unsafe { (*s.add(w), *si.add(WARPS as usize + w)) });
+        }
+        unsafe { *out.add(bx() as usize) = b.1 };
+    }
+}
+
+// ---------------------------------------------------------------- exported entry points
+
+macro_rules! typed_kernels {
+    ($t:ty, $cache:ident, $rms:ident, $frms:ident, $rope:ident, $silu:ident, $emb:ident) => {
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $cache(
+            k: *const $t,
+            v: *const $t,
+            kc: *mut $t,
+            vc: *mut $t,
+            slots: *const u32,
+            row: u32,
+        ) {
+            unsafe { reshape_and_cache::<$t>(k, v, kc, vc, slots, row) }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $rms(out: *mut $t, x: *const $t, w: *const f32, n: u32, eps: f32) {
+            unsafe { rms_norm::<$t>(out, x, w, n, eps) }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $frms(x: *mut $t, residual: *mut $t, w: *const f32, n: u32, eps: f32) {
+            unsafe { fused_add_rms_norm::<$t>(x, residual, w, n, eps) }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $rope(
+            q: *mut $t,
+            k: *mut $t,
+            positions: *const u32,
+            cos_sin: *const f32,
+            nq: u32,
+            nk: u32,
+            head_dim: u32,
+            rot_dim: u32,
+            layout: u32,
+        ) {
+            unsafe { rotary_embedding::<$t>(q, k, positions, cos_sin, nq, nk, head_dim, rot_dim, layout) }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $silu(out: *mut $t, x: *const $t, inter: u32) {
+            unsafe { silu_and_mul::<$t>(out, x, inter) }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $emb(out: *mut $t, table: *const $t, ids: *const u32, hidden: u32) {
+            unsafe { embedding::<$t>(out, table, ids, hidden) }
+        }
+    };
+}
+
+typed_kernels!(
+    f32,
+    reshape_and_cache_f32,
+    rms_norm_f32,
+    fused_add_rms_norm_f32,
+    rotary_embedding_f32,
+    silu_and_mul_f32,
+    embedding_f32
+);
+typed_kernels!(
+    F16,
+    reshape_and_cache_f16,
+    rms_norm_f16,
+    fused_add_rms_norm_f16,
+    rotary_embedding_f16,
+    silu_and_mul_f16,
+    embedding_f16
+);
+typed_kernels!(
+    Bf16,
+    reshape_and_cache_bf16,
+    rms_norm_bf16,
+    fused_add_rms_norm_bf16,
+    rotary_embedding_bf16,
+    silu_and_mul_bf16,
+    embedding_bf16
+);
+
+macro_rules! attention_kernels {
+    ($t:ty, $dl:literal, $attn:ident, $reduce:ident) => {
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $attn(
+            out: *mut $t,
+            partials: *mut f32,
+            q: *const $t,
+            k_cache: *const $t,
+            v_cache: *const $t,
+            tiles: *const u32,
+            query_start_loc: *const u32,
+            context_lens: *const u32,
+            block_tables: *const u32,
+            num_tokens: u32,
+            num_q_heads: u32,
+            num_kv_heads: u32,
+            block_size: u32,
+            max_blocks_per_seq: u32,
+            blocks_per_split: u32,
+            num_splits: u32,
+            scale: f32,
+        ) {
+            let a = AttnArgs {
+                num_tokens,
+                nq: num_q_heads,
+                nkv: num_kv_heads,
+                bs: block_size,
+                max_bps: max_blocks_per_seq,
+                bps: blocks_per_split,
+                num_splits,
+                scale,
+            };
+            unsafe {
+                paged_attention::<$t, $dl>(
+                    out,
+                    partials,
+                    q,
+                    k_cache,
+                    v_cache,
+                    tiles,
+                    query_start_loc,
+                    context_lens,
+                    block_tables,
+                    a,
+                )
+            }
+        }
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $reduce(
+            out: *mut $t,
+            partials: *const f32,
+            num_tokens: u32,
+            num_q_heads: u32,
+            num_splits: u32,
+        ) {
+            unsafe { attention_reduce::<$t, $dl>(out, partials, num_tokens, num_q_heads, num_splits) }
+        }
+    };
+}
+
+attention_kernels!(f32, 2, paged_attention_f32_d64, attention_reduce_f32_d64);
+attention_kernels!(f32, 4, paged_attention_f32_d128, attention_reduce_f32_d128);
+attention_kernels!(F16, 2, paged_attention_f16_d64, attention_reduce_f16_d64);
+attention_kernels!(F16, 4, paged_attention_f16_d128, attention_reduce_f16_d128);
+attention_kernels!(Bf16, 2, paged_attention_bf16_d64, attention_reduce_bf16_d64);
+attention_kernels!(Bf16, 4, paged_attention_bf16_d128, attention_reduce_bf16_d128);
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn argmax_f32(out: *mut u32, logits: *const f32, vocab: u32) {
+    unsafe { argmax(out, logits, vocab) }
+}

@@ -1,0 +1,157 @@
+//! weave's device code and the portable math it shares with the CPU backend.
+//!
+//! **Owns**: the CUDA kernels (compiled to PTX by `cargo xtask build-ptx`) and the per-row math
+//! they are made of: online softmax and the merge of partial results, paged attention's tiling,
+//! RMSNorm, rotary embedding, SiLU-and-multiply, argmax, and the f16/bf16 conversions.
+//!
+//! **Must not**: allocate on the device, print, or depend on host crates. On the host the crate
+//! links `std` (for `exp`/`sqrt`, and the host drivers in [`attention`]); on nvptx it is pure `core`.
+//!
+//! # Kernels (see [`KERNELS`]; `T` is `f32`, `f16` or `bf16`)
+//!
+//! | kernel | grid × block | work per thread block | global traffic per token |
+//! |---|---|---|---|
+//! | `reshape_and_cache_T` | tokens × 128 | copy one token's K and V rows (all KV heads) to its slot | 2 × 2·Hkv·D·sizeof(T) (read + write) |
+//! | `paged_attention_T_dD` | tiles × KV heads × splits, 128 (4 warps) | ≤16 query rows (tile tokens × GQA group) against one split's KV blocks | K+V of the visible context once per tile and KV head |
+//! | `attention_reduce_T_dD` | tokens × q heads × 32 | merge the splits' (m, l, acc) rows | splits × (D+2) × 4 B |
+//! | `rms_norm_T`, `fused_add_rms_norm_T` | tokens × 128 | one hidden row: sum of squares (warp shuffles + shared), scale | 2–4 × hidden × sizeof(T) |
+//! | `rotary_embedding_T` | tokens × 128 | rotate every (q and k) head's pairs using the cos/sin cache row | (Hq+Hkv)·D × 2 × sizeof(T) |
+//! | `silu_and_mul_T` | tokens × 128 | `silu(gate) * up` over the intermediate row | 3 × I × sizeof(T) |
+//! | `embedding_T` | tokens × 128 | gather one row of the table | 2 × hidden × sizeof(T) |
+//! | `argmax_f32` | rows × 128 | (value, index) reduction over the vocabulary | vocab × 4 B |
+//!
+//! **Paged attention.** A tile is up to `16 / group` query tokens of one sequence. For every
+//! KV block of its split, the thread block stages K (padded row stride D+1, so the 32 lanes
+//! reading 32 keys hit 32 banks) and V for its KV head in shared memory as f32. Then each
+//! warp processes its query rows: lane `t` scores key `t` of the block against the row's
+//! scaled query (staged in shared memory), shuffles find the block max and the sum of the
+//! probabilities, and each lane updates its D/32 output dims with the probabilities
+//! broadcast by `shfl.idx`. Causal masking is per row: query `i` of a sequence with
+//! `ctx` cached tokens sees keys `< ctx + i + 1`, so prefill chunks, chunks that start
+//! mid-block and decodes (one query row) all take one path. Decode fills the GPU through
+//! the split grid dimension (flash-decoding): with `blocks_per_split = B`, a sequence of
+//! `n` blocks gives `ceil(n / B)` thread blocks per KV head, merged by `attention_reduce`.
+//! Shared memory: (16·D + 32·(D+1) + 32·D) × 4 B = 40.5 KiB at D = 128.
+//!
+//! **Roofline.** Decode attention is bandwidth-bound: per sequence and KV head it reads
+//! 2·ctx·D·sizeof(T) bytes for 4·ctx·D·group FLOPs (arithmetic intensity `group` FLOP/B at
+//! f16), far under an H100/H200's ~300 FLOP/B ridge. The target is therefore the copy bandwidth:
+//! ≥80% of device-to-device memcpy at 64 sequences × 4096 context (the CUDA backend's
+//! `weave bench kernels` measures it). Prefill tiles reuse each staged KV block for
+//! `16 / group` tokens × `group` heads = 16 rows, i.e. 16× less KV traffic than per-row
+//! attention. They run on CUDA cores in f32, so prefill is compute-bound at the FP32 rate.
+//! Tensor-core mma tiles are future work: see the note on the CUDA backend issue.
+//! The elementwise kernels are pure bandwidth: their bytes per token are in the table.
+
+#![no_std]
+#![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, stdarch_nvptx, link_llvm_intrinsics, asm_experimental_arch))]
+#![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
+
+#[cfg(not(target_arch = "nvptx64"))]
+extern crate std;
+
+pub mod attention;
+pub mod elem;
+pub mod fmath;
+pub mod ops;
+pub mod softmax;
+
+#[cfg(target_arch = "nvptx64")]
+mod device;
+
+pub use attention::AttnShape;
+pub use elem::{Bf16, Elem, F16};
+
+/// `a / b` (`b != 0`). On the device there is no panic path to link, so the zero check is
+/// dropped there; on the host a zero still panics.
+#[inline(always)]
+pub fn udiv(a: u32, b: u32) -> u32 {
+    if cfg!(target_arch = "nvptx64") {
+        // SAFETY: every caller divides by a launch parameter the host checked to be non-zero.
+        unsafe { a.checked_div(b).unwrap_unchecked() }
+    } else {
+        a / b
+    }
+}
+
+/// `a % b` (`b != 0`); see [`udiv`].
+#[inline(always)]
+pub fn urem(a: u32, b: u32) -> u32 {
+    if cfg!(target_arch = "nvptx64") {
+        // SAFETY: as for `udiv`.
+        unsafe { a.checked_rem(b).unwrap_unchecked() }
+    } else {
+        a % b
+    }
+}
+
+/// `ceil(a / b)` (`b != 0`); see [`udiv`].
+#[inline(always)]
+pub fn udiv_ceil(a: u32, b: u32) -> u32 {
+    udiv(a, b) + u32::from(urem(a, b) != 0)
+}
+
+/// `sum_d q[d] * k[d]`, with `k` converted from its storage type.
+#[cfg(not(target_arch = "nvptx64"))]
+#[inline(always)]
+pub fn dot_f32_elem<T: Elem>(q: &[f32], k: &[T]) -> f32 {
+    let mut s = 0.0;
+    for (a, b) in q.iter().zip(k) {
+        s += a * b.to_f32();
+    }
+    s
+}
+
+/// Every kernel the PTX must contain: `cargo xtask build-ptx` fails if one is missing.
+pub const KERNELS: &[&str] = &[
+    "reshape_and_cache_f32",
+    "reshape_and_cache_f16",
+    "reshape_and_cache_bf16",
+    "paged_attention_f32_d64",
+    "paged_attention_f32_d128",
+    "paged_attention_f16_d64",
+    "paged_attention_f16_d128",
+    "paged_attention_bf16_d64",
+    "paged_attention_bf16_d128",
+    "attention_reduce_f32_d64",
+    "attention_reduce_f32_d128",
+    "attention_reduce_f16_d64",
+    "attention_reduce_f16_d128",
+    "attention_reduce_bf16_d64",
+    "attention_reduce_bf16_d128",
+    "rms_norm_f32",
+    "rms_norm_f16",
+    "rms_norm_bf16",
+    "fused_add_rms_norm_f32",
+    "fused_add_rms_norm_f16",
+    "fused_add_rms_norm_bf16",
+    "rotary_embedding_f32",
+    "rotary_embedding_f16",
+    "rotary_embedding_bf16",
+    "silu_and_mul_f32",
+    "silu_and_mul_f16",
+    "silu_and_mul_bf16",
+    "embedding_f32",
+    "embedding_f16",
+    "embedding_bf16",
+    "argmax_f32",
+];
+
+/// Threads per block of every kernel except `attention_reduce` (one warp).
+pub const BLOCK_THREADS: u32 = 128;
+
+/// Dynamic shared memory (bytes) `paged_attention_*_d{head_dim}` needs.
+pub const fn attention_smem_bytes(head_dim: u32) -> u32 {
+    (attention::ROWS_PER_TILE * head_dim
+        + attention::MAX_BLOCK_SIZE * (head_dim + 1)
+        + attention::MAX_BLOCK_SIZE * head_dim)
+        * 4
+}
+
+#[cfg(target_arch = "nvptx64")]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // Kernels are written not to panic (no slice indexing on the device); this only
+    // satisfies no_std. `trap` aborts the kernel if it ever happens.
+    unsafe { core::arch::nvptx::trap() }
+}

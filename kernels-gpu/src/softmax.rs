@@ -1,0 +1,121 @@
+//! Online (flash-style) softmax: a running max `m` and normaliser `l` beside an unnormalised
+//! accumulator, updated one KV block at a time, and the merge of partial results computed
+//! over disjoint key ranges (flash-decoding's reduce).
+
+use crate::fmath::exp;
+#[cfg(not(target_arch = "nvptx64"))]
+use crate::fmath::max;
+
+/// Running softmax statistics of one query row over the keys seen so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoftmaxState {
+    /// Largest score seen (`-inf` when none).
+    pub m: f32,
+    /// Sum of `exp(score - m)` over the keys seen.
+    pub l: f32,
+}
+
+impl SoftmaxState {
+    pub const EMPTY: SoftmaxState = SoftmaxState { m: f32::NEG_INFINITY, l: 0.0 };
+
+    /// Moves the state to a new maximum `m_new >= self.m` and returns the factor by which
+    /// the accumulator must be scaled. With nothing seen yet the factor is 0.
+    #[inline(always)]
+    pub fn rescale(&mut self, m_new: f32) -> f32 {
+        let alpha = if self.m == f32::NEG_INFINITY { 0.0 } else { exp(self.m - m_new) };
+        self.l *= alpha;
+        self.m = m_new;
+        alpha
+    }
+
+    #[cfg(not(target_arch = "nvptx64"))]
+    /// Folds a block of scores (`-inf` = masked) into the state and accumulator:
+    /// `acc = acc * alpha + sum_t p_t * v_t`, where `v(t, d)` reads value row `t`.
+    #[inline(always)]
+    pub fn update_block(&mut self, scores: &[f32], acc: &mut [f32], v: impl Fn(usize, usize) -> f32) {
+        let bmax = scores.iter().fold(f32::NEG_INFINITY, |a, &s| max(a, s));
+        if bmax == f32::NEG_INFINITY {
+            return; // every key masked: nothing changes
+        }
+        let m_new = max(self.m, bmax);
+        let alpha = self.rescale(m_new);
+        for a in acc.iter_mut() {
+            *a *= alpha;
+        }
+        for (t, &s) in scores.iter().enumerate() {
+            if s == f32::NEG_INFINITY {
+                continue;
+            }
+            let p = exp(s - m_new);
+            self.l += p;
+            for (d, a) in acc.iter_mut().enumerate() {
+                *a += p * v(t, d);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
+/// Merges partial results `(state, acc)` of disjoint key ranges into `out = acc / l`,
+/// rescaling each to the global max. Empty partials (`l == 0`) contribute nothing.
+pub fn merge_partials<'a>(parts: impl Iterator<Item = (SoftmaxState, &'a [f32])> + Clone, out: &mut [f32]) {
+    let m = parts.clone().fold(f32::NEG_INFINITY, |a, (s, _)| max(a, s.m));
+    for o in out.iter_mut() {
+        *o = 0.0;
+    }
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    let mut l = 0.0;
+    for (s, acc) in parts {
+        if s.l == 0.0 {
+            continue;
+        }
+        let w = exp(s.m - m);
+        l += s.l * w;
+        for (o, &a) in out.iter_mut().zip(acc) {
+            *o += a * w;
+        }
+    }
+    let inv = 1.0 / l;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    extern crate std;
+    use std::vec::Vec;
+
+    fn softmax_weighted(scores: &[f32], vals: &[f32]) -> f32 {
+        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+        w.iter().zip(vals).map(|(w, v)| w * v).sum::<f32>() / w.iter().sum::<f32>()
+    }
+
+    #[test]
+    fn blockwise_update_and_merge_equal_plain_softmax() {
+        let scores: Vec<f32> = (0..37).map(|i| ((i * 7919) % 23) as f32 * 0.37 - 3.0).collect();
+        let vals: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).sin()).collect();
+        let want = softmax_weighted(&scores, &vals);
+        // One pass in blocks of 5, with a fully masked block in the middle.
+        let mut st = SoftmaxState::EMPTY;
+        let mut acc = [0.0f32];
+        for (b, chunk) in scores.chunks(5).enumerate() {
+            st.update_block(chunk, &mut acc, |t, _| vals[b * 5 + t]);
+            st.update_block(&[f32::NEG_INFINITY; 3], &mut acc, |_, _| 1e9);
+        }
+        assert!((acc[0] / st.l - want).abs() < 1e-5);
+        // Two disjoint partials merged, plus an empty one.
+        let (mut s1, mut a1, mut s2, mut a2) = (SoftmaxState::EMPTY, [0.0f32], SoftmaxState::EMPTY, [0.0f32]);
+        s1.update_block(&scores[..20], &mut a1, |t, _| vals[t]);
+        s2.update_block(&scores[20..], &mut a2, |t, _| vals[20 + t]);
+        let empty = [0.0f32];
+        let mut out = [0.0f32];
+        let parts = [(s1, &a1[..]), (SoftmaxState::EMPTY, &empty[..]), (s2, &a2[..])];
+        merge_partials(parts.iter().copied(), &mut out);
+        assert!((out[0] - want).abs() < 1e-5, "{} vs {want}", out[0]);
+    }
+}
