@@ -3,7 +3,8 @@
 //! A backend never reaches into scheduler state and holds no scheduling policy: the batch is
 //! all it sees. The engine loop is the same for all of them.
 
-use weave_scheduler::{ScheduledBatch, StepOutput};
+use crate::sampling::SamplingParams;
+use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
 /// What a backend reports for one step.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +20,14 @@ pub trait Backend {
     /// Whether the run's clock is wall time (real models) rather than the backend's own.
     fn wall_clock(&self) -> bool {
         false
+    }
+    /// A request was accepted; its sampling parameters apply to its rows from now on.
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+        let _ = (id, params);
+    }
+    /// A request finished or was aborted.
+    fn remove_request(&mut self, id: RequestId) {
+        let _ = id;
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult>;
 }

@@ -35,6 +35,7 @@ pub struct Arrival {
     /// The caller's name for it, echoed in logs (a trace's `id`).
     pub name: serde_json::Value,
     pub request: NewRequest,
+    pub sampling: crate::sampling::SamplingParams,
 }
 
 /// What became of one request.
@@ -136,6 +137,7 @@ impl<B: Backend> Engine<B> {
                 let prompt = req.prompt.clone();
                 match self.sched.add_request(req) {
                     Ok(()) => {
+                        self.backend.add_request(k as RequestId, &a.sampling);
                         self.live.insert(
                             k as RequestId,
                             Live { name: a.name, arrival: a.at.max(0.0), first_token: None, prompt },
@@ -220,6 +222,7 @@ impl<B: Backend> Engine<B> {
             record.kv_blocks_used = self.sched.kv_blocks_used();
             for f in finished {
                 let l = self.live.remove(&f.id).expect("finished request was live");
+                self.backend.remove_request(f.id);
                 outputs.remove(&f.id);
                 record.finished.push(l.name.clone());
                 let o = Outcome {

@@ -8,7 +8,13 @@
 //! a backend sees only the [`weave_scheduler::ScheduledBatch`].
 
 pub mod backend;
+pub mod bench;
+pub mod cpu;
 pub mod engine;
+pub mod generate;
+pub mod model;
+pub mod paths;
 pub mod replay;
+pub mod sampling;
 pub mod steplog;
 pub mod trace;

@@ -13,8 +13,147 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Scheduler knobs shared by the commands that run a model.
+#[derive(Debug, Clone, clap::Args)]
+struct SchedArgs {
+    /// Token budget per step (prefill chunk tokens + one per decode).
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Cap on one request's prefill chunk per step (0 = none).
+    #[arg(long, default_value_t = 0)]
+    long_prefill_token_threshold: usize,
+    #[arg(long)]
+    no_chunked_prefill: bool,
+    #[arg(long)]
+    no_prefix_caching: bool,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV-cache size in tokens (default 16384; see also --kv-cache-gib).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    /// KV-cache size in GiB of memory, instead of --kv-cache-tokens.
+    #[arg(long, conflicts_with = "kv_cache_tokens")]
+    kv_cache_gib: Option<f64>,
+    /// Context limit (default: the model's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Batching policy: fcfs, priority, static, adaptive.
+    #[arg(long, default_value = "fcfs")]
+    policy: weave_scheduler::PolicyKind,
+}
+
+impl SchedArgs {
+    fn config(&self, model: &weave::model::config::ModelConfig) -> anyhow::Result<weave_scheduler::SchedulerConfig> {
+        let tokens = match (self.kv_cache_tokens, self.kv_cache_gib) {
+            (Some(t), _) => t,
+            (None, Some(g)) => {
+                (g * (1u64 << 30) as f64 / weave::cpu::CpuBackend::kv_bytes_per_token(model) as f64) as usize
+            }
+            (None, None) => 16384,
+        };
+        let blocks = tokens / self.block_size;
+        anyhow::ensure!(blocks >= 1, "--kv-cache-tokens {tokens} holds no block of {} tokens", self.block_size);
+        let max_model_len = self.max_model_len.unwrap_or(model.context_length);
+        anyhow::ensure!(
+            max_model_len <= model.context_length,
+            "--max-model-len {max_model_len} is over the model's context length {}",
+            model.context_length
+        );
+        Ok(weave_scheduler::SchedulerConfig {
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_model_len,
+            block_size: self.block_size,
+            num_gpu_blocks: blocks + 1,
+            enable_chunked_prefill: !self.no_chunked_prefill,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+            enable_prefix_caching: !self.no_prefix_caching,
+            policy: self.policy,
+            ..Default::default()
+        })
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Aggregate generation throughput at several concurrency levels (CPU backend), with
+    /// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
+    Generate {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 128)]
+        output_len: usize,
+        #[arg(long, default_value_t = default_threads())]
+        threads: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_num_batched_tokens: usize,
+        /// Path to llama.cpp's llama-batched-bench, to measure the baseline in the same run.
+        #[arg(long)]
+        llama_batched_bench: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Generate text with the real model (CPU backend), many requests batched continuously.
+    Generate {
+        /// GGUF model (default: the reference model fetched by `cargo xtask fetch-model`).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// One prompt per line, or JSONL with per-request fields (prompt, max_tokens,
+        /// temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos, id).
+        #[arg(long)]
+        prompts_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Base seed; request i uses seed + i unless it brings its own.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop string (repeatable), applied to every request.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Apply the model's chat template to each prompt.
+        #[arg(long)]
+        chat: bool,
+        /// Keep generating past EOS (for benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
+        #[command(flatten)]
+        sched: SchedArgs,
+        #[arg(long, default_value_t = default_threads())]
+        threads: usize,
+        /// One JSON line per request and a summary line, instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Write the per-step JSONL (with wall times) here.
+        #[arg(long)]
+        step_log: Option<PathBuf>,
+    },
     /// Drive the scheduler and block manager with a trace (no model) and summarize the batches.
     Replay {
         /// Trace JSON: {"config": {...}, "requests": [...]}.
@@ -48,6 +187,183 @@ fn open_log(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write>>> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Bench(BenchCmd::Generate {
+            model,
+            concurrency,
+            prompt_len,
+            output_len,
+            threads,
+            max_num_batched_tokens,
+            llama_batched_bench,
+            json,
+        }) => {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+            let path = model.unwrap_or_else(weave::paths::default_model_path);
+            let lm = weave::generate::LoadedModel::load(&path)?;
+            let rows = weave::bench::bench_generate(
+                &lm,
+                &path,
+                &concurrency,
+                prompt_len,
+                output_len,
+                threads,
+                max_num_batched_tokens,
+                llama_batched_bench.as_deref(),
+            )?;
+            let peak = weave::bench::peak_rss_mib();
+            if json {
+                println!("{}", serde_json::json!({"rows": rows, "peak_rss_mib": peak, "threads": threads}));
+            } else {
+                println!(
+                    "weave bench generate: prompt {prompt_len} / output {output_len}, {threads} threads, {}",
+                    path.display()
+                );
+                println!(
+                    "{:>11} {:>10} {:>13} {:>14} {:>16} {:>8}",
+                    "concurrency", "wall s", "total tok/s", "output tok/s", "llama.cpp tok/s", "ratio"
+                );
+                for r in &rows {
+                    let base = r.llama_cpp_total_tok_s.map_or("-".into(), |x| format!("{x:.1}"));
+                    let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+                    println!(
+                        "{:>11} {:>10.2} {:>13.1} {:>14.1} {:>16} {:>8}",
+                        r.concurrency, r.wall_s, r.total_tok_s, r.output_tok_s, base, ratio
+                    );
+                }
+                if let Some(p) = peak {
+                    println!("peak RSS {p:.0} MiB");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            prompts_file,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            chat,
+            ignore_eos,
+            sched,
+            threads,
+            json,
+            step_log,
+        } => {
+            use weave::generate::{generate, read_prompts_file, GenerateConfig, LoadedModel, PromptSpec};
+            let mut prompts: Vec<PromptSpec> =
+                prompt.into_iter().map(|p| PromptSpec { prompt: p, ..Default::default() }).collect();
+            if let Some(f) = &prompts_file {
+                prompts.extend(read_prompts_file(f)?);
+            }
+            anyhow::ensure!(!prompts.is_empty(), "no prompts: give --prompt TEXT or --prompts-file FILE");
+            for p in &mut prompts {
+                p.stop.extend(stop.iter().cloned());
+            }
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+            let path = model.unwrap_or_else(weave::paths::default_model_path);
+            let t_load = std::time::Instant::now();
+            let lm = LoadedModel::load(&path)?;
+            let cfg = GenerateConfig {
+                sched: sched.config(&lm.model.cfg)?,
+                default_max_tokens: max_tokens,
+                sampling: weave::sampling::SamplingParams { temperature, top_k, top_p, seed },
+                chat,
+                ignore_eos,
+                threads,
+            };
+            if !json {
+                eprintln!(
+                    "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; CPU backend, {} threads, KV cache {} tokens",
+                    lm.model.cfg.name,
+                    lm.model.cfg.num_layers,
+                    lm.model.cfg.hidden,
+                    lm.model.cfg.num_q_heads,
+                    lm.model.cfg.num_kv_heads,
+                    path.display(),
+                    t_load.elapsed().as_secs_f64(),
+                    threads,
+                    (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size
+                );
+            }
+            let mut log = open_log(&step_log)?;
+            let total_tokens: u64 = prompts.iter().map(|p| p.max_tokens.unwrap_or(max_tokens) as u64).sum();
+            let bar = indicatif::ProgressBar::new(total_tokens);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} {msg}")
+                    .expect("valid template"),
+            );
+            let mut write_err = None;
+            let report = generate(&lm, &cfg, &prompts, &mut |ev| match ev {
+                Event::Rejected { message, .. } => bar.suspend(|| eprintln!("error: {message}")),
+                Event::Step { record, update } => {
+                    bar.inc(update.new_tokens.len() as u64);
+                    if let Some(w) = log.as_mut() {
+                        if let Err(e) = serde_json::to_writer(&mut *w, record)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|_| Ok(writeln!(w)?))
+                        {
+                            write_err.get_or_insert(e);
+                        }
+                    }
+                }
+                Event::Finished(_) => {}
+            })?;
+            bar.finish_and_clear();
+            if let Some(e) = write_err {
+                return Err(e.context("writing the step log"));
+            }
+            if let Some(w) = log.as_mut() {
+                serde_json::to_writer(&mut *w, &report.summary)?;
+                writeln!(w)?;
+                w.flush()?;
+            }
+            let out_tokens: usize = report.completions.iter().map(|c| c.output_token_ids.len()).sum();
+            let in_tokens: usize = report.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
+            if json {
+                for c in &report.completions {
+                    println!("{}", serde_json::to_string(c)?);
+                }
+                let mut v = serde_json::to_value(&report.summary)?;
+                v["wall_s"] = serde_json::json!(report.wall_s);
+                v["output_tokens_per_s"] = serde_json::json!(out_tokens as f64 / report.wall_s);
+                println!("{v}");
+            } else {
+                for c in &report.completions {
+                    println!(
+                        "--- [{}] {} ({} prompt tokens, {} output tokens, finish: {})",
+                        c.id,
+                        c.prompt.trim(),
+                        c.prompt_token_ids.len(),
+                        c.output_token_ids.len(),
+                        c.finish_reason
+                    );
+                    println!("{}\n", c.text);
+                }
+                print!("{}", report.summary.render());
+                let mean = |xs: Vec<f64>| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
+                println!(
+                    "  throughput        {:.1} output tok/s, {:.1} total tok/s ({} prompt + {} output tokens in {:.2} s)",
+                    out_tokens as f64 / report.wall_s,
+                    (in_tokens + out_tokens) as f64 / report.wall_s,
+                    in_tokens,
+                    out_tokens,
+                    report.wall_s
+                );
+                println!(
+                    "  latency           TTFT mean {:.1} ms, TPOT mean {:.1} ms",
+                    mean(report.completions.iter().filter_map(|c| c.ttft_ms).collect()),
+                    mean(report.completions.iter().filter_map(|c| c.tpot_ms).collect())
+                );
+            }
+            if report.completions.is_empty() {
+                anyhow::bail!("every request was rejected; nothing ran");
+            }
+            Ok(())
+        }
         Cmd::Replay { trace, step_log, json } => {
             let t = weave::trace::Trace::load(&trace)?;
             let mut log = open_log(&step_log)?;

@@ -147,7 +147,12 @@ impl Trace {
             next_id += (r.prompt_len - p) as u32;
             let mut req = NewRequest::new(0, prompt, r.max_tokens);
             req.priority = r.priority;
-            ok.push(Arrival { at: r.arrival_step as f64, name: r.id.clone(), request: req });
+            ok.push(Arrival {
+                at: r.arrival_step as f64,
+                name: r.id.clone(),
+                request: req,
+                sampling: Default::default(),
+            });
         }
         (ok, bad)
     }

@@ -1,0 +1,146 @@
+//! `weave bench generate`: throughput at several concurrency levels on this machine, with
+//! llama.cpp's `llama-batched-bench` measured in the same run as the baseline.
+
+use crate::generate::{generate, GenerateConfig, LoadedModel, PromptSpec};
+use crate::sampling::SamplingParams;
+use anyhow::{bail, Context};
+use serde::Serialize;
+use std::path::Path;
+use weave_scheduler::SchedulerConfig;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub concurrency: usize,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub wall_s: f64,
+    /// (prompt + output tokens) / wall time, as llama-batched-bench's `S t/s`.
+    pub total_tok_s: f64,
+    pub output_tok_s: f64,
+    pub llama_cpp_total_tok_s: Option<f64>,
+    pub ratio: Option<f64>,
+}
+
+/// A prompt of exactly `n` tokens: distinct per request so nothing hits the prefix cache.
+fn synthetic_prompt(lm: &LoadedModel, n: usize, salt: usize) -> anyhow::Result<String> {
+    let words = ["river", "stone", "light", "market", "garden", "winter", "paper", "signal", "orbit", "copper"];
+    let mut text = format!("Request {salt}:");
+    let mut i = salt;
+    while lm.tokenizer.encode(&text)?.len() < n {
+        text.push(' ');
+        text.push_str(words[i % words.len()]);
+        i = i * 7 + 3;
+    }
+    // Trim back to exactly n tokens.
+    let ids = lm.tokenizer.encode(&text)?;
+    Ok(lm.tokenizer.decode(&ids[..n]))
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench_generate(
+    lm: &LoadedModel,
+    model_path: &Path,
+    concurrency: &[usize],
+    prompt_len: usize,
+    output_len: usize,
+    threads: usize,
+    budget: usize,
+    llama_bench: Option<&Path>,
+) -> anyhow::Result<Vec<BenchRow>> {
+    let llama = match llama_bench {
+        Some(p) => Some(run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)?),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for &b in concurrency {
+        let prompts: Vec<PromptSpec> = (0..b)
+            .map(|i| {
+                Ok(PromptSpec {
+                    prompt: synthetic_prompt(lm, prompt_len, i)?,
+                    max_tokens: Some(output_len),
+                    ..Default::default()
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let kv_tokens = b * (prompt_len + output_len) + 64 * 16;
+        let cfg = GenerateConfig {
+            sched: SchedulerConfig {
+                max_num_batched_tokens: budget,
+                max_num_seqs: b.max(1),
+                max_model_len: lm.model.cfg.context_length,
+                num_gpu_blocks: kv_tokens / 16 + 2,
+                ..Default::default()
+            },
+            default_max_tokens: output_len,
+            sampling: SamplingParams::default(),
+            chat: false,
+            ignore_eos: true,
+            threads,
+        };
+        let r = generate(lm, &cfg, &prompts, &mut |_| {})?;
+        let p: usize = r.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
+        let o: usize = r.completions.iter().map(|c| c.output_token_ids.len()).sum();
+        if o != b * output_len {
+            bail!("benchmark run produced {o} tokens, expected {}", b * output_len);
+        }
+        let total = (p + o) as f64 / r.wall_s;
+        let base = llama.as_ref().and_then(|l| l.iter().find(|x| x.0 == b).map(|x| x.1));
+        rows.push(BenchRow {
+            concurrency: b,
+            prompt_tokens: p,
+            output_tokens: o,
+            wall_s: r.wall_s,
+            total_tok_s: total,
+            output_tok_s: o as f64 / r.wall_s,
+            llama_cpp_total_tok_s: base,
+            ratio: base.map(|x| total / x),
+        });
+    }
+    Ok(rows)
+}
+
+/// Runs llama-batched-bench and returns (B, S t/s) per concurrency.
+fn run_llama_batched_bench(
+    exe: &Path,
+    model: &Path,
+    concurrency: &[usize],
+    pp: usize,
+    tg: usize,
+    threads: usize,
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let npl = concurrency.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    let ctx = concurrency.iter().max().unwrap_or(&1) * (pp + tg) + 256;
+    let out = std::process::Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-c", &ctx.to_string(), "-b", "2048", "-ub", "512", "-npp", &pp.to_string(), "-ntg", &tg.to_string()])
+        .args(["-npl", &npl, "-t", &threads.to_string(), "-tb", &threads.to_string()])
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{} failed:\n{text}", exe.display());
+    }
+    // Table rows: |  PP |  TG |  B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        if cells.len() >= 10 {
+            if let (Ok(b), Ok(s)) = (cells[2].parse::<usize>(), cells[9].parse::<f64>()) {
+                rows.push((b, s));
+            }
+        }
+    }
+    if rows.is_empty() {
+        bail!("could not read llama-batched-bench's table:\n{text}");
+    }
+    Ok(rows)
+}

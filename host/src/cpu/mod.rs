@@ -1,0 +1,278 @@
+//! The CPU backend: the real model, one forward pass per step over the packed mixed batch,
+//! with the paged KV cache addressed through the scheduler's metadata (the same metadata the
+//! GPU kernels take). Attention, the KV write, RMSNorm and rotary use `weave-kernels-gpu`'s
+//! portable code, so the CPU and GPU paths share one definition.
+
+use crate::backend::{Backend, StepResult};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{Linear, Weights};
+use crate::sampling::{sample, Rng, SamplingParams};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use weave_kernels_gpu::attention::{attend_blocks, reshape_and_cache_host, AttnShape};
+use weave_kernels_gpu::ops::{fill_cos_sin_row, rms_norm_row, rope_head, silu_and_mul_row};
+use weave_kernels_gpu::softmax::SoftmaxState;
+use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
+
+/// Weights and derived tables, shareable between backends.
+#[derive(Debug)]
+pub struct CpuModel {
+    pub cfg: ModelConfig,
+    pub w: Weights,
+    /// Row `pos`: `rot_dim / 2` cosines then sines.
+    cos_sin: Vec<f32>,
+    max_pos: usize,
+}
+
+impl CpuModel {
+    pub fn new(cfg: ModelConfig, w: Weights, max_pos: usize) -> CpuModel {
+        let mut cos_sin = vec![0f32; max_pos * cfg.rot_dim];
+        for (pos, row) in cos_sin.chunks_mut(cfg.rot_dim).enumerate() {
+            fill_cos_sin_row(pos, cfg.rot_dim, cfg.rope_theta, row);
+        }
+        CpuModel { cfg, w, cos_sin, max_pos }
+    }
+}
+
+/// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T` through the gemm crate.
+fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, threads: usize) {
+    assert_eq!(x.len(), n * w.in_dim);
+    assert_eq!(out.len(), n * w.out_dim);
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the slices are sized for these strides (asserted above), and `out` does not
+    // alias `x` or the weights.
+    unsafe {
+        gemm::gemm(
+            n,
+            w.out_dim,
+            w.in_dim,
+            out.as_mut_ptr(),
+            1,
+            w.out_dim as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            w.in_dim as isize,
+            w.w.as_ptr(),
+            w.in_dim as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct CpuBackend {
+    model: Arc<CpuModel>,
+    shape: AttnShape,
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    threads: usize,
+    sampling: HashMap<RequestId, (SamplingParams, Rng)>,
+    /// Seed for requests that bring none.
+    base_seed: u64,
+}
+
+impl CpuBackend {
+    /// A backend with a KV cache of `num_blocks` blocks (the null block included).
+    pub fn new(
+        model: Arc<CpuModel>,
+        num_blocks: usize,
+        block_size: usize,
+        threads: usize,
+        base_seed: u64,
+    ) -> CpuBackend {
+        let c = &model.cfg;
+        let shape = AttnShape {
+            num_q_heads: c.num_q_heads as u32,
+            num_kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            block_size: block_size as u32,
+            max_blocks_per_seq: 0,
+            blocks_per_split: 0,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let per_layer = num_blocks * block_size * c.kv_dim();
+        CpuBackend {
+            k_cache: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+            v_cache: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+            model,
+            shape,
+            threads: threads.max(1),
+            sampling: HashMap::new(),
+            base_seed,
+        }
+    }
+
+    /// Bytes of KV cache per token slot.
+    pub fn kv_bytes_per_token(cfg: &ModelConfig) -> usize {
+        2 * cfg.num_layers * cfg.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Logits of every sampling sequence (`[logits_indices.len()][vocab]`).
+    pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
+        let m = &*self.model;
+        let c = &m.cfg;
+        let (n, h, qd, kvd, d) = (b.num_tokens(), c.hidden, c.q_dim(), c.kv_dim(), c.head_dim);
+        let t = self.threads;
+        assert!(b.max_seq_len as usize <= m.max_pos, "position beyond the rotary table");
+        let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
+        // Sequence of every token row.
+        let mut tok_seq = Vec::with_capacity(n);
+        for (s, w) in b.query_start_loc.windows(2).enumerate() {
+            tok_seq.extend(std::iter::repeat_n(s, (w[1] - w[0]) as usize));
+        }
+        let mut x = vec![0f32; n * h];
+        x.par_chunks_mut(h).zip(&b.input_ids).for_each(|(row, &id)| {
+            row.copy_from_slice(&m.w.embed[id as usize * h..(id as usize + 1) * h]);
+        });
+        let mut hbuf = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut attn = vec![0f32; n * qd];
+        let mut gu = vec![0f32; n * 2 * c.intermediate];
+        let mut act = vec![0f32; n * c.intermediate];
+        for (li, layer) in m.w.layers.iter().enumerate() {
+            hbuf.par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(o, xr)| rms_norm_row(xr, &layer.attn_norm, c.rms_eps, o));
+            matmul(&hbuf, n, &layer.qkv, &mut qkv, false, t);
+            // Split Q/K/V and rotate Q and K at each token's position.
+            q.par_chunks_mut(qd)
+                .zip(k.par_chunks_mut(kvd))
+                .zip(v.par_chunks_mut(kvd))
+                .zip(qkv.par_chunks(qd + 2 * kvd))
+                .zip(&b.positions)
+                .for_each(|((((qr, kr), vr), src), &pos)| {
+                    qr.copy_from_slice(&src[..qd]);
+                    kr.copy_from_slice(&src[qd..qd + kvd]);
+                    vr.copy_from_slice(&src[qd + kvd..]);
+                    let cs = &m.cos_sin[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
+                    for head in qr.chunks_mut(d).chain(kr.chunks_mut(d)) {
+                        rope_head(head, cs, c.rot_dim, c.rope_layout);
+                    }
+                });
+            reshape_and_cache_host(&shape, &k, &v, &b.slot_mapping, &mut self.k_cache[li], &mut self.v_cache[li]);
+            let (kc, vc) = (&self.k_cache[li], &self.v_cache[li]);
+            attn.par_chunks_mut(qd).enumerate().for_each_init(
+                || (vec![0f32; d], vec![0f32; shape.block_size as usize]),
+                |(qrow, scores), (tok, out)| {
+                    let seq = tok_seq[tok];
+                    let visible = b.positions[tok] + 1;
+                    let range = (0, visible.div_ceil(shape.block_size));
+                    let g = c.num_q_heads / c.num_kv_heads;
+                    for (head, o) in out.chunks_mut(d).enumerate() {
+                        for (a, &qv) in qrow.iter_mut().zip(&q[tok * qd + head * d..][..d]) {
+                            *a = qv * shape.scale;
+                        }
+                        let mut st = SoftmaxState::EMPTY;
+                        o.fill(0.0);
+                        let kvh = (head / g) as u32;
+                        attend_blocks(
+                            &shape,
+                            qrow,
+                            kc,
+                            vc,
+                            b.block_table(seq),
+                            kvh,
+                            range,
+                            visible,
+                            scores,
+                            &mut st,
+                            o,
+                        );
+                        let inv = 1.0 / st.l;
+                        o.iter_mut().for_each(|a| *a *= inv);
+                    }
+                },
+            );
+            matmul(&attn, n, &layer.wo, &mut x, true, t);
+            hbuf.par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(o, xr)| rms_norm_row(xr, &layer.ffn_norm, c.rms_eps, o));
+            matmul(&hbuf, n, &layer.gate_up, &mut gu, false, t);
+            act.par_chunks_mut(c.intermediate)
+                .zip(gu.par_chunks(2 * c.intermediate))
+                .for_each(|(o, g)| silu_and_mul_row(g, o));
+            matmul(&act, n, &layer.down, &mut x, true, t);
+        }
+        // Final norm and LM head for the sampled rows only.
+        let s = b.logits_indices.len();
+        let mut sel = vec![0f32; s * h];
+        for (o, &row) in sel.chunks_mut(h).zip(&b.logits_indices) {
+            rms_norm_row(&x[row as usize * h..(row as usize + 1) * h], &m.w.final_norm, c.rms_eps, o);
+        }
+        let mut logits = vec![0f32; s * c.vocab_size];
+        match &m.w.lm_head {
+            Some(head) => matmul(&sel, s, head, &mut logits, false, t),
+            None => {
+                let tied = Linear { w: Vec::new(), out_dim: c.vocab_size, in_dim: h };
+                matmul_weights(&sel, s, &m.w.embed, &tied, &mut logits, t);
+            }
+        }
+        logits
+    }
+}
+
+/// [`matmul`] against a weight slice held elsewhere (the tied embedding).
+fn matmul_weights(x: &[f32], n: usize, w: &[f32], dims: &Linear, out: &mut [f32], threads: usize) {
+    assert_eq!(w.len(), dims.out_dim * dims.in_dim);
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: as in `matmul`.
+    unsafe {
+        gemm::gemm(
+            n,
+            dims.out_dim,
+            dims.in_dim,
+            out.as_mut_ptr(),
+            1,
+            dims.out_dim as isize,
+            false,
+            x.as_ptr(),
+            1,
+            dims.in_dim as isize,
+            w.as_ptr(),
+            dims.in_dim as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn wall_clock(&self) -> bool {
+        true
+    }
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+        let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.sampling.insert(id, (params.clone(), Rng::new(seed)));
+    }
+    fn remove_request(&mut self, id: RequestId) {
+        self.sampling.remove(&id);
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        let mut logits = self.forward(batch);
+        let vocab = self.model.cfg.vocab_size;
+        let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
+        let mut sampled = Vec::with_capacity(ids.len());
+        for (row, id) in logits.chunks_mut(vocab).zip(ids) {
+            let (p, rng) = self.sampling.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
+            sampled.push(sample(row, p, rng));
+        }
+        Ok(StepResult { output: StepOutput { sampled }, duration_s: None })
+    }
+}

@@ -1,0 +1,244 @@
+//! `weave generate`: real generation with the CPU backend through the engine loop.
+
+use crate::cpu::{CpuBackend, CpuModel};
+use crate::engine::{Arrival, Clock, Engine, Event, Outcome, RunReport};
+use crate::model::chat::ChatTemplate;
+use crate::model::config::ModelConfig;
+use crate::model::gguf::Gguf;
+use crate::model::tokenizer::{StreamDecoder, WeaveTokenizer};
+use crate::model::weights::Weights;
+use crate::sampling::SamplingParams;
+use crate::steplog::Summary;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
+
+/// A loaded model: weights, tokenizer, chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub model: Arc<CpuModel>,
+    pub tokenizer: WeaveTokenizer,
+    pub chat: Option<ChatTemplate>,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path) -> anyhow::Result<LoadedModel> {
+        if !path.exists() {
+            bail!(
+                "model file {} does not exist; fetch the reference model with `cargo xtask fetch-model`, or pass --model PATH",
+                path.display()
+            );
+        }
+        let g = Gguf::open(path)?;
+        let cfg = ModelConfig::from_gguf(&g)?;
+        let tokenizer = WeaveTokenizer::from_gguf(&g)?;
+        if tokenizer.vocab_size() < cfg.vocab_size {
+            bail!(
+                "{}: tokenizer has {} tokens but the model {}",
+                path.display(),
+                tokenizer.vocab_size(),
+                cfg.vocab_size
+            );
+        }
+        let chat = ChatTemplate::from_gguf(&g, &tokenizer.bos_text, &tokenizer.eos_text);
+        let w = Weights::load(&g, &cfg)?;
+        let max_pos = cfg.context_length;
+        Ok(LoadedModel { path: path.into(), model: Arc::new(CpuModel::new(cfg, w, max_pos)), tokenizer, chat })
+    }
+}
+
+/// One request as given on the command line or in a prompts file (JSONL fields).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSpec {
+    #[serde(default)]
+    pub id: Option<serde_json::Value>,
+    pub prompt: String,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: Option<bool>,
+}
+
+/// Reads a prompts file: one prompt per line, or JSONL (`{"prompt": ..., ...}`) when the
+/// first non-blank line starts with `{`. Errors name the file and line.
+pub fn read_prompts_file(path: &Path) -> anyhow::Result<Vec<PromptSpec>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompts file {}", path.display()))?;
+    let jsonl = text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if jsonl {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let spec: PromptSpec = serde_json::from_str(line)
+                .with_context(|| format!("{}: line {}: not a valid request", path.display(), i + 1))?;
+            out.push(spec);
+        } else {
+            out.push(PromptSpec { prompt: line.to_string(), ..Default::default() });
+        }
+    }
+    Ok(out)
+}
+
+/// Run-wide settings.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub sched: SchedulerConfig,
+    pub default_max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub chat: bool,
+    pub ignore_eos: bool,
+    pub threads: usize,
+}
+
+/// One finished completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    pub id: serde_json::Value,
+    pub prompt: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub output_token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: String,
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub num_cached_tokens: usize,
+}
+
+#[derive(Debug)]
+pub struct GenerateReport {
+    pub completions: Vec<Completion>,
+    pub rejected: Vec<(serde_json::Value, String)>,
+    pub run: RunReport,
+    pub summary: Summary,
+    pub wall_s: f64,
+}
+
+/// Tokenizes, runs and detokenizes. Bad requests are reported in `rejected`; the rest run.
+pub fn generate(
+    lm: &LoadedModel,
+    cfg: &GenerateConfig,
+    prompts: &[PromptSpec],
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> anyhow::Result<GenerateReport> {
+    let tok = &lm.tokenizer;
+    let mut arrivals = Vec::new();
+    let mut rejected = Vec::new();
+    let mut texts = HashMap::new();
+    let mut stops: HashMap<u64, Vec<String>> = HashMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let name = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
+        let reject = |msg: String| (name.clone(), format!("request {name}: {msg}"));
+        if p.prompt.trim().is_empty() {
+            rejected.push(reject("the prompt is empty".into()));
+            continue;
+        }
+        let sampling = SamplingParams {
+            temperature: p.temperature.unwrap_or(cfg.sampling.temperature),
+            top_k: p.top_k.unwrap_or(cfg.sampling.top_k),
+            top_p: p.top_p.unwrap_or(cfg.sampling.top_p),
+            seed: p.seed.or(cfg.sampling.seed.map(|s| s.wrapping_add(i as u64))),
+        };
+        if let Err(e) = sampling.validate() {
+            rejected.push(reject(e));
+            continue;
+        }
+        let text = match (&lm.chat, cfg.chat) {
+            (Some(t), true) => t.render_user(&p.prompt).map_err(|e| anyhow::anyhow!("{}: {e}", lm.path.display()))?,
+            (None, true) => bail!("{}: --chat given but the model has no chat template", lm.path.display()),
+            (_, false) => p.prompt.clone(),
+        };
+        let ids = match tok.encode(&text) {
+            Ok(ids) => ids,
+            Err(e) => {
+                rejected.push(reject(e.to_string()));
+                continue;
+            }
+        };
+        let mut req = NewRequest::new(0, ids, p.max_tokens.unwrap_or(cfg.default_max_tokens));
+        req.ignore_eos = p.ignore_eos.unwrap_or(cfg.ignore_eos);
+        req.eos_token_id = tok.eos;
+        req.stop_token_ids = if req.ignore_eos { Vec::new() } else { tok.stop_ids.clone() };
+        req.stop_token_ids.extend(&p.stop_token_ids);
+        let k = arrivals.len() as u64;
+        texts.insert(name.to_string(), p.prompt.clone());
+        if !p.stop.is_empty() {
+            stops.insert(k, p.stop.clone());
+        }
+        arrivals.push(Arrival { at: 0.0, name, request: req, sampling });
+    }
+    for (name, msg) in &rejected {
+        on_event(Event::Rejected { name, message: msg });
+    }
+    let num_blocks = cfg.sched.num_gpu_blocks;
+    let backend = CpuBackend::new(
+        lm.model.clone(),
+        num_blocks,
+        cfg.sched.block_size,
+        cfg.threads,
+        cfg.sampling.seed.unwrap_or(0),
+    );
+    let sched = Scheduler::new(cfg.sched.clone())?;
+    let mut engine = Engine::new(sched, backend, Clock::Seconds);
+    // Stop strings: watch each request's decoded text as it streams.
+    let mut decoders: HashMap<u64, (StreamDecoder, String)> = HashMap::new();
+    let mut stop_check = |id: u64, out: &[u32]| -> bool {
+        let Some(ss) = stops.get(&id) else { return false };
+        let (dec, text) = decoders.entry(id).or_default();
+        text.push_str(&dec.push(tok, *out.last().expect("a new token")));
+        ss.iter().any(|s| text.contains(s.as_str()))
+    };
+    let t0 = std::time::Instant::now();
+    let run = engine.run(arrivals, &mut stop_check, on_event)?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    rejected.extend(run.rejected.iter().cloned());
+    let mut completions: Vec<Completion> = run.outcomes.iter().map(|o| completion(o, tok, &texts, prompts)).collect();
+    completions.sort_by_key(|c| c.id.as_u64().unwrap_or(u64::MAX));
+    let mut summary = Summary::from_steps(&run.steps, "seconds");
+    summary.rejected = rejected.len();
+    summary.prefix_cache_hit_rate = engine.sched.prefix_cache_stats().hit_rate();
+    Ok(GenerateReport { completions, rejected, run, summary, wall_s })
+}
+
+fn completion(
+    o: &Outcome,
+    tok: &WeaveTokenizer,
+    texts: &HashMap<String, String>,
+    prompts: &[PromptSpec],
+) -> Completion {
+    let mut ids = o.output_tokens.clone();
+    // The stop token itself is not part of the text.
+    let mut shown = &ids[..];
+    if o.reason == weave_scheduler::FinishReason::Stop && shown.last().is_some_and(|t| tok.stop_ids.contains(t)) {
+        shown = &shown[..shown.len() - 1];
+    }
+    let mut text = tok.decode(shown);
+    let stops = o.name.as_u64().and_then(|i| prompts.get(i as usize)).map(|p| p.stop.clone()).unwrap_or_default();
+    let cut = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+    if let Some(c) = cut {
+        text.truncate(c);
+    }
+    ids.shrink_to_fit();
+    Completion {
+        prompt: texts.get(&o.name.to_string()).cloned().unwrap_or_default(),
+        id: o.name.clone(),
+        prompt_token_ids: o.prompt_tokens.clone(),
+        output_token_ids: ids,
+        text,
+        finish_reason: o.reason.as_str().to_string(),
+        ttft_ms: o.ttft().map(|s| s * 1e3),
+        tpot_ms: o.tpot().map(|s| s * 1e3),
+        num_cached_tokens: o.num_cached_tokens,
+    }
+}

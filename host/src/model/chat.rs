@@ -1,0 +1,33 @@
+//! The chat template a GGUF file carries (`tokenizer.chat_template`, Jinja), rendered with
+//! minijinja for one user message and the generation prompt.
+
+use super::gguf::Gguf;
+
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// `None` when the file has no template.
+    pub fn from_gguf(g: &Gguf, bos: &str, eos: &str) -> Option<ChatTemplate> {
+        let source = g.get_str("tokenizer.chat_template").ok()?.to_string();
+        Some(ChatTemplate { source, bos: bos.into(), eos: eos.into() })
+    }
+
+    /// The prompt text for one user turn, ending where the assistant's reply begins.
+    pub fn render_user(&self, user: &str) -> Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.source).map_err(|e| format!("chat template does not parse: {e}"))?;
+        let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        t.render(minijinja::context! {
+            messages => vec![minijinja::context! { role => "user", content => user }],
+            add_generation_prompt => true,
+            bos_token => self.bos.clone(),
+            eos_token => self.eos.clone(),
+        })
+        .map_err(|e| format!("chat template failed to render: {e}"))
+    }
+}

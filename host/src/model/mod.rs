@@ -1,0 +1,8 @@
+//! Model loading: GGUF files, the Llama-family architecture, tokenizer and chat template.
+
+pub mod chat;
+pub mod config;
+pub mod gguf;
+pub mod quant;
+pub mod tokenizer;
+pub mod weights;

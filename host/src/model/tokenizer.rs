@@ -1,0 +1,150 @@
+//! The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata, built on Hugging
+//! Face's `tokenizers` (byte-level BPE), and a streaming decoder that only emits whole UTF-8.
+
+use super::gguf::{Gguf, GgufError};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// Pre-tokenizers weave can build, by GGUF `tokenizer.ggml.pre` name.
+pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: tokenizer model {model:?} is not supported (weave reads byte-level BPE, \"gpt2\")")]
+    Model { path: String, model: String },
+    #[error("{path}: pre-tokenizer {pre:?} is not supported (supported: {})", SUPPORTED_PRE.join(", "))]
+    Pre { path: String, pre: String },
+    #[error("{path}: cannot build the tokenizer: {msg}")]
+    Build { path: String, msg: String },
+    #[error("cannot tokenize: {0}")]
+    Encode(String),
+}
+
+#[derive(Debug)]
+pub struct WeaveTokenizer {
+    inner: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    /// Tokens the model emits to end a turn (EOS, and e.g. `<|im_end|>` / `<|endoftext|>`).
+    pub stop_ids: Vec<u32>,
+    pub bos_text: String,
+    pub eos_text: String,
+}
+
+impl WeaveTokenizer {
+    pub fn from_gguf(g: &Gguf) -> Result<WeaveTokenizer, TokenizerError> {
+        let path = g.path.display().to_string();
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(TokenizerError::Model { path, model: model.into() });
+        }
+        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tok: PreTokenizerWrapper = match pre {
+            "default" | "gpt2" => byte_level.into(),
+            // SmolLM: every digit on its own, then GPT-2's byte-level split.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            other => return Err(TokenizerError::Pre { path, pre: other.into() }),
+        };
+        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let merges = g.get_str_array("tokenizer.ggml.merges")?;
+        let types = g.get_u64_array("tokenizer.ggml.token_type").unwrap_or_default();
+        let vocab: Vec<(String, u32)> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| TokenizerError::Build {
+                    path: path.clone(),
+                    msg: format!("merge {m:?} has no space"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .build()
+            .map_err(|e| TokenizerError::Build { path: path.clone(), msg: e.to_string() })?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens match whole, before BPE.
+        let special: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(i, &t)| AddedToken::from(tokens[i].to_string(), t == 3))
+            .collect();
+        inner.add_special_tokens(&special);
+        let id = |k: &str| g.get_u64(k).ok().map(|v| v as u32);
+        let (bos, eos) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
+        let text = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string()).unwrap_or_default();
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for extra in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(i) = tokens.iter().position(|t| *t == extra) {
+                if !stop_ids.contains(&(i as u32)) {
+                    stop_ids.push(i as u32);
+                }
+            }
+        }
+        let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
+            Ok(super::gguf::Value::Bool(b)) => *b,
+            _ => false,
+        };
+        Ok(WeaveTokenizer { bos_text: text(bos), eos_text: text(eos), inner, bos, eos, add_bos, stop_ids })
+    }
+
+    /// Token ids of `text`, with BOS first when the file says so. Special-token text (e.g.
+    /// `<|im_start|>`) maps to its token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Incremental detokenization: text is released only once it is whole UTF-8, so a character
+/// split across tokens never shows up as a replacement character.
+#[derive(Debug, Default, Clone)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    /// Start of the window re-decoded for context.
+    prefix: usize,
+    /// Tokens whose text was already released.
+    read: usize,
+}
+
+impl StreamDecoder {
+    /// Adds a token; returns the newly complete text (possibly empty).
+    pub fn push(&mut self, tok: &WeaveTokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read]);
+        let now = tok.decode(&self.ids[self.prefix..]);
+        if now.len() > before.len() && !now.ends_with('\u{fffd}') {
+            let new = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            new
+        } else {
+            String::new()
+        }
+    }
+}

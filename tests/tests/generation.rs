@@ -1,0 +1,168 @@
+//! The CPU backend on the real reference model against golden fixtures made by an independent
+//! implementation (tools/golden/make_golden.py: llama.cpp's tokenizer, a numpy float64 Llama
+//! forward), and batch invariance.
+//!
+//! Needs the reference model (`cargo xtask fetch-model`; CI fetches it first). Without it,
+//! each test prints `skipped: ...`.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use weave::generate::{generate, GenerateConfig, LoadedModel, PromptSpec};
+use weave::sampling::SamplingParams;
+use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
+
+fn model() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = std::env::var_os("WEAVE_MODEL").map(PathBuf::from).unwrap_or_else(weave::paths::default_model_path);
+        if !p.exists() {
+            println!("skipped: reference model not found at {} (run `cargo xtask fetch-model`)", p.display());
+            return None;
+        }
+        Some(LoadedModel::load(&p).expect("reference model loads"))
+    })
+    .as_ref()
+}
+
+fn golden() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden_smollm2.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn config(budget: usize, chunked: bool, caching: bool) -> GenerateConfig {
+    GenerateConfig {
+        sched: SchedulerConfig {
+            max_num_batched_tokens: budget,
+            max_num_seqs: 64,
+            max_model_len: 2048,
+            block_size: 16,
+            num_gpu_blocks: 1024,
+            enable_chunked_prefill: chunked,
+            enable_prefix_caching: caching,
+            ..Default::default()
+        },
+        default_max_tokens: 24,
+        sampling: SamplingParams::default(),
+        chat: false,
+        ignore_eos: true,
+        threads: 2,
+    }
+}
+
+/// Greedy output tokens of each prompt, by prompt index.
+fn run(lm: &LoadedModel, cfg: &GenerateConfig, prompts: &[PromptSpec]) -> Vec<Vec<u32>> {
+    let r = generate(lm, cfg, prompts, &mut |_| {}).unwrap();
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    let mut out = vec![Vec::new(); prompts.len()];
+    for c in r.completions {
+        out[c.id.as_u64().unwrap() as usize] = c.output_token_ids;
+    }
+    out
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let Some(lm) = model() else { return };
+    let g = golden();
+    for p in g["prompts"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        let full = if p["chat"].as_bool().unwrap() {
+            lm.chat.as_ref().unwrap().render_user(text).unwrap()
+        } else {
+            text.into()
+        };
+        assert_eq!(lm.tokenizer.encode(&full).unwrap(), ids(&p["prompt_ids"]), "{}", p["name"]);
+        // Decoding gives the text back.
+        assert_eq!(lm.tokenizer.decode(&ids(&p["prompt_ids"])), full, "{}", p["name"]);
+    }
+}
+
+#[test]
+fn first_step_logits_match_reference() {
+    let Some(lm) = model() else { return };
+    let g = golden();
+    let mut worst = 0.0f64;
+    for p in g["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["prompt_ids"]);
+        let mut s = Scheduler::new(config(4096, true, false).sched).unwrap();
+        s.add_request(NewRequest::new(0, prompt, 1)).unwrap();
+        let b = s.schedule();
+        let mut be = weave::cpu::CpuBackend::new(lm.model.clone(), 1024, 16, 2, 0);
+        let logits = be.forward(&b);
+        for (id, want) in ids(&p["top_ids"]).iter().zip(p["top_logits"].as_array().unwrap()) {
+            let err = (logits[*id as usize] as f64 - want.as_f64().unwrap()).abs();
+            worst = worst.max(err);
+        }
+        let ours = weave_kernels_gpu::ops::argmax_row(&logits);
+        assert_eq!(ours, ids(&p["top_ids"])[0], "{}: top token", p["name"]);
+    }
+    println!("largest |logit - reference| over the top-32 tokens of 5 prompts: {worst:.2e}");
+    // f32 weights and activations over 30 layers against a float64 reference.
+    assert!(worst < 1e-3, "logits differ from the reference by up to {worst}");
+}
+
+#[test]
+fn greedy_continuations_match_reference() {
+    let Some(lm) = model() else { return };
+    let g = golden();
+    let prompts: Vec<PromptSpec> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
+        .collect();
+    for (chat, want_chat) in [(false, false), (true, true)] {
+        let mut cfg = config(2048, true, true);
+        cfg.chat = chat;
+        let sel: Vec<usize> =
+            (0..prompts.len()).filter(|&i| g["prompts"][i]["chat"].as_bool().unwrap() == want_chat).collect();
+        let ps: Vec<PromptSpec> = sel.iter().map(|&i| prompts[i].clone()).collect();
+        let outs = run(lm, &cfg, &ps);
+        for (k, &i) in sel.iter().enumerate() {
+            let want = ids(&g["prompts"][i]["greedy"]);
+            let same = outs[k].iter().zip(&want).take_while(|(a, b)| a == b).count();
+            assert!(
+                same >= 20,
+                "{}: first {same} of 24 tokens agree\n ours {:?}\n want {:?}",
+                g["prompts"][i]["name"],
+                outs[k],
+                want
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_invariance() {
+    let Some(lm) = model() else { return };
+    let target =
+        PromptSpec { prompt: "The quick brown fox jumps over the lazy dog. Then the fox".into(), ..Default::default() };
+    let alone = run(lm, &config(2048, true, true), std::slice::from_ref(&target))[0].clone();
+    assert_eq!(alone.len(), 24);
+    // A busy mixed batch: a long prompt being chunked, short prompts decoding, and a copy of the
+    // target that shares its prefix (a prefix-cache hit for the later one).
+    let long = "In the beginning there was a long document about many things. ".repeat(20);
+    let mut busy: Vec<PromptSpec> = vec![
+        PromptSpec { prompt: long, max_tokens: Some(8), ..Default::default() },
+        PromptSpec { prompt: "Hello".into(), max_tokens: Some(30), ..Default::default() },
+        target.clone(),
+        PromptSpec { prompt: "1 2 3 4".into(), max_tokens: Some(5), ..Default::default() },
+        target.clone(),
+    ];
+    busy[1].seed = Some(3);
+    for (name, cfg) in [
+        ("chunked, small budget", config(48, true, true)),
+        ("chunked, large budget", config(4096, true, true)),
+        ("no chunking", config(2048, false, true)),
+        ("no prefix caching", config(64, true, false)),
+    ] {
+        let outs = run(lm, &cfg, &busy);
+        assert_eq!(outs[2], alone, "{name}: target inside the batch");
+        assert_eq!(outs[4], alone, "{name}: target again (prefix-cache hit when caching)");
+    }
+}
