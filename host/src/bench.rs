@@ -19,6 +19,20 @@ pub struct BenchRow {
     pub output_tok_s: f64,
     pub llama_cpp_total_tok_s: Option<f64>,
     pub ratio: Option<f64>,
+    /// Every repetition's weave and llama.cpp totals (the figures above are medians).
+    pub runs_total_tok_s: Vec<f64>,
+    pub runs_llama_cpp_tok_s: Vec<f64>,
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// A prompt of exactly `n` tokens: distinct per request so nothing hits the prefix cache.
@@ -54,57 +68,86 @@ pub fn bench_generate(
     threads: usize,
     budget: usize,
     llama_bench: Option<&Path>,
+    repeat: usize,
 ) -> anyhow::Result<Vec<BenchRow>> {
-    let llama = match llama_bench {
-        Some(p) => Some(run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)?),
-        None => None,
-    };
-    let mut rows = Vec::new();
-    for &b in concurrency {
-        let prompts: Vec<PromptSpec> = (0..b)
-            .map(|i| {
-                Ok(PromptSpec {
-                    prompt: synthetic_prompt(lm, prompt_len, i)?,
-                    max_tokens: Some(output_len),
-                    ..Default::default()
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let kv_tokens = b * (prompt_len + output_len) + 64 * 16;
-        let cfg = GenerateConfig {
-            sched: SchedulerConfig {
-                max_num_batched_tokens: budget,
-                max_num_seqs: b.max(1),
-                max_model_len: lm.model.cfg.context_length,
-                num_gpu_blocks: kv_tokens / 16 + 2,
-                ..Default::default()
-            },
-            default_max_tokens: output_len,
-            sampling: SamplingParams::default(),
-            chat: false,
-            ignore_eos: true,
-            threads,
-        };
-        let r = generate(lm, &cfg, &prompts, &mut |_| {})?;
-        let p: usize = r.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
-        let o: usize = r.completions.iter().map(|c| c.output_token_ids.len()).sum();
-        if o != b * output_len {
-            bail!("benchmark run produced {o} tokens, expected {}", b * output_len);
+    let mut ours: Vec<Vec<(f64, usize, usize)>> = vec![Vec::new(); concurrency.len()];
+    let mut base: Vec<Vec<f64>> = vec![Vec::new(); concurrency.len()];
+    // Interleave the two engines so a noisy neighbour hits both alike.
+    for _ in 0..repeat.max(1) {
+        if let Some(p) = llama_bench {
+            for (b, s) in run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)? {
+                if let Some(i) = concurrency.iter().position(|&c| c == b) {
+                    base[i].push(s);
+                }
+            }
         }
-        let total = (p + o) as f64 / r.wall_s;
-        let base = llama.as_ref().and_then(|l| l.iter().find(|x| x.0 == b).map(|x| x.1));
+        for (i, &b) in concurrency.iter().enumerate() {
+            ours[i].push(run_weave(lm, b, prompt_len, output_len, threads, budget)?);
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, &b) in concurrency.iter().enumerate() {
+        let totals: Vec<f64> = ours[i].iter().map(|r| (r.1 + r.2) as f64 / r.0).collect();
+        let outs: Vec<f64> = ours[i].iter().map(|r| r.2 as f64 / r.0).collect();
+        let walls: Vec<f64> = ours[i].iter().map(|r| r.0).collect();
+        let total = median(&totals);
+        let llama = (!base[i].is_empty()).then(|| median(&base[i]));
         rows.push(BenchRow {
             concurrency: b,
-            prompt_tokens: p,
-            output_tokens: o,
-            wall_s: r.wall_s,
+            prompt_tokens: ours[i][0].1,
+            output_tokens: ours[i][0].2,
+            wall_s: median(&walls),
             total_tok_s: total,
-            output_tok_s: o as f64 / r.wall_s,
-            llama_cpp_total_tok_s: base,
-            ratio: base.map(|x| total / x),
+            output_tok_s: median(&outs),
+            llama_cpp_total_tok_s: llama,
+            ratio: llama.map(|x| total / x),
+            runs_total_tok_s: totals,
+            runs_llama_cpp_tok_s: base[i].clone(),
         });
     }
     Ok(rows)
+}
+
+/// One weave run: (wall s, prompt tokens, output tokens).
+fn run_weave(
+    lm: &LoadedModel,
+    b: usize,
+    prompt_len: usize,
+    output_len: usize,
+    threads: usize,
+    budget: usize,
+) -> anyhow::Result<(f64, usize, usize)> {
+    let prompts: Vec<PromptSpec> = (0..b)
+        .map(|i| {
+            Ok(PromptSpec {
+                prompt: synthetic_prompt(lm, prompt_len, i)?,
+                max_tokens: Some(output_len),
+                ..Default::default()
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let kv_tokens = b * (prompt_len + output_len) + 64 * 16;
+    let cfg = GenerateConfig {
+        sched: SchedulerConfig {
+            max_num_batched_tokens: budget,
+            max_num_seqs: b.max(1),
+            max_model_len: lm.model.cfg.context_length,
+            num_gpu_blocks: kv_tokens / 16 + 2,
+            ..Default::default()
+        },
+        default_max_tokens: output_len,
+        sampling: SamplingParams::default(),
+        chat: false,
+        ignore_eos: true,
+        threads,
+    };
+    let r = generate(lm, &cfg, &prompts, &mut |_| {})?;
+    let p: usize = r.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
+    let o: usize = r.completions.iter().map(|c| c.output_token_ids.len()).sum();
+    if o != b * output_len {
+        bail!("benchmark run produced {o} tokens, expected {}", b * output_len);
+    }
+    Ok((r.wall_s, p, o))
 }
 
 /// Runs llama-batched-bench and returns (B, S t/s) per concurrency.

@@ -45,7 +45,7 @@ pub struct Outcome {
     pub arrival: f64,
     pub first_token: Option<f64>,
     pub finish: f64,
-    pub prompt_tokens: Vec<u32>,
+    pub num_prompt_tokens: usize,
     pub output_tokens: Vec<u32>,
     pub reason: FinishReason,
     pub num_cached_tokens: usize,
@@ -79,13 +79,17 @@ struct Live {
     name: serde_json::Value,
     arrival: f64,
     first_token: Option<f64>,
-    prompt: Vec<u32>,
+    last_token: f64,
 }
 
 /// Result of a run.
 #[derive(Debug, Default)]
 pub struct RunReport {
+    /// Every step's record, when the engine keeps them (`keep_steps`).
     pub steps: Vec<StepRecord>,
+    pub num_steps: usize,
+    /// Gaps between consecutive tokens of a request (seconds), when `collect_itl` is set.
+    pub itl: Vec<f64>,
     pub outcomes: Vec<Outcome>,
     pub rejected: Vec<(serde_json::Value, String)>,
     /// Clock time from the first arrival to the last finish.
@@ -98,12 +102,17 @@ pub struct Engine<B> {
     pub sched: Scheduler,
     pub backend: B,
     pub clock: Clock,
+    /// Keep every step record in the report (the step log). On by default; the simulator
+    /// turns it off for large runs.
+    pub keep_steps: bool,
+    /// Record inter-token latencies.
+    pub collect_itl: bool,
     live: HashMap<RequestId, Live>,
 }
 
 impl<B: Backend> Engine<B> {
     pub fn new(sched: Scheduler, backend: B, clock: Clock) -> Self {
-        Engine { sched, backend, clock, live: HashMap::new() }
+        Engine { sched, backend, clock, keep_steps: true, collect_itl: false, live: HashMap::new() }
     }
 
     /// Runs `arrivals` (any order) to completion. `stop_check` sees each request's new token
@@ -134,13 +143,12 @@ impl<B: Backend> Engine<B> {
                 let (k, a) = pending.next().expect("peeked");
                 let mut req = a.request;
                 req.id = k as RequestId;
-                let prompt = req.prompt.clone();
                 match self.sched.add_request(req) {
                     Ok(()) => {
                         self.backend.add_request(k as RequestId, &a.sampling);
                         self.live.insert(
                             k as RequestId,
-                            Live { name: a.name, arrival: a.at.max(0.0), first_token: None, prompt },
+                            Live { name: a.name, arrival: a.at.max(0.0), first_token: None, last_token: 0.0 },
                         );
                     }
                     Err(e) => {
@@ -157,7 +165,10 @@ impl<B: Backend> Engine<B> {
                 match pending.peek() {
                     None => break,
                     Some((_, a)) => {
-                        // Idle until the next arrival.
+                        // Idle until the next arrival (really waiting, on a wall clock).
+                        if self.backend.wall_clock() && a.at > now {
+                            std::thread::sleep(std::time::Duration::from_secs_f64(a.at - now));
+                        }
                         now = now.max(a.at);
                         if self.clock == Clock::Steps {
                             step = now as u64;
@@ -178,20 +189,26 @@ impl<B: Backend> Engine<B> {
             let duration = result.duration_s.unwrap_or_else(|| t0.elapsed().as_secs_f64());
             let end = now + duration;
             let name = |id: &RequestId| self.live.get(id).map(|l| l.name.clone()).unwrap_or_default();
+            let keep = self.keep_steps;
             let mut record = StepRecord {
                 step,
                 time: now,
                 duration,
-                scheduled: batch
-                    .seqs
-                    .iter()
-                    .map(|q| ScheduledRecord {
-                        id: name(&q.request_id),
-                        num_tokens: q.num_query_tokens,
-                        is_prefill: q.is_prefill,
-                        num_computed_tokens_before: q.context_len,
-                    })
-                    .collect(),
+                scheduled: if keep {
+                    batch
+                        .seqs
+                        .iter()
+                        .map(|q| ScheduledRecord {
+                            id: name(&q.request_id),
+                            num_tokens: q.num_query_tokens,
+                            is_prefill: q.is_prefill,
+                            num_computed_tokens_before: q.context_len,
+                            samples: q.samples,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
                 preempted: batch.preempted.iter().map(name).collect(),
                 finished: Vec::new(),
                 num_running: self.sched.num_running(),
@@ -208,7 +225,11 @@ impl<B: Backend> Engine<B> {
             let mut finished = upd.finished.clone();
             for &(id, tok) in &upd.new_tokens {
                 if let Some(l) = self.live.get_mut(&id) {
+                    if l.first_token.is_some() && self.collect_itl {
+                        report.itl.push(end - l.last_token);
+                    }
                     l.first_token.get_or_insert(end);
+                    l.last_token = end;
                 }
                 let out = outputs.entry(id).or_default();
                 out.push(tok);
@@ -224,13 +245,15 @@ impl<B: Backend> Engine<B> {
                 let l = self.live.remove(&f.id).expect("finished request was live");
                 self.backend.remove_request(f.id);
                 outputs.remove(&f.id);
-                record.finished.push(l.name.clone());
+                if keep {
+                    record.finished.push(l.name.clone());
+                }
                 let o = Outcome {
                     name: l.name,
                     arrival: l.arrival,
                     first_token: l.first_token,
                     finish: end,
-                    prompt_tokens: l.prompt,
+                    num_prompt_tokens: f.num_prompt_tokens,
                     output_tokens: f.output_tokens,
                     reason: f.reason,
                     num_cached_tokens: f.num_cached_tokens,
@@ -240,7 +263,10 @@ impl<B: Backend> Engine<B> {
                 report.outcomes.push(o);
             }
             on_event(Event::Step { record: &record, update: &upd });
-            report.steps.push(record);
+            report.num_steps += 1;
+            if keep {
+                report.steps.push(record);
+            }
             now = end;
             step += 1;
         }

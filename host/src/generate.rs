@@ -136,6 +136,7 @@ pub fn generate(
     let mut arrivals = Vec::new();
     let mut rejected = Vec::new();
     let mut texts = HashMap::new();
+    let mut prompt_ids: HashMap<String, Vec<u32>> = HashMap::new();
     let mut stops: HashMap<u64, Vec<String>> = HashMap::new();
     for (i, p) in prompts.iter().enumerate() {
         let name = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
@@ -173,6 +174,7 @@ pub fn generate(
         req.stop_token_ids.extend(&p.stop_token_ids);
         let k = arrivals.len() as u64;
         texts.insert(name.to_string(), p.prompt.clone());
+        prompt_ids.insert(name.to_string(), req.prompt.clone());
         if !p.stop.is_empty() {
             stops.insert(k, p.stop.clone());
         }
@@ -203,7 +205,8 @@ pub fn generate(
     let run = engine.run(arrivals, &mut stop_check, on_event)?;
     let wall_s = t0.elapsed().as_secs_f64();
     rejected.extend(run.rejected.iter().cloned());
-    let mut completions: Vec<Completion> = run.outcomes.iter().map(|o| completion(o, tok, &texts, prompts)).collect();
+    let mut completions: Vec<Completion> =
+        run.outcomes.iter().map(|o| completion(o, tok, &texts, &prompt_ids, prompts)).collect();
     completions.sort_by_key(|c| c.id.as_u64().unwrap_or(u64::MAX));
     let mut summary = Summary::from_steps(&run.steps, "seconds");
     summary.rejected = rejected.len();
@@ -215,6 +218,7 @@ fn completion(
     o: &Outcome,
     tok: &WeaveTokenizer,
     texts: &HashMap<String, String>,
+    prompt_ids: &HashMap<String, Vec<u32>>,
     prompts: &[PromptSpec],
 ) -> Completion {
     let mut ids = o.output_tokens.clone();
@@ -233,7 +237,7 @@ fn completion(
     Completion {
         prompt: texts.get(&o.name.to_string()).cloned().unwrap_or_default(),
         id: o.name.clone(),
-        prompt_token_ids: o.prompt_tokens.clone(),
+        prompt_token_ids: prompt_ids.get(&o.name.to_string()).cloned().unwrap_or_default(),
         output_token_ids: ids,
         text,
         finish_reason: o.reason.as_str().to_string(),

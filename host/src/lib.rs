@@ -7,14 +7,18 @@
 //! **Must not**: put scheduling policy in a backend, or reach into scheduler state from one:
 //! a backend sees only the [`weave_scheduler::ScheduledBatch`].
 
+pub mod analyze;
 pub mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod engine;
+pub mod experiments;
 pub mod generate;
 pub mod model;
 pub mod paths;
+pub mod plot;
 pub mod replay;
 pub mod sampling;
+pub mod sim;
 pub mod steplog;
 pub mod trace;

@@ -100,13 +100,140 @@ enum BenchCmd {
         /// Path to llama.cpp's llama-batched-bench, to measure the baseline in the same run.
         #[arg(long)]
         llama_batched_bench: Option<PathBuf>,
+        /// Repetitions (interleaved with llama.cpp's); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         #[arg(long)]
         json: bool,
     },
 }
 
+/// Cost model and workload options of the simulator.
+#[derive(Debug, Clone, clap::Args)]
+struct SimArgs {
+    /// GPU profile for the roofline cost model: a100-80gb, h100-sxm, h200.
+    #[arg(long, default_value = "h100-sxm")]
+    gpu: String,
+    /// Model profile (llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m) or a JSON profile file.
+    #[arg(long, default_value = "llama-3-8b")]
+    model_profile: String,
+    /// A fitted cost model from `weave calibrate` instead of the roofline.
+    #[arg(long)]
+    cost_model: Option<PathBuf>,
+    /// KV cache size in tokens (default: what fits the GPU's memory after the weights, at 90%).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+}
+
+enum Cost {
+    Roofline(weave::sim::Roofline),
+    Fitted(weave::sim::Fitted),
+}
+
+impl SimArgs {
+    fn cost(&self) -> anyhow::Result<(Cost, usize)> {
+        if let Some(p) = &self.cost_model {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read cost model {}", p.display()))?;
+            let f: weave::sim::Fitted =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a fitted cost model", p.display()))?;
+            return Ok((Cost::Fitted(f), self.kv_cache_tokens.unwrap_or(16384)));
+        }
+        let gpu = weave::sim::find_gpu(&self.gpu).map_err(anyhow::Error::msg)?;
+        let model = weave::sim::find_model(&self.model_profile).map_err(anyhow::Error::msg)?;
+        let weights_gb = (model.layer_params() + (2 * model.hidden * model.vocab) as f64) * model.dtype_bytes / 1e9;
+        let free = (gpu.mem_gb * 0.9 - weights_gb).max(0.5) * 1e9;
+        let kv = self.kv_cache_tokens.unwrap_or((free / model.kv_bytes_per_token()) as usize);
+        Ok((Cost::Roofline(weave::sim::Roofline::new(gpu, model)), kv))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Summarise, compare, plot and export step logs (from replay, generate or simulate).
+    Analyze {
+        /// Step logs (JSONL); several are compared side by side.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Composition plot (.svg or .png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Chrome/Perfetto trace of the first log.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Simulate serving: the real scheduler and block manager with a step-time cost model.
+    Simulate {
+        #[command(flatten)]
+        sim: SimArgs,
+        #[arg(long, default_value_t = 1000)]
+        num_requests: usize,
+        /// Arrival rate (requests/s); 0 = all at once.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Gamma shape of inter-arrival times (1 = Poisson, < 1 burstier).
+        #[arg(long, default_value_t = 1.0)]
+        burstiness: f64,
+        /// Prompt lengths: N, uniform:A:B or lognormal:MEDIAN:SIGMA.
+        #[arg(long, default_value = "lognormal:512:0.8")]
+        prompt_len: weave::sim::Lengths,
+        #[arg(long, default_value = "lognormal:200:0.7")]
+        output_len: weave::sim::Lengths,
+        /// JSONL workload trace (arrival_s, prompt_len, output_len) instead of the generator.
+        #[arg(long)]
+        workload: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 8192)]
+        max_num_batched_tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        max_num_seqs: usize,
+        #[arg(long, default_value_t = 8192)]
+        max_model_len: usize,
+        #[arg(long)]
+        no_chunked_prefill: bool,
+        #[arg(long, default_value_t = 0)]
+        long_prefill_token_threshold: usize,
+        #[arg(long, default_value_t = 0)]
+        max_prefill_tokens_per_step: usize,
+        #[arg(long, default_value = "fcfs")]
+        policy: weave_scheduler::PolicyKind,
+        /// TTFT SLO for goodput, seconds.
+        #[arg(long, default_value_t = 1.0)]
+        slo_ttft: f64,
+        /// TPOT SLO for goodput, seconds.
+        #[arg(long, default_value_t = 0.1)]
+        slo_tpot: f64,
+        #[arg(long)]
+        step_log: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fit a step-time cost model to measured step logs (e.g. `weave generate --step-log`).
+    Calibrate {
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Where to write the fitted model (JSON) for `weave simulate --cost-model`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run a tuning experiment on the simulator: batch-size, prefill-cap, chunked-prefill,
+    /// static-vs-continuous, adaptive, or all; or sim-vs-real (the simulator checked against
+    /// the real CPU backend with the reference model).
+    Experiment {
+        name: String,
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Requests per run (default 2000; --quick: 400).
+        #[arg(long)]
+        num_requests: Option<usize>,
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (one sub-directory per experiment).
+        #[arg(long, default_value = "docs/experiments")]
+        out: PathBuf,
+    },
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -187,6 +314,156 @@ fn open_log(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write>>> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Analyze { logs, plot, trace, json } => {
+            let mut all = Vec::new();
+            for p in &logs {
+                all.push((p.display().to_string(), weave::analyze::read_log(p)?));
+            }
+            let analyses: Vec<_> = all.iter().map(|(n, s)| weave::analyze::analyze(n, s)).collect();
+            if json {
+                println!("{}", serde_json::to_string(&analyses)?);
+            } else {
+                print!("{}", weave::analyze::render(&analyses));
+            }
+            if let Some(p) = plot {
+                weave::plot::write(&weave::plot::composition_svg(&all)?, &p)?;
+                eprintln!("plot written to {}", p.display());
+            }
+            if let Some(p) = trace {
+                std::fs::write(&p, serde_json::to_string(&weave::analyze::chrome_trace(&all[0].1))?)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+                eprintln!("trace written to {} (open in ui.perfetto.dev or chrome://tracing)", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Simulate {
+            sim,
+            num_requests,
+            rate,
+            burstiness,
+            prompt_len,
+            output_len,
+            workload,
+            seed,
+            max_num_batched_tokens,
+            max_num_seqs,
+            max_model_len,
+            no_chunked_prefill,
+            long_prefill_token_threshold,
+            max_prefill_tokens_per_step,
+            policy,
+            slo_ttft,
+            slo_tpot,
+            step_log,
+            json,
+        } => {
+            let (cost, kv) = sim.cost()?;
+            let items = match &workload {
+                Some(p) => weave::sim::read_workload(p)?,
+                None => weave::sim::Workload {
+                    num_requests,
+                    rate: if rate <= 0.0 { f64::INFINITY } else { rate },
+                    burstiness,
+                    prompt: prompt_len,
+                    output: output_len,
+                    seed,
+                }
+                .items(),
+            };
+            let cfg = weave_scheduler::SchedulerConfig {
+                max_num_batched_tokens,
+                max_num_seqs,
+                max_model_len,
+                num_gpu_blocks: kv / 16 + 1,
+                enable_chunked_prefill: !no_chunked_prefill,
+                long_prefill_token_threshold,
+                max_prefill_tokens_per_step,
+                policy,
+                ..Default::default()
+            };
+            let t0 = std::time::Instant::now();
+            let keep = step_log.is_some();
+            let (m, report) = match cost {
+                Cost::Roofline(c) => weave::sim::simulate(&cfg, c, &items, keep, (slo_ttft, slo_tpot))?,
+                Cost::Fitted(c) => weave::sim::simulate(&cfg, c, &items, keep, (slo_ttft, slo_tpot))?,
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            for (_, msg) in &report.rejected {
+                eprintln!("error: {msg}");
+            }
+            if let Some(p) = &step_log {
+                let mut w = open_log(&Some(p.clone()))?.expect("a path");
+                for r in &report.steps {
+                    serde_json::to_writer(&mut *w, r)?;
+                    writeln!(w)?;
+                }
+                w.flush()?;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                let d = |x: &weave::sim::Dist, k: f64| {
+                    format!("mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}", x.mean * k, x.p50 * k, x.p90 * k, x.p99 * k)
+                };
+                println!("simulated {} requests ({} rejected) in {} steps; {:.2} s of simulated time, {secs:.2} s to simulate", m.requests, m.rejected, m.steps, m.makespan_s);
+                println!(
+                    "  throughput   {:.2} req/s, {:.0} output tok/s, {:.0} total tok/s",
+                    m.requests_per_s, m.output_tokens_per_s, m.total_tokens_per_s
+                );
+                println!("  TTFT (ms)    {}", d(&m.ttft, 1e3));
+                println!("  TPOT (ms)    {}", d(&m.tpot, 1e3));
+                println!("  ITL (ms)     {}", d(&m.itl, 1e3));
+                println!("  e2e (s)      {}", d(&m.e2e, 1.0));
+                println!(
+                    "  goodput      {:.2} req/s within TTFT <= {} s and TPOT <= {} s",
+                    m.goodput_rps, m.slo_ttft_s, m.slo_tpot_s
+                );
+                println!("  preemptions  {}", m.preemptions);
+            }
+            Ok(())
+        }
+        Cmd::Calibrate { logs, out } => {
+            let mut steps = Vec::new();
+            for p in &logs {
+                steps.extend(weave::analyze::read_log(p)?);
+            }
+            let f = weave::sim::fit(&steps).map_err(anyhow::Error::msg)?;
+            let pred: Vec<f64> = steps.iter().map(|s| weave::sim::predict_record(&f, s)).collect();
+            let mape = steps.iter().zip(&pred).map(|(s, p)| ((p - s.duration) / s.duration).abs()).sum::<f64>()
+                / steps.len() as f64;
+            std::fs::write(&out, serde_json::to_string_pretty(&f)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "fitted step time = {:.3e} + {:.3e}*tokens + {:.3e}*sampled + {:.3e}*attention pairs (s) on {} steps; mean abs error {:.1}%; written to {}",
+                f.coef[0], f.coef[1], f.coef[2], f.coef[3], steps.len(), 100.0 * mape, out.display()
+            );
+            Ok(())
+        }
+        Cmd::Experiment { name, sim, num_requests, quick, out } => {
+            if name == "sim-vs-real" {
+                rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
+                let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
+                let t = weave::experiments::sim_vs_real(&lm, default_threads(), quick)?;
+                weave::experiments::write(&t, &out.join("sim-vs-real"))?;
+                print!("{}", weave::experiments::markdown(&t));
+                return Ok(());
+            }
+            let (cost, kv) = sim.cost()?;
+            let size = weave::experiments::Size { requests: num_requests.unwrap_or(if quick { 400 } else { 2000 }) };
+            let names: Vec<&str> = if name == "all" { weave::experiments::NAMES.to_vec() } else { vec![name.as_str()] };
+            for n in names {
+                let t0 = std::time::Instant::now();
+                let t = match &cost {
+                    Cost::Roofline(c) => weave::experiments::run(n, c, kv, size)?,
+                    Cost::Fitted(c) => weave::experiments::run(n, c, kv, size)?,
+                };
+                let dir = out.join(n);
+                weave::experiments::write(&t, &dir)?;
+                print!("{}", weave::experiments::markdown(&t));
+                eprintln!("({n}: {:.1} s; written to {})\n", t0.elapsed().as_secs_f64(), dir.display());
+            }
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Generate {
             model,
             concurrency,
@@ -195,6 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             max_num_batched_tokens,
             llama_batched_bench,
+            repeat,
             json,
         }) => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
@@ -209,6 +487,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 max_num_batched_tokens,
                 llama_batched_bench.as_deref(),
+                repeat,
             )?;
             let peak = weave::bench::peak_rss_mib();
             if json {

@@ -9,6 +9,9 @@ pub struct ScheduledRecord {
     pub num_tokens: u32,
     pub is_prefill: bool,
     pub num_computed_tokens_before: u32,
+    /// Whether this sequence sampled a token this step.
+    #[serde(default)]
+    pub samples: bool,
 }
 
 /// One line of the step log (JSONL).

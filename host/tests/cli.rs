@@ -79,3 +79,125 @@ fn cache_too_small_for_every_request_is_an_error() {
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/t.json: cannot read"), "{err}");
 }
+
+/// A minimal GGUF: the given string metadata and no tensors.
+fn gguf_with(meta: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        b.extend((k.len() as u64).to_le_bytes());
+        b.extend(k.as_bytes());
+        b.extend(8u32.to_le_bytes());
+        b.extend((v.len() as u64).to_le_bytes());
+        b.extend(v.as_bytes());
+    }
+    b
+}
+
+fn temp_bytes(name: &str, bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("weave-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn generate_names_bad_model_files() {
+    let (code, _, err) = weave(&["generate", "--model", "/nonexistent/m.gguf", "--prompt", "hi"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/m.gguf does not exist") && err.contains("cargo xtask fetch-model"), "{err}");
+    let full = gguf_with(&[("general.architecture", "llama")]);
+    let p = temp_bytes("trunc.gguf", &full[..full.len() - 3]);
+    let (code, _, err) = weave(&["generate", "--model", &p, "--prompt", "hi"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("trunc.gguf: truncated"), "{err}");
+    let p = temp_bytes("mamba.gguf", &gguf_with(&[("general.architecture", "mamba")]));
+    let (code, _, err) = weave(&["generate", "--model", &p, "--prompt", "hi"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("mamba.gguf: architecture \"mamba\" is not supported (supported: llama)"), "{err}");
+    let p = temp_bytes("notgguf.gguf", b"PK\x03\x04 this is a zip");
+    let (_, _, err) = weave(&["generate", "--model", &p, "--prompt", "hi"]);
+    assert!(err.contains("notgguf.gguf: not a GGUF file"), "{err}");
+}
+
+#[test]
+fn generate_rejects_bad_requests_and_runs_the_rest() {
+    let model = weave::paths::default_model_path();
+    if !model.exists() {
+        println!("skipped: reference model not found at {} (run `cargo xtask fetch-model`)", model.display());
+        return;
+    }
+    let long = "word ".repeat(40);
+    let (code, out, err) = weave(&[
+        "generate",
+        "--prompt",
+        "Hello, my name is",
+        "--prompt",
+        "   ",
+        "--prompt",
+        &long,
+        "--max-model-len",
+        "32",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("request 1: the prompt is empty"), "{err}");
+    assert!(err.contains("request 2: the prompt has 40 tokens, over max_model_len 32"), "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "one completion and the summary");
+    assert_eq!(lines[0]["id"], 0);
+    assert_eq!(lines[0]["output_token_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(lines[1]["rejected"], 2);
+}
+
+#[test]
+fn analyze_summarises_plots_and_names_bad_lines() {
+    let log = std::env::temp_dir().join(format!("weave-cli-{}-steps.jsonl", std::process::id()));
+    let (code, _, _) = weave(&["replay", "--trace", &trace("mixed.json"), "--step-log", log.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let svg = log.with_extension("svg");
+    let perfetto = log.with_extension("trace.json");
+    let (code, out, err) = weave(&[
+        "analyze",
+        log.to_str().unwrap(),
+        log.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+        "--trace",
+        perfetto.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("prefill / decode ratio") && out.contains("step time p50 / p99"), "{out}");
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("tokens per step"), "not an SVG plot");
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&perfetto).unwrap()).unwrap();
+    assert!(t["traceEvents"].as_array().unwrap().len() > 100);
+    // A truncated last line is named.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let bad = temp("bad-steps.jsonl", &format!("{}{{\"step\": 3, \"ti", &text[..text.find('\n').unwrap() + 1]));
+    let (code, _, err) = weave(&["analyze", &bad]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad-steps.jsonl: line 2: not valid JSON"), "{err}");
+}
+
+#[test]
+fn simulate_reports_metrics_and_names_unknown_profiles() {
+    let (code, out, err) = weave(&["simulate", "--num-requests", "300", "--rate", "20", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["requests"], 300);
+    assert!(m["ttft"]["p99"].as_f64().unwrap() >= m["ttft"]["p50"].as_f64().unwrap());
+    assert!(m["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let (code, _, err) = weave(&["simulate", "--gpu", "v100"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown GPU profile \"v100\"; known: a100-80gb, h100-sxm, h200"), "{err}");
+    let (code, _, err) = weave(&["simulate", "--model-profile", "gpt-9"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown model profile \"gpt-9\"; known: llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m"), "{err}");
+}

@@ -147,8 +147,9 @@ pub fn attend_blocks<T: Elem>(
                 f32::NEG_INFINITY
             };
         }
-        state.update_block(&scores[..n], acc, |t, dd| {
-            v_cache[shape.kv_offset(phys * bs + t as u32, kv_head) + dd].to_f32()
+        state.update_block(&scores[..n], acc, |t| {
+            let o = shape.kv_offset(phys * bs + t as u32, kv_head);
+            &v_cache[o..o + d]
         });
     }
 }

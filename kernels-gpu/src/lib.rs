@@ -95,8 +95,18 @@ pub fn udiv_ceil(a: u32, b: u32) -> u32 {
 #[cfg(not(target_arch = "nvptx64"))]
 #[inline(always)]
 pub fn dot_f32_elem<T: Elem>(q: &[f32], k: &[T]) -> f32 {
-    let mut s = 0.0;
-    for (a, b) in q.iter().zip(k) {
+    // Eight independent partial sums: the compiler can keep them in one vector register
+    // (a single running sum is a serial chain it may not reorder).
+    let mut acc = [0.0f32; 8];
+    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (a, b) in qc.zip(kc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i].to_f32();
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in qr.iter().zip(kr) {
         s += a * b.to_f32();
     }
     s

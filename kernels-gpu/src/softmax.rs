@@ -30,17 +30,18 @@ impl SoftmaxState {
 
     #[cfg(not(target_arch = "nvptx64"))]
     /// Folds a block of scores (`-inf` = masked) into the state and accumulator:
-    /// `acc = acc * alpha + sum_t p_t * v_t`, where `v(t, d)` reads value row `t`.
+    /// `acc = acc * alpha + sum_t p_t * v_t`, where `v(t)` is value row `t`.
+    #[cfg(not(target_arch = "nvptx64"))]
     #[inline(always)]
-    pub fn update_block(&mut self, scores: &[f32], acc: &mut [f32], v: impl Fn(usize, usize) -> f32) {
+    pub fn update_block<'a, T: crate::Elem>(&mut self, scores: &[f32], acc: &mut [f32], v: impl Fn(usize) -> &'a [T]) {
         let bmax = scores.iter().fold(f32::NEG_INFINITY, |a, &s| max(a, s));
         if bmax == f32::NEG_INFINITY {
             return; // every key masked: nothing changes
         }
         let m_new = max(self.m, bmax);
         let alpha = self.rescale(m_new);
-        for a in acc.iter_mut() {
-            *a *= alpha;
+        if alpha != 1.0 {
+            acc.iter_mut().for_each(|a| *a *= alpha);
         }
         for (t, &s) in scores.iter().enumerate() {
             if s == f32::NEG_INFINITY {
@@ -48,14 +49,13 @@ impl SoftmaxState {
             }
             let p = exp(s - m_new);
             self.l += p;
-            for (d, a) in acc.iter_mut().enumerate() {
-                *a += p * v(t, d);
+            for (a, x) in acc.iter_mut().zip(v(t)) {
+                *a += p * x.to_f32();
             }
         }
     }
 }
 
-#[cfg(not(target_arch = "nvptx64"))]
 /// Merges partial results `(state, acc)` of disjoint key ranges into `out = acc / l`,
 /// rescaling each to the global max. Empty partials (`l == 0`) contribute nothing.
 pub fn merge_partials<'a>(parts: impl Iterator<Item = (SoftmaxState, &'a [f32])> + Clone, out: &mut [f32]) {
@@ -104,14 +104,14 @@ mod tests {
         let mut st = SoftmaxState::EMPTY;
         let mut acc = [0.0f32];
         for (b, chunk) in scores.chunks(5).enumerate() {
-            st.update_block(chunk, &mut acc, |t, _| vals[b * 5 + t]);
-            st.update_block(&[f32::NEG_INFINITY; 3], &mut acc, |_, _| 1e9);
+            st.update_block(chunk, &mut acc, |t| &vals[b * 5 + t..b * 5 + t + 1]);
+            st.update_block::<f32>(&[f32::NEG_INFINITY; 3], &mut acc, |_| &[1e9]);
         }
         assert!((acc[0] / st.l - want).abs() < 1e-5);
         // Two disjoint partials merged, plus an empty one.
         let (mut s1, mut a1, mut s2, mut a2) = (SoftmaxState::EMPTY, [0.0f32], SoftmaxState::EMPTY, [0.0f32]);
-        s1.update_block(&scores[..20], &mut a1, |t, _| vals[t]);
-        s2.update_block(&scores[20..], &mut a2, |t, _| vals[20 + t]);
+        s1.update_block(&scores[..20], &mut a1, |t| &vals[t..t + 1]);
+        s2.update_block(&scores[20..], &mut a2, |t| &vals[20 + t..21 + t]);
         let empty = [0.0f32];
         let mut out = [0.0f32];
         let parts = [(s1, &a1[..]), (SoftmaxState::EMPTY, &empty[..]), (s2, &a2[..])];

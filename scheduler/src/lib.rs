@@ -35,7 +35,8 @@
 //! - Extra knobs, off by default: `max_num_partial_prefills` (prefill sequences per step),
 //!   `max_prefill_tokens_per_step` (the prefill share), `watermark_blocks`; and the static and
 //!   adaptive policies. Under the adaptive policy's low-load budget, the first prompt of a
-//!   step may exceed that budget (up to `max_num_batched_tokens`) since it is not chunked.
+//!   step may exceed that budget (never `max_num_batched_tokens`, decodes included) since it
+//!   is not chunked: otherwise a prompt longer than the budget would wait for every decode.
 //! - Prefix-cache statistics count a request once, when admitted.
 
 mod batch;
@@ -348,9 +349,13 @@ impl Scheduler {
                     // Whole prompts only: a misfit stops admission. The first prompt of a step
                     // may exceed the prefill share, and (adaptive) the low-load budget, or it
                     // could never run.
-                    let fits_budget =
-                        n <= budget.tokens || (planned.is_empty() && n <= self.cfg.max_num_batched_tokens);
-                    let fits_share = n <= budget.prefill_tokens || !planned.iter().any(|p| p.is_prefill);
+                    let first_prefill = !planned.iter().any(|p| p.is_prefill);
+                    let used = limits.token_budget - budget.tokens;
+                    let stretch = limits.token_budget < self.cfg.max_num_batched_tokens
+                        && first_prefill
+                        && used + n <= self.cfg.max_num_batched_tokens;
+                    let fits_budget = n <= budget.tokens || stretch;
+                    let fits_share = n <= budget.prefill_tokens || first_prefill;
                     if n > self.cfg.max_num_batched_tokens {
                         // A resumed request longer than any budget: chunk it after all.
                         n = budget.tokens.min(budget.prefill_tokens);

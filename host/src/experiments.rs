@@ -1,0 +1,468 @@
+//! `weave experiment NAME`: tuning experiments on the simulator (any GPU and model profile),
+//! each a table (markdown, CSV, JSON) and a plot, written under `--out`.
+
+use crate::plot;
+use crate::sim::{simulate, CostModel, Lengths, Metrics, WorkItem, Workload};
+use serde::Serialize;
+use std::path::Path;
+use weave_scheduler::{PolicyKind, SchedulerConfig};
+
+pub const NAMES: &[&str] = &["batch-size", "prefill-cap", "chunked-prefill", "static-vs-continuous", "adaptive"];
+
+/// One row: the setting's label and the metrics it got.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub setting: String,
+    pub x: f64,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+    /// Experiment-specific figures (e.g. the long prompt's TTFT).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    pub name: String,
+    pub description: String,
+    pub rows: Vec<Row>,
+    pub findings: Vec<String>,
+}
+
+/// Size of a run: `--quick` keeps each experiment under a minute on a laptop CPU.
+#[derive(Debug, Clone, Copy)]
+pub struct Size {
+    pub requests: usize,
+}
+
+fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_batched_tokens: 8192,
+        max_num_seqs: 256,
+        max_model_len,
+        block_size: 16,
+        num_gpu_blocks: kv_tokens / 16 + 1,
+        ..Default::default()
+    }
+}
+
+/// SLOs used for goodput: 1 s to first token, 100 ms per output token.
+pub const SLO: (f64, f64) = (1.0, 0.1);
+
+fn row(setting: String, x: f64, m: Metrics) -> Row {
+    Row { setting, x, metrics: m, extra: Default::default() }
+}
+
+/// Runs one experiment with a cost model built per call by `cost`.
+pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: Size) -> anyhow::Result<Table> {
+    let n = size.requests;
+    let chat = |rate: f64, seed: u64| Workload {
+        num_requests: n,
+        rate,
+        burstiness: 1.0,
+        prompt: Lengths::LogNormal { median: 512.0, sigma: 0.8 },
+        output: Lengths::LogNormal { median: 200.0, sigma: 0.7 },
+        seed,
+    };
+    let cfg = base_cfg(kv_tokens, 8192);
+    Ok(match name {
+        "batch-size" => {
+            // Throughput offline (everything queued at once); latency online at 70% of the
+            // offline capacity of the default budget.
+            let offline = chat(f64::INFINITY, 1).items();
+            let online = chat(capacity_rate(cost, &cfg, n) * 0.7, 1).items();
+            let mut rows = Vec::new();
+            for (label, items) in [("offline", &offline), ("online 70%", &online)] {
+                for b in [512, 1024, 2048, 4096, 8192] {
+                    let c = SchedulerConfig { max_num_batched_tokens: b, ..cfg.clone() };
+                    rows.push(row(
+                        format!("{label}, budget {b}"),
+                        b as f64,
+                        simulate(&c, cost.clone(), items, false, SLO)?.0,
+                    ));
+                }
+            }
+            let (off, on) = rows.split_at(5);
+            let by = |f: fn(&Metrics) -> f64| move |a: &&Row, b: &&Row| f(&a.metrics).total_cmp(&f(&b.metrics));
+            let best_tp = off.iter().max_by(by(|m| m.output_tokens_per_s)).unwrap();
+            let worst_tp = off.iter().min_by(by(|m| m.output_tokens_per_s)).unwrap();
+            let best_lat = on.iter().min_by(by(|m| m.e2e.mean)).unwrap();
+            let best_ttft = on.iter().min_by(by(|m| m.ttft.mean)).unwrap();
+            let best_tpot = on.iter().min_by(by(|m| m.tpot.p99)).unwrap();
+            let findings = vec![
+                format!(
+                    "best for throughput: {} ({:.0} output tok/s; {:.2}x the worst, {})",
+                    best_tp.setting,
+                    best_tp.metrics.output_tokens_per_s,
+                    best_tp.metrics.output_tokens_per_s / worst_tp.metrics.output_tokens_per_s,
+                    worst_tp.setting
+                ),
+                format!("best for mean end-to-end latency: {} ({:.2} s)", best_lat.setting, best_lat.metrics.e2e.mean),
+                format!("best for mean TTFT: {} ({:.0} ms)", best_ttft.setting, best_ttft.metrics.ttft.mean * 1e3),
+                format!("best for p99 TPOT: {} ({:.1} ms)", best_tpot.setting, best_tpot.metrics.tpot.p99 * 1e3),
+            ];
+            Table {
+                name: name.into(),
+                description: format!(
+                    "Token budget per step. Chat-like requests (lognormal prompts median 512, outputs median 200): {n} queued at once (offline throughput), and the same lengths arriving as a Poisson stream at 70% of capacity (online latency)."
+                ),
+                rows,
+                findings,
+            }
+        }
+        "prefill-cap" => {
+            let items = chat(capacity_rate(cost, &cfg, n), 2).items();
+            let mut rows = Vec::new();
+            for cap in [512, 2048, 8192] {
+                let c = SchedulerConfig { max_prefill_tokens_per_step: cap, ..cfg.clone() };
+                rows.push(row(
+                    format!("prefill cap {cap}"),
+                    cap as f64,
+                    simulate(&c, cost.clone(), &items, false, SLO)?.0,
+                ));
+            }
+            let f = |r: &Row| {
+                format!(
+                    "{}: TTFT mean {:.3} s, p99 TPOT {:.1} ms, {:.0} tok/s",
+                    r.setting,
+                    r.metrics.ttft.mean,
+                    r.metrics.tpot.p99 * 1e3,
+                    r.metrics.output_tokens_per_s
+                )
+            };
+            Table {
+                name: name.into(),
+                description: "Cap on prefill tokens per step (budget 8192), same load as batch-size.".into(),
+                findings: rows.iter().map(f).collect(),
+                rows,
+            }
+        }
+        "chunked-prefill" => {
+            let mut rows = Vec::new();
+            let mut findings = Vec::new();
+            for (long, chunk) in [(1000usize, 256usize), (5000, 512)] {
+                // Steady decode load: short prompts, long outputs; one long prompt every 2 s.
+                let dur = (n as f64 / 8.0).max(20.0);
+                let mut items = Workload {
+                    num_requests: n,
+                    rate: n as f64 / dur,
+                    burstiness: 1.0,
+                    prompt: Lengths::Fixed(64),
+                    output: Lengths::Fixed(400),
+                    seed: 3,
+                }
+                .items();
+                let longs: Vec<WorkItem> = (0..(dur / 0.5) as usize)
+                    .map(|i| WorkItem { arrival_s: 1.0 + 0.5 * i as f64, prompt_len: long, output_len: 16 })
+                    .collect();
+                items.extend(longs);
+                items.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+                for chunked in [false, true] {
+                    let c = SchedulerConfig {
+                        max_num_batched_tokens: if chunked { chunk } else { 8192 },
+                        enable_chunked_prefill: chunked,
+                        ..cfg.clone()
+                    };
+                    let (m, rep) = simulate(&c, cost.clone(), &items, false, SLO)?;
+                    let long_ttft: Vec<f64> =
+                        rep.outcomes.iter().filter(|o| o.num_prompt_tokens == long).filter_map(|o| o.ttft()).collect();
+                    let short_tpot: Vec<f64> =
+                        rep.outcomes.iter().filter(|o| o.num_prompt_tokens != long).filter_map(|o| o.tpot()).collect();
+                    let lt = crate::sim::Dist::of(&long_ttft);
+                    let st = crate::sim::Dist::of(&short_tpot);
+                    let label = format!(
+                        "prompt {long}, {}",
+                        if chunked { format!("chunked ({chunk})") } else { "not chunked".into() }
+                    );
+                    let mut r = row(label.clone(), long as f64, m);
+                    r.extra.insert("long_prompt_ttft_mean_s".into(), lt.mean.into());
+                    r.extra.insert("decode_tpot_p99_s".into(), st.p99.into());
+                    r.extra.insert("decode_itl_p99_s".into(), r.metrics.itl.p99.into());
+                    let itl_max = rep.itl.iter().copied().fold(0.0, f64::max);
+                    r.extra.insert("itl_max_s".into(), itl_max.into());
+                    findings.push(format!(
+                        "{label}: long-prompt TTFT {:.0} ms, decode p99 TPOT {:.1} ms, inter-token latency p99 {:.1} ms / max {:.1} ms, {:.0} output tok/s",
+                        lt.mean * 1e3,
+                        st.p99 * 1e3,
+                        r.metrics.itl.p99 * 1e3,
+                        itl_max * 1e3,
+                        r.metrics.output_tokens_per_s
+                    ));
+                    rows.push(r);
+                }
+            }
+            Table { name: name.into(), description: "Long prompts (1000 with chunk 256; 5000 with chunk 512) every 0.5 s under a steady decode load (prompt 64, output 400), chunked vs not.".into(), rows, findings }
+        }
+        "static-vs-continuous" => {
+            let items = chat(capacity_rate(cost, &cfg, n) * 0.8, 4).items();
+            let mut rows = Vec::new();
+            for (label, p) in [("static", PolicyKind::Static), ("continuous", PolicyKind::Fcfs)] {
+                let c = SchedulerConfig { policy: p, ..cfg.clone() };
+                rows.push(row(label.into(), rows.len() as f64, simulate(&c, cost.clone(), &items, false, SLO)?.0));
+            }
+            let (s, c) = (&rows[0].metrics, &rows[1].metrics);
+            let findings = vec![
+                format!(
+                    "continuous / static throughput: {:.2}x ({:.0} vs {:.0} output tok/s)",
+                    c.output_tokens_per_s / s.output_tokens_per_s,
+                    c.output_tokens_per_s,
+                    s.output_tokens_per_s
+                ),
+                format!(
+                    "static / continuous mean latency: {:.2}x ({:.2} s vs {:.2} s)",
+                    s.e2e.mean / c.e2e.mean,
+                    s.e2e.mean,
+                    c.e2e.mean
+                ),
+                format!(
+                    "static / continuous mean TTFT: {:.2}x ({:.2} s vs {:.2} s)",
+                    s.ttft.mean / c.ttft.mean,
+                    s.ttft.mean,
+                    c.ttft.mean
+                ),
+            ];
+            Table { name: name.into(), description: "The same chat-like load (80% of continuous batching's capacity) under static and continuous batching.".into(), rows, findings }
+        }
+        "adaptive" => {
+            let cap = capacity_rate(cost, &cfg, n);
+            let mut rows = Vec::new();
+            let mut findings = Vec::new();
+            for frac in [0.05, 0.3, 0.6, 0.9] {
+                let items = chat(cap * frac, 5).items();
+                for (label, c) in [
+                    ("fixed 512, chunked", SchedulerConfig { max_num_batched_tokens: 512, ..cfg.clone() }),
+                    ("fixed 8192, chunked", cfg.clone()),
+                    ("fixed 8192, no chunking", SchedulerConfig { enable_chunked_prefill: false, ..cfg.clone() }),
+                    ("adaptive", SchedulerConfig { policy: PolicyKind::Adaptive, ..cfg.clone() }),
+                ] {
+                    let m = simulate(&c, cost.clone(), &items, false, SLO)?.0;
+                    findings.push(format!(
+                        "{:.0}% load, {label}: mean e2e {:.2} s, TTFT {:.3} s, goodput {:.2} req/s",
+                        frac * 100.0,
+                        m.e2e.mean,
+                        m.ttft.mean,
+                        m.goodput_rps
+                    ));
+                    rows.push(row(format!("{label} @ {:.0}%", frac * 100.0), frac * cap, m));
+                }
+            }
+            Table { name: name.into(), description: "Adaptive policy (small budget, whole prompts at low load; large budget with chunking at high load) against fixed settings over a sweep of arrival rates (fraction of capacity).".into(), rows, findings }
+        }
+        other => anyhow::bail!("unknown experiment {other:?}; known: {}", NAMES.join(", ")),
+    })
+}
+
+/// Arrival rate (req/s) near the system's saturation for the chat workload: requests all at
+/// once give the peak request throughput.
+fn capacity_rate<C: CostModel + Clone>(cost: &C, cfg: &SchedulerConfig, n: usize) -> f64 {
+    let items = Workload {
+        num_requests: n.min(2000),
+        rate: f64::INFINITY,
+        burstiness: 1.0,
+        prompt: Lengths::LogNormal { median: 512.0, sigma: 0.8 },
+        output: Lengths::LogNormal { median: 200.0, sigma: 0.7 },
+        seed: 9,
+    }
+    .items();
+    simulate(cfg, cost.clone(), &items, false, SLO).map(|r| r.0.requests_per_s * 0.9).unwrap_or(1.0)
+}
+
+pub fn markdown(t: &Table) -> String {
+    let mut s = format!("### {}\n\n{}\n\n", t.name, t.description);
+    s += "| setting | req/s | output tok/s | TTFT mean (s) | TTFT p99 (s) | TPOT mean (ms) | TPOT p99 (ms) | ITL p99 (ms) | e2e mean (s) | goodput (req/s) | preemptions |";
+    let extra_keys: Vec<String> = t.rows.first().map(|r| r.extra.keys().cloned().collect()).unwrap_or_default();
+    for k in &extra_keys {
+        s += &format!(" {k} |");
+    }
+    s += "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    s += &"---:|".repeat(extra_keys.len());
+    s += "\n";
+    for r in &t.rows {
+        let m = &r.metrics;
+        s += &format!(
+            "| {} | {:.2} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
+            r.setting,
+            m.requests_per_s,
+            m.output_tokens_per_s,
+            m.ttft.mean,
+            m.ttft.p99,
+            m.tpot.mean * 1e3,
+            m.tpot.p99 * 1e3,
+            m.itl.p99 * 1e3,
+            m.e2e.mean,
+            m.goodput_rps,
+            m.preemptions
+        );
+        for k in &extra_keys {
+            s += &format!(" {:.4} |", r.extra[k].as_f64().unwrap_or(f64::NAN));
+        }
+        s += "\n";
+    }
+    s += "\n";
+    for f in &t.findings {
+        s += &format!("- {f}\n");
+    }
+    s
+}
+
+pub fn csv(t: &Table) -> String {
+    let mut s = String::from("setting,x,requests_per_s,output_tokens_per_s,ttft_mean_s,ttft_p99_s,tpot_mean_s,tpot_p99_s,itl_p99_s,e2e_mean_s,goodput_rps,preemptions\n");
+    for r in &t.rows {
+        let m = &r.metrics;
+        s += &format!(
+            "\"{}\",{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.setting,
+            r.x,
+            m.requests_per_s,
+            m.output_tokens_per_s,
+            m.ttft.mean,
+            m.ttft.p99,
+            m.tpot.mean,
+            m.tpot.p99,
+            m.itl.p99,
+            m.e2e.mean,
+            m.goodput_rps,
+            m.preemptions
+        );
+    }
+    s
+}
+
+/// Writes table.md, table.csv, table.json and plot.svg into `dir`.
+pub fn write(t: &Table, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("table.md"), markdown(t))?;
+    std::fs::write(dir.join("table.csv"), csv(t))?;
+    std::fs::write(dir.join("table.json"), serde_json::to_string_pretty(t)?)?;
+    let tput: Vec<(f64, f64)> =
+        t.rows.iter().enumerate().map(|(i, r)| (i as f64, r.metrics.output_tokens_per_s)).collect();
+    let ttft: Vec<(f64, f64)> = t.rows.iter().enumerate().map(|(i, r)| (i as f64, r.metrics.ttft.mean * 1e3)).collect();
+    let tpot: Vec<(f64, f64)> = t.rows.iter().enumerate().map(|(i, r)| (i as f64, r.metrics.tpot.p99 * 1e3)).collect();
+    let svg = plot::lines_svg(
+        &format!("{}: rows 0..{} (see table.md)", t.name, t.rows.len().saturating_sub(1)),
+        "row",
+        "",
+        &[("output tok/s".into(), tput), ("TTFT mean (ms)".into(), ttft), ("TPOT p99 (ms)".into(), tpot)],
+    )?;
+    plot::write(&svg, &dir.join("plot.svg"))?;
+    Ok(())
+}
+
+/// One real CPU-backend run of `items` (arrivals on the wall clock, synthetic token ids).
+pub fn run_cpu(
+    lm: &crate::generate::LoadedModel,
+    cfg: &SchedulerConfig,
+    items: &[WorkItem],
+    threads: usize,
+) -> anyhow::Result<crate::engine::RunReport> {
+    let backend = crate::cpu::CpuBackend::new(lm.model.clone(), cfg.num_gpu_blocks, cfg.block_size, threads, 0);
+    let mut engine = crate::engine::Engine::new(
+        weave_scheduler::Scheduler::new(cfg.clone())?,
+        backend,
+        crate::engine::Clock::Seconds,
+    );
+    let vocab = lm.model.cfg.vocab_size as u32;
+    let mut arrivals = crate::sim::arrivals(items);
+    for a in &mut arrivals {
+        for t in &mut a.request.prompt {
+            *t = 1000 + (t.wrapping_mul(2_654_435_761) % (vocab - 1000)); // spread over the vocabulary
+        }
+    }
+    engine.run(arrivals, &mut |_, _| false, &mut |_| {})
+}
+
+/// The simulator against the real CPU backend: fit the step-time model on one measured
+/// workload, predict a different (held-out) one, compare mean step time and mean TTFT.
+pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: bool) -> anyhow::Result<Table> {
+    let n = if quick { 16 } else { 32 };
+    let cfg = |budget: usize| SchedulerConfig {
+        max_num_batched_tokens: budget,
+        max_num_seqs: 32,
+        max_model_len: 2048,
+        block_size: 16,
+        num_gpu_blocks: 1024,
+        ..Default::default()
+    };
+    // Calibration: a burst of mixed lengths, budget 512.
+    let calib = Workload {
+        num_requests: n,
+        rate: 4.0,
+        burstiness: 1.0,
+        prompt: Lengths::Uniform(16, 400),
+        output: Lengths::Uniform(8, 64),
+        seed: 11,
+    }
+    .items();
+    let measured = run_cpu(lm, &cfg(512), &calib, threads)?;
+    let fitted = crate::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
+    let mut rows = Vec::new();
+    let mut findings = vec![format!(
+        "fitted on {} measured steps: step time = {:.2e} + {:.2e}*tokens + {:.2e}*sampled + {:.2e}*attention pairs (s)",
+        measured.steps.len(),
+        fitted.coef[0],
+        fitted.coef[1],
+        fitted.coef[2],
+        fitted.coef[3]
+    )];
+    // Held out: other arrival rates, lengths and budgets.
+    let held = [
+        (
+            "held-out A: Poisson 2 req/s, budget 256",
+            256,
+            Workload {
+                num_requests: n,
+                rate: 2.0,
+                burstiness: 1.0,
+                prompt: Lengths::LogNormal { median: 120.0, sigma: 0.6 },
+                output: Lengths::Uniform(16, 48),
+                seed: 21,
+            },
+        ),
+        (
+            "held-out B: bursty 6 req/s, budget 1024",
+            1024,
+            Workload {
+                num_requests: n,
+                rate: 6.0,
+                burstiness: 0.5,
+                prompt: Lengths::Uniform(200, 600),
+                output: Lengths::Uniform(8, 40),
+                seed: 22,
+            },
+        ),
+    ];
+    for (label, budget, w) in held {
+        let items = w.items();
+        let real = run_cpu(lm, &cfg(budget), &items, threads)?;
+        let (sim_m, sim) = simulate(&cfg(budget), fitted, &items, true, SLO)?;
+        let real_m = crate::sim::metrics(&real.outcomes, real.rejected.len(), &real.itl, real.num_steps, SLO.0, SLO.1);
+        let mean = |v: &[crate::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
+        let (rs, ss) = (mean(&real.steps), mean(&sim.steps));
+        let step_err = (ss - rs) / rs;
+        let ttft_err = (sim_m.ttft.mean - real_m.ttft.mean) / real_m.ttft.mean;
+        findings.push(format!(
+            "{label}: mean step time real {:.1} ms vs simulated {:.1} ms ({:+.1}%); mean TTFT real {:.0} ms vs simulated {:.0} ms ({:+.1}%)",
+            rs * 1e3,
+            ss * 1e3,
+            step_err * 100.0,
+            real_m.ttft.mean * 1e3,
+            sim_m.ttft.mean * 1e3,
+            ttft_err * 100.0
+        ));
+        let mut r = row(format!("{label} (real)"), budget as f64, real_m);
+        r.extra.insert("mean_step_s".into(), rs.into());
+        r.extra.insert("step_time_error".into(), 0.0.into());
+        r.extra.insert("ttft_error".into(), 0.0.into());
+        rows.push(r);
+        let mut r = row(format!("{label} (simulated)"), budget as f64, sim_m);
+        r.extra.insert("mean_step_s".into(), ss.into());
+        r.extra.insert("step_time_error".into(), step_err.into());
+        r.extra.insert("ttft_error".into(), ttft_err.into());
+        rows.push(r);
+    }
+    Ok(Table {
+        name: "sim-vs-real".into(),
+        description: "The simulator with a step-time model fitted to one measured CPU run (SmolLM2-135M, real model), predicting two held-out workloads run for real.".into(),
+        rows,
+        findings,
+    })
+}
