@@ -388,7 +388,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         rate: 4.0,
         burstiness: 1.0,
         prompt: Lengths::Uniform(16, 400),
-        output: Lengths::Uniform(8, 64),
+        output: Lengths::Uniform(16, 96),
         seed: 11,
     }
     .items();
@@ -396,10 +396,11 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
     let fitted = crate::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
     let mut rows = Vec::new();
     let mut findings = vec![format!(
-        "fitted on {} measured steps: step time = {:.2e} + {:.2e}*tokens + {:.2e}*sampled + {:.2e}*attention pairs (s)",
+        "fitted on {} measured steps: step time = {:.2e} + {:.2e}*max(0, tokens - {}) + {:.2e}*sampled + {:.2e}*attention pairs (s)",
         measured.steps.len(),
         fitted.coef[0],
         fitted.coef[1],
+        fitted.knee,
         fitted.coef[2],
         fitted.coef[3]
     )];

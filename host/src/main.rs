@@ -434,8 +434,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::write(&out, serde_json::to_string_pretty(&f)?)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
-                "fitted step time = {:.3e} + {:.3e}*tokens + {:.3e}*sampled + {:.3e}*attention pairs (s) on {} steps; mean abs error {:.1}%; written to {}",
-                f.coef[0], f.coef[1], f.coef[2], f.coef[3], steps.len(), 100.0 * mape, out.display()
+                "fitted step time = {:.3e} + {:.3e}*max(0, tokens - {}) + {:.3e}*sampled + {:.3e}*attention pairs (s) on {} steps; mean abs error {:.1}%; written to {}",
+                f.coef[0], f.coef[1], f.knee, f.coef[2], f.coef[3], steps.len(), 100.0 * mape, out.display()
             );
             Ok(())
         }

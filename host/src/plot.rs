@@ -140,7 +140,22 @@ pub fn write(svg: &str, path: &Path) -> anyhow::Result<()> {
         Some("svg") => std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display())),
         Some("png") => {
             let mut opt = resvg::usvg::Options::default();
-            opt.fontdb_mut().load_system_fonts();
+            let db = opt.fontdb_mut();
+            db.load_system_fonts();
+            // Generic families default to fonts that may be absent (Arial); map them to one
+            // that is installed.
+            let family = db
+                .faces()
+                .flat_map(|f| f.families.iter().map(|(n, _)| n.clone()))
+                .find(|n| n == "DejaVu Sans")
+                .or_else(|| db.faces().next().and_then(|f| f.families.first().map(|(n, _)| n.clone())));
+            match family {
+                Some(f) => {
+                    db.set_sans_serif_family(f.clone());
+                    db.set_serif_family(f);
+                }
+                None => eprintln!("warning: no system fonts found; the PNG will have no text (the SVG has it)"),
+            }
             let tree = resvg::usvg::Tree::from_str(svg, &opt)?;
             let size = tree.size().to_int_size();
             let mut pm = resvg::tiny_skia::Pixmap::new(size.width(), size.height())

@@ -156,15 +156,21 @@ impl CostModel for Roofline {
     }
 }
 
-/// Step time fitted to measured steps: `a + b * tokens + c * sampled + d * attention pairs`.
+/// Step time fitted to measured steps:
+/// `a + b * max(0, tokens - knee) + c * sampled + d * attention pairs`. Below the knee a step
+/// costs about the same whatever its size (reading the weights dominates); above it, the
+/// linear layers' compute grows with the tokens. A roofline, learnt from the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Fitted {
     pub coef: [f64; 4],
+    #[serde(default)]
+    pub knee: f64,
 }
 
-/// The four regressors of [`Fitted`] for one step: 1, tokens, sampled rows, attention pairs.
-pub fn features(tokens: f64, sampled: f64, pairs: f64) -> [f64; 4] {
-    [1.0, tokens, sampled, pairs]
+/// The four regressors of [`Fitted`] for one step: 1, tokens past the knee, sampled rows,
+/// attention pairs.
+pub fn features(tokens: f64, sampled: f64, pairs: f64, knee: f64) -> [f64; 4] {
+    [1.0, (tokens - knee).max(0.0), sampled, pairs]
 }
 
 impl CostModel for Fitted {
@@ -177,13 +183,13 @@ impl CostModel for Fitted {
                 q * c + q * (q + 1.0) / 2.0
             })
             .sum();
-        let x = features(b.num_tokens() as f64, b.logits_indices.len() as f64, pairs);
+        let x = features(b.num_tokens() as f64, b.logits_indices.len() as f64, pairs, self.knee);
         x.iter().zip(&self.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
     }
 }
 
 /// The regressors of a logged step.
-fn record_features(s: &crate::steplog::StepRecord) -> [f64; 4] {
+fn record_features(s: &crate::steplog::StepRecord, knee: f64) -> [f64; 4] {
     let pairs: f64 = s
         .scheduled
         .iter()
@@ -193,35 +199,56 @@ fn record_features(s: &crate::steplog::StepRecord) -> [f64; 4] {
         })
         .sum();
     let sampled = s.scheduled.iter().filter(|x| x.samples).count() as f64;
-    features(s.total_tokens() as f64, sampled, pairs)
+    features(s.total_tokens() as f64, sampled, pairs, knee)
 }
 
 /// The fitted model's prediction for a logged step.
 pub fn predict_record(f: &Fitted, s: &crate::steplog::StepRecord) -> f64 {
-    record_features(s).iter().zip(&f.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
+    record_features(s, f.knee).iter().zip(&f.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
 }
 
-/// Least squares fit of [`Fitted`] to measured steps (from step logs).
+/// Least squares fit of [`Fitted`] to measured steps (from step logs), in relative error,
+/// with the knee chosen by grid search.
 pub fn fit(steps: &[crate::steplog::StepRecord]) -> Result<Fitted, String> {
-    let mut ata = [[0.0f64; 4]; 4];
-    let mut atb = [0.0f64; 4];
-    for s in steps {
-        let x = record_features(s);
-        for i in 0..4 {
-            atb[i] += x[i] * s.duration;
-            for j in 0..4 {
-                ata[i][j] += x[i] * x[j];
-            }
-        }
-    }
     if steps.len() < 8 {
         return Err(format!("{} steps are too few to fit a step-time model (need at least 8)", steps.len()));
+    }
+    let max_tokens = steps.iter().map(|s| s.total_tokens()).max().unwrap_or(0) as f64;
+    let mut best: Option<(f64, Fitted)> = None;
+    for knee in [0.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0] {
+        if knee >= max_tokens {
+            break;
+        }
+        let Some(f) = fit_with_knee(steps, knee) else { continue };
+        let err: f64 =
+            steps.iter().map(|s| ((predict_record(&f, s) - s.duration) / s.duration.max(1e-9)).powi(2)).sum();
+        if best.as_ref().is_none_or(|b| err < b.0) {
+            best = Some((err, f));
+        }
+    }
+    best.map(|b| b.1).ok_or_else(|| "the step-time fit is singular".into())
+}
+
+fn fit_with_knee(steps: &[crate::steplog::StepRecord], knee: f64) -> Option<Fitted> {
+    let mut ata = [[0.0f64; 4]; 4];
+    let mut atb = [0.0f64; 4];
+    // Weighted by 1/duration^2: minimise relative error, so the many small (decode) steps
+    // count as much as the few large (prefill) ones.
+    for s in steps {
+        let x = record_features(s, knee);
+        let w = 1.0 / s.duration.max(1e-9).powi(2);
+        for i in 0..4 {
+            atb[i] += w * x[i] * s.duration;
+            for j in 0..4 {
+                ata[i][j] += w * x[i] * x[j];
+            }
+        }
     }
     // Small ridge term keeps the system solvable when a regressor never varies.
     for (i, row) in ata.iter_mut().enumerate() {
         row[i] += 1e-9 * (1.0 + row[i]);
     }
-    solve4(ata, atb).map(|coef| Fitted { coef }).ok_or_else(|| "the step-time fit is singular".into())
+    solve4(ata, atb).map(|coef| Fitted { coef, knee })
 }
 
 fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
@@ -582,7 +609,7 @@ mod tests {
                 })
                 .sum();
             let sampled = sched.iter().filter(|x| x.samples).count() as f64;
-            let x = features(tokens as f64, sampled, pairs);
+            let x = features(tokens as f64, sampled, pairs, 16.0);
             let duration: f64 = x.iter().zip(&truth).map(|(a, b)| a * b).sum();
             steps.push(crate::steplog::StepRecord {
                 step: i as u64,
@@ -604,6 +631,7 @@ mod tests {
             });
         }
         let f = fit(&steps).unwrap();
+        assert_eq!(f.knee, 16.0);
         for (a, b) in f.coef.iter().zip(&truth) {
             assert!((a - b).abs() <= 1e-3 * b.abs() + 1e-12, "{:?} vs {truth:?}", f.coef);
         }

@@ -199,5 +199,8 @@ fn simulate_reports_metrics_and_names_unknown_profiles() {
     assert!(err.contains("unknown GPU profile \"v100\"; known: a100-80gb, h100-sxm, h200"), "{err}");
     let (code, _, err) = weave(&["simulate", "--model-profile", "gpt-9"]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown model profile \"gpt-9\"; known: llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m"), "{err}");
+    assert!(
+        err.contains("unknown model profile \"gpt-9\"; known: llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m"),
+        "{err}"
+    );
 }
