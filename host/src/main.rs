@@ -302,14 +302,49 @@ fn main() {
     }
 }
 
-fn open_log(path: &Option<PathBuf>) -> anyhow::Result<Option<Box<dyn Write>>> {
-    Ok(match path {
-        None => None,
-        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout().lock())),
-        Some(p) => Some(Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create step log {}", p.display()))?,
-        ))),
-    })
+/// A step log being written (JSONL, `-` = stdout). Event callbacks cannot return errors, so
+/// the first write error is kept and reported by [`StepLog::finish`].
+struct StepLog {
+    w: Option<Box<dyn Write>>,
+    err: Option<anyhow::Error>,
+}
+
+impl StepLog {
+    fn open(path: &Option<PathBuf>) -> anyhow::Result<StepLog> {
+        let w: Option<Box<dyn Write>> = match path {
+            None => None,
+            Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout().lock())),
+            Some(p) => Some(Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("cannot create step log {}", p.display()))?,
+            ))),
+        };
+        Ok(StepLog { w, err: None })
+    }
+
+    /// Appends one JSON line.
+    fn line(&mut self, v: &impl serde::Serialize) {
+        if let Some(w) = self.w.as_mut() {
+            if let Err(e) =
+                serde_json::to_writer(&mut *w, v).map_err(anyhow::Error::from).and_then(|_| Ok(writeln!(w)?))
+            {
+                self.err.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Writes the final summary line, or reports the first error.
+    fn finish(mut self, summary: Option<&impl serde::Serialize>) -> anyhow::Result<()> {
+        if let Some(s) = summary {
+            self.line(s);
+        }
+        if let Some(e) = self.err {
+            return Err(e.context("writing the step log"));
+        }
+        if let Some(w) = self.w.as_mut() {
+            w.flush().context("writing the step log")?;
+        }
+        Ok(())
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -391,14 +426,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (_, msg) in &report.rejected {
                 eprintln!("error: {msg}");
             }
-            if let Some(p) = &step_log {
-                let mut w = open_log(&Some(p.clone()))?.expect("a path");
-                for r in &report.steps {
-                    serde_json::to_writer(&mut *w, r)?;
-                    writeln!(w)?;
-                }
-                w.flush()?;
+            let mut log = StepLog::open(&step_log)?;
+            for r in &report.steps {
+                log.line(r);
             }
+            log.finish(Some(&m))?;
             if json {
                 println!("{}", serde_json::to_string(&m)?);
             } else {
@@ -568,38 +600,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size
                 );
             }
-            let mut log = open_log(&step_log)?;
+            let mut log = StepLog::open(&step_log)?;
             let total_tokens: u64 = prompts.iter().map(|p| p.max_tokens.unwrap_or(max_tokens) as u64).sum();
             let bar = indicatif::ProgressBar::new(total_tokens);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} {msg}")
                     .expect("valid template"),
             );
-            let mut write_err = None;
             let report = generate(&lm, &cfg, &prompts, &mut |ev| match ev {
                 Event::Rejected { message, .. } => bar.suspend(|| eprintln!("error: {message}")),
                 Event::Step { record, update } => {
                     bar.inc(update.new_tokens.len() as u64);
-                    if let Some(w) = log.as_mut() {
-                        if let Err(e) = serde_json::to_writer(&mut *w, record)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|_| Ok(writeln!(w)?))
-                        {
-                            write_err.get_or_insert(e);
-                        }
-                    }
+                    log.line(record);
                 }
                 Event::Finished(_) => {}
             })?;
             bar.finish_and_clear();
-            if let Some(e) = write_err {
-                return Err(e.context("writing the step log"));
-            }
-            if let Some(w) = log.as_mut() {
-                serde_json::to_writer(&mut *w, &report.summary)?;
-                writeln!(w)?;
-                w.flush()?;
-            }
+            log.finish(Some(&report.summary))?;
             let out_tokens: usize = report.completions.iter().map(|c| c.output_token_ids.len()).sum();
             let in_tokens: usize = report.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
             if json {
@@ -645,30 +662,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Replay { trace, step_log, json } => {
             let t = weave::trace::Trace::load(&trace)?;
-            let mut log = open_log(&step_log)?;
-            let mut write_err = None;
+            let mut log = StepLog::open(&step_log)?;
             let (report, summary) = weave::replay::replay(&t, &mut |ev| match ev {
                 Event::Rejected { message, .. } => eprintln!("error: {}: {message}", trace.display()),
-                Event::Step { record, .. } => {
-                    if let Some(w) = log.as_mut() {
-                        if let Err(e) = serde_json::to_writer(&mut *w, record)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|_| Ok(writeln!(w)?))
-                        {
-                            write_err.get_or_insert(e);
-                        }
-                    }
-                }
+                Event::Step { record, .. } => log.line(record),
                 Event::Finished(_) => {}
             })?;
-            if let Some(e) = write_err {
-                return Err(e.context("writing the step log"));
-            }
-            if let Some(w) = log.as_mut() {
-                serde_json::to_writer(&mut *w, &summary)?;
-                writeln!(w)?;
-                w.flush()?;
-            }
+            log.finish(Some(&summary))?;
             let to_stdout = step_log.as_ref().is_some_and(|p| p.as_os_str() == "-");
             if json && !to_stdout {
                 println!("{}", serde_json::to_string(&summary)?);

@@ -148,12 +148,18 @@ impl CostModel for Roofline {
         let qd = (m.heads * m.head_dim * m.layers) as f64;
         for s in &b.seqs {
             let (q, c) = (s.num_query_tokens as f64, s.context_len as f64);
-            attn_flops += 4.0 * qd * (q * c + q * (q + 1.0) / 2.0);
+            attn_flops += 4.0 * qd * attention_pairs(q, c);
             kv_bytes += (c + q) * m.kv_bytes_per_token();
         }
         let attn = (attn_flops / flops_rate).max(kv_bytes / bw);
         gemm + attn + self.overhead_s
     }
+}
+
+/// Query-key pairs a sequence's attention computes this step: `q` queries over `c` cached
+/// tokens and, causally, over themselves.
+pub fn attention_pairs(q: f64, c: f64) -> f64 {
+    q * c + q * (q + 1.0) / 2.0
 }
 
 /// Step time fitted to measured steps:
@@ -175,14 +181,7 @@ pub fn features(tokens: f64, sampled: f64, pairs: f64, knee: f64) -> [f64; 4] {
 
 impl CostModel for Fitted {
     fn step_time(&self, b: &ScheduledBatch) -> f64 {
-        let pairs: f64 = b
-            .seqs
-            .iter()
-            .map(|s| {
-                let (q, c) = (s.num_query_tokens as f64, s.context_len as f64);
-                q * c + q * (q + 1.0) / 2.0
-            })
-            .sum();
+        let pairs: f64 = b.seqs.iter().map(|s| attention_pairs(s.num_query_tokens as f64, s.context_len as f64)).sum();
         let x = features(b.num_tokens() as f64, b.logits_indices.len() as f64, pairs, self.knee);
         x.iter().zip(&self.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
     }
@@ -190,14 +189,8 @@ impl CostModel for Fitted {
 
 /// The regressors of a logged step.
 fn record_features(s: &crate::steplog::StepRecord, knee: f64) -> [f64; 4] {
-    let pairs: f64 = s
-        .scheduled
-        .iter()
-        .map(|x| {
-            let (q, c) = (x.num_tokens as f64, x.num_computed_tokens_before as f64);
-            q * c + q * (q + 1.0) / 2.0
-        })
-        .sum();
+    let pairs: f64 =
+        s.scheduled.iter().map(|x| attention_pairs(x.num_tokens as f64, x.num_computed_tokens_before as f64)).sum();
     let sampled = s.scheduled.iter().filter(|x| x.samples).count() as f64;
     features(s.total_tokens() as f64, sampled, pairs, knee)
 }

@@ -16,11 +16,7 @@ fn trace(name: &str) -> String {
 }
 
 fn temp(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("weave-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
+    temp_bytes(name, text.as_bytes())
 }
 
 #[test]

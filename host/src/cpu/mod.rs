@@ -35,27 +35,44 @@ impl CpuModel {
     }
 }
 
-/// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T` through the gemm crate.
+/// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T`.
 fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, threads: usize) {
-    assert_eq!(x.len(), n * w.in_dim);
-    assert_eq!(out.len(), n * w.out_dim);
+    gemm_xwt(x, n, &w.w, w.out_dim, w.in_dim, out, accumulate, threads)
+}
+
+/// `out[n][out_dim] (+)= x[n][in_dim] * w^T` for a row-major `w[out_dim][in_dim]`, through
+/// the gemm crate.
+#[allow(clippy::too_many_arguments)]
+fn gemm_xwt(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    assert_eq!(x.len(), n * in_dim);
+    assert_eq!(w.len(), out_dim * in_dim);
+    assert_eq!(out.len(), n * out_dim);
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the slices are sized for these strides (asserted above), and `out` does not
-    // alias `x` or the weights.
+    // alias `x` or `w`.
     unsafe {
         gemm::gemm(
             n,
-            w.out_dim,
-            w.in_dim,
+            out_dim,
+            in_dim,
             out.as_mut_ptr(),
             1,
-            w.out_dim as isize,
+            out_dim as isize,
             accumulate,
             x.as_ptr(),
             1,
-            w.in_dim as isize,
-            w.w.as_ptr(),
-            w.in_dim as isize,
+            in_dim as isize,
+            w.as_ptr(),
+            in_dim as isize,
             1,
             1.0,
             1.0,
@@ -211,42 +228,9 @@ impl CpuBackend {
         let mut logits = vec![0f32; s * c.vocab_size];
         match &m.w.lm_head {
             Some(head) => matmul(&sel, s, head, &mut logits, false, t),
-            None => {
-                let tied = Linear { w: Vec::new(), out_dim: c.vocab_size, in_dim: h };
-                matmul_weights(&sel, s, &m.w.embed, &tied, &mut logits, t);
-            }
+            None => gemm_xwt(&sel, s, &m.w.embed, c.vocab_size, h, &mut logits, false, t),
         }
         logits
-    }
-}
-
-/// [`matmul`] against a weight slice held elsewhere (the tied embedding).
-fn matmul_weights(x: &[f32], n: usize, w: &[f32], dims: &Linear, out: &mut [f32], threads: usize) {
-    assert_eq!(w.len(), dims.out_dim * dims.in_dim);
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: as in `matmul`.
-    unsafe {
-        gemm::gemm(
-            n,
-            dims.out_dim,
-            dims.in_dim,
-            out.as_mut_ptr(),
-            1,
-            dims.out_dim as isize,
-            false,
-            x.as_ptr(),
-            1,
-            dims.in_dim as isize,
-            w.as_ptr(),
-            dims.in_dim as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
     }
 }
 
