@@ -11,6 +11,7 @@ pub mod analyze;
 pub mod backend;
 pub mod bench;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod experiments;
 pub mod generate;

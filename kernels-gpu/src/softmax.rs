@@ -56,6 +56,7 @@ impl SoftmaxState {
     }
 }
 
+#[cfg(not(target_arch = "nvptx64"))]
 /// Merges partial results `(state, acc)` of disjoint key ranges into `out = acc / l`,
 /// rescaling each to the global max. Empty partials (`l == 0`) contribute nothing.
 pub fn merge_partials<'a>(parts: impl Iterator<Item = (SoftmaxState, &'a [f32])> + Clone, out: &mut [f32]) {
