@@ -97,6 +97,9 @@ enum BenchCmd {
         threads: usize,
         #[arg(long, default_value_t = 2048)]
         max_num_batched_tokens: usize,
+        /// cpu, cuda or auto (see `weave generate --help`).
+        #[arg(long, default_value = "auto")]
+        device: String,
         /// Path to llama.cpp's llama-batched-bench, to measure the baseline in the same run.
         #[arg(long)]
         llama_batched_bench: Option<PathBuf>,
@@ -274,6 +277,10 @@ enum Cmd {
         sched: SchedArgs,
         #[arg(long, default_value_t = default_threads())]
         threads: usize,
+        /// cpu, cuda or auto (the GPU when one works; the CUDA model backend is not written
+        /// yet, so auto falls back to cpu and says why).
+        #[arg(long, default_value = "auto")]
+        device: String,
         /// One JSON line per request and a summary line, instead of text.
         #[arg(long)]
         json: bool,
@@ -503,10 +510,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output_len,
             threads,
             max_num_batched_tokens,
+            device,
             llama_batched_bench,
             repeat,
             json,
         }) => {
+            let device = weave::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
+            eprintln!("device: {device}");
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
             let path = model.unwrap_or_else(weave::paths::default_model_path);
             let lm = weave::generate::LoadedModel::load(&path)?;
@@ -561,9 +571,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ignore_eos,
             sched,
             threads,
+            device,
             json,
             step_log,
         } => {
+            let device = weave::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
             use weave::generate::{generate, read_prompts_file, GenerateConfig, LoadedModel, PromptSpec};
             let mut prompts: Vec<PromptSpec> =
                 prompt.into_iter().map(|p| PromptSpec { prompt: p, ..Default::default() }).collect();
@@ -588,7 +600,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if !json {
                 eprintln!(
-                    "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; CPU backend, {} threads, KV cache {} tokens",
+                    "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, KV cache {} tokens",
                     lm.model.cfg.name,
                     lm.model.cfg.num_layers,
                     lm.model.cfg.hidden,

@@ -124,7 +124,7 @@ fn generate_names_bad_model_files() {
 fn generate_rejects_bad_requests_and_runs_the_rest() {
     let model = weave::paths::default_model_path();
     if !model.exists() {
-        println!("skipped: reference model not found at {} (run `cargo xtask fetch-model`)", model.display());
+        skip(&format!("reference model not found at {} (run `cargo xtask fetch-model`)", model.display()));
         return;
     }
     let long = "word ".repeat(40);
@@ -199,4 +199,11 @@ fn simulate_reports_metrics_and_names_unknown_profiles() {
         err.contains("unknown model profile \"gpt-9\"; known: llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m"),
         "{err}"
     );
+}
+
+/// Says `skipped: <reason>` where the test output shows it: straight to stderr, since the test
+/// harness captures `println!`/`eprintln!` of passing tests.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }

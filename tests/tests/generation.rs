@@ -12,17 +12,23 @@ use weave::generate::{generate, GenerateConfig, LoadedModel, PromptSpec};
 use weave::sampling::SamplingParams;
 use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
 
+/// The reference model, or `None` after saying `skipped: ...` (once per test).
 fn model() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| {
+    static M: OnceLock<Result<LoadedModel, String>> = OnceLock::new();
+    let m = M.get_or_init(|| {
         let p = std::env::var_os("WEAVE_MODEL").map(PathBuf::from).unwrap_or_else(weave::paths::default_model_path);
         if !p.exists() {
-            println!("skipped: reference model not found at {} (run `cargo xtask fetch-model`)", p.display());
-            return None;
+            return Err(format!("reference model not found at {} (run `cargo xtask fetch-model`)", p.display()));
         }
-        Some(LoadedModel::load(&p).expect("reference model loads"))
-    })
-    .as_ref()
+        Ok(LoadedModel::load(&p).expect("reference model loads"))
+    });
+    match m {
+        Ok(lm) => Some(lm),
+        Err(why) => {
+            skip(why);
+            None
+        }
+    }
 }
 
 fn golden() -> Value {
@@ -165,4 +171,11 @@ fn batch_invariance() {
         assert_eq!(outs[2], alone, "{name}: target inside the batch");
         assert_eq!(outs[4], alone, "{name}: target again (prefix-cache hit when caching)");
     }
+}
+
+/// Says `skipped: <reason>` where the test output shows it: straight to stderr, since the test
+/// harness captures `println!`/`eprintln!` of passing tests.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }

@@ -1,0 +1,222 @@
+//! Every CUDA kernel against the CPU: the KV write bit for bit, paged attention against the
+//! host build of its logic (itself checked against the f64 reference in
+//! attention_vs_reference.rs) on random varlen mixed batches, and the row kernels against
+//! kernels-gpu's host functions. Needs a GPU and `cargo xtask build-ptx`; without a GPU each
+//! test prints `skipped: no CUDA device (...)`.
+
+mod common;
+
+use proptest::prelude::*;
+use std::sync::OnceLock;
+use weave::cuda::{no_gpu_reason, DevElem, Kernels};
+use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
+use weave_kernels_gpu::ops::{self, RopeLayout};
+use weave_kernels_gpu::{Bf16, Elem, F16};
+
+fn gpu() -> Option<&'static Kernels> {
+    static K: OnceLock<Result<Kernels, String>> = OnceLock::new();
+    if let Some(why) = no_gpu_reason() {
+        skip(&format!("no CUDA device ({why})"));
+        return None;
+    }
+    match K.get_or_init(|| Kernels::load(0).map_err(|e| e.to_string())) {
+        Ok(k) => Some(k),
+        Err(e) => panic!("a GPU is present but the kernels do not load: {e}"),
+    }
+}
+
+fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x.to_f32() as f64 - y.to_f32() as f64).abs()).fold(0.0, f64::max)
+}
+
+/// KV write and attention on the GPU; returns the attention's largest difference from the host.
+fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case) -> f64 {
+    let b = common::build::<T>(c);
+    let num_tokens = *b.qsl.last().unwrap() as usize;
+    let up = |v: &[T]| k.upload(&T::to_bits(v)).unwrap();
+    let (mut kc, mut vc) = (up(&b.kc_before), up(&b.vc_before));
+    let slots = k.upload(&b.slots).unwrap();
+    let row = b.shape.num_kv_heads * b.shape.head_dim;
+    k.reshape_and_cache::<T>(&up(&b.k_new), &up(&b.v_new), &mut kc, &mut vc, &slots, b.slots.len(), row).unwrap();
+    let bits = |v: &[T]| T::to_bits(v);
+    let kc_host = k.download(&kc).unwrap();
+    assert!(kc_host.iter().zip(bits(&b.kc)).all(|(x, y)| bytes(x) == bytes(&y)), "KV write differs from the host's");
+    assert!(k.download(&vc).unwrap().iter().zip(bits(&b.vc)).all(|(x, y)| bytes(x) == bytes(&y)));
+    let mut out = k.zeros::<T::Bits>(b.q.len()).unwrap();
+    let ctx = k.upload(&b.ctx).unwrap();
+    let tables = k.upload(&b.tables).unwrap();
+    k.paged_attention::<T>(&b.shape, &b.qsl, &ctx, &tables, b.max_seq_len, &up(&b.q), &kc, &vc, &mut out).unwrap();
+    let got = T::from_bits(&k.download(&out).unwrap());
+    let mut want = vec![T::default(); b.q.len()];
+    let nq = b.shape.num_q_heads as usize;
+    let mut partials =
+        vec![0f32; b.shape.num_splits(b.max_seq_len) as usize * num_tokens * nq * b.shape.partial_stride()];
+    let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
+    paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut want, &mut partials);
+    max_abs(&got, &want)
+}
+
+fn bytes<B: Copy>(x: &B) -> Vec<u8> {
+    // SAFETY: reads the plain bytes of a Copy value of size_of::<B>().
+    unsafe { std::slice::from_raw_parts(x as *const B as *const u8, std::mem::size_of::<B>()).to_vec() }
+}
+
+/// Random batches from `common::case()`, checked only when a GPU is present (one `skipped`
+/// line otherwise, not one per case).
+fn attention_prop<T: DevElem>(tol: f64) {
+    let Some(k) = gpu() else { return };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
+    let r = runner.run(&common::case(), |c| {
+        let err = attention_case::<T>(k, &c);
+        prop_assert!(err < tol, "paged_attention_{}: max abs error {err} (tolerance {tol})", T::NAME);
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn attention_f32() {
+    // ex2.approx and rsqrt.approx against std's exp: a few ulp.
+    attention_prop::<f32>(1e-4);
+}
+
+#[test]
+fn attention_f16() {
+    attention_prop::<F16>(2e-3);
+}
+
+#[test]
+fn attention_bf16() {
+    attention_prop::<Bf16>(1.6e-2);
+}
+
+fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = common::Rng(seed | 1);
+    (0..n).map(|_| r.uniform() as f32).collect()
+}
+
+fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
+    let (rows, n) = (7usize, 576usize);
+    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+    let x = conv(&rnd(rows * n, 1));
+    let w = rnd(n, 2);
+    let up = |v: &[T]| k.upload(&T::to_bits(v)).unwrap();
+    let wd = k.upload(&w).unwrap();
+    // RMSNorm.
+    let mut out = k.zeros::<T::Bits>(rows * n).unwrap();
+    k.rms_norm::<T>(&mut out, &up(&x), &wd, rows, n as u32, 1e-5).unwrap();
+    let got = T::from_bits(&k.download(&out).unwrap());
+    let mut want = vec![T::default(); rows * n];
+    for (o, xr) in want.chunks_mut(n).zip(x.chunks(n)) {
+        let xf: Vec<f32> = xr.iter().map(|v| v.to_f32()).collect();
+        let mut of = vec![0f32; n];
+        ops::rms_norm_row(&xf, &w, 1e-5, &mut of);
+        o.copy_from_slice(&conv(&of));
+    }
+    assert!(max_abs(&got, &want) < tol, "rms_norm_{}: {}", T::NAME, max_abs(&got, &want));
+    // SiLU and multiply.
+    let gu = conv(&rnd(rows * 2 * n, 3));
+    let mut out = k.zeros::<T::Bits>(rows * n).unwrap();
+    k.silu_and_mul::<T>(&mut out, &up(&gu), rows, n as u32).unwrap();
+    let got = T::from_bits(&k.download(&out).unwrap());
+    let want: Vec<T> = gu
+        .chunks(2 * n)
+        .flat_map(|g| {
+            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+            let mut of = vec![0f32; n];
+            ops::silu_and_mul_row(&gf, &mut of);
+            conv(&of)
+        })
+        .collect();
+    assert!(max_abs(&got, &want) < tol, "silu_and_mul_{}", T::NAME);
+    // Embedding gather.
+    let table = conv(&rnd(50 * n, 4));
+    let ids = vec![3u32, 49, 0, 3, 17, 8, 22];
+    let mut out = k.zeros::<T::Bits>(rows * n).unwrap();
+    k.embedding::<T>(&mut out, &up(&table), &k.upload(&ids).unwrap(), rows, n as u32).unwrap();
+    let got = T::from_bits(&k.download(&out).unwrap());
+    let want: Vec<T> = ids.iter().flat_map(|&i| table[i as usize * n..(i as usize + 1) * n].to_vec()).collect();
+    assert_eq!(max_abs(&got, &want), 0.0, "embedding_{}", T::NAME);
+    // Rotary, both layouts: q with 9 heads, k with 3, head dim 64.
+    for layout in [RopeLayout::Interleaved, RopeLayout::Neox] {
+        let (nq, nk, hd) = (9usize, 3usize, 64usize);
+        let q = conv(&rnd(rows * nq * hd, 5));
+        let kk = conv(&rnd(rows * nk * hd, 6));
+        let positions: Vec<u32> = vec![0, 1, 2, 100, 4095, 7, 9];
+        let mut cs = vec![0f32; 4096 * hd];
+        for (p, r) in cs.chunks_mut(hd).enumerate() {
+            ops::fill_cos_sin_row(p, hd, 10000.0, r);
+        }
+        let (mut qd, mut kd) = (up(&q), up(&kk));
+        k.rotary_embedding::<T>(
+            &mut qd,
+            &mut kd,
+            &k.upload(&positions).unwrap(),
+            &k.upload(&cs).unwrap(),
+            rows,
+            (nq as u32, nk as u32, hd as u32, hd as u32),
+            layout,
+        )
+        .unwrap();
+        let rot = |v: &[T], heads: usize| -> Vec<T> {
+            let mut f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            for (t, tok) in f.chunks_mut(heads * hd).enumerate() {
+                let p = positions[t] as usize;
+                for h in tok.chunks_mut(hd) {
+                    ops::rope_head(h, &cs[p * hd..(p + 1) * hd], hd, layout);
+                }
+            }
+            conv(&f)
+        };
+        let gq = T::from_bits(&k.download(&qd).unwrap());
+        let gk = T::from_bits(&k.download(&kd).unwrap());
+        assert!(
+            max_abs(&gq, &rot(&q, nq)) < tol && max_abs(&gk, &rot(&kk, nk)) < tol,
+            "rotary_embedding_{} {layout:?}",
+            T::NAME
+        );
+    }
+}
+
+#[test]
+fn row_kernels_f32() {
+    let Some(k) = gpu() else { return };
+    row_kernels::<f32>(k, 1e-4);
+}
+
+#[test]
+fn row_kernels_f16() {
+    let Some(k) = gpu() else { return };
+    row_kernels::<F16>(k, 4e-3);
+}
+
+#[test]
+fn row_kernels_bf16() {
+    let Some(k) = gpu() else { return };
+    row_kernels::<Bf16>(k, 3e-2);
+}
+
+#[test]
+fn argmax_over_a_vocabulary() {
+    let Some(k) = gpu() else { return };
+    let (rows, vocab) = (5usize, 49152usize);
+    let mut logits = rnd(rows * vocab, 9);
+    logits[3 * vocab + 40000] = 5.0;
+    logits[4 * vocab + 7] = 5.0;
+    logits[4 * vocab + 9] = 5.0; // a tie: the lower index wins
+    let mut out = k.zeros::<u32>(rows).unwrap();
+    k.argmax(&mut out, &k.upload(&logits).unwrap(), rows, vocab as u32).unwrap();
+    let got = k.download(&out).unwrap();
+    let want: Vec<u32> = logits.chunks(vocab).map(ops::argmax_row).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[4], 7);
+}
+
+/// Says `skipped: <reason>` where the test output shows it: straight to stderr, since the test
+/// harness captures `println!`/`eprintln!` of passing tests.
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
