@@ -205,9 +205,16 @@ pub fn generate(
     let run = engine.run(arrivals, &mut stop_check, on_event)?;
     let wall_s = t0.elapsed().as_secs_f64();
     rejected.extend(run.rejected.iter().cloned());
+    // Each request's position in `prompts`, by its name.
+    let order: HashMap<String, usize> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.id.clone().unwrap_or_else(|| serde_json::json!(i)).to_string(), i))
+        .collect();
     let mut completions: Vec<Completion> =
-        run.outcomes.iter().map(|o| completion(o, tok, &texts, &prompt_ids, prompts)).collect();
-    completions.sort_by_key(|c| c.id.as_u64().unwrap_or(u64::MAX));
+        run.outcomes.iter().map(|o| completion(o, tok, &texts, &prompt_ids, &order, prompts)).collect();
+    // In the order the requests were given.
+    completions.sort_by_key(|c| order.get(&c.id.to_string()).copied().unwrap_or(usize::MAX));
     let mut summary = Summary::from_steps(&run.steps, "seconds");
     summary.rejected = rejected.len();
     summary.prefix_cache_hit_rate = engine.sched.prefix_cache_stats().hit_rate();
@@ -219,6 +226,7 @@ fn completion(
     tok: &WeaveTokenizer,
     texts: &HashMap<String, String>,
     prompt_ids: &HashMap<String, Vec<u32>>,
+    order: &HashMap<String, usize>,
     prompts: &[PromptSpec],
 ) -> Completion {
     let mut ids = o.output_tokens.clone();
@@ -228,7 +236,7 @@ fn completion(
         shown = &shown[..shown.len() - 1];
     }
     let mut text = tok.decode(shown);
-    let stops = o.name.as_u64().and_then(|i| prompts.get(i as usize)).map(|p| p.stop.clone()).unwrap_or_default();
+    let stops = order.get(&o.name.to_string()).map(|&i| prompts[i].stop.clone()).unwrap_or_default();
     let cut = stops.iter().filter_map(|s| text.find(s.as_str())).min();
     if let Some(c) = cut {
         text.truncate(c);

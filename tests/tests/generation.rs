@@ -179,3 +179,30 @@ fn skip(reason: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }
+
+#[test]
+fn stop_strings_cut_the_text_whatever_the_request_ids() {
+    let Some(lm) = model() else { return };
+    let ps = vec![
+        PromptSpec {
+            id: Some(serde_json::json!("colors")),
+            prompt: "List of primary colors: red,".into(),
+            stop: vec!["\n".into()],
+            max_tokens: Some(40),
+            ..Default::default()
+        },
+        PromptSpec {
+            id: Some(serde_json::json!("other")),
+            prompt: "The capital of France is".into(),
+            max_tokens: Some(8),
+            ..Default::default()
+        },
+    ];
+    let r = generate(lm, &config(2048, true, true), &ps, &mut |_| {}).unwrap();
+    let ids: Vec<&str> = r.completions.iter().map(|c| c.id.as_str().unwrap()).collect();
+    assert_eq!(ids, ["colors", "other"], "completions come back in the order given");
+    let c = &r.completions[0];
+    assert_eq!(c.finish_reason, "stop");
+    assert!(!c.text.contains('\n') && !c.text.is_empty(), "text not cut at the stop string: {:?}", c.text);
+    assert!(c.output_token_ids.len() < 40);
+}
