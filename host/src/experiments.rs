@@ -382,17 +382,21 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         num_gpu_blocks: 1024,
         ..Default::default()
     };
-    // Calibration: a burst of mixed lengths, budget 512.
-    let calib = Workload {
-        num_requests: n,
-        rate: 4.0,
-        burstiness: 1.0,
-        prompt: Lengths::Uniform(16, 400),
-        output: Lengths::Uniform(16, 96),
-        seed: 11,
+    // Calibration: two runs of mixed lengths at small and large budgets (their own seeds), so
+    // the fit sees both small decode-heavy steps and large prefill steps.
+    let mut measured = crate::engine::RunReport::default();
+    for (budget, seed) in [(256, 11), (1024, 12)] {
+        let calib = Workload {
+            num_requests: n,
+            rate: 4.0,
+            burstiness: 1.0,
+            prompt: Lengths::Uniform(16, 400),
+            output: Lengths::Uniform(16, 96),
+            seed,
+        }
+        .items();
+        measured.steps.extend(run_cpu(lm, &cfg(budget), &calib, threads)?.steps);
     }
-    .items();
-    let measured = run_cpu(lm, &cfg(512), &calib, threads)?;
     let fitted = crate::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
     let mut rows = Vec::new();
     let mut findings = vec![format!(
