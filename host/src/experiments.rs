@@ -28,10 +28,101 @@ pub struct Table {
     pub findings: Vec<String>,
 }
 
-/// Size of a run: `--quick` keeps each experiment under a minute on a laptop CPU.
+/// Workload sizes of a run. [`Scale::gpu`] for the simulator's GPU profiles;
+/// [`Scale::cpu`] for the real CPU backend with the reference model (small sizes).
 #[derive(Debug, Clone, Copy)]
-pub struct Size {
+pub struct Scale {
     pub requests: usize,
+    /// Chat-like lengths: lognormal medians.
+    pub prompt_median: f64,
+    pub output_median: f64,
+    /// chunked-prefill: the long prompts and their chunk sizes, the decode load's lengths,
+    /// and the interval between long prompts (s).
+    pub long_prompts: [(usize, usize); 2],
+    pub decode_load: (usize, usize),
+    pub long_every_s: f64,
+    /// How long the chunked-prefill workload lasts (s); on the real backend, wall time.
+    pub decode_load_s: f64,
+    /// adaptive: loads swept, as fractions of capacity (low loads take long on a wall clock).
+    pub load_fractions: &'static [f64],
+    /// batch-size: the budgets swept; prefill-cap: the caps swept (budget = the largest).
+    pub budgets: &'static [usize],
+    pub prefill_caps: &'static [usize],
+    pub max_model_len: usize,
+}
+
+impl Scale {
+    pub fn gpu(requests: usize) -> Scale {
+        Scale {
+            requests,
+            prompt_median: 512.0,
+            output_median: 200.0,
+            long_prompts: [(1000, 256), (5000, 512)],
+            decode_load: (64, 400),
+            long_every_s: 0.5,
+            decode_load_s: (requests as f64 / 8.0).max(20.0),
+            load_fractions: &[0.05, 0.3, 0.6, 0.9],
+            budgets: &[512, 1024, 2048, 4096, 8192],
+            prefill_caps: &[512, 2048, 8192],
+            max_model_len: 8192,
+        }
+    }
+    /// The real 135M model on a laptop-class CPU: everything an order of magnitude smaller.
+    pub fn cpu(requests: usize) -> Scale {
+        let quick = requests <= 8;
+        Scale {
+            requests,
+            prompt_median: 64.0,
+            output_median: 24.0,
+            long_prompts: [(500, 128), (1000, 256)],
+            decode_load: (32, 48),
+            long_every_s: 4.0,
+            decode_load_s: if quick { 8.0 } else { 20.0 },
+            load_fractions: if quick { &[0.5, 0.9] } else { &[0.3, 0.6, 0.9] },
+            budgets: if quick { &[64, 256, 1024] } else { &[64, 128, 256, 512, 1024] },
+            prefill_caps: &[64, 256, 1024],
+            max_model_len: 4096,
+        }
+    }
+}
+
+/// Runs a workload under a scheduler config: on the simulator or on the real CPU backend.
+pub trait Runner {
+    fn run(&mut self, cfg: &SchedulerConfig, items: &[WorkItem])
+        -> anyhow::Result<(Metrics, crate::engine::RunReport)>;
+}
+
+/// The simulator with a cost model.
+#[derive(Debug, Clone)]
+pub struct SimRunner<C>(pub C);
+
+impl<C: CostModel + Clone> Runner for SimRunner<C> {
+    fn run(
+        &mut self,
+        cfg: &SchedulerConfig,
+        items: &[WorkItem],
+    ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
+        simulate(cfg, self.0.clone(), items, false, SLO)
+    }
+}
+
+/// The real model on the CPU backend, wall clock.
+#[derive(Debug)]
+pub struct CpuRunner<'a> {
+    pub lm: &'a crate::generate::LoadedModel,
+    pub threads: usize,
+}
+
+impl Runner for CpuRunner<'_> {
+    fn run(
+        &mut self,
+        cfg: &SchedulerConfig,
+        items: &[WorkItem],
+    ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
+        let r = run_cpu(self.lm, cfg, items, self.threads)?;
+        let m = crate::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+        Ok((m, r))
+    }
 }
 
 fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
@@ -52,36 +143,32 @@ fn row(setting: String, x: f64, m: Metrics) -> Row {
     Row { setting, x, metrics: m, extra: Default::default() }
 }
 
-/// Runs one experiment with a cost model built per call by `cost`.
-pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: Size) -> anyhow::Result<Table> {
-    let n = size.requests;
+/// Runs one experiment through `runner`.
+pub fn run(name: &str, runner: &mut dyn Runner, kv_tokens: usize, scale: Scale) -> anyhow::Result<Table> {
+    let n = scale.requests;
     let chat = |rate: f64, seed: u64| Workload {
         num_requests: n,
         rate,
         burstiness: 1.0,
-        prompt: Lengths::LogNormal { median: 512.0, sigma: 0.8 },
-        output: Lengths::LogNormal { median: 200.0, sigma: 0.7 },
+        prompt: Lengths::LogNormal { median: scale.prompt_median, sigma: 0.8 },
+        output: Lengths::LogNormal { median: scale.output_median, sigma: 0.7 },
         seed,
     };
-    let cfg = base_cfg(kv_tokens, 8192);
+    let cfg = base_cfg(kv_tokens, scale.max_model_len);
     Ok(match name {
         "batch-size" => {
             // Throughput offline (everything queued at once); latency online at 70% of the
             // offline capacity of the default budget.
             let offline = chat(f64::INFINITY, 1).items();
-            let online = chat(capacity_rate(cost, &cfg, n) * 0.7, 1).items();
+            let online = chat(capacity_rate(runner, &cfg, &scale) * 0.7, 1).items();
             let mut rows = Vec::new();
             for (label, items) in [("offline", &offline), ("online 70%", &online)] {
-                for b in [512, 1024, 2048, 4096, 8192] {
+                for &b in scale.budgets {
                     let c = SchedulerConfig { max_num_batched_tokens: b, ..cfg.clone() };
-                    rows.push(row(
-                        format!("{label}, budget {b}"),
-                        b as f64,
-                        simulate(&c, cost.clone(), items, false, SLO)?.0,
-                    ));
+                    rows.push(row(format!("{label}, budget {b}"), b as f64, runner.run(&c, items)?.0));
                 }
             }
-            let (off, on) = rows.split_at(5);
+            let (off, on) = rows.split_at(scale.budgets.len());
             let by = |f: fn(&Metrics) -> f64| move |a: &&Row, b: &&Row| f(&a.metrics).total_cmp(&f(&b.metrics));
             let best_tp = off.iter().max_by(by(|m| m.output_tokens_per_s)).unwrap();
             let worst_tp = off.iter().min_by(by(|m| m.output_tokens_per_s)).unwrap();
@@ -103,22 +190,19 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
             Table {
                 name: name.into(),
                 description: format!(
-                    "Token budget per step. Chat-like requests (lognormal prompts median 512, outputs median 200): {n} queued at once (offline throughput), and the same lengths arriving as a Poisson stream at 70% of capacity (online latency)."
+                    "Token budget per step. Chat-like requests (lognormal prompts median {}, outputs median {}): {n} queued at once (offline throughput), and the same lengths arriving as a Poisson stream at 70% of capacity (online latency).",
+                    scale.prompt_median, scale.output_median
                 ),
                 rows,
                 findings,
             }
         }
         "prefill-cap" => {
-            let items = chat(capacity_rate(cost, &cfg, n), 2).items();
+            let items = chat(capacity_rate(runner, &cfg, &scale), 2).items();
             let mut rows = Vec::new();
-            for cap in [512, 2048, 8192] {
+            for &cap in scale.prefill_caps {
                 let c = SchedulerConfig { max_prefill_tokens_per_step: cap, ..cfg.clone() };
-                rows.push(row(
-                    format!("prefill cap {cap}"),
-                    cap as f64,
-                    simulate(&c, cost.clone(), &items, false, SLO)?.0,
-                ));
+                rows.push(row(format!("prefill cap {cap}"), cap as f64, runner.run(&c, &items)?.0));
             }
             let f = |r: &Row| {
                 format!(
@@ -139,30 +223,34 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
         "chunked-prefill" => {
             let mut rows = Vec::new();
             let mut findings = Vec::new();
-            for (long, chunk) in [(1000usize, 256usize), (5000, 512)] {
-                // Steady decode load: short prompts, long outputs; one long prompt every 2 s.
-                let dur = (n as f64 / 8.0).max(20.0);
+            for (long, chunk) in scale.long_prompts {
+                // Steady decode load: short prompts, long outputs; a long prompt at a fixed interval.
+                let dur = scale.decode_load_s;
                 let mut items = Workload {
                     num_requests: n,
                     rate: n as f64 / dur,
                     burstiness: 1.0,
-                    prompt: Lengths::Fixed(64),
-                    output: Lengths::Fixed(400),
+                    prompt: Lengths::Fixed(scale.decode_load.0),
+                    output: Lengths::Fixed(scale.decode_load.1),
                     seed: 3,
                 }
                 .items();
-                let longs: Vec<WorkItem> = (0..(dur / 0.5) as usize)
-                    .map(|i| WorkItem { arrival_s: 1.0 + 0.5 * i as f64, prompt_len: long, output_len: 16 })
+                let longs: Vec<WorkItem> = (0..(dur / scale.long_every_s) as usize)
+                    .map(|i| WorkItem {
+                        arrival_s: 1.0 + scale.long_every_s * i as f64,
+                        prompt_len: long,
+                        output_len: 16,
+                    })
                     .collect();
                 items.extend(longs);
                 items.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
                 for chunked in [false, true] {
                     let c = SchedulerConfig {
-                        max_num_batched_tokens: if chunked { chunk } else { 8192 },
+                        max_num_batched_tokens: if chunked { chunk } else { long.max(8192) },
                         enable_chunked_prefill: chunked,
                         ..cfg.clone()
                     };
-                    let (m, rep) = simulate(&c, cost.clone(), &items, false, SLO)?;
+                    let (m, rep) = runner.run(&c, &items)?;
                     let long_ttft: Vec<f64> =
                         rep.outcomes.iter().filter(|o| o.num_prompt_tokens == long).filter_map(|o| o.ttft()).collect();
                     let short_tpot: Vec<f64> =
@@ -190,14 +278,19 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
                     rows.push(r);
                 }
             }
-            Table { name: name.into(), description: "Long prompts (1000 with chunk 256; 5000 with chunk 512) every 0.5 s under a steady decode load (prompt 64, output 400), chunked vs not.".into(), rows, findings }
+            let [(l1, c1), (l2, c2)] = scale.long_prompts;
+            let description = format!(
+                "Long prompts ({l1} with chunk {c1}; {l2} with chunk {c2}) every {} s under a steady decode load (prompt {}, output {}), chunked vs not.",
+                scale.long_every_s, scale.decode_load.0, scale.decode_load.1
+            );
+            Table { name: name.into(), description, rows, findings }
         }
         "static-vs-continuous" => {
-            let items = chat(capacity_rate(cost, &cfg, n) * 0.8, 4).items();
+            let items = chat(capacity_rate(runner, &cfg, &scale) * 0.8, 4).items();
             let mut rows = Vec::new();
             for (label, p) in [("static", PolicyKind::Static), ("continuous", PolicyKind::Fcfs)] {
                 let c = SchedulerConfig { policy: p, ..cfg.clone() };
-                rows.push(row(label.into(), rows.len() as f64, simulate(&c, cost.clone(), &items, false, SLO)?.0));
+                rows.push(row(label.into(), rows.len() as f64, runner.run(&c, &items)?.0));
             }
             let (s, c) = (&rows[0].metrics, &rows[1].metrics);
             let findings = vec![
@@ -223,10 +316,10 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
             Table { name: name.into(), description: "The same chat-like load (80% of continuous batching's capacity) under static and continuous batching.".into(), rows, findings }
         }
         "adaptive" => {
-            let cap = capacity_rate(cost, &cfg, n);
+            let cap = capacity_rate(runner, &cfg, &scale);
             let mut rows = Vec::new();
             let mut findings = Vec::new();
-            for frac in [0.05, 0.3, 0.6, 0.9] {
+            for &frac in scale.load_fractions {
                 let items = chat(cap * frac, 5).items();
                 for (label, c) in [
                     ("fixed 512, chunked", SchedulerConfig { max_num_batched_tokens: 512, ..cfg.clone() }),
@@ -234,7 +327,7 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
                     ("fixed 8192, no chunking", SchedulerConfig { enable_chunked_prefill: false, ..cfg.clone() }),
                     ("adaptive", SchedulerConfig { policy: PolicyKind::Adaptive, ..cfg.clone() }),
                 ] {
-                    let m = simulate(&c, cost.clone(), &items, false, SLO)?.0;
+                    let m = runner.run(&c, &items)?.0;
                     findings.push(format!(
                         "{:.0}% load, {label}: mean e2e {:.2} s, TTFT {:.3} s, goodput {:.2} req/s",
                         frac * 100.0,
@@ -253,17 +346,17 @@ pub fn run<C: CostModel + Clone>(name: &str, cost: &C, kv_tokens: usize, size: S
 
 /// Arrival rate (req/s) near the system's saturation for the chat workload: requests all at
 /// once give the peak request throughput.
-fn capacity_rate<C: CostModel + Clone>(cost: &C, cfg: &SchedulerConfig, n: usize) -> f64 {
+fn capacity_rate(runner: &mut dyn Runner, cfg: &SchedulerConfig, scale: &Scale) -> f64 {
     let items = Workload {
-        num_requests: n.min(2000),
+        num_requests: scale.requests.min(2000),
         rate: f64::INFINITY,
         burstiness: 1.0,
-        prompt: Lengths::LogNormal { median: 512.0, sigma: 0.8 },
-        output: Lengths::LogNormal { median: 200.0, sigma: 0.7 },
+        prompt: Lengths::LogNormal { median: scale.prompt_median, sigma: 0.8 },
+        output: Lengths::LogNormal { median: scale.output_median, sigma: 0.7 },
         seed: 9,
     }
     .items();
-    simulate(cfg, cost.clone(), &items, false, SLO).map(|r| r.0.requests_per_s * 0.9).unwrap_or(1.0)
+    runner.run(cfg, &items).map(|r| r.0.requests_per_s * 0.9).unwrap_or(1.0)
 }
 
 pub fn markdown(t: &Table) -> String {
@@ -360,6 +453,7 @@ pub fn run_cpu(
         backend,
         crate::engine::Clock::Seconds,
     );
+    engine.collect_itl = true;
     let vocab = lm.model.cfg.vocab_size as u32;
     let mut arrivals = crate::sim::arrivals(items);
     for a in &mut arrivals {
@@ -374,6 +468,7 @@ pub fn run_cpu(
 /// workload, predict a different (held-out) one, compare mean step time and mean TTFT.
 pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: bool) -> anyhow::Result<Table> {
     let n = if quick { 16 } else { 32 };
+    let repeats = if quick { 1 } else { 3 };
     let cfg = |budget: usize| SchedulerConfig {
         max_num_batched_tokens: budget,
         max_num_seqs: 32,
@@ -437,11 +532,20 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
     ];
     for (label, budget, w) in held {
         let items = w.items();
-        let real = run_cpu(lm, &cfg(budget), &items, threads)?;
         let (sim_m, sim) = simulate(&cfg(budget), fitted, &items, true, SLO)?;
-        let real_m = crate::sim::metrics(&real.outcomes, real.rejected.len(), &real.itl, real.num_steps, SLO.0, SLO.1);
         let mean = |v: &[crate::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
-        let (rs, ss) = (mean(&real.steps), mean(&sim.steps));
+        // The real runs are noisy on a shared machine: medians of `repeats` runs.
+        let mut reals = Vec::new();
+        for _ in 0..repeats {
+            let r = run_cpu(lm, &cfg(budget), &items, threads)?;
+            let m = crate::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+            reals.push((mean(&r.steps), m));
+        }
+        reals.sort_by(|a, b| a.1.ttft.mean.total_cmp(&b.1.ttft.mean));
+        let real_m = reals[reals.len() / 2].1.clone();
+        let mut steps: Vec<f64> = reals.iter().map(|r| r.0).collect();
+        steps.sort_by(f64::total_cmp);
+        let (rs, ss) = (steps[steps.len() / 2], mean(&sim.steps));
         let step_err = (ss - rs) / rs;
         let ttft_err = (sim_m.ttft.mean - real_m.ttft.mean) / real_m.ttft.mean;
         findings.push(format!(
@@ -466,7 +570,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
     }
     Ok(Table {
         name: "sim-vs-real".into(),
-        description: "The simulator with a step-time model fitted to one measured CPU run (SmolLM2-135M, real model), predicting two held-out workloads run for real.".into(),
+        description: "The simulator with a step-time model fitted to two measured CPU runs (SmolLM2-135M, real model), predicting two held-out workloads run for real (real figures: medians of 3 runs).".into(),
         rows,
         findings,
     })

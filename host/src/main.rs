@@ -228,11 +228,15 @@ enum Cmd {
         name: String,
         #[command(flatten)]
         sim: SimArgs,
-        /// Requests per run (default 2000; --quick: 400).
+        /// Requests per run (simulator: 2000, --quick 400; cpu: 24, --quick 6).
         #[arg(long)]
         num_requests: Option<usize>,
         #[arg(long)]
         quick: bool,
+        /// sim (the GPU profile's cost model) or cpu (the real reference model on this
+        /// machine, at small sizes).
+        #[arg(long, default_value = "sim")]
+        backend: String,
         /// Output directory (one sub-directory per experiment).
         #[arg(long, default_value = "docs/experiments")]
         out: PathBuf,
@@ -478,7 +482,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Experiment { name, sim, num_requests, quick, out } => {
+        Cmd::Experiment { name, sim, num_requests, quick, backend, out } => {
             if name == "sim-vs-real" {
                 rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
                 let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
@@ -487,16 +491,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", weave::experiments::markdown(&t));
                 return Ok(());
             }
-            let (cost, kv) = sim.cost()?;
-            let size = weave::experiments::Size { requests: num_requests.unwrap_or(if quick { 400 } else { 2000 }) };
             let names: Vec<&str> = if name == "all" { weave::experiments::NAMES.to_vec() } else { vec![name.as_str()] };
+            let lm;
+            let (mut runner, kv, scale, sub): (Box<dyn weave::experiments::Runner>, usize, _, &str) = match backend
+                .as_str()
+            {
+                "sim" => {
+                    let (cost, kv) = sim.cost()?;
+                    let scale = weave::experiments::Scale::gpu(num_requests.unwrap_or(if quick { 400 } else { 2000 }));
+                    let r: Box<dyn weave::experiments::Runner> = match cost {
+                        Cost::Roofline(c) => Box::new(weave::experiments::SimRunner(c)),
+                        Cost::Fitted(c) => Box::new(weave::experiments::SimRunner(c)),
+                    };
+                    (r, kv, scale, "")
+                }
+                "cpu" => {
+                    rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
+                    lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
+                    let scale = weave::experiments::Scale::cpu(num_requests.unwrap_or(if quick { 6 } else { 24 }));
+                    (
+                        Box::new(weave::experiments::CpuRunner { lm: &lm, threads: default_threads() }),
+                        16384,
+                        scale,
+                        "cpu-",
+                    )
+                }
+                other => anyhow::bail!("unknown --backend {other:?}; use sim or cpu"),
+            };
             for n in names {
                 let t0 = std::time::Instant::now();
-                let t = match &cost {
-                    Cost::Roofline(c) => weave::experiments::run(n, c, kv, size)?,
-                    Cost::Fitted(c) => weave::experiments::run(n, c, kv, size)?,
-                };
-                let dir = out.join(n);
+                let t = weave::experiments::run(n, runner.as_mut(), kv, scale)?;
+                let dir = out.join(format!("{sub}{n}"));
                 weave::experiments::write(&t, &dir)?;
                 print!("{}", weave::experiments::markdown(&t));
                 eprintln!("({n}: {:.1} s; written to {})\n", t0.elapsed().as_secs_f64(), dir.display());

@@ -44,16 +44,7 @@ impl NvptxRust {
     }
 }
 
-/// Where weave caches downloads: `$WEAVE_CACHE`, else `$XDG_CACHE_HOME/weave`, else `~/.cache/weave`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("WEAVE_CACHE").filter(|d| !d.is_empty()) {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("weave");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/weave")
-}
+pub use weave::paths::cache_dir;
 
 fn ptxas_pkg_dir() -> PathBuf {
     cache_dir().join("nvidia-cuda-nvcc")

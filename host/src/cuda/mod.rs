@@ -9,7 +9,7 @@
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
 use weave_kernels_gpu::{attention_smem_bytes, Elem, BLOCK_THREADS, KERNELS};
@@ -381,9 +381,4 @@ pub fn describe_device(want: &str) -> Result<String, String> {
         ("cuda", Some(why)) => Err(format!("--device cuda: {why}")),
         (other, _) => Err(format!("unknown device {other:?}; use cpu, cuda or auto")),
     }
-}
-
-/// Where a PTX file for `arch` would be found, for messages.
-pub fn ptx_path_hint(arch: &str) -> PathBuf {
-    Path::new("target/ptx").join(arch).join("weave_kernels.ptx")
 }
