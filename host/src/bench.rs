@@ -24,7 +24,8 @@ pub struct BenchRow {
     pub runs_llama_cpp_tok_s: Vec<f64>,
 }
 
-fn median(xs: &[f64]) -> f64 {
+/// The median (the mean of the middle two for an even count).
+pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -133,7 +133,7 @@ impl<B: Backend> Engine<B> {
         let mut outputs: HashMap<RequestId, Vec<u32>> = HashMap::new();
         let mut batch = weave_scheduler::ScheduledBatch::default();
         loop {
-            if self.clock == Clock::Seconds && self.backend_is_wall_clock() {
+            if self.clock == Clock::Seconds && self.backend.wall_clock() {
                 now = wall0.elapsed().as_secs_f64();
             }
             while let Some((_, a)) = pending.peek() {
@@ -272,9 +272,5 @@ impl<B: Backend> Engine<B> {
         }
         report.makespan = report.outcomes.iter().map(|o| o.finish).fold(0.0, f64::max) - first_arrival;
         Ok(report)
-    }
-
-    fn backend_is_wall_clock(&self) -> bool {
-        self.backend.wall_clock()
     }
 }

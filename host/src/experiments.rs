@@ -543,9 +543,8 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         }
         reals.sort_by(|a, b| a.1.ttft.mean.total_cmp(&b.1.ttft.mean));
         let real_m = reals[reals.len() / 2].1.clone();
-        let mut steps: Vec<f64> = reals.iter().map(|r| r.0).collect();
-        steps.sort_by(f64::total_cmp);
-        let (rs, ss) = (steps[steps.len() / 2], mean(&sim.steps));
+        let steps: Vec<f64> = reals.iter().map(|r| r.0).collect();
+        let (rs, ss) = (crate::bench::median(&steps), mean(&sim.steps));
         let step_err = (ss - rs) / rs;
         let ttft_err = (sim_m.ttft.mean - real_m.ttft.mean) / real_m.ttft.mean;
         findings.push(format!(

@@ -135,8 +135,8 @@ pub fn generate(
     let tok = &lm.tokenizer;
     let mut arrivals = Vec::new();
     let mut rejected = Vec::new();
-    let mut texts = HashMap::new();
-    let mut prompt_ids: HashMap<String, Vec<u32>> = HashMap::new();
+    // Each accepted request, by its name: its position in `prompts` and its prompt's tokens.
+    let mut accepted: HashMap<String, (usize, Vec<u32>)> = HashMap::new();
     let mut stops: HashMap<u64, Vec<String>> = HashMap::new();
     for (i, p) in prompts.iter().enumerate() {
         let name = p.id.clone().unwrap_or_else(|| serde_json::json!(i));
@@ -173,8 +173,7 @@ pub fn generate(
         req.stop_token_ids = if req.ignore_eos { Vec::new() } else { tok.stop_ids.clone() };
         req.stop_token_ids.extend(&p.stop_token_ids);
         let k = arrivals.len() as u64;
-        texts.insert(name.to_string(), p.prompt.clone());
-        prompt_ids.insert(name.to_string(), req.prompt.clone());
+        accepted.insert(name.to_string(), (i, req.prompt.clone()));
         if !p.stop.is_empty() {
             stops.insert(k, p.stop.clone());
         }
@@ -205,48 +204,38 @@ pub fn generate(
     let run = engine.run(arrivals, &mut stop_check, on_event)?;
     let wall_s = t0.elapsed().as_secs_f64();
     rejected.extend(run.rejected.iter().cloned());
-    // Each request's position in `prompts`, by its name.
-    let order: HashMap<String, usize> = prompts
+    let mut completions: Vec<(usize, Completion)> = run
+        .outcomes
         .iter()
-        .enumerate()
-        .map(|(i, p)| (p.id.clone().unwrap_or_else(|| serde_json::json!(i)).to_string(), i))
+        .map(|o| {
+            let (i, ids) = &accepted[&o.name.to_string()];
+            (*i, completion(o, tok, &prompts[*i], ids))
+        })
         .collect();
-    let mut completions: Vec<Completion> =
-        run.outcomes.iter().map(|o| completion(o, tok, &texts, &prompt_ids, &order, prompts)).collect();
     // In the order the requests were given.
-    completions.sort_by_key(|c| order.get(&c.id.to_string()).copied().unwrap_or(usize::MAX));
+    completions.sort_by_key(|c| c.0);
+    let completions = completions.into_iter().map(|c| c.1).collect();
     let mut summary = Summary::from_steps(&run.steps, "seconds");
     summary.rejected = rejected.len();
     summary.prefix_cache_hit_rate = engine.sched.prefix_cache_stats().hit_rate();
     Ok(GenerateReport { completions, rejected, run, summary, wall_s })
 }
 
-fn completion(
-    o: &Outcome,
-    tok: &WeaveTokenizer,
-    texts: &HashMap<String, String>,
-    prompt_ids: &HashMap<String, Vec<u32>>,
-    order: &HashMap<String, usize>,
-    prompts: &[PromptSpec],
-) -> Completion {
-    let mut ids = o.output_tokens.clone();
+fn completion(o: &Outcome, tok: &WeaveTokenizer, spec: &PromptSpec, prompt_ids: &[u32]) -> Completion {
     // The stop token itself is not part of the text.
-    let mut shown = &ids[..];
+    let mut shown = &o.output_tokens[..];
     if o.reason == weave_scheduler::FinishReason::Stop && shown.last().is_some_and(|t| tok.stop_ids.contains(t)) {
         shown = &shown[..shown.len() - 1];
     }
     let mut text = tok.decode(shown);
-    let stops = order.get(&o.name.to_string()).map(|&i| prompts[i].stop.clone()).unwrap_or_default();
-    let cut = stops.iter().filter_map(|s| text.find(s.as_str())).min();
-    if let Some(c) = cut {
+    if let Some(c) = spec.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
         text.truncate(c);
     }
-    ids.shrink_to_fit();
     Completion {
-        prompt: texts.get(&o.name.to_string()).cloned().unwrap_or_default(),
+        prompt: spec.prompt.clone(),
         id: o.name.clone(),
-        prompt_token_ids: prompt_ids.get(&o.name.to_string()).cloned().unwrap_or_default(),
-        output_token_ids: ids,
+        prompt_token_ids: prompt_ids.to_vec(),
+        output_token_ids: o.output_tokens.clone(),
         text,
         finish_reason: o.reason.as_str().to_string(),
         ttft_ms: o.ttft().map(|s| s * 1e3),

@@ -349,15 +349,7 @@ unsafe fn rms_norm<T: Elem>(out: *mut T, x: *const T, w: *const f32, n: u32, eps
         ss += v * v;
         i += THREADS;
     }
-    let inv = rms_inv(unsafe { block_sum(ss) }, n as usize, eps);
-    let mut i = tid();
-    while i < n {
-        unsafe {
-            let v = (*x.add(base + i as usize)).to_f32();
-            *out.add(base + i as usize) = T::from_f32(v * inv * *w.add(i as usize));
-        }
-        i += THREADS;
-    }
+    unsafe { write_normalized(out, x, w, base, n, rms_inv(block_sum(ss), n as usize, eps)) }
 }
 
 #[inline(always)]
@@ -375,12 +367,17 @@ unsafe fn fused_add_rms_norm<T: Elem>(x: *mut T, residual: *mut T, w: *const f32
         }
         i += THREADS;
     }
-    let inv = rms_inv(unsafe { block_sum(ss) }, n as usize, eps);
+    unsafe { write_normalized(x, residual, w, base, n, rms_inv(block_sum(ss), n as usize, eps)) }
+}
+
+/// `out[i] = src[i] * inv * w[i]` over one row, strided across the block.
+#[inline(always)]
+unsafe fn write_normalized<T: Elem>(out: *mut T, src: *const T, w: *const f32, base: usize, n: u32, inv: f32) {
     let mut i = tid();
     while i < n {
         unsafe {
-            let r = (*residual.add(base + i as usize)).to_f32();
-            *x.add(base + i as usize) = T::from_f32(r * inv * *w.add(i as usize));
+            let v = (*src.add(base + i as usize)).to_f32();
+            *out.add(base + i as usize) = T::from_f32(v * inv * *w.add(i as usize));
         }
         i += THREADS;
     }
