@@ -18,6 +18,7 @@ pub mod generate;
 pub mod model;
 pub mod paths;
 pub mod plot;
+pub mod profile;
 pub mod replay;
 pub mod sampling;
 pub mod sim;

@@ -130,16 +130,17 @@ struct SimArgs {
 
 enum Cost {
     Roofline(weave::sim::Roofline),
-    Fitted(weave::sim::Fitted),
+    Measured(weave::profile::MeasuredCost),
 }
 
 impl SimArgs {
     fn cost(&self) -> anyhow::Result<(Cost, usize)> {
         if let Some(p) = &self.cost_model {
             let text = std::fs::read_to_string(p).with_context(|| format!("cannot read cost model {}", p.display()))?;
-            let f: weave::sim::Fitted =
-                serde_json::from_str(&text).with_context(|| format!("{}: not a fitted cost model", p.display()))?;
-            return Ok((Cost::Fitted(f), self.kv_cache_tokens.unwrap_or(16384)));
+            let f: weave::profile::MeasuredCost = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a cost model from `weave calibrate` (profiled or fitted)", p.display())
+            })?;
+            return Ok((Cost::Measured(f), self.kv_cache_tokens.unwrap_or(16384)));
         }
         let gpu = weave::sim::find_gpu(&self.gpu).map_err(anyhow::Error::msg)?;
         let model = weave::sim::find_model(&self.model_profile).map_err(anyhow::Error::msg)?;
@@ -213,11 +214,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Fit a step-time cost model to measured step logs (e.g. `weave generate --step-log`).
+    /// Measure a step-time cost model for `weave simulate --cost-model`: `--profile` times
+    /// designed batches on the real CPU backend (recommended); otherwise a model is fitted to
+    /// measured step logs (e.g. `weave generate --step-log`).
     Calibrate {
-        #[arg(required = true)]
+        /// Step logs to fit (without --profile).
+        #[arg(required_unless_present = "profile", conflicts_with = "profile")]
         logs: Vec<PathBuf>,
-        /// Where to write the fitted model (JSON) for `weave simulate --cost-model`.
+        /// Profile the real CPU backend with the reference model (or --model).
+        #[arg(long)]
+        profile: bool,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Profile: the largest step in tokens (the largest budget you will simulate).
+        #[arg(long, default_value_t = 1024)]
+        max_tokens: usize,
+        /// Profile: the most sampled rows per step (the largest max_num_seqs you will simulate).
+        #[arg(long, default_value_t = 32)]
+        max_seqs: usize,
+        /// Profile: the longest cached context in the attention points.
+        #[arg(long, default_value_t = 1024)]
+        max_context: usize,
+        /// Profile: timings per point (the median is kept).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Profile: also write every measured point with the model's prediction (JSON).
+        #[arg(long, requires = "profile")]
+        points: Option<PathBuf>,
+        /// Where to write the model (JSON) for `weave simulate --cost-model`.
         #[arg(long)]
         out: PathBuf,
     },
@@ -431,7 +455,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let keep = step_log.is_some();
             let (m, report) = match cost {
                 Cost::Roofline(c) => weave::sim::simulate(&cfg, c, &items, keep, (slo_ttft, slo_tpot))?,
-                Cost::Fitted(c) => weave::sim::simulate(&cfg, c, &items, keep, (slo_ttft, slo_tpot))?,
+                Cost::Measured(c) => weave::sim::simulate(&cfg, c, &items, keep, (slo_ttft, slo_tpot))?,
             };
             let secs = t0.elapsed().as_secs_f64();
             for (_, msg) in &report.rejected {
@@ -465,7 +489,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Calibrate { logs, out } => {
+        Cmd::Calibrate { logs: _, profile: true, model, max_tokens, max_seqs, max_context, repeats, points, out } => {
+            let threads = default_threads();
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+            let lm = weave::generate::LoadedModel::load(&model.unwrap_or_else(weave::paths::default_model_path))?;
+            let spec =
+                weave::profile::ProfileSpec { max_tokens, max_seqs, max_context, block_size: 16, repeats, threads };
+            let bar = indicatif::ProgressBar::new(0);
+            let (m, report) = weave::profile::profile_cpu(&lm, &spec, &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            std::fs::write(&out, serde_json::to_string_pretty(&m)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            if let Some(p) = &points {
+                std::fs::write(p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            println!("{}", weave::profile::describe(&m, &report));
+            println!("written to {}", out.display());
+            Ok(())
+        }
+        Cmd::Calibrate { logs, out, .. } => {
             let mut steps = Vec::new();
             for p in &logs {
                 steps.extend(weave::analyze::read_log(p)?);
@@ -486,9 +532,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if name == "sim-vs-real" {
                 rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
                 let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
-                let t = weave::experiments::sim_vs_real(&lm, default_threads(), quick)?;
-                weave::experiments::write(&t, &out.join("sim-vs-real"))?;
-                print!("{}", weave::experiments::markdown(&t));
+                let r = weave::experiments::sim_vs_real(&lm, default_threads(), quick)?;
+                r.write(&out.join("sim-vs-real"))?;
+                print!("{}", weave::experiments::markdown(&r.table));
                 return Ok(());
             }
             let names: Vec<&str> = if name == "all" { weave::experiments::NAMES.to_vec() } else { vec![name.as_str()] };
@@ -501,7 +547,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let scale = weave::experiments::Scale::gpu(num_requests.unwrap_or(if quick { 400 } else { 2000 }));
                     let r: Box<dyn weave::experiments::Runner> = match cost {
                         Cost::Roofline(c) => Box::new(weave::experiments::SimRunner(c)),
-                        Cost::Fitted(c) => Box::new(weave::experiments::SimRunner(c)),
+                        Cost::Measured(c) => Box::new(weave::experiments::SimRunner(c)),
                     };
                     (r, kv, scale, "")
                 }

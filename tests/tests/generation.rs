@@ -206,3 +206,43 @@ fn stop_strings_cut_the_text_whatever_the_request_ids() {
     assert!(!c.text.contains('\n') && !c.text.is_empty(), "text not cut at the stop string: {:?}", c.text);
     assert!(c.output_token_ids.len() < 40);
 }
+
+/// The profiler's synthetic batches on the real model: each sequence's logits inside a
+/// designed mixed batch equal its logits run alone (so the batches the profile times are
+/// real, well-formed work), and a small profile yields a sane model.
+#[test]
+fn profile_batches_are_real_work_and_the_model_is_sane() {
+    use weave::profile::{profile_cpu, synthetic_batch, ProfileSpec, SynthSeq};
+    let Some(lm) = model() else { return };
+    let vocab = lm.model.cfg.vocab_size;
+    let mut backend = weave::cpu::CpuBackend::new(lm.model.clone(), 64, 16, 2, 0);
+    // First a 40-token prefill alone, filling its blocks; then the same sequence's next
+    // token as a decode row inside a batch with two other sequences, against it alone.
+    let prefill = [SynthSeq { query: 40, context: 0, samples: true }];
+    backend.forward(&synthetic_batch(&prefill, 16, 1000));
+    let alone = backend.forward(&synthetic_batch(&[SynthSeq { query: 1, context: 40, samples: true }], 16, 1000));
+    let mixed = [
+        SynthSeq { query: 1, context: 40, samples: true },
+        SynthSeq { query: 7, context: 0, samples: true },
+        SynthSeq { query: 3, context: 0, samples: false },
+    ];
+    let batch = synthetic_batch(&mixed, 16, 1000);
+    assert_eq!(batch.num_tokens(), 11);
+    let logits = backend.forward(&batch);
+    assert_eq!(logits.len(), 2 * vocab);
+    let max_diff = alone.iter().zip(&logits[..vocab]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // The GEMMs take another path at one row than at eleven (about 1e-4 apart); a wrong block
+    // table or slot would put the row over other keys, orders of magnitude further.
+    assert!(max_diff < 1e-3, "decode row's logits differ inside the mixed batch by {max_diff}");
+
+    let spec = ProfileSpec { max_tokens: 16, max_seqs: 4, max_context: 64, block_size: 16, repeats: 1, threads: 2 };
+    let (m, report) = profile_cpu(lm, &spec, &mut |_, _| {}).unwrap();
+    assert_eq!(m.tokens, [1.0, 2.0, 4.0, 8.0, 12.0, 16.0]);
+    assert_eq!(m.base_s.len(), m.tokens.len());
+    assert!(m.base_s.iter().all(|&x| x > 0.0 && x.is_finite()), "{:?}", m.base_s);
+    assert!(m.sampled_extra_s.windows(2).all(|w| 0.0 <= w[0] && w[0] <= w[1]), "{:?}", m.sampled_extra_s);
+    assert!(m.decode_pair_s.is_finite() && m.decode_pair_s >= 0.0);
+    assert!(m.prefill_row_s.windows(2).all(|w| w[0] <= w[1]), "prefill curve not monotone: {:?}", m.prefill_row_s);
+    assert_eq!(report.points.len(), spec.designs().len());
+    assert!(report.points.iter().all(|p| p.measured_s > 0.0 && p.predicted_s > 0.0));
+}
