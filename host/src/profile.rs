@@ -682,6 +682,23 @@ mod tests {
         assert_eq!(integral(&xs, &ys, 3.0, 3.0), 0.0);
     }
 
+    /// `--cost-model` files of either kind load as what they are.
+    #[test]
+    fn cost_model_files_of_both_kinds_load() {
+        let fitted = r#"{"coef": [0.02, 0.001, 0.002, 5e-6], "knee": 16.0}"#;
+        assert!(matches!(serde_json::from_str::<MeasuredCost>(fitted).unwrap(), MeasuredCost::Fitted(_)));
+        let spec =
+            ProfileSpec { max_tokens: 64, max_seqs: 8, max_context: 128, block_size: 16, repeats: 1, threads: 2 };
+        let (m, _) =
+            profile(&spec, "test".into(), &mut |b| Ok(0.01 + 1e-4 * b.num_tokens() as f64), &mut |_, _| {}).unwrap();
+        let back: MeasuredCost = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        let MeasuredCost::Profiled(back) = back else { panic!("a profile loaded as {back:?}") };
+        // serde_json's float printing may move the last bit.
+        assert_eq!((back.tokens.len(), back.prefill_keys.len()), (m.tokens.len(), m.prefill_keys.len()));
+        assert!(back.base_s.iter().zip(&m.base_s).all(|(a, b)| (a - b).abs() < 1e-15));
+        assert!(serde_json::from_str::<MeasuredCost>(r#"{"tokens": [1]}"#).is_err());
+    }
+
     #[test]
     fn monotone_pools_violators() {
         let mut y = [1.0, 3.0, 2.0, 4.0, 0.0, 5.0];
