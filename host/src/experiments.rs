@@ -651,7 +651,7 @@ pub struct SimVsReal {
 }
 
 impl SimVsReal {
-    /// Writes the table (see [`write`]), `profile-<workload>.json`, and `steps-<name>.jsonl`
+    /// Writes the table (see [`write()`]), `profile-<workload>.json`, and `steps-<name>.jsonl`
     /// per log.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         write(&self.table, dir)?;

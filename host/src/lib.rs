@@ -1,8 +1,11 @@
 //! weave's host: the engine loop, backends, and the commands built on them.
 //!
-//! **Owns**: the engine loop ([`engine`]), backends behind one trait ([`backend`]: null now;
-//! sim, cpu, cuda as they land), trace replay ([`trace`], [`replay`]), the step log and its
-//! batch-composition summary ([`steplog`]), and the `weave` CLI on top.
+//! **Owns**: the engine loop ([`engine`]), backends behind one trait ([`backend`]: null,
+//! sim, [`cpu`], [`cuda`] kernels), the model files ([`model`]), generation ([`generate`]),
+//! trace replay ([`trace`], [`replay`]), the step log and its batch-composition summary
+//! ([`steplog`], [`analyze`]), the simulator and its cost models ([`sim`]: roofline and
+//! log-fitted; [`profile`]: measured on designed batches), the experiments
+//! ([`experiments`]), and the `weave` CLI on top.
 //!
 //! **Must not**: put scheduling policy in a backend, or reach into scheduler state from one:
 //! a backend sees only the [`weave_scheduler::ScheduledBatch`].
