@@ -309,7 +309,9 @@ impl ProfileSpec {
     /// Every batch a round times, in order: the base points, then pairs timed back to back
     /// whose difference is wanted (so that the machine's drift cancels in it): for each
     /// sampled count past one, its base shape then the all-sampled one; for each attention
-    /// family and context past zero, the family's context-0 shape then that context's.
+    /// family and context past zero, the family's context-0 shape then that context's. The
+    /// prefill pairs are timed [`PREFILL_PAIR_REPEATS`] times a round: their differences are
+    /// a small part of large steps, and the whole prefill curve rests on them.
     pub fn designs(&self) -> Vec<Vec<SynthSeq>> {
         let mut d: Vec<Vec<SynthSeq>> = self.token_grid().into_iter().map(base_design).collect();
         for &n in &self.sampled_grid()[1..] {
@@ -317,17 +319,22 @@ impl ProfileSpec {
             d.push(sampled_design(n));
         }
         let fams = self.attention_families();
-        for fam in &fams {
+        for (f, fam) in fams.iter().enumerate() {
+            let k = if f == 2 { PREFILL_PAIR_REPEATS } else { 1 };
             for shape in &fam[1..] {
-                d.push(fam[0].clone());
-                d.push(shape.clone());
+                for _ in 0..k {
+                    d.push(fam[0].clone());
+                    d.push(shape.clone());
+                }
             }
         }
         // The prefill chunk's own (causal) attention: its rows at context 0 against as many
         // one-token rows.
         let chunk = &fams[2][0];
-        d.push(base_design(chunk[0].query));
-        d.push(chunk.clone());
+        for _ in 0..PREFILL_PAIR_REPEATS {
+            d.push(base_design(chunk[0].query));
+            d.push(chunk.clone());
+        }
         d
     }
 
@@ -338,6 +345,9 @@ impl ProfileSpec {
         designs.iter().map(|d| blocks_needed(d, self.block_size)).max().unwrap_or(0) + 1
     }
 }
+
+/// Times each prefill pair is timed per round (see [`ProfileSpec::designs`]).
+pub const PREFILL_PAIR_REPEATS: usize = 3;
 
 fn grid(max: usize) -> Vec<usize> {
     let mut g: Vec<usize> = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
@@ -378,6 +388,9 @@ pub struct Profiler {
 impl Profiler {
     pub fn new(spec: &ProfileSpec) -> anyhow::Result<Profiler> {
         anyhow::ensure!(spec.max_tokens >= 1 && spec.max_seqs >= 1, "profile needs at least one token and sequence");
+        // The prefill curve's points sit at eighths of it: they must be distinct.
+        anyhow::ensure!(spec.max_context >= 8, "profile: max context {} is under 8 tokens", spec.max_context);
+        anyhow::ensure!(spec.block_size >= 1, "profile: block size must be at least 1");
         let batches = spec.designs().iter().map(|d| synthetic_batch(d, spec.block_size, 1000)).collect::<Vec<_>>();
         let samples = vec![Vec::new(); batches.len()];
         Ok(Profiler { spec: *spec, designs: spec.designs(), batches, samples, warmed_up: false })
@@ -455,11 +468,14 @@ fn fit_profile(
     let sg = spec.sampled_grid();
     let families = spec.attention_families();
     let t: Vec<f64> = samples.iter().map(|s| crate::bench::median(s)).collect();
-    // Median over rounds of design `i + 1`'s time less design `i`'s (a back-to-back pair).
-    let diff = |i: usize| {
-        let d: Vec<f64> = samples[i].iter().zip(&samples[i + 1]).map(|(a, b)| b - a).collect();
+    // Median over rounds and `k` repeats of the pair at `i`, `i + 2`, ... of design `i + 1`'s
+    // time less design `i`'s (pairs are timed back to back).
+    let diffs = |i: usize, k: usize| {
+        let d: Vec<f64> =
+            (0..k).flat_map(|j| samples[i + 2 * j].iter().zip(&samples[i + 2 * j + 1]).map(|(a, b)| b - a)).collect();
         crate::bench::median(&d)
     };
+    let diff = |i: usize| diffs(i, 1);
     let tokens: Vec<f64> = tg.iter().map(|&x| x as f64).collect();
     // The base points hold one pair per row; taken out once the pair cost is known.
     let base_raw = t[..tg.len()].to_vec();
@@ -497,13 +513,14 @@ fn fit_profile(
     // alone (context 0) gives g's short-span slope; each context then one point of g.
     let prefill = &families[2];
     let q = prefill[0][0].query as f64;
+    let k = PREFILL_PAIR_REPEATS;
     let mut ctx_diffs = Vec::new();
     for _ in &prefill[1..] {
-        ctx_diffs.push(diff(at));
-        at += 2;
+        ctx_diffs.push(diffs(at, k));
+        at += 2 * k;
     }
     // The chunk against one-token rows: its own pairs less their one each (decode-like).
-    let own = (diff(at) + decode_pair_s * q).max(0.0);
+    let own = (diffs(at, k) + decode_pair_s * q).max(0.0);
     let short = own / attention_pairs(q, 0.0);
     let mut prefill_keys = vec![0.0, q / 2.0];
     let mut prefill_row_s = vec![0.0, short * q / 2.0];
@@ -697,6 +714,13 @@ mod tests {
         assert_eq!((back.tokens.len(), back.prefill_keys.len()), (m.tokens.len(), m.prefill_keys.len()));
         assert!(back.base_s.iter().zip(&m.base_s).all(|(a, b)| (a - b).abs() < 1e-15));
         assert!(serde_json::from_str::<MeasuredCost>(r#"{"tokens": [1]}"#).is_err());
+    }
+
+    #[test]
+    fn profiles_too_small_to_draw_a_curve_are_refused() {
+        let spec = ProfileSpec { max_tokens: 64, max_seqs: 8, max_context: 4, block_size: 16, repeats: 1, threads: 1 };
+        let e = Profiler::new(&spec).unwrap_err().to_string();
+        assert!(e.contains("max context 4"), "{e}");
     }
 
     #[test]
