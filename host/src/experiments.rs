@@ -2,6 +2,7 @@
 //! each a table (markdown, CSV, JSON) and a plot, written under `--out`.
 
 use crate::plot;
+use crate::profile::MeasuredCost;
 use crate::sim::{simulate, CostModel, Lengths, Metrics, WorkItem, Workload};
 use serde::Serialize;
 use std::path::Path;
@@ -590,23 +591,12 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         r.extra.insert("step_time_error".into(), 0.0.into());
         r.extra.insert("ttft_error".into(), 0.0.into());
         rows.push(r);
-        let per_step = |pred: &dyn Fn(&crate::steplog::StepRecord) -> f64| {
-            let errs: Vec<f64> = real_steps.iter().map(|s| ((pred(s) - s.duration) / s.duration).abs()).collect();
-            crate::bench::median(&errs)
-        };
-        let models: [(&str, crate::profile::MeasuredCost, f64); 2] = [
-            (
-                "profiled",
-                crate::profile::MeasuredCost::Profiled(profiled.clone()),
-                per_step(&|s| profiled.predict_record(s)),
-            ),
-            (
-                "log-fitted",
-                crate::profile::MeasuredCost::Fitted(fitted),
-                per_step(&|s| crate::sim::predict_record(&fitted, s)),
-            ),
-        ];
-        for (kind, cost, step_mape) in models {
+        let models = [("profiled", MeasuredCost::Profiled(profiled)), ("log-fitted", MeasuredCost::Fitted(fitted))];
+        for (kind, cost) in models {
+            // The cost model alone, on the real run's own steps (no simulated queueing).
+            let errs: Vec<f64> =
+                real_steps.iter().map(|s| ((cost.record_time(s) - s.duration) / s.duration).abs()).collect();
+            let step_mape = crate::bench::median(&errs);
             let (sim_m, sim) = simulate(&cfg(budget), cost, &items, true, SLO)?;
             let ss = mean(&sim.steps);
             logs.push((format!("{key}-sim-{kind}"), sim.steps));

@@ -517,7 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 steps.extend(weave::analyze::read_log(p)?);
             }
             let f = weave::sim::fit(&steps).map_err(anyhow::Error::msg)?;
-            let pred: Vec<f64> = steps.iter().map(|s| weave::sim::predict_record(&f, s)).collect();
+            let pred: Vec<f64> = steps.iter().map(|s| weave::sim::CostModel::record_time(&f, s)).collect();
             let mape = steps.iter().zip(&pred).map(|(s, p)| ((p - s.duration) / s.duration).abs()).sum::<f64>()
                 / steps.len() as f64;
             std::fs::write(&out, serde_json::to_string_pretty(&f)?)

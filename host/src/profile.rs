@@ -154,17 +154,6 @@ pub fn integral(xs: &[f64], ys: &[f64], a: f64, b: f64) -> f64 {
 }
 
 impl Profiled {
-    /// Predicted time of a step of `tokens` rows and `sampled` sampled rows, whose
-    /// sequences have `(query rows, cached context)` each.
-    pub fn predict(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
-        let spread = (self.threads as f64).min(tokens.max(1.0)) / self.threads as f64;
-        let attn: f64 = seqs.map(|(q, c)| self.attention(q, c)).sum();
-        let t = interpolate(&self.tokens, &self.base_s, tokens)
-            + interpolate(&self.sampled, &self.sampled_extra_s, sampled.max(1.0))
-            + attn / spread;
-        t.max(0.0)
-    }
-
     /// Attention time of one sequence with `q` query rows over `c` cached tokens.
     pub fn attention(&self, q: f64, c: f64) -> f64 {
         if q <= 1.0 {
@@ -174,19 +163,16 @@ impl Profiled {
         // of the piecewise-linear curve over [c + 1/2, c + q + 1/2] (exact on each piece).
         integral(&self.prefill_keys, &self.prefill_row_s, c + 0.5, c + q + 0.5)
     }
-
-    /// The prediction for a logged step.
-    pub fn predict_record(&self, s: &crate::steplog::StepRecord) -> f64 {
-        let sampled = s.scheduled.iter().filter(|x| x.samples).count() as f64;
-        let seqs = s.scheduled.iter().map(|x| (x.num_tokens as f64, x.num_computed_tokens_before as f64));
-        self.predict(s.total_tokens() as f64, sampled, seqs)
-    }
 }
 
 impl CostModel for Profiled {
-    fn step_time(&self, b: &ScheduledBatch) -> f64 {
-        let seqs = b.seqs.iter().map(|s| (s.num_query_tokens as f64, s.context_len as f64));
-        self.predict(b.num_tokens() as f64, b.logits_indices.len() as f64, seqs)
+    fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
+        let spread = (self.threads as f64).min(tokens.max(1.0)) / self.threads as f64;
+        let attn: f64 = seqs.map(|(q, c)| self.attention(q, c)).sum();
+        let t = interpolate(&self.tokens, &self.base_s, tokens)
+            + interpolate(&self.sampled, &self.sampled_extra_s, sampled.max(1.0))
+            + attn / spread;
+        t.max(0.0)
     }
 }
 
@@ -199,10 +185,10 @@ pub enum MeasuredCost {
 }
 
 impl CostModel for MeasuredCost {
-    fn step_time(&self, b: &ScheduledBatch) -> f64 {
+    fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
         match self {
-            MeasuredCost::Profiled(p) => p.step_time(b),
-            MeasuredCost::Fitted(f) => f.step_time(b),
+            MeasuredCost::Profiled(p) => p.time(tokens, sampled, seqs),
+            MeasuredCost::Fitted(f) => f.time(tokens, sampled, seqs),
         }
     }
 }
@@ -391,9 +377,10 @@ impl Profiler {
         // The prefill curve's points sit at eighths of it: they must be distinct.
         anyhow::ensure!(spec.max_context >= 8, "profile: max context {} is under 8 tokens", spec.max_context);
         anyhow::ensure!(spec.block_size >= 1, "profile: block size must be at least 1");
-        let batches = spec.designs().iter().map(|d| synthetic_batch(d, spec.block_size, 1000)).collect::<Vec<_>>();
+        let designs = spec.designs();
+        let batches = designs.iter().map(|d| synthetic_batch(d, spec.block_size, 1000)).collect::<Vec<_>>();
         let samples = vec![Vec::new(); batches.len()];
-        Ok(Profiler { spec: *spec, designs: spec.designs(), batches, samples, warmed_up: false })
+        Ok(Profiler { spec: *spec, designs, batches, samples, warmed_up: false })
     }
 
     /// Batches timed per round.

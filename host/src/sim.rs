@@ -106,9 +106,21 @@ pub fn find_model(name: &str) -> Result<ModelProfile, String> {
     ))
 }
 
-/// What a step costs, from the batch alone.
+/// What a step costs, from its shape alone: `tokens` rows, `sampled` sampled rows, and each
+/// sequence's `(query rows, cached context)`. The same shape comes from a scheduled batch
+/// (simulating) or a logged step (checking a model against a real run).
 pub trait CostModel: std::fmt::Debug {
-    fn step_time(&self, b: &ScheduledBatch) -> f64;
+    fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64;
+
+    fn step_time(&self, b: &ScheduledBatch) -> f64 {
+        let seqs = b.seqs.iter().map(|s| (s.num_query_tokens as f64, s.context_len as f64));
+        self.time(b.num_tokens() as f64, b.logits_indices.len() as f64, seqs)
+    }
+
+    /// The prediction for a logged step.
+    fn record_time(&self, s: &crate::steplog::StepRecord) -> f64 {
+        self.time(s.total_tokens() as f64, s.sampled_rows() as f64, s.seq_shapes())
+    }
 }
 
 /// Roofline: each part of the step takes the longer of its FLOPs at the achievable compute
@@ -132,12 +144,10 @@ impl Roofline {
 }
 
 impl CostModel for Roofline {
-    fn step_time(&self, b: &ScheduledBatch) -> f64 {
+    fn time(&self, n: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
         let m = &self.model;
         let flops_rate = self.gpu.peak_tflops * 1e12 * self.mfu;
         let bw = self.gpu.mem_bw_gbs * 1e9 * self.mbu;
-        let n = b.num_tokens() as f64;
-        let sampled = b.logits_indices.len() as f64;
         // Linear layers: weights read once per step; 2 FLOPs per weight per token.
         let gemm_flops = 2.0 * m.layer_params() * n + 2.0 * (m.hidden * m.vocab) as f64 * sampled;
         let gemm_bytes = (m.layer_params() + (m.hidden * m.vocab) as f64) * m.dtype_bytes;
@@ -146,8 +156,7 @@ impl CostModel for Roofline {
         // 4 FLOPs per pair and head dim (QK^T and PV); K/V of c + q tokens read per sequence.
         let (mut attn_flops, mut kv_bytes) = (0.0, 0.0);
         let qd = (m.heads * m.head_dim * m.layers) as f64;
-        for s in &b.seqs {
-            let (q, c) = (s.num_query_tokens as f64, s.context_len as f64);
+        for (q, c) in seqs {
             attn_flops += 4.0 * qd * attention_pairs(q, c);
             kv_bytes += (c + q) * m.kv_bytes_per_token();
         }
@@ -180,24 +189,17 @@ pub fn features(tokens: f64, sampled: f64, pairs: f64, knee: f64) -> [f64; 4] {
 }
 
 impl CostModel for Fitted {
-    fn step_time(&self, b: &ScheduledBatch) -> f64 {
-        let pairs: f64 = b.seqs.iter().map(|s| attention_pairs(s.num_query_tokens as f64, s.context_len as f64)).sum();
-        let x = features(b.num_tokens() as f64, b.logits_indices.len() as f64, pairs, self.knee);
+    fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
+        let pairs: f64 = seqs.map(|(q, c)| attention_pairs(q, c)).sum();
+        let x = features(tokens, sampled, pairs, self.knee);
         x.iter().zip(&self.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
     }
 }
 
 /// The regressors of a logged step.
 fn record_features(s: &crate::steplog::StepRecord, knee: f64) -> [f64; 4] {
-    let pairs: f64 =
-        s.scheduled.iter().map(|x| attention_pairs(x.num_tokens as f64, x.num_computed_tokens_before as f64)).sum();
-    let sampled = s.scheduled.iter().filter(|x| x.samples).count() as f64;
-    features(s.total_tokens() as f64, sampled, pairs, knee)
-}
-
-/// The fitted model's prediction for a logged step.
-pub fn predict_record(f: &Fitted, s: &crate::steplog::StepRecord) -> f64 {
-    record_features(s, f.knee).iter().zip(&f.coef).map(|(a, b)| a * b).sum::<f64>().max(0.0)
+    let pairs: f64 = s.seq_shapes().map(|(q, c)| attention_pairs(q, c)).sum();
+    features(s.total_tokens() as f64, s.sampled_rows() as f64, pairs, knee)
 }
 
 /// Least squares fit of [`Fitted`] to measured steps (from step logs), in relative error,
@@ -213,8 +215,7 @@ pub fn fit(steps: &[crate::steplog::StepRecord]) -> Result<Fitted, String> {
             break;
         }
         let Some(f) = fit_with_knee(steps, knee) else { continue };
-        let err: f64 =
-            steps.iter().map(|s| ((predict_record(&f, s) - s.duration) / s.duration.max(1e-9)).powi(2)).sum();
+        let err: f64 = steps.iter().map(|s| ((f.record_time(s) - s.duration) / s.duration.max(1e-9)).powi(2)).sum();
         if best.as_ref().is_none_or(|b| err < b.0) {
             best = Some((err, f));
         }

@@ -41,6 +41,14 @@ impl StepRecord {
     pub fn total_tokens(&self) -> usize {
         self.prefill_tokens + self.decode_tokens
     }
+    /// Sequences that sampled a token this step.
+    pub fn sampled_rows(&self) -> usize {
+        self.scheduled.iter().filter(|x| x.samples).count()
+    }
+    /// Each scheduled sequence's `(query rows, cached context)`: what a cost model sees.
+    pub fn seq_shapes(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.scheduled.iter().map(|x| (x.num_tokens as f64, x.num_computed_tokens_before as f64))
+    }
 }
 
 /// Mean / min / max of a per-step quantity.
