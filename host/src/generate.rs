@@ -1,6 +1,7 @@
 //! `weave generate`: real generation with the CPU backend through the engine loop.
 
-use crate::cpu::{CpuBackend, CpuModel};
+use crate::backends::cpu::{CpuBackend, CpuModel};
+use crate::engine::steplog::Summary;
 use crate::engine::{Arrival, Clock, Engine, Event, Outcome, RunReport};
 use crate::model::chat::ChatTemplate;
 use crate::model::config::ModelConfig;
@@ -8,7 +9,6 @@ use crate::model::gguf::Gguf;
 use crate::model::tokenizer::{StreamDecoder, WeaveTokenizer};
 use crate::model::weights::Weights;
 use crate::sampling::SamplingParams;
-use crate::steplog::Summary;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

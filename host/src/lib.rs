@@ -1,29 +1,24 @@
 //! weave's host: the engine loop, backends, and the commands built on them.
 //!
-//! **Owns**: the engine loop ([`engine`]), backends behind one trait ([`backend`]: null,
-//! sim, [`cpu`], [`cuda`] kernels), the model files ([`model`]), generation ([`generate`]),
-//! trace replay ([`trace`], [`replay`]), the step log and its batch-composition summary
-//! ([`steplog`], [`analyze`]), the simulator and its cost models ([`sim`]: roofline and
-//! log-fitted; [`profile`]: measured on designed batches), the experiments
-//! ([`experiments`]), and the `weave` CLI on top.
+//! **Owns**, by folder (data flows down this list, never back up):
+//! - [`engine`]: the loop, the [`engine::Backend`] trait, the step log and its summary;
+//! - [`backends`]: null, sim, cpu and cuda, each one `Backend` implementation;
+//! - [`model`]: GGUF, dequantization, config, weights, tokenizer, chat template;
+//! - [`sampling`]: greedy, temperature, top-k, top-p with per-request seeds;
+//! - drivers over the engine: [`generate`] (real generation), [`replay`] (traces, no model);
+//! - [`study`]: the analyzer and plots, the simulator and its cost models, the profiler, the
+//!   experiments and the generation benchmark.
+//!
+//! The `weave` binary (`src/main.rs`, `src/cli/`) parses arguments and calls into these.
 //!
 //! **Must not**: put scheduling policy in a backend, or reach into scheduler state from one:
 //! a backend sees only the [`weave_scheduler::ScheduledBatch`].
 
-pub mod analyze;
-pub mod backend;
-pub mod bench;
-pub mod cpu;
-pub mod cuda;
+pub mod backends;
 pub mod engine;
-pub mod experiments;
 pub mod generate;
 pub mod model;
 pub mod paths;
-pub mod plot;
-pub mod profile;
 pub mod replay;
 pub mod sampling;
-pub mod sim;
-pub mod steplog;
-pub mod trace;
+pub mod study;

@@ -8,7 +8,7 @@ mod common;
 
 use proptest::prelude::*;
 use std::sync::OnceLock;
-use weave::cuda::{no_gpu_reason, DevElem, Kernels};
+use weave::backends::cuda::{no_gpu_reason, DevElem, Kernels};
 use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
 use weave_kernels_gpu::ops::{self, RopeLayout};
 use weave_kernels_gpu::{Bf16, Elem, F16};

@@ -98,7 +98,7 @@ fn first_step_logits_match_reference() {
         let mut s = Scheduler::new(config(4096, true, false).sched).unwrap();
         s.add_request(NewRequest::new(0, prompt, 1)).unwrap();
         let b = s.schedule();
-        let mut be = weave::cpu::CpuBackend::new(lm.model.clone(), 1024, 16, 2, 0);
+        let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 1024, 16, 2, 0);
         let logits = be.forward(&b);
         for (id, want) in ids(&p["top_ids"]).iter().zip(p["top_logits"].as_array().unwrap()) {
             let err = (logits[*id as usize] as f64 - want.as_f64().unwrap()).abs();
@@ -212,10 +212,10 @@ fn stop_strings_cut_the_text_whatever_the_request_ids() {
 /// real, well-formed work), and a small profile yields a sane model.
 #[test]
 fn profile_batches_are_real_work_and_the_model_is_sane() {
-    use weave::profile::{profile_cpu, synthetic_batch, ProfileSpec, SynthSeq};
+    use weave::study::profile::{profile_cpu, synthetic_batch, ProfileSpec, SynthSeq};
     let Some(lm) = model() else { return };
     let vocab = lm.model.cfg.vocab_size;
-    let mut backend = weave::cpu::CpuBackend::new(lm.model.clone(), 64, 16, 2, 0);
+    let mut backend = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 64, 16, 2, 0);
     // First a 40-token prefill alone, filling its blocks; then the same sequence's next
     // token as a decode row inside a batch with two other sequences, against it alone.
     let prefill = [SynthSeq { query: 40, context: 0, samples: true }];

@@ -1,7 +1,7 @@
 //! Every bundled trace replays to completion with consistent accounting.
 
 use std::path::PathBuf;
-use weave::trace::Trace;
+use weave::replay::trace::Trace;
 
 fn traces() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../traces");

@@ -3,7 +3,7 @@
 //! GPU kernels take). Attention, the KV write, RMSNorm and rotary use `weave-kernels-gpu`'s
 //! portable code, so the CPU and GPU paths share one definition.
 
-use crate::backend::{Backend, StepResult};
+use crate::engine::{Backend, StepResult};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Linear, Weights};
 use crate::sampling::{sample, Rng, SamplingParams};

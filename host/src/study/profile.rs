@@ -1,6 +1,6 @@
 //! Step-time profiling of a real backend: designed batches are timed directly, the way Vidur
 //! profiles operators, and the simulator gets a cost model that was *measured* rather than
-//! regressed on whatever steps one workload happened to produce (see [`crate::sim::fit`]:
+//! regressed on whatever steps one workload happened to produce (see [`crate::study::sim::fit`]:
 //! there, tokens and attention pairs rise together and the fit cannot tell them apart).
 //!
 //! The design varies one thing at a time:
@@ -13,7 +13,7 @@
 //! Every point is timed `repeats` times in round-robin order (a machine that slows down for a
 //! while slows all points alike) and the median is kept.
 
-use crate::sim::{attention_pairs, CostModel};
+use crate::study::sim::{attention_pairs, CostModel};
 use serde::{Deserialize, Serialize};
 use weave_scheduler::{ScheduledBatch, SeqMeta};
 
@@ -181,7 +181,7 @@ impl CostModel for Profiled {
 #[serde(untagged)]
 pub enum MeasuredCost {
     Profiled(Profiled),
-    Fitted(crate::sim::Fitted),
+    Fitted(crate::study::sim::Fitted),
 }
 
 impl CostModel for MeasuredCost {
@@ -415,7 +415,7 @@ impl Profiler {
         if r.is_empty() {
             0.0
         } else {
-            crate::bench::median(&r)
+            crate::study::bench::median(&r)
         }
     }
 
@@ -454,13 +454,13 @@ fn fit_profile(
     let tg = spec.token_grid();
     let sg = spec.sampled_grid();
     let families = spec.attention_families();
-    let t: Vec<f64> = samples.iter().map(|s| crate::bench::median(s)).collect();
+    let t: Vec<f64> = samples.iter().map(|s| crate::study::bench::median(s)).collect();
     // Median over rounds and `k` repeats of the pair at `i`, `i + 2`, ... of design `i + 1`'s
     // time less design `i`'s (pairs are timed back to back).
     let diffs = |i: usize, k: usize| {
         let d: Vec<f64> =
             (0..k).flat_map(|j| samples[i + 2 * j].iter().zip(&samples[i + 2 * j + 1]).map(|(a, b)| b - a)).collect();
-        crate::bench::median(&d)
+        crate::study::bench::median(&d)
     };
     let diff = |i: usize| diffs(i, 1);
     let tokens: Vec<f64> = tg.iter().map(|&x| x as f64).collect();
@@ -553,7 +553,7 @@ fn fit_profile(
         decode_pair_s_by_shape: [slope(fam[0]), slope(fam[1])],
         prefill_key_s: prefill_slopes,
         max_abs_error: points.iter().fold(0.0, |m: f64, p| m.max(p.error().abs())),
-        median_abs_error: crate::bench::median(&points.iter().map(|p| p.error().abs()).collect::<Vec<_>>()),
+        median_abs_error: crate::study::bench::median(&points.iter().map(|p| p.error().abs()).collect::<Vec<_>>()),
         points,
     };
     Ok((model, report))
@@ -589,7 +589,7 @@ pub struct ProfilePoint {
 /// (forward pass and sampling) and returns its seconds.
 #[derive(Debug)]
 pub struct CpuTimer {
-    backend: crate::cpu::CpuBackend,
+    backend: crate::backends::cpu::CpuBackend,
     /// What is profiled, for [`Profiled::backend`].
     pub name: String,
 }
@@ -597,8 +597,13 @@ pub struct CpuTimer {
 impl CpuTimer {
     pub fn new(lm: &crate::generate::LoadedModel, spec: &ProfileSpec) -> CpuTimer {
         let c = &lm.model.cfg;
-        let mut backend =
-            crate::cpu::CpuBackend::new(lm.model.clone(), spec.num_blocks(), spec.block_size, spec.threads, 0);
+        let mut backend = crate::backends::cpu::CpuBackend::new(
+            lm.model.clone(),
+            spec.num_blocks(),
+            spec.block_size,
+            spec.threads,
+            0,
+        );
         backend.scribble_kv_cache();
         CpuTimer {
             backend,
@@ -606,7 +611,7 @@ impl CpuTimer {
         }
     }
     pub fn time(&mut self, b: &ScheduledBatch) -> anyhow::Result<f64> {
-        use crate::backend::Backend;
+        use crate::engine::Backend;
         let t0 = std::time::Instant::now();
         self.backend.execute(b)?;
         Ok(t0.elapsed().as_secs_f64())

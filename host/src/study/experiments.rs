@@ -1,9 +1,9 @@
 //! `weave experiment NAME`: tuning experiments on the simulator (any GPU and model profile),
 //! each a table (markdown, CSV, JSON) and a plot, written under `--out`.
 
-use crate::plot;
-use crate::profile::MeasuredCost;
-use crate::sim::{simulate, CostModel, Lengths, Metrics, WorkItem, Workload};
+use crate::study::plot;
+use crate::study::profile::MeasuredCost;
+use crate::study::sim::{simulate, CostModel, Lengths, Metrics, WorkItem, Workload};
 use serde::Serialize;
 use std::path::Path;
 use weave_scheduler::{PolicyKind, SchedulerConfig};
@@ -121,7 +121,7 @@ impl Runner for CpuRunner<'_> {
         items: &[WorkItem],
     ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
         let r = run_cpu(self.lm, cfg, items, self.threads)?;
-        let m = crate::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+        let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
         Ok((m, r))
     }
 }
@@ -256,8 +256,8 @@ pub fn run(name: &str, runner: &mut dyn Runner, kv_tokens: usize, scale: Scale) 
                         rep.outcomes.iter().filter(|o| o.num_prompt_tokens == long).filter_map(|o| o.ttft()).collect();
                     let short_tpot: Vec<f64> =
                         rep.outcomes.iter().filter(|o| o.num_prompt_tokens != long).filter_map(|o| o.tpot()).collect();
-                    let lt = crate::sim::Dist::of(&long_ttft);
-                    let st = crate::sim::Dist::of(&short_tpot);
+                    let lt = crate::study::sim::Dist::of(&long_ttft);
+                    let st = crate::study::sim::Dist::of(&short_tpot);
                     let label = format!(
                         "prompt {long}, {}",
                         if chunked { format!("chunked ({chunk})") } else { "not chunked".into() }
@@ -448,7 +448,8 @@ pub fn run_cpu(
     items: &[WorkItem],
     threads: usize,
 ) -> anyhow::Result<crate::engine::RunReport> {
-    let backend = crate::cpu::CpuBackend::new(lm.model.clone(), cfg.num_gpu_blocks, cfg.block_size, threads, 0);
+    let backend =
+        crate::backends::cpu::CpuBackend::new(lm.model.clone(), cfg.num_gpu_blocks, cfg.block_size, threads, 0);
     let mut engine = crate::engine::Engine::new(
         weave_scheduler::Scheduler::new(cfg.clone())?,
         backend,
@@ -456,7 +457,7 @@ pub fn run_cpu(
     );
     engine.collect_itl = true;
     let vocab = lm.model.cfg.vocab_size as u32;
-    let mut arrivals = crate::sim::arrivals(items);
+    let mut arrivals = crate::study::sim::arrivals(items);
     for a in &mut arrivals {
         for t in &mut a.request.prompt {
             *t = 1000 + (t.wrapping_mul(2_654_435_761) % (vocab - 1000)); // spread over the vocabulary
@@ -482,7 +483,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         num_gpu_blocks: 1024,
         ..Default::default()
     };
-    let spec = crate::profile::ProfileSpec {
+    let spec = crate::study::profile::ProfileSpec {
         max_tokens: 1024,
         max_seqs: 32,
         max_context: 1024,
@@ -505,7 +506,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         .items();
         measured.steps.extend(run_cpu(lm, &cfg(budget), &calib, threads)?.steps);
     }
-    let fitted = crate::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
+    let fitted = crate::study::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
     findings.push(format!(
         "log-fitted on {} measured steps: step time = {:.2e} + {:.2e}*max(0, tokens - {}) + {:.2e}*sampled + {:.2e}*attention pairs (s)",
         measured.steps.len(),
@@ -554,7 +555,8 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
             },
         ),
     ];
-    let mean = |v: &[crate::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
+    let mean =
+        |v: &[crate::engine::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
     let mut rows = Vec::new();
     let mut logs = Vec::new();
     let mut profiles = Vec::new();
@@ -564,25 +566,25 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         // the profile's rounds are spread over the real runs (one before, one after each), so
         // its medians see the machine as the runs did. Only designed batches are timed; the
         // workload stays unseen.
-        let mut profiler = crate::profile::Profiler::new(&spec)?;
-        let mut timer = crate::profile::CpuTimer::new(lm, &spec);
+        let mut profiler = crate::study::profile::Profiler::new(&spec)?;
+        let mut timer = crate::study::profile::CpuTimer::new(lm, &spec);
         profiler.round(&mut |b| timer.time(b), &mut |_, _| {})?;
         // The real runs are noisy too: medians of `repeats` runs.
         let mut reals = Vec::new();
         for _ in 0..repeats {
             let r = run_cpu(lm, &cfg(budget), &items, threads)?;
             profiler.round(&mut |b| timer.time(b), &mut |_, _| {})?;
-            let m = crate::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+            let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
             reals.push((mean(&r.steps), m, r.steps));
         }
         reals.sort_by(|a, b| a.1.ttft.mean.total_cmp(&b.1.ttft.mean));
         let (_, real_m, real_steps) = &reals[reals.len() / 2];
-        let rs = crate::bench::median(&reals.iter().map(|r| r.0).collect::<Vec<_>>());
+        let rs = crate::study::bench::median(&reals.iter().map(|r| r.0).collect::<Vec<_>>());
         logs.push((format!("{key}-real"), real_steps.clone()));
         let (profiled, report) = profiler.finish(timer.name.clone())?;
         findings.push(format!(
             "{label}: {}; the last round against the first (machine drift): median {:+.1}%",
-            crate::profile::describe(&profiled, &report),
+            crate::study::profile::describe(&profiled, &report),
             profiler.drift() * 100.0
         ));
         profiles.push((key.to_string(), profiled.clone()));
@@ -596,7 +598,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
             // The cost model alone, on the real run's own steps (no simulated queueing).
             let errs: Vec<f64> =
                 real_steps.iter().map(|s| ((cost.record_time(s) - s.duration) / s.duration).abs()).collect();
-            let step_mape = crate::bench::median(&errs);
+            let step_mape = crate::study::bench::median(&errs);
             let (sim_m, sim) = simulate(&cfg(budget), cost, &items, true, SLO)?;
             let ss = mean(&sim.steps);
             logs.push((format!("{key}-sim-{kind}"), sim.steps));
@@ -636,8 +638,8 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
 #[derive(Debug)]
 pub struct SimVsReal {
     pub table: Table,
-    pub logs: Vec<(String, Vec<crate::steplog::StepRecord>)>,
-    pub profiles: Vec<(String, crate::profile::Profiled)>,
+    pub logs: Vec<(String, Vec<crate::engine::steplog::StepRecord>)>,
+    pub profiles: Vec<(String, crate::study::profile::Profiled)>,
 }
 
 impl SimVsReal {

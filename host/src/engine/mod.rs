@@ -3,10 +3,13 @@
 //! `replay`, `simulate` and `generate` all run this loop with a different backend and clock,
 //! so the scheduler being studied is the scheduler being shipped.
 
-use crate::backend::Backend;
-use crate::steplog::{ScheduledRecord, StepRecord};
+mod backend;
+pub mod steplog;
+
+pub use backend::{Backend, StepResult};
 use std::collections::HashMap;
 use std::time::Instant;
+use steplog::{ScheduledRecord, StepRecord};
 use weave_scheduler::{FinishReason, NewRequest, RequestId, SchedError, Scheduler, StepUpdate};
 
 /// How the run's time advances.

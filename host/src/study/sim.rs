@@ -4,11 +4,11 @@
 //! Cost models: a roofline of a named GPU running a named model ([`Roofline`]), or a linear
 //! model fitted to measured step logs of a real backend ([`Fitted`], `weave calibrate`).
 
-use crate::backend::{Backend, StepResult, NULL_TOKEN};
+pub use crate::backends::sim::{attention_pairs, CostModel, SimBackend};
 use crate::engine::{Arrival, Clock, Engine, Outcome};
 use crate::sampling::Rng;
 use serde::{Deserialize, Serialize};
-use weave_scheduler::{NewRequest, ScheduledBatch, Scheduler, SchedulerConfig, StepOutput};
+use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
 
 /// A GPU as the roofline sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -106,23 +106,6 @@ pub fn find_model(name: &str) -> Result<ModelProfile, String> {
     ))
 }
 
-/// What a step costs, from its shape alone: `tokens` rows, `sampled` sampled rows, and each
-/// sequence's `(query rows, cached context)`. The same shape comes from a scheduled batch
-/// (simulating) or a logged step (checking a model against a real run).
-pub trait CostModel: std::fmt::Debug {
-    fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64;
-
-    fn step_time(&self, b: &ScheduledBatch) -> f64 {
-        let seqs = b.seqs.iter().map(|s| (s.num_query_tokens as f64, s.context_len as f64));
-        self.time(b.num_tokens() as f64, b.logits_indices.len() as f64, seqs)
-    }
-
-    /// The prediction for a logged step.
-    fn record_time(&self, s: &crate::steplog::StepRecord) -> f64 {
-        self.time(s.total_tokens() as f64, s.sampled_rows() as f64, s.seq_shapes())
-    }
-}
-
 /// Roofline: each part of the step takes the longer of its FLOPs at the achievable compute
 /// rate and its bytes at the achievable bandwidth; plus a fixed per-step overhead.
 #[derive(Debug, Clone)]
@@ -165,12 +148,6 @@ impl CostModel for Roofline {
     }
 }
 
-/// Query-key pairs a sequence's attention computes this step: `q` queries over `c` cached
-/// tokens and, causally, over themselves.
-pub fn attention_pairs(q: f64, c: f64) -> f64 {
-    q * c + q * (q + 1.0) / 2.0
-}
-
 /// Step time fitted to measured steps:
 /// `a + b * max(0, tokens - knee) + c * sampled + d * attention pairs`. Below the knee a step
 /// costs about the same whatever its size (reading the weights dominates); above it, the
@@ -197,14 +174,14 @@ impl CostModel for Fitted {
 }
 
 /// The regressors of a logged step.
-fn record_features(s: &crate::steplog::StepRecord, knee: f64) -> [f64; 4] {
+fn record_features(s: &crate::engine::steplog::StepRecord, knee: f64) -> [f64; 4] {
     let pairs: f64 = s.seq_shapes().map(|(q, c)| attention_pairs(q, c)).sum();
     features(s.total_tokens() as f64, s.sampled_rows() as f64, pairs, knee)
 }
 
 /// Least squares fit of [`Fitted`] to measured steps (from step logs), in relative error,
 /// with the knee chosen by grid search.
-pub fn fit(steps: &[crate::steplog::StepRecord]) -> Result<Fitted, String> {
+pub fn fit(steps: &[crate::engine::steplog::StepRecord]) -> Result<Fitted, String> {
     if steps.len() < 8 {
         return Err(format!("{} steps are too few to fit a step-time model (need at least 8)", steps.len()));
     }
@@ -223,7 +200,7 @@ pub fn fit(steps: &[crate::steplog::StepRecord]) -> Result<Fitted, String> {
     best.map(|b| b.1).ok_or_else(|| "the step-time fit is singular".into())
 }
 
-fn fit_with_knee(steps: &[crate::steplog::StepRecord], knee: f64) -> Option<Fitted> {
+fn fit_with_knee(steps: &[crate::engine::steplog::StepRecord], knee: f64) -> Option<Fitted> {
     let mut ata = [[0.0f64; 4]; 4];
     let mut atb = [0.0f64; 4];
     // Weighted by 1/duration^2: minimise relative error, so the many small (decode) steps
@@ -265,24 +242,6 @@ fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
         }
     }
     Some([b[0] / a[0][0], b[1] / a[1][1], b[2] / a[2][2], b[3] / a[3][3]])
-}
-
-/// The simulator's backend: no model, a synthetic token per sampling row, the cost model's time.
-#[derive(Debug)]
-pub struct SimBackend<C> {
-    pub cost: C,
-}
-
-impl<C: CostModel> Backend for SimBackend<C> {
-    fn name(&self) -> &'static str {
-        "sim"
-    }
-    fn execute(&mut self, b: &ScheduledBatch) -> anyhow::Result<StepResult> {
-        Ok(StepResult {
-            output: StepOutput { sampled: vec![NULL_TOKEN; b.logits_indices.len()] },
-            duration_s: Some(self.cost.step_time(b)),
-        })
-    }
 }
 
 /// A length distribution.
@@ -448,7 +407,7 @@ pub struct Dist {
 
 impl Dist {
     pub fn of(xs: &[f64]) -> Dist {
-        use crate::analyze::percentile;
+        use crate::study::analyze::percentile;
         if xs.is_empty() {
             return Dist::default();
         }
@@ -519,6 +478,7 @@ pub fn simulate<C: CostModel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weave_scheduler::StepOutput;
 
     #[test]
     fn workloads_have_the_asked_rate_and_shape() {
@@ -577,7 +537,7 @@ mod tests {
         for i in 0..50usize {
             let q = 1 + (i * 37) % 300;
             let c = (i * 91) % 1000;
-            let rec = crate::steplog::ScheduledRecord {
+            let rec = crate::engine::steplog::ScheduledRecord {
                 id: serde_json::json!(i),
                 num_tokens: q as u32,
                 is_prefill: q > 1,
@@ -586,7 +546,7 @@ mod tests {
             };
             let mut sched = vec![rec];
             for k in 0..(i % 7) {
-                sched.push(crate::steplog::ScheduledRecord {
+                sched.push(crate::engine::steplog::ScheduledRecord {
                     id: serde_json::json!(k),
                     num_tokens: 1,
                     is_prefill: false,
@@ -605,7 +565,7 @@ mod tests {
             let sampled = sched.iter().filter(|x| x.samples).count() as f64;
             let x = features(tokens as f64, sampled, pairs, 16.0);
             let duration: f64 = x.iter().zip(&truth).map(|(a, b)| a * b).sum();
-            steps.push(crate::steplog::StepRecord {
+            steps.push(crate::engine::steplog::StepRecord {
                 step: i as u64,
                 time: 0.0,
                 duration,

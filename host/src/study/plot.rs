@@ -2,7 +2,7 @@
 //! step; total with its mean), KV usage and queue depth. SVG through plotters; PNG by
 //! rasterising that SVG with resvg.
 
-use crate::steplog::StepRecord;
+use crate::engine::steplog::StepRecord;
 use plotters::prelude::*;
 use std::path::Path;
 

@@ -1,9 +1,11 @@
 //! `weave replay`: the real scheduler and block manager driven by a trace, no model.
 
-use crate::backend::NullBackend;
+pub mod trace;
+
+use crate::backends::null::NullBackend;
+use crate::engine::steplog::Summary;
 use crate::engine::{Clock, Engine, Event, RunReport};
-use crate::steplog::Summary;
-use crate::trace::Trace;
+use crate::replay::trace::Trace;
 use weave_scheduler::Scheduler;
 
 /// Replays `trace`; `on_event` sees rejections and steps as they happen.

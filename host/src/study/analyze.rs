@@ -1,7 +1,7 @@
 //! `weave analyze`: step logs (from replay, generate or simulate) summarised, compared, plotted,
 //! and exported as Chrome/Perfetto traces.
 
-use crate::steplog::{Stat, StepRecord};
+use crate::engine::steplog::{Stat, StepRecord};
 use serde::Serialize;
 use std::path::Path;
 
@@ -79,7 +79,7 @@ pub struct Analysis {
 }
 
 pub fn analyze(name: &str, steps: &[StepRecord]) -> Analysis {
-    let s = crate::steplog::Summary::from_steps(steps, "");
+    let s = crate::engine::steplog::Summary::from_steps(steps, "");
     let f = |g: fn(&StepRecord) -> f64| Stat::of(steps.iter().map(g));
     let durations: Vec<f64> = steps.iter().map(|r| r.duration).collect();
     Analysis {

@@ -1,6 +1,7 @@
 //! The per-step log every engine run can write, and the batch-composition summary over it.
 
 use serde::{Deserialize, Serialize};
+use std::io::Write;
 
 /// One scheduled sequence in a step record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,5 +166,58 @@ impl Summary {
             self.preemptions,
             100.0 * self.prefix_cache_hit_rate,
         )
+    }
+}
+
+/// A step log being written (JSONL, `-` = stdout). Event callbacks cannot return errors, so
+/// the first write error is kept and reported by [`StepLogWriter::finish`].
+pub struct StepLogWriter {
+    w: Option<Box<dyn std::io::Write + Send>>,
+    err: Option<anyhow::Error>,
+}
+
+impl std::fmt::Debug for StepLogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepLogWriter").field("open", &self.w.is_some()).finish()
+    }
+}
+
+impl StepLogWriter {
+    /// `None` writes nothing; `-` is stdout.
+    pub fn open(path: Option<&std::path::Path>) -> anyhow::Result<StepLogWriter> {
+        use anyhow::Context;
+        let w: Option<Box<dyn std::io::Write + Send>> = match path {
+            None => None,
+            Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+            Some(p) => Some(Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("cannot create step log {}", p.display()))?,
+            ))),
+        };
+        Ok(StepLogWriter { w, err: None })
+    }
+
+    /// Appends one JSON line.
+    pub fn line(&mut self, v: &impl Serialize) {
+        if let Some(w) = self.w.as_mut() {
+            if let Err(e) =
+                serde_json::to_writer(&mut *w, v).map_err(anyhow::Error::from).and_then(|_| Ok(writeln!(w)?))
+            {
+                self.err.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Writes the final summary line, or reports the first error.
+    pub fn finish(mut self, summary: Option<&impl Serialize>) -> anyhow::Result<()> {
+        if let Some(s) = summary {
+            self.line(s);
+        }
+        if let Some(e) = self.err {
+            return Err(e.context("writing the step log"));
+        }
+        if let Some(w) = self.w.as_mut() {
+            w.flush().map_err(|e| anyhow::Error::from(e).context("writing the step log"))?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,88 @@
+//! `weave bench generate`: Aggregate generation throughput at several concurrency levels (CPU backend), with
+
+use super::*;
+
+/// Aggregate generation throughput at several concurrency levels (CPU backend), with
+/// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = default_threads())]
+    pub threads: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// cpu, cuda or auto (see `weave generate --help`).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Path to llama.cpp's llama-batched-bench, to measure the baseline in the same run.
+    #[arg(long)]
+    pub llama_batched_bench: Option<PathBuf>,
+    /// Repetitions (interleaved with llama.cpp's); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let Args {
+        model,
+        concurrency,
+        prompt_len,
+        output_len,
+        threads,
+        max_num_batched_tokens,
+        device,
+        llama_batched_bench,
+        repeat,
+        json,
+    } = a;
+    let device = weave::backends::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
+    eprintln!("device: {device}");
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    let path = model.unwrap_or_else(weave::paths::default_model_path);
+    let lm = weave::generate::LoadedModel::load(&path)?;
+    let rows = weave::study::bench::bench_generate(
+        &lm,
+        &path,
+        &concurrency,
+        prompt_len,
+        output_len,
+        threads,
+        max_num_batched_tokens,
+        llama_batched_bench.as_deref(),
+        repeat,
+    )?;
+    let peak = weave::study::bench::peak_rss_mib();
+    if json {
+        println!("{}", serde_json::json!({"rows": rows, "peak_rss_mib": peak, "threads": threads}));
+    } else {
+        println!(
+            "weave bench generate: prompt {prompt_len} / output {output_len}, {threads} threads, {}",
+            path.display()
+        );
+        println!(
+            "{:>11} {:>10} {:>13} {:>14} {:>16} {:>8}",
+            "concurrency", "wall s", "total tok/s", "output tok/s", "llama.cpp tok/s", "ratio"
+        );
+        for r in &rows {
+            let base = r.llama_cpp_total_tok_s.map_or("-".into(), |x| format!("{x:.1}"));
+            let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+            println!(
+                "{:>11} {:>10.2} {:>13.1} {:>14.1} {:>16} {:>8}",
+                r.concurrency, r.wall_s, r.total_tok_s, r.output_tok_s, base, ratio
+            );
+        }
+        if let Some(p) = peak {
+            println!("peak RSS {p:.0} MiB");
+        }
+    }
+    Ok(())
+}

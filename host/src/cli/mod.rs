@@ -1,0 +1,173 @@
+//! The `weave` command line: one file per subcommand, each parsing its flags, calling the
+//! library and rendering the result. Options shared by several commands live here.
+
+pub mod analyze;
+pub mod bench;
+pub mod calibrate;
+pub mod experiment;
+pub mod generate;
+pub mod replay;
+pub mod simulate;
+
+pub use anyhow::Context;
+pub use std::path::PathBuf;
+pub use weave::engine::steplog::StepLogWriter as StepLog;
+pub use weave::engine::Event;
+
+/// Scheduler knobs shared by the commands that run a model.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SchedArgs {
+    /// Token budget per step (prefill chunk tokens + one per decode).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Cap on one request's prefill chunk per step (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub long_prefill_token_threshold: usize,
+    #[arg(long)]
+    pub no_chunked_prefill: bool,
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache size in tokens (default 16384; see also --kv-cache-gib).
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+    /// KV-cache size in GiB of memory, instead of --kv-cache-tokens.
+    #[arg(long, conflicts_with = "kv_cache_tokens")]
+    pub kv_cache_gib: Option<f64>,
+    /// Context limit (default: the model's).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Batching policy: fcfs, priority, static, adaptive.
+    #[arg(long, default_value = "fcfs")]
+    pub policy: weave_scheduler::PolicyKind,
+}
+
+impl SchedArgs {
+    pub fn config(
+        &self,
+        model: &weave::model::config::ModelConfig,
+    ) -> anyhow::Result<weave_scheduler::SchedulerConfig> {
+        let tokens = match (self.kv_cache_tokens, self.kv_cache_gib) {
+            (Some(t), _) => t,
+            (None, Some(g)) => {
+                (g * (1u64 << 30) as f64 / weave::backends::cpu::CpuBackend::kv_bytes_per_token(model) as f64) as usize
+            }
+            (None, None) => 16384,
+        };
+        let blocks = tokens / self.block_size;
+        anyhow::ensure!(blocks >= 1, "--kv-cache-tokens {tokens} holds no block of {} tokens", self.block_size);
+        let max_model_len = self.max_model_len.unwrap_or(model.context_length);
+        anyhow::ensure!(
+            max_model_len <= model.context_length,
+            "--max-model-len {max_model_len} is over the model's context length {}",
+            model.context_length
+        );
+        Ok(weave_scheduler::SchedulerConfig {
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_model_len,
+            block_size: self.block_size,
+            num_gpu_blocks: blocks + 1,
+            enable_chunked_prefill: !self.no_chunked_prefill,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+            enable_prefix_caching: !self.no_prefix_caching,
+            policy: self.policy,
+            ..Default::default()
+        })
+    }
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Cost model and workload options of the simulator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// GPU profile for the roofline cost model: a100-80gb, h100-sxm, h200.
+    #[arg(long, default_value = "h100-sxm")]
+    pub gpu: String,
+    /// Model profile (llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m) or a JSON profile file.
+    #[arg(long, default_value = "llama-3-8b")]
+    pub model_profile: String,
+    /// A fitted cost model from `weave calibrate` instead of the roofline.
+    #[arg(long)]
+    pub cost_model: Option<PathBuf>,
+    /// KV cache size in tokens (default: what fits the GPU's memory after the weights, at 90%).
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+}
+
+pub enum Cost {
+    Roofline(weave::study::sim::Roofline),
+    Measured(weave::study::profile::MeasuredCost),
+}
+
+impl SimArgs {
+    pub fn cost(&self) -> anyhow::Result<(Cost, usize)> {
+        if let Some(p) = &self.cost_model {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read cost model {}", p.display()))?;
+            let f: weave::study::profile::MeasuredCost = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a cost model from `weave calibrate` (profiled or fitted)", p.display())
+            })?;
+            return Ok((Cost::Measured(f), self.kv_cache_tokens.unwrap_or(16384)));
+        }
+        let gpu = weave::study::sim::find_gpu(&self.gpu).map_err(anyhow::Error::msg)?;
+        let model = weave::study::sim::find_model(&self.model_profile).map_err(anyhow::Error::msg)?;
+        let weights_gb = (model.layer_params() + (2 * model.hidden * model.vocab) as f64) * model.dtype_bytes / 1e9;
+        let free = (gpu.mem_gb * 0.9 - weights_gb).max(0.5) * 1e9;
+        let kv = self.kv_cache_tokens.unwrap_or((free / model.kv_bytes_per_token()) as usize);
+        Ok((Cost::Roofline(weave::study::sim::Roofline::new(gpu, model)), kv))
+    }
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "weave", version, about = "Continuous-batching LLM inference engine")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Cmd {
+    /// Summarise, compare, plot and export step logs (from replay, generate or simulate).
+    Analyze(analyze::Args),
+    /// Simulate serving: the real scheduler and block manager with a step-time cost model.
+    Simulate(simulate::Args),
+    /// Measure a step-time cost model for `weave simulate --cost-model`.
+    Calibrate(calibrate::Args),
+    /// Run a tuning experiment (batch-size, prefill-cap, chunked-prefill,
+    /// static-vs-continuous, adaptive, all) or sim-vs-real.
+    Experiment(experiment::Args),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Generate text with the real model (CPU backend), many requests batched continuously.
+    Generate(generate::Args),
+    /// Drive the scheduler and block manager with a trace (no model) and summarize the batches.
+    Replay(replay::Args),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCmd {
+    /// Aggregate generation throughput at several concurrency levels (CPU backend), with
+    /// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
+    Generate(bench::Args),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.cmd {
+            Cmd::Analyze(a) => analyze::run(a),
+            Cmd::Simulate(a) => simulate::run(a),
+            Cmd::Calibrate(a) => calibrate::run(a),
+            Cmd::Experiment(a) => experiment::run(a),
+            Cmd::Bench(BenchCmd::Generate(a)) => bench::run(a),
+            Cmd::Generate(a) => generate::run(a),
+            Cmd::Replay(a) => replay::run(a),
+        }
+    }
+}
