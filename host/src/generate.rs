@@ -150,6 +150,7 @@ pub fn generate(
             top_k: p.top_k.unwrap_or(cfg.sampling.top_k),
             top_p: p.top_p.unwrap_or(cfg.sampling.top_p),
             seed: p.seed.or(cfg.sampling.seed.map(|s| s.wrapping_add(i as u64))),
+            logprobs: cfg.sampling.logprobs,
         };
         if let Err(e) = sampling.validate() {
             rejected.push(reject(e));

@@ -13,13 +13,18 @@ pub struct SamplingParams {
     /// 1 = no nucleus cut.
     pub top_p: f32,
     pub seed: Option<u64>,
+    /// Report each sampled token's logprob and this many top alternatives (None = no logprobs).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None, logprobs: None }
     }
 }
+
+/// The most alternatives a request may ask logprobs for (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), String> {
@@ -29,8 +34,32 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        if let Some(n) = self.logprobs {
+            if n > MAX_LOGPROBS {
+                return Err(format!("logprobs must be at most {MAX_LOGPROBS}, got {n}"));
+            }
+        }
         Ok(())
     }
+}
+
+/// `token`'s log-probability in the softmax of `logits`, and the `top` most likely tokens with
+/// theirs (highest first, ties by lower id). Computed in f64 so that it sums to one.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> crate::engine::TokenLogprobs {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    let lp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
+    let mut best: Vec<u32> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let k = top.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, by_logit);
+        idx.truncate(k);
+        idx.sort_unstable_by(by_logit);
+        best = idx;
+    }
+    crate::engine::TokenLogprobs { logprob: lp(token), top: best.into_iter().map(|i| (i, lp(i))).collect() }
 }
 
 /// SplitMix64: tiny, fast, and a fixed sequence for a fixed seed on every platform.
@@ -123,5 +152,20 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
         assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { logprobs: Some(21), ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let l = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((l.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6, "{l:?}");
+        // Highest first, the tie broken by the lower id.
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f64 =
+            logits.iter().enumerate().map(|(i, _)| (logprobs(&logits, i as u32, 0).logprob as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
     }
 }

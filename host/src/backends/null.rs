@@ -19,6 +19,7 @@ impl Backend for NullBackend {
         Ok(StepResult {
             output: StepOutput { sampled: vec![NULL_TOKEN; batch.logits_indices.len()] },
             duration_s: Some(1.0),
+            logprobs: Vec::new(),
         })
     }
 }

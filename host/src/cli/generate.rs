@@ -89,7 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = GenerateConfig {
         sched: sched.config(&lm.model.cfg)?,
         default_max_tokens: max_tokens,
-        sampling: weave::sampling::SamplingParams { temperature, top_k, top_p, seed },
+        sampling: weave::sampling::SamplingParams { temperature, top_k, top_p, seed, logprobs: None },
         chat,
         ignore_eos,
         threads,

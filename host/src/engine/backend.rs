@@ -13,6 +13,17 @@ pub struct StepResult {
     /// How long the step took on this backend's clock, in seconds, if it has its own clock
     /// (a simulator); `None` means the engine measures wall time.
     pub duration_s: Option<f64>,
+    /// Beside `output.sampled`, each row's logprobs when its request asked for them; empty
+    /// when no row did.
+    pub logprobs: Vec<Option<TokenLogprobs>>,
+}
+
+/// A sampled token's log-probability under the model (raw logits, before temperature and
+/// truncation, as OpenAI and vLLM report it) and the `top` most likely tokens with theirs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 pub trait Backend {

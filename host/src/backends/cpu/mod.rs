@@ -270,10 +270,21 @@ impl Backend for CpuBackend {
         let vocab = self.model.cfg.vocab_size;
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
         let mut sampled = Vec::with_capacity(ids.len());
-        for (row, id) in logits.chunks_mut(vocab).zip(ids) {
+        let mut logprobs = Vec::new();
+        for (i, (row, id)) in logits.chunks_mut(vocab).zip(ids).enumerate() {
             let (p, rng) = self.sampling.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
-            sampled.push(sample(row, p, rng));
+            // Logprobs are of the raw logits: taken before sampling may touch the row.
+            let raw = p.logprobs.map(|top| (top, row.to_vec()));
+            let tok = sample(row, p, rng);
+            if let Some((top, raw)) = raw {
+                logprobs.resize(i, None);
+                logprobs.push(Some(crate::sampling::logprobs(&raw, tok, top)));
+            }
+            sampled.push(tok);
         }
-        Ok(StepResult { output: StepOutput { sampled }, duration_s: None })
+        if !logprobs.is_empty() {
+            logprobs.resize(sampled.len(), None);
+        }
+        Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs })
     }
 }
