@@ -6,6 +6,8 @@
 //! - [`model`]: GGUF, dequantization, config, weights, tokenizer, chat template;
 //! - [`sampling`]: greedy, temperature, top-k, top-p with per-request seeds;
 //! - drivers over the engine: [`generate`] (real generation), [`replay`] (traces, no model);
+//! - [`serve`]: the OpenAI-compatible server and the serving benchmark client;
+//! - [`workload`]: seeded arrivals and length distributions (simulator and serving bench);
 //! - [`study`]: the analyzer and plots, the simulator and its cost models, the profiler, the
 //!   experiments and the generation benchmark.
 //!
@@ -21,4 +23,6 @@ pub mod model;
 pub mod paths;
 pub mod replay;
 pub mod sampling;
+pub mod serve;
 pub mod study;
+pub mod workload;

@@ -3,10 +3,12 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod bench_serve;
 pub mod calibrate;
 pub mod experiment;
 pub mod generate;
 pub mod replay;
+pub mod serve;
 pub mod simulate;
 
 pub use anyhow::Context;
@@ -149,6 +151,8 @@ pub enum Cmd {
     Generate(generate::Args),
     /// Drive the scheduler and block manager with a trace (no model) and summarize the batches.
     Replay(replay::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with Prometheus metrics.
+    Serve(serve::Args),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -156,6 +160,9 @@ pub enum BenchCmd {
     /// Aggregate generation throughput at several concurrency levels (CPU backend), with
     /// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
     Generate(bench::Args),
+    /// Load an OpenAI-compatible server (weave's or another's) and report throughput, goodput
+    /// and TTFT/TPOT/ITL/E2EL, as `vllm bench serve` does.
+    Serve(bench_serve::Args),
 }
 
 impl Cli {
@@ -168,6 +175,8 @@ impl Cli {
             Cmd::Bench(BenchCmd::Generate(a)) => bench::run(a),
             Cmd::Generate(a) => generate::run(a),
             Cmd::Replay(a) => replay::run(a),
+            Cmd::Serve(a) => serve::run(a),
+            Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(a),
         }
     }
 }

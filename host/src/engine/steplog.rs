@@ -196,6 +196,11 @@ impl StepLogWriter {
         Ok(StepLogWriter { w, err: None })
     }
 
+    /// Whether lines go anywhere.
+    pub fn is_open(&self) -> bool {
+        self.w.is_some()
+    }
+
     /// Appends one JSON line.
     pub fn line(&mut self, v: &impl Serialize) {
         if let Some(w) = self.w.as_mut() {

@@ -19,11 +19,19 @@ impl ChatTemplate {
 
     /// The prompt text for one user turn, ending where the assistant's reply begins.
     pub fn render_user(&self, user: &str) -> Result<String, String> {
+        self.render(&[("user".to_string(), user.to_string())])
+    }
+
+    /// The prompt text for a conversation of `(role, content)` messages, ending where the
+    /// assistant's reply begins.
+    pub fn render(&self, messages: &[(String, String)]) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         env.add_template("chat", &self.source).map_err(|e| format!("chat template does not parse: {e}"))?;
         let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        let messages: Vec<_> =
+            messages.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
         t.render(minijinja::context! {
-            messages => vec![minijinja::context! { role => "user", content => user }],
+            messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos.clone(),
             eos_token => self.eos.clone(),

@@ -27,7 +27,7 @@ pub enum TokenizerError {
     Encode(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WeaveTokenizer {
     inner: Tokenizer,
     pub bos: Option<u32>,

@@ -1,0 +1,101 @@
+//! `weave serve`: the OpenAI-compatible server.
+
+use super::*;
+use std::time::Duration;
+
+/// Serve the model over an OpenAI-compatible HTTP API (completions and chat, streamed or
+/// not), with Prometheus metrics at /metrics.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GGUF model (default: the reference model fetched by `cargo xtask fetch-model`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients give as `model` (default: the GGUF file name without .gguf).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most sequences waiting to run before new requests get 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// On SIGINT/SIGTERM, how long running requests may take to finish (seconds).
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Most samples (`n`) one request may ask for.
+    #[arg(long, default_value_t = 16)]
+    pub max_n: usize,
+    /// Seed for requests that bring none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub sched: SchedArgs,
+    #[arg(long, default_value_t = default_threads())]
+    pub threads: usize,
+    /// cpu, cuda or auto (the CUDA model backend is not written yet; auto falls back to cpu).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Write the per-step JSONL here (for `weave analyze`).
+    #[arg(long)]
+    pub step_log: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = weave::backends::cuda::describe_device(&a.device).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(a.shutdown_timeout >= 0.0, "--shutdown-timeout must be >= 0, got {}", a.shutdown_timeout);
+    anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
+    rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
+    let path = a.model.unwrap_or_else(weave::paths::default_model_path);
+    let lm = weave::generate::LoadedModel::load(&path)?;
+    let cfg = weave::serve::ServeConfig {
+        sched: a.sched.config(&lm.model.cfg)?,
+        threads: a.threads,
+        seed: a.seed,
+        model_name: a.served_model_name.unwrap_or_else(|| weave::serve::default_model_name(&lm)),
+        max_waiting: a.max_waiting,
+        max_n: a.max_n.max(1),
+    };
+    let log = StepLog::open(a.step_log.as_deref())?;
+    let app = weave::serve::start_cpu(&lm, &cfg, log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener =
+            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "weave serve: {} on http://{} (device {device}, {} threads, KV cache {} tokens, max_model_len {})",
+            cfg.model_name,
+            listener.local_addr()?,
+            a.threads,
+            (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,
+            cfg.sched.max_model_len
+        );
+        weave::serve::serve_until(app, listener, shutdown_signal(), Duration::from_secs_f64(a.shutdown_timeout)).await
+    })?;
+    eprintln!("weave serve: stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let int = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = int.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = int => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = int.await;
+    }
+}

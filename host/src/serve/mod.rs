@@ -1,0 +1,110 @@
+//! `weave serve`: an OpenAI-compatible HTTP server over the engine, and `weave bench serve`,
+//! a load generator for any OpenAI-compatible server.
+//!
+//! - [`core`]: the engine thread, fed by a bounded channel of new sequences and an
+//!   unbounded one of aborts; each sequence's tokens go back on its own channel;
+//! - [`http`]: axum routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+//!   `/health`, `/metrics`, `/tokenize`, `/detokenize`), request checking, SSE streams;
+//! - [`openai`]: the wire types; [`metrics`]: Prometheus metrics under vLLM's names;
+//! - [`bench`]: the serving benchmark client.
+//!
+//! Serving drives the same engine as every other command: the scheduler and the backend do
+//! not know an HTTP request from a line of a trace.
+
+pub mod bench;
+pub mod core;
+pub mod http;
+pub mod metrics;
+pub mod openai;
+
+use crate::backends::cpu::CpuBackend;
+use crate::engine::steplog::StepLogWriter;
+use crate::engine::{Clock, Engine};
+use crate::generate::LoadedModel;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use weave_scheduler::{Scheduler, SchedulerConfig};
+
+/// How a server is set up, beyond the model and the scheduler.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub sched: SchedulerConfig,
+    pub threads: usize,
+    /// Seed for requests that bring none.
+    pub seed: u64,
+    /// The name clients use (`model`); a request for another gets 404.
+    pub model_name: String,
+    /// Most sequences waiting (queued or in the scheduler's queue) before new ones get 429.
+    pub max_waiting: usize,
+    /// Most samples (`n`) per request.
+    pub max_n: usize,
+}
+
+/// The model's name as served, by default: its file name without `.gguf`.
+pub fn default_model_name(lm: &LoadedModel) -> String {
+    let f = lm.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    f.strip_suffix(".gguf").map(String::from).unwrap_or(f)
+}
+
+/// Starts the engine thread on the CPU backend and builds what the handlers share.
+pub fn start_cpu(lm: &LoadedModel, cfg: &ServeConfig, step_log: StepLogWriter) -> anyhow::Result<Arc<http::App>> {
+    let backend =
+        CpuBackend::new(lm.model.clone(), cfg.sched.num_gpu_blocks, cfg.sched.block_size, cfg.threads, cfg.seed);
+    let engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
+    let mut engine = engine;
+    // A server runs for days: its step records go to the log, never into memory.
+    engine.keep_steps = step_log.is_open();
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.model_name));
+    let tokenizer = Arc::new(lm.tokenizer.clone());
+    let handle = core::EngineHandle::spawn(engine, tokenizer.clone(), metrics.clone(), step_log, cfg.max_waiting)?;
+    Ok(Arc::new(http::App {
+        engine: handle,
+        tokenizer,
+        chat: lm.chat.clone(),
+        model_name: cfg.model_name.clone(),
+        max_model_len: cfg.sched.max_model_len,
+        metrics,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        max_n: cfg.max_n,
+        next_request: AtomicU64::new(0),
+    }))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops taking requests (503),
+/// lets the running ones finish for up to `drain_timeout`, aborts what is left and returns.
+pub async fn serve_until(
+    app: Arc<http::App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_timeout: Duration,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.await;
+    let in_flight = app.engine.stats.running.load(std::sync::atomic::Ordering::SeqCst)
+        + app.engine.stats.waiting.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "weave serve: shutting down; draining {in_flight} request(s) (up to {:.0} s)",
+        drain_timeout.as_secs_f64()
+    );
+    app.engine.drain();
+    let a = app.clone();
+    let drained = tokio::task::spawn_blocking(move || a.engine.wait_stopped(drain_timeout)).await?;
+    if !drained {
+        eprintln!("weave serve: drain timed out; aborting what is left");
+    }
+    let a = app.clone();
+    let engine_result = tokio::task::spawn_blocking(move || a.engine.stop()).await?;
+    // The engine is gone, so every stream has ended; connections close as they finish.
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(r) => r??,
+        Err(_) => eprintln!("weave serve: connections still open after 5 s; closing them"),
+    }
+    engine_result
+}
