@@ -207,3 +207,58 @@ fn skip(reason: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }
+
+/// `weave serve` as a process: SIGTERM refuses new work, lets the running stream finish, and
+/// the server exits 0.
+#[test]
+#[cfg(unix)]
+fn serve_drains_and_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let model =
+        std::env::var_os("WEAVE_MODEL").map(std::path::PathBuf::from).unwrap_or_else(weave::paths::default_model_path);
+    if !model.exists() {
+        let _ = writeln!(std::io::stderr(), "skipped: reference model not found at {}", model.display());
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weave"))
+        .args(["serve", "--port", "0", "--threads", "1", "--kv-cache-tokens", "4096"])
+        .arg("--model")
+        .arg(&model)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "serve exited before listening");
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let post = |body: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        s
+    };
+    let mut stream = post(r#"{"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": true, "stream": true}"#);
+    // Wait for the first token, so that the request is running when the signal comes.
+    let mut first = [0u8; 256];
+    let n = stream.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\"") && rest.contains("data: [DONE]"), "{rest}");
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("shutting down; draining 1 request"), "{log}");
+}

@@ -544,7 +544,7 @@ async fn dropped_streams_free_their_blocks_within_a_step() {
     assert_eq!(s.metric("weave:request_success_total").await, 50.0);
     let (_, metrics) = s.get("/metrics").await;
     assert!(metrics.contains("finished_reason=\"abort\""), "aborts are counted as such");
-    assert_eq!(s.metric("weave:generation_tokens_total").await < 50.0 * 400.0, true);
+    assert!(s.metric("weave:generation_tokens_total").await < 50.0 * 400.0, "the streams were cut short");
     let s = Arc::into_inner(s).unwrap();
     s.shutdown().await;
 }

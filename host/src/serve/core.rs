@@ -315,8 +315,13 @@ impl<B: Backend> Core<B> {
             if draining {
                 self.refuse_queued(add_rx);
             } else {
+                let mut admitted = false;
                 while let Ok(a) = add_rx.try_recv() {
                     self.admit(a, t0);
+                    admitted = true;
+                }
+                if admitted {
+                    self.publish();
                 }
             }
             if !self.engine.has_unfinished() {
@@ -326,7 +331,10 @@ impl<B: Backend> Core<B> {
                 }
                 // Idle: sleep until something comes.
                 crossbeam_channel::select! {
-                    recv(add_rx) -> m => if let Ok(a) = m { self.admit(a, t0) },
+                    recv(add_rx) -> m => if let Ok(a) = m {
+                        self.admit(a, t0);
+                        self.publish();
+                    },
                     recv(ctl_rx) -> m => match m {
                         Ok(Control::Abort(id)) => self.abort(id, t0),
                         Ok(Control::Drain) => draining = true,
