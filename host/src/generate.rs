@@ -7,7 +7,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::config::ModelConfig;
 use crate::model::gguf::Gguf;
 use crate::model::tokenizer::{StreamDecoder, WeaveTokenizer};
-use crate::model::weights::Weights;
+use crate::model::weights::{Precision, Weights};
 use crate::sampling::SamplingParams;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,12 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Loads with the default precision ([`Precision::Quant`]).
     pub fn load(path: &Path) -> anyhow::Result<LoadedModel> {
+        Self::load_with(path, Precision::default())
+    }
+
+    pub fn load_with(path: &Path, precision: Precision) -> anyhow::Result<LoadedModel> {
         if !path.exists() {
             bail!(
                 "model file {} does not exist; fetch the reference model with `cargo xtask fetch-model`, or pass --model PATH",
@@ -45,7 +50,7 @@ impl LoadedModel {
             );
         }
         let chat = ChatTemplate::from_gguf(&g, &tokenizer.bos_text, &tokenizer.eos_text);
-        let w = Weights::load(&g, &cfg)?;
+        let w = Weights::load(&g, &cfg, precision)?;
         let max_pos = cfg.context_length;
         Ok(LoadedModel { path: path.into(), model: Arc::new(CpuModel::new(cfg, w, max_pos)), tokenizer, chat })
     }

@@ -9,18 +9,19 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use weave::generate::{generate, GenerateConfig, LoadedModel, PromptSpec};
+use weave::model::weights::Precision;
 use weave::sampling::SamplingParams;
 use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
 
-/// The reference model, or `None` after saying `skipped: ...` (once per test).
-fn model() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Result<LoadedModel, String>> = OnceLock::new();
-    let m = M.get_or_init(|| {
+/// The reference model at `precision`, or `None` after saying `skipped: ...` (once per test).
+fn model_at(precision: Precision) -> Option<&'static LoadedModel> {
+    static M: [OnceLock<Result<LoadedModel, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let m = M[precision as usize].get_or_init(|| {
         let p = std::env::var_os("WEAVE_MODEL").map(PathBuf::from).unwrap_or_else(weave::paths::default_model_path);
         if !p.exists() {
             return Err(format!("reference model not found at {} (run `cargo xtask fetch-model`)", p.display()));
         }
-        Ok(LoadedModel::load(&p).expect("reference model loads"))
+        Ok(LoadedModel::load_with(&p, precision).expect("reference model loads"))
     });
     match m {
         Ok(lm) => Some(lm),
@@ -29,6 +30,11 @@ fn model() -> Option<&'static LoadedModel> {
             None
         }
     }
+}
+
+/// The exact path (f32 weights), which the golden tolerances are for.
+fn model() -> Option<&'static LoadedModel> {
+    model_at(Precision::F32)
 }
 
 fn golden() -> Value {
@@ -145,7 +151,13 @@ fn greedy_continuations_match_reference() {
 
 #[test]
 fn batch_invariance() {
-    let Some(lm) = model() else { return };
+    for precision in [Precision::F32, Precision::Quant] {
+        let Some(lm) = model_at(precision) else { return };
+        batch_invariance_at(lm, precision);
+    }
+}
+
+fn batch_invariance_at(lm: &LoadedModel, precision: Precision) {
     let target =
         PromptSpec { prompt: "The quick brown fox jumps over the lazy dog. Then the fox".into(), ..Default::default() };
     let alone = run(lm, &config(2048, true, true), std::slice::from_ref(&target))[0].clone();
@@ -168,8 +180,8 @@ fn batch_invariance() {
         ("no prefix caching", config(64, true, false)),
     ] {
         let outs = run(lm, &cfg, &busy);
-        assert_eq!(outs[2], alone, "{name}: target inside the batch");
-        assert_eq!(outs[4], alone, "{name}: target again (prefix-cache hit when caching)");
+        assert_eq!(outs[2], alone, "{precision:?}, {name}: target inside the batch");
+        assert_eq!(outs[4], alone, "{precision:?}, {name}: target again (prefix-cache hit when caching)");
     }
 }
 
@@ -245,4 +257,79 @@ fn profile_batches_are_real_work_and_the_model_is_sane() {
     assert!(m.prefill_row_s.windows(2).all(|w| w[0] <= w[1]), "prefill curve not monotone: {:?}", m.prefill_row_s);
     assert_eq!(report.points.len(), spec.designs().len());
     assert!(report.points.iter().all(|p| p.measured_s > 0.0 && p.predicted_s > 0.0));
+}
+
+/// First-step logits of `prompt` on `lm` (a fresh backend, one prefill).
+fn first_logits(lm: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
+    let mut s = Scheduler::new(config(4096, true, false).sched).unwrap();
+    s.add_request(NewRequest::new(0, prompt.to_vec(), 1)).unwrap();
+    let b = s.schedule();
+    weave::backends::cpu::CpuBackend::new(lm.model.clone(), 1024, 16, 2, 0).forward(&b)
+}
+
+/// The quantized default (packed weights, 8-bit activations per block of 32, as llama.cpp
+/// computes Q4_1) states its bound: over the reference's top-10 tokens of each golden prompt,
+/// logit differences to the top token (what sampling sees) within 0.6 of the reference, and
+/// logits within 0.5. On this file llama.cpp's own first step is within 0.15-0.41 of the
+/// reference by the first measure (`llama-server` `n_probs`, docs/PERFORMANCE.md).
+#[test]
+fn quantized_first_step_logits_within_stated_bound() {
+    let Some(lm) = model_at(Precision::Quant) else { return };
+    let g = golden();
+    let (mut worst_rel, mut worst_abs) = (0f64, 0f64);
+    for p in g["prompts"].as_array().unwrap() {
+        let logits = first_logits(lm, &ids(&p["prompt_ids"]));
+        let top = ids(&p["top_ids"]);
+        let want: Vec<f64> = p["top_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let l0 = logits[top[0] as usize] as f64;
+        for (k, id) in top.iter().enumerate().take(10) {
+            let l = logits[*id as usize] as f64;
+            worst_rel = worst_rel.max(((l - l0) - (want[k] - want[0])).abs());
+            worst_abs = worst_abs.max((l - want[k]).abs());
+        }
+    }
+    println!("quantized: top-10 relative logits within {worst_rel:.3}, logits within {worst_abs:.3} of the reference");
+    assert!(worst_rel < 0.6, "relative logits differ from the reference by up to {worst_rel}");
+    assert!(worst_abs < 0.5, "logits differ from the reference by up to {worst_abs}");
+}
+
+/// Greedy decoding on the quantized path against the reference: where the two part, the
+/// reference's own top-2 gap at that step (measured on the exact path, which matches the
+/// reference to 1e-3) is within the stated bound, i.e. the step was a near-tie that 8-bit
+/// activations may flip. llama.cpp parts from the same reference too (after 5 and 12 tokens
+/// on "short" and "code").
+#[test]
+fn quantized_greedy_parts_only_at_near_ties() {
+    let (Some(lq), Some(lf)) = (model_at(Precision::Quant), model_at(Precision::F32)) else { return };
+    let g = golden();
+    let mut report = Vec::new();
+    for p in g["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["prompt_ids"]);
+        let want = ids(&p["greedy"]);
+        let spec = PromptSpec { prompt: lq.tokenizer.decode(&prompt), ..Default::default() };
+        let mut cfg = config(2048, true, false);
+        cfg.default_max_tokens = want.len();
+        let r = generate(lq, &cfg, std::slice::from_ref(&spec), &mut |_| {}).unwrap();
+        assert_eq!(r.completions[0].prompt_token_ids, prompt, "{}: re-encoding", p["name"]);
+        let ours = &r.completions[0].output_token_ids;
+        let same = ours.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if same == want.len() {
+            report.push(format!("{}: 24/24", p["name"]));
+            continue;
+        }
+        let mut ctx = prompt.clone();
+        ctx.extend(&want[..same]);
+        let logits = first_logits(lf, &ctx);
+        let (a, b) = (logits[want[same] as usize], logits[ours[same] as usize]);
+        let gap = (a - b) as f64;
+        report.push(format!("{}: {same}/24, parted where the reference's margin was {gap:.3}", p["name"]));
+        assert!(
+            gap < 0.6,
+            "{}: parted after {same} tokens where the reference preferred {} over {} by {gap}, more than the stated bound",
+            p["name"],
+            want[same],
+            ours[same]
+        );
+    }
+    println!("quantized greedy vs reference: {}", report.join("; "));
 }

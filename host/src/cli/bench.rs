@@ -16,6 +16,10 @@ pub struct Args {
     pub output_len: usize,
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
+    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
+    /// (dequantize at load: exact, 4x+ the memory).
+    #[arg(long, default_value = "quant")]
+    pub cpu_precision: weave::model::weights::Precision,
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
     /// cpu, cuda or auto (see `weave generate --help`).
@@ -38,6 +42,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prompt_len,
         output_len,
         threads,
+        cpu_precision,
         max_num_batched_tokens,
         device,
         llama_batched_bench,
@@ -48,7 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     eprintln!("device: {device}");
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let path = model.unwrap_or_else(weave::paths::default_model_path);
-    let lm = weave::generate::LoadedModel::load(&path)?;
+    let lm = weave::generate::LoadedModel::load_with(&path, cpu_precision)?;
     let rows = weave::study::bench::bench_generate(
         &lm,
         &path,

@@ -40,6 +40,10 @@ pub struct Args {
     pub sched: SchedArgs,
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
+    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
+    /// (dequantize at load: exact, 4x+ the memory).
+    #[arg(long, default_value = "quant")]
+    pub cpu_precision: weave::model::weights::Precision,
     /// cpu, cuda or auto (the GPU when one works; the CUDA model backend is not written
     /// yet, so auto falls back to cpu and says why).
     #[arg(long, default_value = "auto")]
@@ -67,6 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ignore_eos,
         sched,
         threads,
+        cpu_precision,
         device,
         json,
         step_log,
@@ -85,7 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let path = model.unwrap_or_else(weave::paths::default_model_path);
     let t_load = std::time::Instant::now();
-    let lm = LoadedModel::load(&path)?;
+    let lm = LoadedModel::load_with(&path, cpu_precision)?;
     let cfg = GenerateConfig {
         sched: sched.config(&lm.model.cfg)?,
         default_max_tokens: max_tokens,

@@ -33,6 +33,10 @@ pub struct Args {
     pub sched: SchedArgs,
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
+    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
+    /// (dequantize at load: exact, 4x+ the memory).
+    #[arg(long, default_value = "quant")]
+    pub cpu_precision: weave::model::weights::Precision,
     /// cpu, cuda or auto (the CUDA model backend is not written yet; auto falls back to cpu).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -47,7 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
     rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
     let path = a.model.unwrap_or_else(weave::paths::default_model_path);
-    let lm = weave::generate::LoadedModel::load(&path)?;
+    let lm = weave::generate::LoadedModel::load_with(&path, a.cpu_precision)?;
     let cfg = weave::serve::ServeConfig {
         sched: a.sched.config(&lm.model.cfg)?,
         threads: a.threads,

@@ -340,6 +340,11 @@ impl Gguf {
             .ok_or_else(|| GgufError::MissingTensor { path: self.path.clone(), name: name.into() })
     }
 
+    /// The tensor's raw bytes as stored (range checked at open).
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.bytes[t.start..t.start + t.len]
+    }
+
     /// The tensor dequantized to f32, checked against `expected` (ggml order) if given.
     pub fn tensor_f32(&self, name: &str, expected: Option<&[u64]>) -> Result<Vec<f32>, GgufError> {
         let t = self.tensor(name)?;

@@ -1,15 +1,108 @@
-//! The model's weights, dequantized to f32 once at load. Linear layers are row-major
-//! `[out][in]` (GGUF's own order); Q/K/V and gate/up are fused into one matrix each so a
-//! layer runs two GEMMs fewer.
+//! The model's weights. Linear layers are row-major `[out][in]` (GGUF's own order); Q/K/V and
+//! gate/up are fused into one matrix each so a layer runs two GEMMs fewer.
+//!
+//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1 and Q8_0 tensors packed (see
+//! `backends::cpu::qmatmul`), [`Precision::F32`] dequantizes every tensor to f32 once at load
+//! (the exact path, checked against the f64 reference). Tensors of other types are f32 in both.
 
 use super::config::{ConfigError, ModelConfig};
-use super::gguf::Gguf;
+use super::gguf::{GgmlType, Gguf};
+use crate::backends::cpu::qmatmul::QMatrix;
+
+/// How the CPU backend holds and multiplies weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Quantized weights kept packed; activations quantized to 8 bits per block of 32.
+    #[default]
+    Quant,
+    /// Every weight dequantized to f32: exact products, four or more times the memory.
+    F32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quant" | "auto" => Ok(Precision::Quant),
+            "f32" => Ok(Precision::F32),
+            other => Err(format!("unknown CPU precision {other:?}: use quant or f32")),
+        }
+    }
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Quant => "quant",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+/// A weight matrix, `[out_dim][in_dim]`.
+#[derive(Debug)]
+pub enum LinearData {
+    F32(Vec<f32>),
+    Quant(QMatrix),
+}
 
 #[derive(Debug)]
 pub struct Linear {
-    pub w: Vec<f32>,
+    pub data: LinearData,
     pub out_dim: usize,
     pub in_dim: usize,
+}
+
+impl Linear {
+    /// Row `r` in f32 (the embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        match &self.data {
+            LinearData::F32(w) => out.copy_from_slice(&w[r * self.in_dim..(r + 1) * self.in_dim]),
+            LinearData::Quant(q) => q.dequant_row(r, out),
+        }
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn size_bytes(&self) -> usize {
+        match &self.data {
+            LinearData::F32(w) => 4 * w.len(),
+            LinearData::Quant(q) => q.size_bytes(),
+        }
+    }
+
+    /// Stacks `names` (each `[outs[i]][inp]`) into one matrix: packed when every part is of
+    /// one packable kind and `precision` allows it, f32 otherwise.
+    fn load(g: &Gguf, names: &[&str], outs: &[u64], inp: u64, precision: Precision) -> Result<Linear, ConfigError> {
+        let out_dim = outs.iter().sum::<u64>() as usize;
+        if precision == Precision::Quant {
+            let mut parts = Vec::with_capacity(names.len());
+            for (n, &o) in names.iter().zip(outs) {
+                let t = g.tensor(n)?;
+                if t.dims != [inp, o] {
+                    break;
+                }
+                match QMatrix::from_ggml(t.ty, o as usize, inp as usize, g.tensor_bytes(t)) {
+                    Some(q) if t.ty != GgmlType::F32 => parts.push(q),
+                    _ => break,
+                }
+            }
+            if parts.len() == names.len() && parts.iter().all(|p| p.kind == parts[0].kind) {
+                let mut m = parts.remove(0);
+                for p in parts {
+                    m.rows += p.rows;
+                    m.qs.extend(p.qs);
+                    m.d.extend(p.d);
+                    m.m.extend(p.m);
+                }
+                return Ok(Linear { data: LinearData::Quant(m), out_dim, in_dim: inp as usize });
+            }
+        }
+        let mut w = Vec::new();
+        for (n, &o) in names.iter().zip(outs) {
+            w.extend(g.tensor_f32(n, Some(&[inp, o]))?);
+        }
+        Ok(Linear { data: LinearData::F32(w), out_dim, in_dim: inp as usize })
+    }
 }
 
 #[derive(Debug)]
@@ -26,8 +119,8 @@ pub struct Layer {
 
 #[derive(Debug)]
 pub struct Weights {
-    /// `[vocab][hidden]`.
-    pub embed: Vec<f32>,
+    /// `[vocab][hidden]`; the LM head too when tied.
+    pub embed: Linear,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// `None` when the output projection is tied to the embedding.
@@ -35,16 +128,10 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn load(g: &Gguf, c: &ModelConfig) -> Result<Weights, ConfigError> {
+    pub fn load(g: &Gguf, c: &ModelConfig, precision: Precision) -> Result<Weights, ConfigError> {
         let (h, v, f) = (c.hidden as u64, c.vocab_size as u64, c.intermediate as u64);
         let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
-        let lin = |names: &[&str], outs: &[u64], inp: u64| -> Result<Linear, ConfigError> {
-            let mut w = Vec::new();
-            for (n, &o) in names.iter().zip(outs) {
-                w.extend(g.tensor_f32(n, Some(&[inp, o]))?);
-            }
-            Ok(Linear { w, out_dim: outs.iter().sum::<u64>() as usize, in_dim: inp as usize })
-        };
+        let lin = |names: &[&str], outs: &[u64], inp: u64| Linear::load(g, names, outs, inp, precision);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
@@ -62,10 +149,26 @@ impl Weights {
             Err(_) => None,
         };
         Ok(Weights {
-            embed: g.tensor_f32("token_embd.weight", Some(&[h, v]))?,
+            embed: lin(&["token_embd.weight"], &[v], h)?,
             layers,
             final_norm: g.tensor_f32("output_norm.weight", Some(&[h]))?,
             lm_head,
         })
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn size_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_bytes()
+                    + l.wo.size_bytes()
+                    + l.gate_up.size_bytes()
+                    + l.down.size_bytes()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        l + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Linear::size_bytes) + 4 * self.final_norm.len()
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::engine::{Backend, StepResult};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Linear, Weights};
+use crate::model::weights::{Linear, LinearData, Weights};
 use crate::sampling::{sample, Rng, SamplingParams};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -35,9 +35,25 @@ impl CpuModel {
     }
 }
 
-/// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T`.
-fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, threads: usize) {
-    gemm_xwt(x, n, &w.w, w.out_dim, w.in_dim, out, accumulate, threads)
+pub mod qmatmul;
+
+/// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T`: through the gemm crate for f32 weights; for
+/// packed ones, `x` is quantized into `scratch` first.
+fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, threads: usize, scratch: &mut Scratch) {
+    match &w.data {
+        LinearData::F32(wf) => gemm_xwt(x, n, wf, w.out_dim, w.in_dim, out, accumulate, threads),
+        LinearData::Quant(q) => {
+            scratch.acts.quantize(x, n, w.in_dim);
+            qmatmul::qmatmul(scratch.isa, q, &scratch.acts, out, accumulate, threads);
+        }
+    }
+}
+
+/// Buffers a step reuses: the quantized activations.
+#[derive(Debug)]
+struct Scratch {
+    acts: qmatmul::QActs,
+    isa: qmatmul::Isa,
 }
 
 /// `out[n][out_dim] (+)= x[n][in_dim] * w^T` for a row-major `w[out_dim][in_dim]`, through
@@ -94,6 +110,7 @@ pub struct CpuBackend {
     sampling: HashMap<RequestId, (SamplingParams, Rng)>,
     /// Seed for requests that bring none.
     base_seed: u64,
+    scratch: Scratch,
 }
 
 impl CpuBackend {
@@ -124,6 +141,7 @@ impl CpuBackend {
             threads: threads.max(1),
             sampling: HashMap::new(),
             base_seed,
+            scratch: Scratch { acts: qmatmul::QActs::default(), isa: qmatmul::Isa::detect() },
         }
     }
 
@@ -163,9 +181,8 @@ impl CpuBackend {
             tok_seq.extend(std::iter::repeat_n(s, (w[1] - w[0]) as usize));
         }
         let mut x = vec![0f32; n * h];
-        x.par_chunks_mut(h).zip(&b.input_ids).for_each(|(row, &id)| {
-            row.copy_from_slice(&m.w.embed[id as usize * h..(id as usize + 1) * h]);
-        });
+        x.par_chunks_mut(h).zip(&b.input_ids).for_each(|(row, &id)| m.w.embed.row(id as usize, row));
+        let sc = &mut self.scratch;
         let mut hbuf = vec![0f32; n * h];
         let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
         let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
@@ -176,7 +193,7 @@ impl CpuBackend {
             hbuf.par_chunks_mut(h)
                 .zip(x.par_chunks(h))
                 .for_each(|(o, xr)| rms_norm_row(xr, &layer.attn_norm, c.rms_eps, o));
-            matmul(&hbuf, n, &layer.qkv, &mut qkv, false, t);
+            matmul(&hbuf, n, &layer.qkv, &mut qkv, false, t, sc);
             // Split Q/K/V and rotate Q and K at each token's position.
             q.par_chunks_mut(qd)
                 .zip(k.par_chunks_mut(kvd))
@@ -226,15 +243,15 @@ impl CpuBackend {
                     }
                 },
             );
-            matmul(&attn, n, &layer.wo, &mut x, true, t);
+            matmul(&attn, n, &layer.wo, &mut x, true, t, sc);
             hbuf.par_chunks_mut(h)
                 .zip(x.par_chunks(h))
                 .for_each(|(o, xr)| rms_norm_row(xr, &layer.ffn_norm, c.rms_eps, o));
-            matmul(&hbuf, n, &layer.gate_up, &mut gu, false, t);
+            matmul(&hbuf, n, &layer.gate_up, &mut gu, false, t, sc);
             act.par_chunks_mut(c.intermediate)
                 .zip(gu.par_chunks(2 * c.intermediate))
                 .for_each(|(o, g)| silu_and_mul_row(g, o));
-            matmul(&act, n, &layer.down, &mut x, true, t);
+            matmul(&act, n, &layer.down, &mut x, true, t, sc);
         }
         // Final norm and LM head for the sampled rows only.
         let s = b.logits_indices.len();
@@ -243,10 +260,8 @@ impl CpuBackend {
             rms_norm_row(&x[row as usize * h..(row as usize + 1) * h], &m.w.final_norm, c.rms_eps, o);
         }
         let mut logits = vec![0f32; s * c.vocab_size];
-        match &m.w.lm_head {
-            Some(head) => matmul(&sel, s, head, &mut logits, false, t),
-            None => gemm_xwt(&sel, s, &m.w.embed, c.vocab_size, h, &mut logits, false, t),
-        }
+        let head = m.w.lm_head.as_ref().unwrap_or(&m.w.embed);
+        matmul(&sel, s, head, &mut logits, false, t, sc);
         logits
     }
 }
