@@ -54,6 +54,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let path = model.unwrap_or_else(weave::paths::default_model_path);
     let lm = weave::generate::LoadedModel::load_with(&path, cpu_precision)?;
+    // Runs take minutes: say which is running.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {elapsed_precise} {msg}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(500));
     let rows = weave::study::bench::bench_generate(
         &lm,
         &path,
@@ -64,7 +71,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_num_batched_tokens,
         llama_batched_bench.as_deref(),
         repeat,
+        &mut |done, total, what| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(what.to_string());
+        },
     )?;
+    bar.finish_and_clear();
     let peak = weave::study::bench::peak_rss_mib();
     if json {
         println!("{}", serde_json::json!({"rows": rows, "peak_rss_mib": peak, "threads": threads}));

@@ -70,22 +70,31 @@ pub fn bench_generate(
     budget: usize,
     llama_bench: Option<&Path>,
     repeat: usize,
+    on_progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<Vec<BenchRow>> {
     let mut ours: Vec<Vec<(f64, usize, usize)>> = vec![Vec::new(); concurrency.len()];
     let mut base: Vec<Vec<f64>> = vec![Vec::new(); concurrency.len()];
     // Interleave the two engines so a noisy neighbour hits both alike.
-    for _ in 0..repeat.max(1) {
+    let rounds = repeat.max(1);
+    let total = rounds * (concurrency.len() + usize::from(llama_bench.is_some()));
+    let mut done = 0;
+    for round in 1..=rounds {
         if let Some(p) = llama_bench {
+            on_progress(done, total, &format!("round {round}/{rounds}: llama-batched-bench"));
             for (b, s) in run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)? {
                 if let Some(i) = concurrency.iter().position(|&c| c == b) {
                     base[i].push(s);
                 }
             }
+            done += 1;
         }
         for (i, &b) in concurrency.iter().enumerate() {
+            on_progress(done, total, &format!("round {round}/{rounds}: weave, {b} concurrent"));
             ours[i].push(run_weave(lm, b, prompt_len, output_len, threads, budget)?);
+            done += 1;
         }
     }
+    on_progress(done, total, "done");
     let mut rows = Vec::new();
     for (i, &b) in concurrency.iter().enumerate() {
         let totals: Vec<f64> = ours[i].iter().map(|r| (r.1 + r.2) as f64 / r.0).collect();

@@ -302,6 +302,80 @@ mod avx2 {
         hsum(acc) + offs
     }
 
+    /// [`dot_u4`] for `R` consecutive weight rows (starting at block `b0`, `nb` blocks a row)
+    /// against one activation row: each activation block is loaded once for all `R` rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `w` holds rows through `b0 / nb + R`, `a` blocks
+    /// `a0..a0 + nb`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_u4_rows<const R: usize>(
+        w: &super::QMatrix,
+        b0: usize,
+        nb: usize,
+        a: &QActs,
+        a0: usize,
+    ) -> [f32; R] {
+        assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
+        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb && a.sum.len() >= a0 + nb);
+        let mask = _mm_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offs = [0f32; R];
+        for b in 0..nb {
+            // SAFETY: in bounds by the asserts above; unaligned loads.
+            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
+            let (da, sa) = (a.d[a0 + b], a.sum[a0 + b]);
+            for r in 0..R {
+                let wb = b0 + r * nb + b;
+                // SAFETY: as above.
+                let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
+                let lo = _mm_and_si128(packed, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), x), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), acc[r]);
+                offs[r] += w.m[wb] * sa;
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + offs[r];
+        }
+        out
+    }
+
+    /// [`dot_i8`] for `R` consecutive weight rows, as [`dot_u4_rows`].
+    ///
+    /// # Safety
+    /// As [`dot_u4_rows`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_i8_rows<const R: usize>(
+        w: &super::QMatrix,
+        b0: usize,
+        nb: usize,
+        a: &QActs,
+        a0: usize,
+    ) -> [f32; R] {
+        assert!(w.qs.len() >= (b0 + R * nb) * 32 && w.d.len() >= b0 + R * nb);
+        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY: in bounds by the asserts above; unaligned loads.
+            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
+            let da = a.d[a0 + b];
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wb = b0 + r * nb + b;
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(wb * 32) as *const __m256i) };
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+                let p = _mm256_madd_epi16(p, ones);
+                *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), *acc_r);
+            }
+        }
+        acc.map(|v| hsum(v))
+    }
+
     /// [`super::scalar_dot_i8`]: signed by signed through `maddubs` on `|w|` and `x * sign(w)`
     /// (`sign_epi8`), the usual trick, since `maddubs` takes one unsigned operand. The pairs
     /// stay within i16 (2 * 128 * 127).
@@ -353,15 +427,35 @@ pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bo
     let run = |t: usize| {
         let p = out_ptr;
         let (r0, r1) = (t * tile, ((t + 1) * tile).min(rows));
+        let put = |i: usize, r: usize, v: f32| {
+            // SAFETY: `i * rows + r` is inside `out` (asserted length), and only the task
+            // owning tile `t` writes columns `r0..r1`.
+            unsafe {
+                let o = p.0.add(i * rows + r);
+                *o = if accumulate { *o + v } else { v };
+            }
+        };
         for i in 0..n {
-            for r in r0..r1 {
-                let v = dot(isa, w, r * nb, a, i * nb, nb);
-                // SAFETY: `i * rows + r` is inside `out` (asserted length), and only the
-                // task owning tile `t` writes columns `r0..r1`.
-                unsafe {
-                    let o = p.0.add(i * rows + r);
-                    *o = if accumulate { *o + v } else { v };
+            let mut r = r0;
+            // Four rows at a time share each activation load.
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 {
+                while r + 4 <= r1 {
+                    // SAFETY: AVX2 and FMA are present (`Isa::Avx2`); rows `r..r + 4` exist.
+                    let v = unsafe {
+                        match w.kind {
+                            QKind::U4 => avx2::dot_u4_rows::<4>(w, r * nb, nb, a, i * nb),
+                            QKind::I8 => avx2::dot_i8_rows::<4>(w, r * nb, nb, a, i * nb),
+                        }
+                    };
+                    for (k, v) in v.into_iter().enumerate() {
+                        put(i, r + k, v);
+                    }
+                    r += 4;
                 }
+            }
+            for r in r..r1 {
+                put(i, r, dot(isa, w, r * nb, a, i * nb, nb));
             }
         }
     };
