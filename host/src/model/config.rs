@@ -47,7 +47,11 @@ impl ModelConfig {
         let num_q_heads = g.get_u64(&k("attention.head_count"))? as usize;
         let num_kv_heads = g.get_u64(&k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_q_heads);
         let invalid = |what: String| ConfigError::Invalid { path: path.clone(), what };
-        if num_q_heads == 0 || num_kv_heads == 0 || num_q_heads % num_kv_heads != 0 || hidden % num_q_heads != 0 {
+        if num_q_heads == 0
+            || num_kv_heads == 0
+            || !num_q_heads.is_multiple_of(num_kv_heads)
+            || !hidden.is_multiple_of(num_q_heads)
+        {
             return Err(invalid(format!(
                 "{num_q_heads} query heads, {num_kv_heads} KV heads and hidden size {hidden} do not fit"
             )));

@@ -276,7 +276,7 @@ impl Gguf {
                 .ok_or_else(|| c.corrupt(format!("tensor {name} shape overflows")))?;
             let len = match ty.block() {
                 Some((be, bb)) => {
-                    if n % be as u64 != 0 {
+                    if !n.is_multiple_of(be as u64) {
                         return Err(c.corrupt(format!(
                             "tensor {name} has {n} elements, not a multiple of its block size {be}"
                         )));

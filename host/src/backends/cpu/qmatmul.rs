@@ -51,7 +51,7 @@ impl QMatrix {
     /// types, or a row length that is not a whole number of blocks.
     pub fn from_ggml(ty: crate::model::gguf::GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<QMatrix> {
         use crate::model::gguf::GgmlType;
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return None;
         }
         let nb = rows * cols / QK;
@@ -188,6 +188,8 @@ fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, f32) {
 pub enum Isa {
     Scalar,
     Avx2,
+    /// AVX2 plus AVX-512 VNNI's `dpbusd` on 256-bit registers (the row kernels).
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -196,6 +198,9 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+                    return Isa::Avx512Vnni;
+                }
                 return Isa::Avx2;
             }
         }
@@ -206,6 +211,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 }
@@ -216,12 +222,14 @@ fn dot(isa: Isa, w: &QMatrix, b0: usize, a: &QActs, a0: usize, nb: usize) -> f32
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA; the ranges were
         // checked by the caller (the slices below panic otherwise).
-        (Isa::Avx2, QKind::U4) => unsafe {
+        (Isa::Avx2 | Isa::Avx512Vnni, QKind::U4) => unsafe {
             avx2::dot_u4(&w.qs[b0 * 16..(b0 + nb) * 16], &w.d[b0..b0 + nb], &w.m[b0..b0 + nb], a, a0, nb)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::Avx2, QKind::I8) => unsafe { avx2::dot_i8(&w.qs[b0 * 32..(b0 + nb) * 32], &w.d[b0..b0 + nb], a, a0, nb) },
+        (Isa::Avx2 | Isa::Avx512Vnni, QKind::I8) => unsafe {
+            avx2::dot_i8(&w.qs[b0 * 32..(b0 + nb) * 32], &w.d[b0..b0 + nb], a, a0, nb)
+        },
         (_, QKind::U4) => {
             scalar_dot_u4(&w.qs[b0 * 16..(b0 + nb) * 16], &w.d[b0..b0 + nb], &w.m[b0..b0 + nb], a, a0, nb)
         }
@@ -302,79 +310,98 @@ mod avx2 {
         hsum(acc) + offs
     }
 
-    /// [`dot_u4`] for `R` consecutive weight rows (starting at block `b0`, `nb` blocks a row)
+    /// Kernels for `R` consecutive weight rows (starting at block `b0`, `nb` blocks a row)
     /// against one activation row: each activation block is loaded once for all `R` rows.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `w` holds rows through `b0 / nb + R`, `a` blocks
-    /// `a0..a0 + nb`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_u4_rows<const R: usize>(
-        w: &super::QMatrix,
-        b0: usize,
-        nb: usize,
-        a: &QActs,
-        a0: usize,
-    ) -> [f32; R] {
-        assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
-        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb && a.sum.len() >= a0 + nb);
-        let mask = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut offs = [0f32; R];
-        for b in 0..nb {
-            // SAFETY: in bounds by the asserts above; unaligned loads.
-            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
-            let (da, sa) = (a.d[a0 + b], a.sum[a0 + b]);
-            for r in 0..R {
-                let wb = b0 + r * nb + b;
-                // SAFETY: as above.
-                let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
-                let lo = _mm_and_si128(packed, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), x), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), acc[r]);
-                offs[r] += w.m[wb] * sa;
+    /// `$prod(w, x)` is the 8 lanes of i32 sums of byte products of unsigned `w` and signed
+    /// `x`: `maddubs` + `madd` on AVX2, one `dpbusd` with AVX-512 VNNI.
+    macro_rules! row_kernels {
+        ($u4:ident, $i8:ident, $features:literal, $prod:ident) => {
+            /// `R` rows of [`dot_u4`].
+            ///
+            /// # Safety
+            /// The CPU must have the features this is compiled for; `w` holds rows through
+            /// `b0 / nb + R`, `a` blocks `a0..a0 + nb`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $u4<const R: usize>(
+                w: &super::QMatrix,
+                b0: usize,
+                nb: usize,
+                a: &QActs,
+                a0: usize,
+            ) -> [f32; R] {
+                assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
+                assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb && a.sum.len() >= a0 + nb);
+                let mask = _mm_set1_epi8(0x0f);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut offs = [0f32; R];
+                for b in 0..nb {
+                    // SAFETY: in bounds by the asserts above; unaligned loads.
+                    let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
+                    let (da, sa) = (a.d[a0 + b], a.sum[a0 + b]);
+                    for (r, (acc_r, off_r)) in acc.iter_mut().zip(offs.iter_mut()).enumerate() {
+                        let wb = b0 + r * nb + b;
+                        // SAFETY: as above.
+                        let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
+                        let lo = _mm_and_si128(packed, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                        let p = $prod(_mm256_set_m128i(hi, lo), x);
+                        *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), *acc_r);
+                        *off_r += w.m[wb] * sa;
+                    }
+                }
+                let mut out = [0f32; R];
+                for ((o, v), off) in out.iter_mut().zip(acc).zip(offs) {
+                    *o = hsum(v) + off;
+                }
+                out
             }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + offs[r];
-        }
-        out
+
+            /// `R` rows of [`dot_i8`].
+            ///
+            /// # Safety
+            /// As the `u4` kernel beside it.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $i8<const R: usize>(
+                w: &super::QMatrix,
+                b0: usize,
+                nb: usize,
+                a: &QActs,
+                a0: usize,
+            ) -> [f32; R] {
+                assert!(w.qs.len() >= (b0 + R * nb) * 32 && w.d.len() >= b0 + R * nb);
+                assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    // SAFETY: in bounds by the asserts above; unaligned loads.
+                    let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
+                    let da = a.d[a0 + b];
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        let wb = b0 + r * nb + b;
+                        // SAFETY: as above.
+                        let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(wb * 32) as *const __m256i) };
+                        let p = $prod(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+                        *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), *acc_r);
+                    }
+                }
+                acc.map(|v| hsum(v))
+            }
+        };
     }
 
-    /// [`dot_i8`] for `R` consecutive weight rows, as [`dot_u4_rows`].
-    ///
-    /// # Safety
-    /// As [`dot_u4_rows`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_i8_rows<const R: usize>(
-        w: &super::QMatrix,
-        b0: usize,
-        nb: usize,
-        a: &QActs,
-        a0: usize,
-    ) -> [f32; R] {
-        assert!(w.qs.len() >= (b0 + R * nb) * 32 && w.d.len() >= b0 + R * nb);
-        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            // SAFETY: in bounds by the asserts above; unaligned loads.
-            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i) };
-            let da = a.d[a0 + b];
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let wb = b0 + r * nb + b;
-                // SAFETY: as above.
-                let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(wb * 32) as *const __m256i) };
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
-                let p = _mm256_madd_epi16(p, ones);
-                *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), *acc_r);
-            }
-        }
-        acc.map(|v| hsum(v))
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prod_avx2(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    fn prod_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    }
+
+    row_kernels!(dot_u4_rows, dot_i8_rows, "avx2,fma", prod_avx2);
+    row_kernels!(dot_u4_rows_vnni, dot_i8_rows_vnni, "avx2,fma,avx512vnni,avx512vl", prod_vnni);
 
     /// [`super::scalar_dot_i8`]: signed by signed through `maddubs` on `|w|` and `x * sign(w)`
     /// (`sign_epi8`), the usual trick, since `maddubs` takes one unsigned operand. The pairs
@@ -439,13 +466,16 @@ pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bo
             let mut r = r0;
             // Four rows at a time share each activation load.
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 {
+            if isa != Isa::Scalar {
                 while r + 4 <= r1 {
-                    // SAFETY: AVX2 and FMA are present (`Isa::Avx2`); rows `r..r + 4` exist.
+                    // SAFETY: `isa` was detected on this CPU (AVX2 and FMA, plus VNNI for
+                    // `Avx512Vnni`); rows `r..r + 4` exist.
                     let v = unsafe {
-                        match w.kind {
-                            QKind::U4 => avx2::dot_u4_rows::<4>(w, r * nb, nb, a, i * nb),
-                            QKind::I8 => avx2::dot_i8_rows::<4>(w, r * nb, nb, a, i * nb),
+                        match (isa, w.kind) {
+                            (Isa::Avx512Vnni, QKind::U4) => avx2::dot_u4_rows_vnni::<4>(w, r * nb, nb, a, i * nb),
+                            (Isa::Avx512Vnni, QKind::I8) => avx2::dot_i8_rows_vnni::<4>(w, r * nb, nb, a, i * nb),
+                            (_, QKind::U4) => avx2::dot_u4_rows::<4>(w, r * nb, nb, a, i * nb),
+                            (_, QKind::I8) => avx2::dot_i8_rows::<4>(w, r * nb, nb, a, i * nb),
                         }
                     };
                     for (k, v) in v.into_iter().enumerate() {
@@ -544,6 +574,14 @@ mod tests {
             let _ = writeln!(std::io::stderr(), "skipped: no AVX2 on this CPU, only the scalar kernel exists here");
             return;
         }
+        // Every kernel this CPU can run (AVX2 is there whenever VNNI is).
+        let isas: Vec<Isa> = if isa == Isa::Avx512Vnni { vec![Isa::Avx2, Isa::Avx512Vnni] } else { vec![isa] };
+        for isa in isas {
+            simd_matches_scalar(isa);
+        }
+    }
+
+    fn simd_matches_scalar(isa: Isa) {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             // Odd sizes: rows not a multiple of the tile, one to many blocks a row.
             for (rows, cols, n) in [(1, 32, 1), (13, 64, 3), (37, 576, 5), (9, 1536, 17)] {
