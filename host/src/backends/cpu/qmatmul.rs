@@ -156,12 +156,20 @@ impl QActs {
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0.0);
         type Block<'a> = (((&'a [f32], &'a mut [i8]), &'a mut f32), &'a mut f32);
-        let it = x.chunks_exact(QK).zip(self.q.chunks_exact_mut(QK)).zip(self.d.iter_mut()).zip(self.sum.iter_mut());
         let work = |(((xs, q), d), s): Block<'_>| (*d, *s) = quantize_block(xs, q);
         if nb >= 1024 {
-            it.par_bridge().for_each(work);
+            x.par_chunks_exact(QK)
+                .zip(self.q.par_chunks_exact_mut(QK))
+                .zip(self.d.par_iter_mut())
+                .zip(self.sum.par_iter_mut())
+                .with_min_len(256)
+                .for_each(work);
         } else {
-            it.for_each(work);
+            x.chunks_exact(QK)
+                .zip(self.q.chunks_exact_mut(QK))
+                .zip(self.d.iter_mut())
+                .zip(self.sum.iter_mut())
+                .for_each(work);
         }
     }
 }
@@ -315,7 +323,7 @@ mod avx2 {
     /// `$prod(w, x)` is the 8 lanes of i32 sums of byte products of unsigned `w` and signed
     /// `x`: `maddubs` + `madd` on AVX2, one `dpbusd` with AVX-512 VNNI.
     macro_rules! row_kernels {
-        ($u4:ident, $i8:ident, $features:literal, $prod:ident) => {
+        ($u4:ident, $u4x2:ident, $i8:ident, $features:literal, $prod:ident) => {
             /// `R` rows of [`dot_u4`].
             ///
             /// # Safety
@@ -352,6 +360,60 @@ mod avx2 {
                 let mut out = [0f32; R];
                 for ((o, v), off) in out.iter_mut().zip(acc).zip(offs) {
                     *o = hsum(v) + off;
+                }
+                out
+            }
+
+            /// `R` weight rows against two activation rows (blocks from `a0` and `a1`): each
+            /// weight block is unpacked once for both.
+            ///
+            /// # Safety
+            /// As the kernel above, for both activation rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $u4x2<const R: usize>(
+                w: &super::QMatrix,
+                b0: usize,
+                nb: usize,
+                a: &QActs,
+                a0: usize,
+                a1: usize,
+            ) -> [[f32; R]; 2] {
+                assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
+                let need = (a0.max(a1) + nb);
+                assert!(a.q.len() >= need * QK && a.d.len() >= need && a.sum.len() >= need);
+                let mask = _mm_set1_epi8(0x0f);
+                let mut acc = [[_mm256_setzero_ps(); R]; 2];
+                let mut offs = [[0f32; R]; 2];
+                for b in 0..nb {
+                    // SAFETY: in bounds by the asserts above; unaligned loads.
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i),
+                            _mm256_loadu_si256(a.q.as_ptr().add((a1 + b) * QK) as *const __m256i),
+                        )
+                    };
+                    let (d0, d1, s0, s1) = (a.d[a0 + b], a.d[a1 + b], a.sum[a0 + b], a.sum[a1 + b]);
+                    for r in 0..R {
+                        let wb = b0 + r * nb + b;
+                        // SAFETY: as above.
+                        let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
+                        let lo = _mm_and_si128(packed, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                        let wv = _mm256_set_m128i(hi, lo);
+                        let (wd, wm) = (w.d[wb], w.m[wb]);
+                        let p0 = _mm256_cvtepi32_ps($prod(wv, x0));
+                        let p1 = _mm256_cvtepi32_ps($prod(wv, x1));
+                        acc[0][r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * d0), p0, acc[0][r]);
+                        acc[1][r] = _mm256_fmadd_ps(_mm256_set1_ps(wd * d1), p1, acc[1][r]);
+                        offs[0][r] += wm * s0;
+                        offs[1][r] += wm * s1;
+                    }
+                }
+                let mut out = [[0f32; R]; 2];
+                for i in 0..2 {
+                    for r in 0..R {
+                        out[i][r] = hsum(acc[i][r]) + offs[i][r];
+                    }
                 }
                 out
             }
@@ -400,8 +462,8 @@ mod avx2 {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
     }
 
-    row_kernels!(dot_u4_rows, dot_i8_rows, "avx2,fma", prod_avx2);
-    row_kernels!(dot_u4_rows_vnni, dot_i8_rows_vnni, "avx2,fma,avx512vnni,avx512vl", prod_vnni);
+    row_kernels!(dot_u4_rows, dot_u4_rows_x2, dot_i8_rows, "avx2,fma", prod_avx2);
+    row_kernels!(dot_u4_rows_vnni, dot_u4_rows_x2_vnni, dot_i8_rows_vnni, "avx2,fma,avx512vnni,avx512vl", prod_vnni);
 
     /// [`super::scalar_dot_i8`]: signed by signed through `maddubs` on `|w|` and `x * sign(w)`
     /// (`sign_epi8`), the usual trick, since `maddubs` takes one unsigned operand. The pairs
@@ -462,7 +524,37 @@ pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bo
                 *o = if accumulate { *o + v } else { v };
             }
         };
-        for i in 0..n {
+        // U4 weights against activation rows in pairs: each weight block unpacked once for two.
+        let mut i0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar && w.kind == QKind::U4 {
+            while i0 + 2 <= n {
+                let mut r = r0;
+                while r + 4 <= r1 {
+                    let (a0, a1) = (i0 * nb, (i0 + 1) * nb);
+                    // SAFETY: `isa` was detected on this CPU; rows `r..r + 4` and activation rows
+                    // `i0`, `i0 + 1` exist.
+                    let v = unsafe {
+                        if isa == Isa::Avx512Vnni {
+                            avx2::dot_u4_rows_x2_vnni::<4>(w, r * nb, nb, a, a0, a1)
+                        } else {
+                            avx2::dot_u4_rows_x2::<4>(w, r * nb, nb, a, a0, a1)
+                        }
+                    };
+                    for (k, (v0, v1)) in v[0].into_iter().zip(v[1]).enumerate() {
+                        put(i0, r + k, v0);
+                        put(i0 + 1, r + k, v1);
+                    }
+                    r += 4;
+                }
+                for r in r..r1 {
+                    put(i0, r, dot(isa, w, r * nb, a, i0 * nb, nb));
+                    put(i0 + 1, r, dot(isa, w, r * nb, a, (i0 + 1) * nb, nb));
+                }
+                i0 += 2;
+            }
+        }
+        for i in i0..n {
             let mut r = r0;
             // Four rows at a time share each activation load.
             #[cfg(target_arch = "x86_64")]
