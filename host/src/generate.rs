@@ -1,6 +1,6 @@
 //! `weave generate`: real generation with the CPU backend through the engine loop.
 
-use crate::backends::cpu::{CpuBackend, CpuModel};
+use crate::backends::cpu::{CpuBackend, CpuModel, KvDtype};
 use crate::engine::steplog::Summary;
 use crate::engine::{Arrival, Clock, Engine, Event, Outcome, RunReport};
 use crate::model::chat::ChatTemplate;
@@ -31,7 +31,13 @@ impl LoadedModel {
         Self::load_with(path, Precision::default())
     }
 
+    /// Loads at `precision`, with the KV cache type `auto` picks for it.
     pub fn load_with(path: &Path, precision: Precision) -> anyhow::Result<LoadedModel> {
+        let kv = KvDtype::parse("auto", precision).map_err(anyhow::Error::msg)?;
+        Self::load_opts(path, precision, kv)
+    }
+
+    pub fn load_opts(path: &Path, precision: Precision, kv_dtype: KvDtype) -> anyhow::Result<LoadedModel> {
         if !path.exists() {
             bail!(
                 "model file {} does not exist; fetch the reference model with `cargo xtask fetch-model`, or pass --model PATH",
@@ -52,7 +58,9 @@ impl LoadedModel {
         let chat = ChatTemplate::from_gguf(&g, &tokenizer.bos_text, &tokenizer.eos_text);
         let w = Weights::load(&g, &cfg, precision)?;
         let max_pos = cfg.context_length;
-        Ok(LoadedModel { path: path.into(), model: Arc::new(CpuModel::new(cfg, w, max_pos)), tokenizer, chat })
+        let mut model = CpuModel::new(cfg, w, max_pos);
+        model.kv_dtype = kv_dtype;
+        Ok(LoadedModel { path: path.into(), model: Arc::new(model), tokenizer, chat })
     }
 }
 

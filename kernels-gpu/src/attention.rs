@@ -128,28 +128,59 @@ pub fn attend_blocks<T: Elem>(
     v_cache: &[T],
     table: &[u32],
     kv_head: u32,
-    (first, end): (u32, u32),
+    range: (u32, u32),
     visible: u32,
     scores: &mut [f32],
     state: &mut SoftmaxState,
     acc: &mut [f32],
 ) {
-    let (bs, d) = (shape.block_size, shape.head_dim as usize);
+    let d = shape.head_dim as usize;
+    attend_blocks_with(
+        shape,
+        table,
+        kv_head,
+        range,
+        visible,
+        scores,
+        state,
+        acc,
+        |o| crate::dot_f32_elem(q, &k_cache[o..o + d]),
+        |o, p, acc| {
+            for (a, x) in acc.iter_mut().zip(&v_cache[o..o + d]) {
+                *a += p * x.to_f32();
+            }
+        },
+    )
+}
+
+/// [`attend_blocks`] with the cache reads left to the caller: `score(o)` is the query's dot
+/// product with the key row at cache offset `o`, `add_v(o, p, acc)` adds `p` times the value
+/// row at `o`. The block walk, the causal mask and the online softmax stay here.
+#[cfg(not(target_arch = "nvptx64"))]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn attend_blocks_with(
+    shape: &AttnShape,
+    table: &[u32],
+    kv_head: u32,
+    (first, end): (u32, u32),
+    visible: u32,
+    scores: &mut [f32],
+    state: &mut SoftmaxState,
+    acc: &mut [f32],
+    score: impl Fn(usize) -> f32,
+    mut add_v: impl FnMut(usize, f32, &mut [f32]),
+) {
+    let bs = shape.block_size;
     for j in first..end {
         let phys = table[j as usize];
         let n = bs as usize;
         for (t, s) in scores[..n].iter_mut().enumerate() {
             let key = j * bs + t as u32;
-            *s = if key < visible {
-                let o = shape.kv_offset(phys * bs + t as u32, kv_head);
-                crate::dot_f32_elem(q, &k_cache[o..o + d])
-            } else {
-                f32::NEG_INFINITY
-            };
+            *s = if key < visible { score(shape.kv_offset(phys * bs + t as u32, kv_head)) } else { f32::NEG_INFINITY };
         }
-        state.update_block(&scores[..n], acc, |t| {
-            let o = shape.kv_offset(phys * bs + t as u32, kv_head);
-            &v_cache[o..o + d]
+        state.update_block_with(&scores[..n], acc, |t, p, acc| {
+            add_v(shape.kv_offset(phys * bs + t as u32, kv_head), p, acc)
         });
     }
 }

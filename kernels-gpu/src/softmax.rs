@@ -34,6 +34,23 @@ impl SoftmaxState {
     #[cfg(not(target_arch = "nvptx64"))]
     #[inline(always)]
     pub fn update_block<'a, T: crate::Elem>(&mut self, scores: &[f32], acc: &mut [f32], v: impl Fn(usize) -> &'a [T]) {
+        self.update_block_with(scores, acc, |t, p, acc| {
+            for (a, x) in acc.iter_mut().zip(v(t)) {
+                *a += p * x.to_f32();
+            }
+        })
+    }
+
+    /// [`Self::update_block`] with the accumulation `acc += p * v_t` left to `add_v(t, p, acc)`,
+    /// for a caller that reads value rows its own way (the CPU backend's f16 cache, in SIMD).
+    #[cfg(not(target_arch = "nvptx64"))]
+    #[inline(always)]
+    pub fn update_block_with(
+        &mut self,
+        scores: &[f32],
+        acc: &mut [f32],
+        mut add_v: impl FnMut(usize, f32, &mut [f32]),
+    ) {
         let bmax = scores.iter().fold(f32::NEG_INFINITY, |a, &s| max(a, s));
         if bmax == f32::NEG_INFINITY {
             return; // every key masked: nothing changes
@@ -49,9 +66,7 @@ impl SoftmaxState {
             }
             let p = exp(s - m_new);
             self.l += p;
-            for (a, x) in acc.iter_mut().zip(v(t)) {
-                *a += p * x.to_f32();
-            }
+            add_v(t, p, acc);
         }
     }
 }

@@ -333,3 +333,27 @@ fn quantized_greedy_parts_only_at_near_ties() {
     }
     println!("quantized greedy vs reference: {}", report.join("; "));
 }
+
+/// The f16 KV cache (the default beside quantized weights) against the f32 one, both with f32
+/// weights so that only the cache differs: first-step logits over the golden prompts within
+/// 0.05 of each other, and the same greedy tokens on the first of them.
+#[test]
+fn f16_kv_cache_stays_close_to_f32() {
+    let Some(lf) = model() else { return };
+    let p = std::env::var_os("WEAVE_MODEL").map(PathBuf::from).unwrap_or_else(weave::paths::default_model_path);
+    let l16 = LoadedModel::load_opts(&p, Precision::F32, weave::backends::cpu::KvDtype::F16).unwrap();
+    let g = golden();
+    let mut worst = 0f32;
+    for pr in g["prompts"].as_array().unwrap() {
+        let prompt = ids(&pr["prompt_ids"]);
+        let (a, b) = (first_logits(lf, &prompt), first_logits(&l16, &prompt));
+        worst = worst.max(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max));
+    }
+    println!("f16 KV cache: first-step logits within {worst:.4} of the f32 cache's");
+    assert!(worst < 0.05, "f16 KV cache moves logits by {worst}");
+    let spec = PromptSpec { prompt: g["prompts"][1]["text"].as_str().unwrap().into(), ..Default::default() };
+    let cfg = config(2048, true, true);
+    let a = run(lf, &cfg, std::slice::from_ref(&spec));
+    let b = run(&l16, &cfg, std::slice::from_ref(&spec));
+    assert_eq!(a, b, "greedy tokens with the f16 cache");
+}

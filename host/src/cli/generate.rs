@@ -77,7 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         step_log,
     } = a;
     let device = weave::backends::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
-    use weave::generate::{generate, read_prompts_file, GenerateConfig, LoadedModel, PromptSpec};
+    use weave::generate::{generate, read_prompts_file, GenerateConfig, PromptSpec};
     let mut prompts: Vec<PromptSpec> =
         prompt.into_iter().map(|p| PromptSpec { prompt: p, ..Default::default() }).collect();
     if let Some(f) = &prompts_file {
@@ -90,9 +90,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let path = model.unwrap_or_else(weave::paths::default_model_path);
     let t_load = std::time::Instant::now();
-    let lm = LoadedModel::load_with(&path, cpu_precision)?;
+    let lm = super::load_model(&path, cpu_precision, &sched.kv_cache_dtype)?;
     let cfg = GenerateConfig {
-        sched: sched.config(&lm.model.cfg)?,
+        sched: sched.config(&lm.model)?,
         default_max_tokens: max_tokens,
         sampling: weave::sampling::SamplingParams { temperature, top_k, top_p, seed, logprobs: None },
         chat,

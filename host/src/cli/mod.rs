@@ -42,21 +42,20 @@ pub struct SchedArgs {
     /// Context limit (default: the model's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// KV-cache element type: auto (f16, or f32 with --cpu-precision f32), f16 or f32.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Batching policy: fcfs, priority, static, adaptive.
     #[arg(long, default_value = "fcfs")]
     pub policy: weave_scheduler::PolicyKind,
 }
 
 impl SchedArgs {
-    pub fn config(
-        &self,
-        model: &weave::model::config::ModelConfig,
-    ) -> anyhow::Result<weave_scheduler::SchedulerConfig> {
+    pub fn config(&self, cpu: &weave::backends::cpu::CpuModel) -> anyhow::Result<weave_scheduler::SchedulerConfig> {
+        let model = &cpu.cfg;
         let tokens = match (self.kv_cache_tokens, self.kv_cache_gib) {
             (Some(t), _) => t,
-            (None, Some(g)) => {
-                (g * (1u64 << 30) as f64 / weave::backends::cpu::CpuBackend::kv_bytes_per_token(model) as f64) as usize
-            }
+            (None, Some(g)) => (g * (1u64 << 30) as f64 / cpu.kv_bytes_per_token() as f64) as usize,
             (None, None) => 16384,
         };
         let blocks = tokens / self.block_size;
@@ -80,6 +79,17 @@ impl SchedArgs {
             ..Default::default()
         })
     }
+}
+
+/// Loads the model for the commands that run one: weights at `precision`, the KV cache type
+/// from `--kv-cache-dtype`.
+pub fn load_model(
+    path: &std::path::Path,
+    precision: weave::model::weights::Precision,
+    kv_cache_dtype: &str,
+) -> anyhow::Result<weave::generate::LoadedModel> {
+    let kv = weave::backends::cpu::KvDtype::parse(kv_cache_dtype, precision).map_err(anyhow::Error::msg)?;
+    weave::generate::LoadedModel::load_opts(path, precision, kv)
 }
 
 pub fn default_threads() -> usize {

@@ -51,9 +51,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
     rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
     let path = a.model.unwrap_or_else(weave::paths::default_model_path);
-    let lm = weave::generate::LoadedModel::load_with(&path, a.cpu_precision)?;
+    let lm = super::load_model(&path, a.cpu_precision, &a.sched.kv_cache_dtype)?;
     let cfg = weave::serve::ServeConfig {
-        sched: a.sched.config(&lm.model.cfg)?,
+        sched: a.sched.config(&lm.model)?,
         threads: a.threads,
         seed: a.seed,
         model_name: a.served_model_name.unwrap_or_else(|| weave::serve::default_model_name(&lm)),

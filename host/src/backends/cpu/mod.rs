@@ -10,16 +10,53 @@ use crate::sampling::{sample, Rng, SamplingParams};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-use weave_kernels_gpu::attention::{attend_blocks, reshape_and_cache_host, AttnShape};
+use weave_kernels_gpu::attention::{attend_blocks_with, reshape_and_cache_host, AttnShape};
 use weave_kernels_gpu::ops::{fill_cos_sin_row, rms_norm_row, rope_head, silu_and_mul_row};
 use weave_kernels_gpu::softmax::SoftmaxState;
+use weave_kernels_gpu::{Elem, F16};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
+
+/// How the CPU backend stores the KV cache (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    /// Half the memory; read with F16C where the CPU has it.
+    F16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// `auto` (vLLM's word): f16, except f32 beside f32 weights so that path stays exact.
+    pub fn parse(s: &str, precision: crate::model::weights::Precision) -> Result<KvDtype, String> {
+        match s {
+            "auto" if precision == crate::model::weights::Precision::F32 => Ok(KvDtype::F32),
+            "auto" | "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            "f32" | "float32" | "float" => Ok(KvDtype::F32),
+            other => Err(format!("unknown --kv-cache-dtype {other:?}: use auto, f16 or f32")),
+        }
+    }
+}
 
 /// Weights and derived tables, shareable between backends.
 #[derive(Debug)]
 pub struct CpuModel {
     pub cfg: ModelConfig,
     pub w: Weights,
+    /// The KV cache's element type for backends made from this model.
+    pub kv_dtype: KvDtype,
     /// Row `pos`: `rot_dim / 2` cosines then sines.
     cos_sin: Vec<f32>,
     max_pos: usize,
@@ -31,7 +68,116 @@ impl CpuModel {
         for (pos, row) in cos_sin.chunks_mut(cfg.rot_dim).enumerate() {
             fill_cos_sin_row(pos, cfg.rot_dim, cfg.rope_theta, row);
         }
-        CpuModel { cfg, w, cos_sin, max_pos }
+        CpuModel { cfg, w, cos_sin, max_pos, kv_dtype: KvDtype::F32 }
+    }
+
+    /// Bytes of KV cache per token slot.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.cfg.kv_dim() * self.kv_dtype.bytes()
+    }
+}
+
+/// The paged KV cache, one buffer per layer for K and for V.
+#[derive(Debug)]
+enum KvCache {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16 { k: Vec<Vec<F16>>, v: Vec<Vec<F16>> },
+}
+
+/// Reads of f16 cache rows: F16C conversions eight at a time when the CPU has them, the
+/// portable conversion otherwise.
+mod f16_rows {
+    use weave_kernels_gpu::{Elem, F16};
+
+    pub fn has_f16c() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("f16c")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `q . k` for an f16 row `k` (`simd`: F16C, AVX2 and FMA are present).
+    #[inline]
+    pub fn dot(simd: bool, q: &[f32], k: &[F16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only true when F16C, AVX2 and FMA were detected.
+            return unsafe { x86::dot(q, k) };
+        }
+        let _ = simd;
+        weave_kernels_gpu::dot_f32_elem(q, k)
+    }
+
+    /// `acc += p * v` for an f16 row `v`.
+    #[inline]
+    pub fn axpy(simd: bool, acc: &mut [f32], p: f32, v: &[F16]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `dot`.
+            return unsafe { x86::axpy(acc, p, v) };
+        }
+        let _ = simd;
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += p * x.to_f32();
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+        use weave_kernels_gpu::{Elem, F16};
+
+        /// # Safety
+        /// The CPU must have F16C, AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn dot(q: &[f32], k: &[F16]) -> f32 {
+            let n = q.len().min(k.len());
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: `i + 8 <= n` elements of both; F16 is a transparent u16.
+                let (kv, qv) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i)),
+                        _mm256_loadu_ps(q.as_ptr().add(i)),
+                    )
+                };
+                acc = _mm256_fmadd_ps(qv, kv, acc);
+                i += 8;
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let mut r = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+            for j in i..n {
+                r += q[j] * k[j].to_f32();
+            }
+            r
+        }
+
+        /// # Safety
+        /// As [`dot`].
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn axpy(acc: &mut [f32], p: f32, v: &[F16]) {
+            let n = acc.len().min(v.len());
+            let pv = _mm256_set1_ps(p);
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: `i + 8 <= n` elements of both.
+                unsafe {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+                    let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(pv, x, a));
+                }
+                i += 8;
+            }
+            for j in i..n {
+                acc[j] += p * v[j].to_f32();
+            }
+        }
     }
 }
 
@@ -104,8 +250,11 @@ fn gemm_xwt(
 pub struct CpuBackend {
     model: Arc<CpuModel>,
     shape: AttnShape,
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    kv: KvCache,
+    /// F16C reads of an f16 cache.
+    f16c: bool,
+    /// The step's K and V rows in f16, for the cache write.
+    kv16: (Vec<F16>, Vec<F16>),
     threads: usize,
     sampling: HashMap<RequestId, (SamplingParams, Rng)>,
     /// Seed for requests that bring none.
@@ -134,8 +283,18 @@ impl CpuBackend {
         };
         let per_layer = num_blocks * block_size * c.kv_dim();
         CpuBackend {
-            k_cache: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
-            v_cache: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+            kv: match model.kv_dtype {
+                KvDtype::F32 => KvCache::F32 {
+                    k: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+                    v: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+                },
+                KvDtype::F16 => KvCache::F16 {
+                    k: (0..c.num_layers).map(|_| vec![F16::default(); per_layer]).collect(),
+                    v: (0..c.num_layers).map(|_| vec![F16::default(); per_layer]).collect(),
+                },
+            },
+            f16c: f16_rows::has_f16c(),
+            kv16: (Vec::new(), Vec::new()),
             model,
             shape,
             threads: threads.max(1),
@@ -150,21 +309,20 @@ impl CpuBackend {
     /// costs next to nothing; profiling (timing attention over context no step wrote) needs
     /// real memory behind it.
     pub fn scribble_kv_cache(&mut self) {
-        self.k_cache.par_iter_mut().chain(self.v_cache.par_iter_mut()).enumerate().for_each(|(i, layer)| {
+        // xorshift32: cheap, and values in [-0.5, 0.5) keep the softmax ordinary.
+        fn fill<T: Elem>(i: usize, layer: &mut [T]) {
             let mut x = 0x9e37_79b9u32.wrapping_mul(i as u32 + 1) | 1;
             for v in layer.iter_mut() {
-                // xorshift32: cheap, and values in [-0.5, 0.5) keep the softmax ordinary.
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                *v = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                *v = T::from_f32((x >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
             }
-        });
-    }
-
-    /// Bytes of KV cache per token slot.
-    pub fn kv_bytes_per_token(cfg: &ModelConfig) -> usize {
-        2 * cfg.num_layers * cfg.kv_dim() * std::mem::size_of::<f32>()
+        }
+        match &mut self.kv {
+            KvCache::F32 { k, v } => k.par_iter_mut().chain(v.par_iter_mut()).enumerate().for_each(|(i, l)| fill(i, l)),
+            KvCache::F16 { k, v } => k.par_iter_mut().chain(v.par_iter_mut()).enumerate().for_each(|(i, l)| fill(i, l)),
+        }
     }
 
     /// Logits of every sampling sequence (`[logits_indices.len()][vocab]`).
@@ -209,40 +367,48 @@ impl CpuBackend {
                         rope_head(head, cs, c.rot_dim, c.rope_layout);
                     }
                 });
-            reshape_and_cache_host(&shape, &k, &v, &b.slot_mapping, &mut self.k_cache[li], &mut self.v_cache[li]);
-            let (kc, vc) = (&self.k_cache[li], &self.v_cache[li]);
-            attn.par_chunks_mut(qd).enumerate().for_each_init(
-                || (vec![0f32; d], vec![0f32; shape.block_size as usize]),
-                |(qrow, scores), (tok, out)| {
-                    let seq = tok_seq[tok];
-                    let visible = b.positions[tok] + 1;
-                    let range = (0, visible.div_ceil(shape.block_size));
-                    let g = c.num_q_heads / c.num_kv_heads;
-                    for (head, o) in out.chunks_mut(d).enumerate() {
-                        for (a, &qv) in qrow.iter_mut().zip(&q[tok * qd + head * d..][..d]) {
-                            *a = qv * shape.scale;
-                        }
-                        let mut st = SoftmaxState::EMPTY;
-                        o.fill(0.0);
-                        let kvh = (head / g) as u32;
-                        attend_blocks(
-                            &shape,
-                            qrow,
-                            kc,
-                            vc,
-                            b.block_table(seq),
-                            kvh,
-                            range,
-                            visible,
-                            scores,
-                            &mut st,
-                            o,
-                        );
-                        let inv = 1.0 / st.l;
-                        o.iter_mut().for_each(|a| *a *= inv);
-                    }
-                },
-            );
+            let (f16c, kd) = (self.f16c, d);
+            // The cache reads are closures over its element type: f32 rows as they are, f16
+            // rows through F16C.
+            match &mut self.kv {
+                KvCache::F32 { k: kc, v: vc } => {
+                    reshape_and_cache_host(&shape, &k, &v, &b.slot_mapping, &mut kc[li], &mut vc[li]);
+                    let (kc, vc) = (&kc[li][..], &vc[li][..]);
+                    attend_rows(
+                        &shape,
+                        b,
+                        &tok_seq,
+                        &q,
+                        c,
+                        &mut attn,
+                        |qrow, o| weave_kernels_gpu::dot_f32_elem(qrow, &kc[o..o + kd]),
+                        |o, p, acc| {
+                            for (a, x) in acc.iter_mut().zip(&vc[o..o + kd]) {
+                                *a += p * x;
+                            }
+                        },
+                    );
+                }
+                KvCache::F16 { k: kc, v: vc } => {
+                    let (k16, v16) = &mut self.kv16;
+                    k16.clear();
+                    k16.extend(k.iter().map(|&x| F16::from_f32(x)));
+                    v16.clear();
+                    v16.extend(v.iter().map(|&x| F16::from_f32(x)));
+                    reshape_and_cache_host(&shape, k16, v16, &b.slot_mapping, &mut kc[li], &mut vc[li]);
+                    let (kc, vc) = (&kc[li][..], &vc[li][..]);
+                    attend_rows(
+                        &shape,
+                        b,
+                        &tok_seq,
+                        &q,
+                        c,
+                        &mut attn,
+                        |qrow, o| f16_rows::dot(f16c, qrow, &kc[o..o + kd]),
+                        |o, p, acc| f16_rows::axpy(f16c, acc, p, &vc[o..o + kd]),
+                    );
+                }
+            }
             matmul(&attn, n, &layer.wo, &mut x, true, t, sc);
             hbuf.par_chunks_mut(h)
                 .zip(x.par_chunks(h))
@@ -264,6 +430,55 @@ impl CpuBackend {
         matmul(&sel, s, head, &mut logits, false, t, sc);
         logits
     }
+}
+
+/// Attention of every row of the batch, each query head over its sequence's visible keys,
+/// through kernels-gpu's block walk and online softmax; `score(q, o)` and `add_v(o, p, acc)`
+/// read the cache row at offset `o`.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows(
+    shape: &AttnShape,
+    b: &ScheduledBatch,
+    tok_seq: &[usize],
+    q: &[f32],
+    c: &ModelConfig,
+    attn: &mut [f32],
+    score: impl Fn(&[f32], usize) -> f32 + Sync,
+    add_v: impl Fn(usize, f32, &mut [f32]) + Sync,
+) {
+    let (qd, d) = (c.q_dim(), c.head_dim);
+    attn.par_chunks_mut(qd).enumerate().for_each_init(
+        || (vec![0f32; d], vec![0f32; shape.block_size as usize]),
+        |(qrow, scores), (tok, out)| {
+            let seq = tok_seq[tok];
+            let visible = b.positions[tok] + 1;
+            let range = (0, visible.div_ceil(shape.block_size));
+            let g = c.num_q_heads / c.num_kv_heads;
+            for (head, o) in out.chunks_mut(d).enumerate() {
+                for (a, &qv) in qrow.iter_mut().zip(&q[tok * qd + head * d..][..d]) {
+                    *a = qv * shape.scale;
+                }
+                let mut st = SoftmaxState::EMPTY;
+                o.fill(0.0);
+                let kvh = (head / g) as u32;
+                let qr: &[f32] = qrow;
+                attend_blocks_with(
+                    shape,
+                    b.block_table(seq),
+                    kvh,
+                    range,
+                    visible,
+                    scores,
+                    &mut st,
+                    o,
+                    |off| score(qr, off),
+                    &add_v,
+                );
+                let inv = 1.0 / st.l;
+                o.iter_mut().for_each(|a| *a *= inv);
+            }
+        },
+    );
 }
 
 impl Backend for CpuBackend {
