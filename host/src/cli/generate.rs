@@ -101,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if !json {
         eprintln!(
-            "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, KV cache {} tokens",
+            "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, weights {} ({:.0} MiB, {} kernels), KV cache {} tokens in {}",
             lm.model.cfg.name,
             lm.model.cfg.num_layers,
             lm.model.cfg.hidden,
@@ -110,7 +110,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             path.display(),
             t_load.elapsed().as_secs_f64(),
             threads,
-            (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size
+            cpu_precision.name(),
+            lm.model.w.size_bytes() as f64 / (1u64 << 20) as f64,
+            weave::backends::cpu::qmatmul::Isa::detect().name(),
+            (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,
+            lm.model.kv_dtype.name()
         );
     }
     let mut log = StepLog::open(step_log.as_deref())?;
