@@ -6,25 +6,16 @@ use super::*;
 /// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: ModelArgs,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub concurrency: Vec<usize>,
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
-    #[arg(long, default_value_t = default_threads())]
-    pub threads: usize,
-    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
-    /// (dequantize at load: exact, 4x+ the memory).
-    #[arg(long, default_value = "quant")]
-    pub cpu_precision: weave::model::weights::Precision,
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
-    /// cpu, cuda or auto (see `weave generate --help`).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
     /// Path to llama.cpp's llama-batched-bench, to measure the baseline in the same run.
     #[arg(long)]
     pub llama_batched_bench: Option<PathBuf>,
@@ -36,24 +27,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let Args {
-        model,
-        concurrency,
-        prompt_len,
-        output_len,
-        threads,
-        cpu_precision,
-        max_num_batched_tokens,
-        device,
-        llama_batched_bench,
-        repeat,
-        json,
-    } = a;
-    let device = weave::backends::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
+    let Args { run, concurrency, prompt_len, output_len, max_num_batched_tokens, llama_batched_bench, repeat, json } =
+        a;
+    let (lm, path, device) = run.load("auto")?;
     eprintln!("device: {device}");
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    let path = model.unwrap_or_else(weave::paths::default_model_path);
-    let lm = weave::generate::LoadedModel::load_with(&path, cpu_precision)?;
+    let threads = run.threads;
     // Runs take minutes: say which is running.
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -5,9 +5,6 @@ use super::*;
 /// Generate text with the real model (CPU backend), many requests batched continuously.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// GGUF model (default: the reference model fetched by `cargo xtask fetch-model`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
     /// A prompt (repeatable).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -38,16 +35,8 @@ pub struct Args {
     pub ignore_eos: bool,
     #[command(flatten)]
     pub sched: SchedArgs,
-    #[arg(long, default_value_t = default_threads())]
-    pub threads: usize,
-    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
-    /// (dequantize at load: exact, 4x+ the memory).
-    #[arg(long, default_value = "quant")]
-    pub cpu_precision: weave::model::weights::Precision,
-    /// cpu, cuda or auto (the GPU when one works; the CUDA model backend is not written
-    /// yet, so auto falls back to cpu and says why).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub run: ModelArgs,
     /// One JSON line per request and a summary line, instead of text.
     #[arg(long)]
     pub json: bool,
@@ -58,7 +47,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Args {
-        model,
+        run,
         prompt,
         prompts_file,
         max_tokens,
@@ -70,13 +59,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         chat,
         ignore_eos,
         sched,
-        threads,
-        cpu_precision,
-        device,
         json,
         step_log,
     } = a;
-    let device = weave::backends::cuda::describe_device(&device).map_err(anyhow::Error::msg)?;
     use weave::generate::{generate, read_prompts_file, GenerateConfig, PromptSpec};
     let mut prompts: Vec<PromptSpec> =
         prompt.into_iter().map(|p| PromptSpec { prompt: p, ..Default::default() }).collect();
@@ -87,10 +72,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for p in &mut prompts {
         p.stop.extend(stop.iter().cloned());
     }
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    let path = model.unwrap_or_else(weave::paths::default_model_path);
     let t_load = std::time::Instant::now();
-    let lm = super::load_model(&path, cpu_precision, &sched.kv_cache_dtype)?;
+    let (lm, path, device) = run.load(&sched.kv_cache_dtype)?;
+    let (threads, cpu_precision) = (run.threads, run.cpu_precision);
     let cfg = GenerateConfig {
         sched: sched.config(&lm.model)?,
         default_max_tokens: max_tokens,

@@ -81,6 +81,36 @@ impl SchedArgs {
     }
 }
 
+/// The model and where it runs, for every command that runs one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// GGUF model (default: the reference model fetched by `cargo xtask fetch-model`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = default_threads())]
+    pub threads: usize,
+    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
+    /// (dequantize at load: exact, 4x+ the memory).
+    #[arg(long, default_value = "quant")]
+    pub cpu_precision: weave::model::weights::Precision,
+    /// cpu, cuda or auto (the GPU when one works; the CUDA model backend is not written yet,
+    /// so auto falls back to cpu and says why).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    /// Picks the device, sizes the thread pool and loads the model with the KV cache type
+    /// `kv_cache_dtype`: the model, its path and the device's description.
+    pub fn load(&self, kv_cache_dtype: &str) -> anyhow::Result<(weave::generate::LoadedModel, PathBuf, String)> {
+        let device = weave::backends::cuda::describe_device(&self.device).map_err(anyhow::Error::msg)?;
+        rayon::ThreadPoolBuilder::new().num_threads(self.threads).build_global().ok();
+        let path = self.model.clone().unwrap_or_else(weave::paths::default_model_path);
+        let lm = load_model(&path, self.cpu_precision, kv_cache_dtype)?;
+        Ok((lm, path, device))
+    }
+}
+
 /// Loads the model for the commands that run one: weights at `precision`, the KV cache type
 /// from `--kv-cache-dtype`.
 pub fn load_model(

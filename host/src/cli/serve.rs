@@ -7,9 +7,6 @@ use std::time::Duration;
 /// not), with Prometheus metrics at /metrics.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// GGUF model (default: the reference model fetched by `cargo xtask fetch-model`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -31,30 +28,20 @@ pub struct Args {
     pub seed: u64,
     #[command(flatten)]
     pub sched: SchedArgs,
-    #[arg(long, default_value_t = default_threads())]
-    pub threads: usize,
-    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
-    /// (dequantize at load: exact, 4x+ the memory).
-    #[arg(long, default_value = "quant")]
-    pub cpu_precision: weave::model::weights::Precision,
-    /// cpu, cuda or auto (the CUDA model backend is not written yet; auto falls back to cpu).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub run: ModelArgs,
     /// Write the per-step JSONL here (for `weave analyze`).
     #[arg(long)]
     pub step_log: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let device = weave::backends::cuda::describe_device(&a.device).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(a.shutdown_timeout >= 0.0, "--shutdown-timeout must be >= 0, got {}", a.shutdown_timeout);
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
-    rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
-    let path = a.model.unwrap_or_else(weave::paths::default_model_path);
-    let lm = super::load_model(&path, a.cpu_precision, &a.sched.kv_cache_dtype)?;
+    let (lm, _path, device) = a.run.load(&a.sched.kv_cache_dtype)?;
     let cfg = weave::serve::ServeConfig {
         sched: a.sched.config(&lm.model)?,
-        threads: a.threads,
+        threads: a.run.threads,
         seed: a.seed,
         model_name: a.served_model_name.unwrap_or_else(|| weave::serve::default_model_name(&lm)),
         max_waiting: a.max_waiting,
@@ -71,7 +58,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "weave serve: {} on http://{} (device {device}, {} threads, KV cache {} tokens, max_model_len {})",
             cfg.model_name,
             listener.local_addr()?,
-            a.threads,
+            a.run.threads,
             (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,
             cfg.sched.max_model_len
         );
