@@ -530,7 +530,10 @@ async fn dropped_streams_free_their_blocks_within_a_step() {
     let steps_at_drop = s.metric("weave:iteration_tokens_total_count").await;
     let t0 = Instant::now();
     loop {
-        if s.metric("weave:kv_cache_usage_perc").await == 0.0 && s.metric("weave:num_requests_running").await == 0.0 {
+        if s.metric("weave:kv_cache_usage_perc").await == 0.0
+            && s.metric("weave:num_requests_running").await == 0.0
+            && s.metric("weave:request_success_total").await == 50.0
+        {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "blocks still held 60 s after every client left");

@@ -394,9 +394,10 @@ impl<B: Backend> Core<B> {
 
     fn abort(&mut self, id: RequestId, t0: Instant) {
         if let Some(o) = self.engine.abort(id, t0.elapsed().as_secs_f64()) {
+            // Gauges first: a client that sees its request end sees its blocks freed too.
+            self.publish();
             self.finish(o);
         }
-        self.publish();
     }
 
     fn step(&mut self, t0: Instant, prefix_seen: &mut (u64, u64)) -> anyhow::Result<()> {
@@ -405,6 +406,9 @@ impl<B: Backend> Core<B> {
         let report = self.engine.step(now, &mut |id, out| {
             seqs.get_mut(&id).is_some_and(|s| s.push(tok, *out.last().expect("a new token")))
         })?;
+        // Gauges before any event goes out: whoever sees a request end also sees its blocks
+        // back in the pool.
+        self.publish();
         let at = Instant::now();
         let m = &self.metrics;
         m.iteration_tokens.observe(report.record.total_tokens() as f64);
