@@ -253,6 +253,8 @@ pub struct CpuBackend {
     kv: KvCache,
     /// F16C reads of an f16 cache.
     f16c: bool,
+    /// The threads a forward pass runs on.
+    pool: Arc<rayon::ThreadPool>,
     /// The step's K and V rows in f16, for the cache write.
     kv16: (Vec<F16>, Vec<F16>),
     threads: usize,
@@ -298,6 +300,13 @@ impl CpuBackend {
             model,
             shape,
             threads: threads.max(1),
+            pool: Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads.max(1))
+                    .thread_name(|i| format!("weave-cpu-{i}"))
+                    .build()
+                    .expect("a thread pool"),
+            ),
             sampling: HashMap::new(),
             base_seed,
             scratch: Scratch { acts: qmatmul::QActs::default(), isa: qmatmul::Isa::detect() },
@@ -327,6 +336,14 @@ impl CpuBackend {
 
     /// Logits of every sampling sequence (`[logits_indices.len()][vocab]`).
     pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
+        // The whole pass runs on one of the pool's threads: a parallel loop started from a
+        // thread outside the pool pays a cross-thread hand-off and a blocking wait, and a step
+        // starts about ten per layer.
+        let pool = self.pool.clone();
+        pool.install(|| self.forward_in_pool(b))
+    }
+
+    fn forward_in_pool(&mut self, b: &ScheduledBatch) -> Vec<f32> {
         let m = &*self.model;
         let c = &m.cfg;
         let (n, h, qd, kvd, d) = (b.num_tokens(), c.hidden, c.q_dim(), c.kv_dim(), c.head_dim);
