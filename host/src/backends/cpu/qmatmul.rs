@@ -224,20 +224,19 @@ impl Isa {
     }
 }
 
-/// Dot product of weight row `r` (blocks `[b0, b0 + nb)`) with activation row `i`.
+/// Dot product of the weight row at block `b0` with the activation row at block `a0`.
 fn dot(isa: Isa, w: &QMatrix, b0: usize, a: &QActs, a0: usize, nb: usize) -> f32 {
     match (isa, w.kind) {
+        // SAFETY (these four): `isa` was detected on this CPU (AVX2 and FMA, plus VNNI for
+        // `Avx512Vnni`); the kernels check the ranges.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA; the ranges were
-        // checked by the caller (the slices below panic otherwise).
-        (Isa::Avx2 | Isa::Avx512Vnni, QKind::U4) => unsafe {
-            avx2::dot_u4(&w.qs[b0 * 16..(b0 + nb) * 16], &w.d[b0..b0 + nb], &w.m[b0..b0 + nb], a, a0, nb)
-        },
+        (Isa::Avx2, QKind::U4) => unsafe { avx2::dot_u4_rows::<1>(w, b0, nb, a, a0)[0] },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        (Isa::Avx2 | Isa::Avx512Vnni, QKind::I8) => unsafe {
-            avx2::dot_i8(&w.qs[b0 * 32..(b0 + nb) * 32], &w.d[b0..b0 + nb], a, a0, nb)
-        },
+        (Isa::Avx2, QKind::I8) => unsafe { avx2::dot_i8_rows::<1>(w, b0, nb, a, a0)[0] },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QKind::U4) => unsafe { avx2::dot_u4_rows_vnni::<1>(w, b0, nb, a, a0)[0] },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QKind::I8) => unsafe { avx2::dot_i8_rows_vnni::<1>(w, b0, nb, a, a0)[0] },
         (_, QKind::U4) => {
             scalar_dot_u4(&w.qs[b0 * 16..(b0 + nb) * 16], &w.d[b0..b0 + nb], &w.m[b0..b0 + nb], a, a0, nb)
         }
@@ -285,43 +284,22 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// [`super::scalar_dot_u4`] with 32 lanes of bytes: `maddubs` multiplies the unsigned
-    /// nibbles by the signed activations into pairs of i16 (at most 2 * 15 * 127, no
-    /// saturation), `madd` widens to i32, and one FMA a block applies both scales.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `qs`, `d`, `m` hold `nb` blocks and `a` holds blocks
-    /// `a0..a0 + nb`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_u4(qs: &[u8], d: &[f32], m: &[f32], a: &QActs, a0: usize, nb: usize) -> f32 {
-        assert!(qs.len() >= nb * 16 && d.len() >= nb && m.len() >= nb);
-        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb && a.sum.len() >= a0 + nb);
+    /// The 32 nibbles of a `U4` block as bytes, in element order (low nibbles, then high).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn unpack_u4(packed: __m128i) -> __m256i {
         let mask = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut offs = 0f32;
-        for b in 0..nb {
-            // SAFETY: in bounds by the asserts above; unaligned loads.
-            let (packed, x) = unsafe {
-                (
-                    _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i),
-                    _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i),
-                )
-            };
-            let lo = _mm_and_si128(packed, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            let w = _mm256_set_m128i(hi, lo);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[a0 + b]), _mm256_cvtepi32_ps(p), acc);
-            offs += m[b] * a.sum[a0 + b];
-        }
-        hsum(acc) + offs
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask))
     }
 
     /// Kernels for `R` consecutive weight rows (starting at block `b0`, `nb` blocks a row)
-    /// against one activation row: each activation block is loaded once for all `R` rows.
+    /// against one activation row: each activation block is loaded once for all `R` rows
+    /// (`R = 1` is the plain dot product of [`super::scalar_dot_u4`] / [`super::scalar_dot_i8`]).
     /// `$prod(w, x)` is the 8 lanes of i32 sums of byte products of unsigned `w` and signed
-    /// `x`: `maddubs` + `madd` on AVX2, one `dpbusd` with AVX-512 VNNI.
+    /// `x`: `maddubs` + `madd` on AVX2, one `dpbusd` with AVX-512 VNNI. One FMA a block
+    /// applies both scales. `U4` pairs stay within i16 in `maddubs` (2 * 15 * 127); `I8`
+    /// weights go through the usual sign trick (`|w|` times `x * sign(w)`, since one operand
+    /// must be unsigned), whose pairs also fit (2 * 128 * 127).
     macro_rules! row_kernels {
         ($u4:ident, $u4x2:ident, $i8:ident, $features:literal, $prod:ident) => {
             /// `R` rows of [`dot_u4`].
@@ -339,7 +317,6 @@ mod avx2 {
             ) -> [f32; R] {
                 assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
                 assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb && a.sum.len() >= a0 + nb);
-                let mask = _mm_set1_epi8(0x0f);
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut offs = [0f32; R];
                 for b in 0..nb {
@@ -350,9 +327,7 @@ mod avx2 {
                         let wb = b0 + r * nb + b;
                         // SAFETY: as above.
                         let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
-                        let lo = _mm_and_si128(packed, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                        let p = $prod(_mm256_set_m128i(hi, lo), x);
+                        let p = $prod(unpack_u4(packed), x);
                         *acc_r = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb] * da), _mm256_cvtepi32_ps(p), *acc_r);
                         *off_r += w.m[wb] * sa;
                     }
@@ -381,7 +356,6 @@ mod avx2 {
                 assert!(w.qs.len() >= (b0 + R * nb) * 16 && w.d.len() >= b0 + R * nb && w.m.len() >= b0 + R * nb);
                 let need = (a0.max(a1) + nb);
                 assert!(a.q.len() >= need * QK && a.d.len() >= need && a.sum.len() >= need);
-                let mask = _mm_set1_epi8(0x0f);
                 let mut acc = [[_mm256_setzero_ps(); R]; 2];
                 let mut offs = [[0f32; R]; 2];
                 for b in 0..nb {
@@ -397,9 +371,7 @@ mod avx2 {
                         let wb = b0 + r * nb + b;
                         // SAFETY: as above.
                         let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(wb * 16) as *const __m128i) };
-                        let lo = _mm_and_si128(packed, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                        let wv = _mm256_set_m128i(hi, lo);
+                        let wv = unpack_u4(packed);
                         let (wd, wm) = (w.d[wb], w.m[wb]);
                         let p0 = _mm256_cvtepi32_ps($prod(wv, x0));
                         let p1 = _mm256_cvtepi32_ps($prod(wv, x1));
@@ -464,33 +436,6 @@ mod avx2 {
 
     row_kernels!(dot_u4_rows, dot_u4_rows_x2, dot_i8_rows, "avx2,fma", prod_avx2);
     row_kernels!(dot_u4_rows_vnni, dot_u4_rows_x2_vnni, dot_i8_rows_vnni, "avx2,fma,avx512vnni,avx512vl", prod_vnni);
-
-    /// [`super::scalar_dot_i8`]: signed by signed through `maddubs` on `|w|` and `x * sign(w)`
-    /// (`sign_epi8`), the usual trick, since `maddubs` takes one unsigned operand. The pairs
-    /// stay within i16 (2 * 128 * 127).
-    ///
-    /// # Safety
-    /// As [`dot_u4`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_i8(qs: &[u8], d: &[f32], a: &QActs, a0: usize, nb: usize) -> f32 {
-        assert!(qs.len() >= nb * 32 && d.len() >= nb);
-        assert!(a.q.len() >= (a0 + nb) * QK && a.d.len() >= a0 + nb);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for (b, &db) in d.iter().enumerate().take(nb) {
-            // SAFETY: in bounds by the asserts above; unaligned loads.
-            let (w, x) = unsafe {
-                (
-                    _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i),
-                    _mm256_loadu_si256(a.q.as_ptr().add((a0 + b) * QK) as *const __m256i),
-                )
-            };
-            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-            let p = _mm256_madd_epi16(p, ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(db * a.d[a0 + b]), _mm256_cvtepi32_ps(p), acc);
-        }
-        hsum(acc)
-    }
 }
 
 /// A raw output pointer shared by the threads of [`qmatmul`], each writing its own columns.
