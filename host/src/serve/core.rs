@@ -240,7 +240,7 @@ struct Seq {
 impl Seq {
     /// Adds a token's text; true when a stop string has now appeared.
     fn push(&mut self, tok: &WeaveTokenizer, id: u32) -> bool {
-        let piece = tok_piece(&mut self.decoder, tok, id);
+        let piece = self.decoder.push(tok, id);
         let before = self.text.len();
         self.text.push_str(&piece);
         if self.stop.is_empty() || self.stop_at.is_some() {
@@ -266,10 +266,6 @@ impl Seq {
         self.sent = end;
         s
     }
-}
-
-fn tok_piece(d: &mut StreamDecoder, tok: &WeaveTokenizer, id: u32) -> String {
-    d.push(tok, id)
 }
 
 /// The largest char boundary at or below `i`.
@@ -434,19 +430,10 @@ impl<B: Backend> Core<B> {
             e.0.push(t);
             e.1.push(lp.clone());
         }
-        let finished: HashMap<RequestId, Outcome> = report.finished.into_iter().map(|o| (o.id, o)).collect();
         let mut gone = Vec::new();
-        for (id, (tokens, logprobs)) in fresh {
-            if finished.contains_key(&id) {
-                continue;
-            }
-            let Some(s) = self.seqs.get_mut(&id) else { continue };
-            let text = s.take_sendable(false);
-            if s.events.send(SeqEvent::Tokens { text, tokens, logprobs }).is_err() {
-                gone.push(id);
-            }
-        }
-        for (_, mut o) in finished {
+        for mut o in report.finished {
+            // Its last tokens go out with no text: `finish` sends the rest of the text.
+            let (tokens, logprobs) = fresh.remove(&o.id).unwrap_or_default();
             if let Some(s) = self.seqs.get_mut(&o.id) {
                 // The scheduler finished it on its last token, which `stop_check` never saw: show
                 // it unless it is the stop token itself.
@@ -457,12 +444,18 @@ impl<B: Backend> Core<B> {
                         }
                     }
                 }
-                let (tokens, logprobs) = self.fresh_for(&o, &report.update.new_tokens, &report.logprobs);
-                let s = self.seqs.get_mut(&o.id).expect("tracked");
-                let text = s.take_sendable(true);
-                let _ = s.events.send(SeqEvent::Tokens { text, tokens, logprobs });
+                if !tokens.is_empty() {
+                    let _ = s.events.send(SeqEvent::Tokens { text: String::new(), tokens, logprobs });
+                }
             }
             self.finish(o);
+        }
+        for (id, (tokens, logprobs)) in fresh {
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let text = s.take_sendable(false);
+            if s.events.send(SeqEvent::Tokens { text, tokens, logprobs }).is_err() {
+                gone.push(id);
+            }
         }
         self.step_log.line(&report.record);
         for id in gone {
@@ -470,16 +463,6 @@ impl<B: Backend> Core<B> {
         }
         self.publish();
         Ok(())
-    }
-
-    /// The tokens (and logprobs) a finished sequence got this step.
-    fn fresh_for(
-        &self,
-        o: &Outcome,
-        new_tokens: &[(RequestId, u32)],
-        logprobs: &[Option<TokenLogprobs>],
-    ) -> (Vec<u32>, Vec<Option<TokenLogprobs>>) {
-        new_tokens.iter().zip(logprobs).filter(|((id, _), _)| *id == o.id).map(|((_, t), lp)| (*t, lp.clone())).unzip()
     }
 
     /// A sequence left the engine: its last event and its metrics.

@@ -369,9 +369,6 @@ struct Running {
 /// Hands every sequence of `plan` to the engine and waits until each is admitted (so that a
 /// refusal is still a 400, streamed or not).
 async fn start(app: &Arc<App>, plan: &Plan, kind: &str, req_no: u64) -> ApiResult<Running> {
-    if app.engine.is_draining() {
-        return Err(ApiError::shutting_down());
-    }
     let total = plan.prompts.len() * plan.n;
     app.engine.has_room(total)?;
     let mut guard = AbortOnDrop { app: app.clone(), ids: Vec::with_capacity(total), done: Vec::new() };

@@ -52,8 +52,7 @@ pub fn default_model_name(lm: &LoadedModel) -> String {
 pub fn start_cpu(lm: &LoadedModel, cfg: &ServeConfig, step_log: StepLogWriter) -> anyhow::Result<Arc<http::App>> {
     let backend =
         CpuBackend::new(lm.model.clone(), cfg.sched.num_gpu_blocks, cfg.sched.block_size, cfg.threads, cfg.seed);
-    let engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
-    let mut engine = engine;
+    let mut engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
     // A server runs for days: its step records go to the log, never into memory.
     engine.keep_steps = step_log.is_open();
     let metrics = Arc::new(metrics::Metrics::new(&cfg.model_name));
