@@ -525,14 +525,7 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match completions_inner(app, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(app: Arc<App>, body: Bytes) -> ApiResult<Response> {
+async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
     let v = parse_body(&body)?;
     app.check_model(&v)?;
     if field::<bool>(&v, "echo")?.unwrap_or(false) {
@@ -565,14 +558,7 @@ async fn completions_inner(app: Arc<App>, body: Bytes) -> ApiResult<Response> {
     respond(app, plan, Kind::Completion).await
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match chat_inner(app, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(app: Arc<App>, body: Bytes) -> ApiResult<Response> {
+async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
     let v = parse_body(&body)?;
     app.check_model(&v)?;
     let messages =
@@ -824,37 +810,25 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let r = (|| -> ApiResult<Value> {
-        let v = parse_body(&body)?;
-        app.check_model(&v)?;
-        let tokens = match (field::<String>(&v, "prompt")?, field::<Vec<Message>>(&v, "messages")?) {
-            (Some(p), None) => app.encode(&p, "prompt")?,
-            (None, Some(m)) => {
-                let text = app.render_chat(&m)?;
-                app.encode(&text, "messages")?
-            }
-            (Some(_), Some(_)) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
-            (None, None) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
-        };
-        Ok(json!({"count": tokens.len(), "max_model_len": app.max_model_len, "tokens": tokens}))
-    })();
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let v = parse_body(&body)?;
+    app.check_model(&v)?;
+    let tokens = match (field::<String>(&v, "prompt")?, field::<Vec<Message>>(&v, "messages")?) {
+        (Some(p), None) => app.encode(&p, "prompt")?,
+        (None, Some(m)) => {
+            let text = app.render_chat(&m)?;
+            app.encode(&text, "messages")?
+        }
+        (Some(_), Some(_)) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
+        (None, None) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
+    };
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": app.max_model_len, "tokens": tokens})))
 }
 
-async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let r = (|| -> ApiResult<Value> {
-        let v = parse_body(&body)?;
-        app.check_model(&v)?;
-        let tokens = field::<Vec<u32>>(&v, "tokens")?.ok_or_else(|| ApiError::bad("tokens", "tokens is required"))?;
-        app.check_tokens(&tokens, "tokens")?;
-        Ok(json!({"prompt": app.tokenizer.decode(&tokens)}))
-    })();
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let v = parse_body(&body)?;
+    app.check_model(&v)?;
+    let tokens = field::<Vec<u32>>(&v, "tokens")?.ok_or_else(|| ApiError::bad("tokens", "tokens is required"))?;
+    app.check_tokens(&tokens, "tokens")?;
+    Ok(Json(json!({"prompt": app.tokenizer.decode(&tokens)})))
 }
