@@ -6,7 +6,7 @@
 //! (the exact path, checked against the f64 reference). Tensors of other types are f32 in both.
 
 use super::config::{ConfigError, ModelConfig};
-use super::gguf::{GgmlType, Gguf};
+use super::gguf::Gguf;
 use crate::backends::cpu::qmatmul::QMatrix;
 
 /// How the CPU backend holds and multiplies weights.
@@ -82,8 +82,8 @@ impl Linear {
                     break;
                 }
                 match QMatrix::from_ggml(t.ty, o as usize, inp as usize, g.tensor_bytes(t)) {
-                    Some(q) if t.ty != GgmlType::F32 => parts.push(q),
-                    _ => break,
+                    Some(q) => parts.push(q),
+                    None => break,
                 }
             }
             if parts.len() == names.len() && parts.iter().all(|p| p.kind == parts[0].kind) {
