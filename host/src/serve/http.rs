@@ -2,7 +2,7 @@
 //!
 //! A handler checks its request (a bad field is a 400 that names it), tokenizes, hands its
 //! sequences to the engine thread and waits only for its own tokens. Every way a request can
-//! end early (client gone, stream dropped, a sibling rejected) drops its [`AbortOnDrop`],
+//! end early (client gone, stream dropped, a sibling rejected) drops its `AbortOnDrop`,
 //! which aborts whatever of it is still in the engine.
 
 use super::core::{Admit, EngineHandle, SeqEvent, SubmitError};

@@ -6,7 +6,7 @@
 //! - [`http`]: axum routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 //!   `/health`, `/metrics`, `/tokenize`, `/detokenize`), request checking, SSE streams;
 //! - [`openai`]: the wire types; [`metrics`]: Prometheus metrics under vLLM's names;
-//! - [`bench`]: the serving benchmark client.
+//! - [`bench`](mod@bench): the serving benchmark client.
 //!
 //! Serving drives the same engine as every other command: the scheduler and the backend do
 //! not know an HTTP request from a line of a trace.

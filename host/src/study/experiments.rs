@@ -467,7 +467,7 @@ pub fn run_cpu(
 }
 
 /// The simulator against the real CPU backend. The step-time model comes from
-/// [`crate::profile`] (designed batches timed on this machine, no workload seen); for
+/// [`crate::study::profile`] (designed batches timed on this machine, no workload seen); for
 /// comparison, a model fitted to the step logs of two calibration runs. Both predict
 /// held-out workloads that are then run for real; the table compares mean step time and
 /// mean TTFT, and the findings give the per-step error on the real runs' own steps (the cost

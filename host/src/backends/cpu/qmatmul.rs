@@ -302,7 +302,7 @@ mod avx2 {
     /// must be unsigned), whose pairs also fit (2 * 128 * 127).
     macro_rules! row_kernels {
         ($u4:ident, $u4x2:ident, $i8:ident, $features:literal, $prod:ident) => {
-            /// `R` rows of [`dot_u4`].
+            /// `R` weight rows of `U4` blocks.
             ///
             /// # Safety
             /// The CPU must have the features this is compiled for; `w` holds rows through
@@ -390,7 +390,7 @@ mod avx2 {
                 out
             }
 
-            /// `R` rows of [`dot_i8`].
+            /// `R` weight rows of `I8` blocks.
             ///
             /// # Safety
             /// As the `u4` kernel beside it.
