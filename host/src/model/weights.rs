@@ -7,7 +7,7 @@
 
 use super::config::{ConfigError, ModelConfig};
 use super::gguf::Gguf;
-use crate::backends::cpu::qmatmul::QMatrix;
+use crate::backends::cpu::qmatmul::{QKind, QMatrix, QMatrixBuilder};
 
 /// How the CPU backend holds and multiplies weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,25 +75,7 @@ impl Linear {
     fn load(g: &Gguf, names: &[&str], outs: &[u64], inp: u64, precision: Precision) -> Result<Linear, ConfigError> {
         let out_dim = outs.iter().sum::<u64>() as usize;
         if precision == Precision::Quant {
-            let mut parts = Vec::with_capacity(names.len());
-            for (n, &o) in names.iter().zip(outs) {
-                let t = g.tensor(n)?;
-                if t.dims != [inp, o] {
-                    break;
-                }
-                match QMatrix::from_ggml(t.ty, o as usize, inp as usize, g.tensor_bytes(t)) {
-                    Some(q) => parts.push(q),
-                    None => break,
-                }
-            }
-            if parts.len() == names.len() && parts.iter().all(|p| p.kind == parts[0].kind) {
-                let mut m = parts.remove(0);
-                for p in parts {
-                    m.rows += p.rows;
-                    m.qs.extend(p.qs);
-                    m.d.extend(p.d);
-                    m.m.extend(p.m);
-                }
+            if let Some(m) = Self::load_packed(g, names, outs, inp)? {
                 return Ok(Linear { data: LinearData::Quant(m), out_dim, in_dim: inp as usize });
             }
         }
@@ -102,6 +84,20 @@ impl Linear {
             w.extend(g.tensor_f32(n, Some(&[inp, o]))?);
         }
         Ok(Linear { data: LinearData::F32(w), out_dim, in_dim: inp as usize })
+    }
+
+    /// The parts packed into one matrix, or `None` when they are not all of one packable kind.
+    fn load_packed(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<QMatrix>, ConfigError> {
+        let first = g.tensor(names[0])?;
+        let Some(kind) = QKind::of(first.ty) else { return Ok(None) };
+        let mut b = QMatrixBuilder::new(kind, inp as usize);
+        for (n, &o) in names.iter().zip(outs) {
+            let t = g.tensor(n)?;
+            if t.dims != [inp, o] || b.push_ggml(t.ty, o as usize, g.tensor_bytes(t)).is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(b.finish()))
     }
 }
 
