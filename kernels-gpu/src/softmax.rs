@@ -72,6 +72,38 @@ impl SoftmaxState {
 }
 
 #[cfg(not(target_arch = "nvptx64"))]
+impl SoftmaxState {
+    /// Folds a block of scores (`-inf` = masked) into the state and turns them, in place, into
+    /// the block's weights `exp(s - m)` (0 where masked). Returns the factor by which the
+    /// caller must scale its accumulator before adding `Σ_t p_t v_t`, or `None` when every key
+    /// is masked (nothing changed). The same step as [`Self::update_block_with`], split so a
+    /// caller can run the weights and the value rows in SIMD; the exponential is
+    /// [`crate::fmath::exp_poly`], which vectorizes over the block.
+    #[inline(always)]
+    pub fn fold_scores(&mut self, scores: &mut [f32]) -> Option<f32> {
+        let bmax = scores.iter().fold(f32::NEG_INFINITY, |a, &s| max(a, s));
+        if bmax == f32::NEG_INFINITY {
+            return None;
+        }
+        let m_new = max(self.m, bmax);
+        let alpha = self.rescale(m_new);
+        for s in scores.iter_mut() {
+            let p = crate::fmath::exp_poly(*s - m_new);
+            *s = if *s == f32::NEG_INFINITY { 0.0 } else { p };
+        }
+        // A tree of sums the compiler can keep in vector registers.
+        let mut part = [0f32; 8];
+        for c in scores.chunks(8) {
+            for (a, &p) in part.iter_mut().zip(c) {
+                *a += p;
+            }
+        }
+        self.l += ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+        Some(alpha)
+    }
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
 /// Merges partial results `(state, acc)` of disjoint key ranges into `out = acc / l`,
 /// rescaling each to the global max. Empty partials (`l == 0`) contribute nothing.
 pub fn merge_partials<'a>(parts: impl Iterator<Item = (SoftmaxState, &'a [f32])> + Clone, out: &mut [f32]) {
@@ -133,5 +165,41 @@ mod tests {
         let parts = [(s1, &a1[..]), (SoftmaxState::EMPTY, &empty[..]), (s2, &a2[..])];
         merge_partials(parts.iter().copied(), &mut out);
         assert!((out[0] - want).abs() < 1e-5, "{} vs {want}", out[0]);
+    }
+
+    #[test]
+    fn fold_scores_equals_update_block() {
+        let scores: Vec<f32> = (0..48).map(|i| ((i * 7919) % 29) as f32 * 0.41 - 6.0).collect();
+        let vals: Vec<f32> = (0..48).map(|i| (i as f32 * 0.23).cos()).collect();
+        let (mut a, mut b) = (SoftmaxState::EMPTY, SoftmaxState::EMPTY);
+        let (mut acc_a, mut acc_b) = ([0.0f32], [0.0f32]);
+        for (k, chunk) in scores.chunks(16).enumerate() {
+            let mut block = [0f32; 16];
+            block.copy_from_slice(chunk);
+            block[15 - k] = f32::NEG_INFINITY; // a masked key in each block
+            a.update_block(&block, &mut acc_a, |t| &vals[k * 16 + t..k * 16 + t + 1]);
+            let alpha = b.fold_scores(&mut block).expect("keys left");
+            acc_b[0] *= alpha;
+            assert_eq!(block[15 - k], 0.0, "a masked key weighs nothing");
+            for (t, p) in block.iter().enumerate() {
+                acc_b[0] += p * vals[k * 16 + t];
+            }
+        }
+        assert_eq!(a.m, b.m);
+        assert!((a.l - b.l).abs() <= 1e-6 * a.l, "{} vs {}", a.l, b.l);
+        assert!((acc_a[0] / a.l - acc_b[0] / b.l).abs() < 1e-6);
+        assert_eq!(b.fold_scores(&mut [f32::NEG_INFINITY; 4]), None);
+    }
+
+    #[test]
+    fn exp_poly_is_close_to_exp() {
+        let mut worst = 0f32;
+        for i in 0..87_000 {
+            let x = -(i as f32) * 1e-3;
+            let (got, want) = (crate::fmath::exp_poly(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "relative error {worst}");
+        assert!(crate::fmath::exp_poly(f32::NEG_INFINITY) < 1e-37);
     }
 }

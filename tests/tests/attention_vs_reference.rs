@@ -75,8 +75,44 @@ fn run<T: Elem>(c: &Case) -> f64 {
     out.iter().zip(&want).map(|(a, b)| (a.to_f32() as f64 - b).abs()).fold(0.0, f64::max)
 }
 
+/// The CPU backend's attention (GQA groups and query tiles sharing each widened KV block) on
+/// the same batch, with its cache in `T` and its SIMD path on or off: the largest absolute
+/// difference from the reference.
+fn run_cpu_backend<T: Elem + weave::backends::cpu::attention::CacheElem>(c: &Case, simd: bool) -> f64 {
+    let b = common::build::<T>(c);
+    let num_tokens = *b.qsl.last().unwrap() as usize;
+    let mut positions = Vec::with_capacity(num_tokens);
+    for (s, w) in b.qsl.windows(2).enumerate() {
+        positions.extend((0..w[1] - w[0]).map(|i| b.ctx[s] + i));
+    }
+    let batch = weave_scheduler::ScheduledBatch {
+        input_ids: vec![0; num_tokens],
+        positions,
+        query_start_loc: b.qsl.clone(),
+        block_tables: b.tables.clone(),
+        max_blocks_per_seq: b.shape.max_blocks_per_seq as usize,
+        block_size: b.shape.block_size as usize,
+        ..Default::default()
+    };
+    let q: Vec<f32> = b.q.iter().map(|x| x.to_f32()).collect();
+    let mut out = vec![f32::NAN; q.len()];
+    weave::backends::cpu::attention::attend(&b.shape, &batch, &q, &b.kc, &b.vc, &mut out, simd);
+    let f = |x: &[T]| x.iter().map(|v| v.to_f32() as f64).collect::<Vec<_>>();
+    let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc));
+    out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn cpu_backend_matches_reference(c in common::case()) {
+        let simd = weave::backends::cpu::attention::has_simd();
+        for on in [false, simd] {
+            // f32 out of f16/f32 caches: no output rounding, so f32's bound holds for both.
+            let (e32, e16) = (run_cpu_backend::<f32>(&c, on), run_cpu_backend::<F16>(&c, on));
+            prop_assert!(e32 < 2e-5 && e16 < 2e-5, "simd {on}: max abs error f32 {e32}, f16 {e16}");
+        }
+    }
     #[test]
     fn f32_matches_reference(c in common::case()) {
         let err = run::<f32>(&c);
@@ -110,6 +146,10 @@ fn edge_cases_by_name() {
             let c = Case { seqs: seqs.clone(), head_dim: hd, group, blocks_per_split: split, ..base.clone() };
             let err = run::<f32>(&c);
             assert!(err < 2e-5, "{name} (d {hd}, group {group}, split {split}): {err}");
+            for simd in [false, weave::backends::cpu::attention::has_simd()] {
+                let err = run_cpu_backend::<f32>(&c, simd);
+                assert!(err < 2e-5, "CPU backend, {name} (d {hd}, group {group}, simd {simd}): {err}");
+            }
         }
     }
 }

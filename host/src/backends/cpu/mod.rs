@@ -10,9 +10,8 @@ use crate::sampling::{sample, Rng, SamplingParams};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-use weave_kernels_gpu::attention::{attend_blocks_with, reshape_and_cache_host, AttnShape};
+use weave_kernels_gpu::attention::{reshape_and_cache_host, AttnShape};
 use weave_kernels_gpu::ops::{fill_cos_sin_row, rms_norm_row, rope_head, silu_and_mul_row};
-use weave_kernels_gpu::softmax::SoftmaxState;
 use weave_kernels_gpu::{Elem, F16};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
@@ -84,103 +83,7 @@ enum KvCache {
     F16 { k: Vec<Vec<F16>>, v: Vec<Vec<F16>> },
 }
 
-/// Reads of f16 cache rows: F16C conversions eight at a time when the CPU has them, the
-/// portable conversion otherwise.
-mod f16_rows {
-    use weave_kernels_gpu::{Elem, F16};
-
-    pub fn has_f16c() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("f16c")
-                && std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
-    /// `q . k` for an f16 row `k` (`simd`: F16C, AVX2 and FMA are present).
-    #[inline]
-    pub fn dot(simd: bool, q: &[f32], k: &[F16]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only true when F16C, AVX2 and FMA were detected.
-            return unsafe { x86::dot(q, k) };
-        }
-        let _ = simd;
-        weave_kernels_gpu::dot_f32_elem(q, k)
-    }
-
-    /// `acc += p * v` for an f16 row `v`.
-    #[inline]
-    pub fn axpy(simd: bool, acc: &mut [f32], p: f32, v: &[F16]) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: as in `dot`.
-            return unsafe { x86::axpy(acc, p, v) };
-        }
-        let _ = simd;
-        for (a, x) in acc.iter_mut().zip(v) {
-            *a += p * x.to_f32();
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-        use weave_kernels_gpu::{Elem, F16};
-
-        /// # Safety
-        /// The CPU must have F16C, AVX2 and FMA.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn dot(q: &[f32], k: &[F16]) -> f32 {
-            let n = q.len().min(k.len());
-            let mut acc = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 8 <= n {
-                // SAFETY: `i + 8 <= n` elements of both; F16 is a transparent u16.
-                let (kv, qv) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i)),
-                        _mm256_loadu_ps(q.as_ptr().add(i)),
-                    )
-                };
-                acc = _mm256_fmadd_ps(qv, kv, acc);
-                i += 8;
-            }
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let mut r = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-            for j in i..n {
-                r += q[j] * k[j].to_f32();
-            }
-            r
-        }
-
-        /// # Safety
-        /// As [`dot`].
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn axpy(acc: &mut [f32], p: f32, v: &[F16]) {
-            let n = acc.len().min(v.len());
-            let pv = _mm256_set1_ps(p);
-            let mut i = 0;
-            while i + 8 <= n {
-                // SAFETY: `i + 8 <= n` elements of both.
-                unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-                    let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(pv, x, a));
-                }
-                i += 8;
-            }
-            for j in i..n {
-                acc[j] += p * v[j].to_f32();
-            }
-        }
-    }
-}
-
+pub mod attention;
 pub mod qmatmul;
 
 /// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T`: through the gemm crate for f32 weights; for
@@ -189,7 +92,7 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
     match &w.data {
         LinearData::F32(wf) => gemm_xwt(x, n, wf, w.out_dim, w.in_dim, out, accumulate, threads),
         LinearData::Quant(q) => {
-            scratch.acts.quantize(x, n, w.in_dim);
+            scratch.acts.quantize(scratch.isa, x, n, w.in_dim);
             qmatmul::qmatmul(scratch.isa, q, &scratch.acts, out, accumulate, threads);
         }
     }
@@ -251,8 +154,8 @@ pub struct CpuBackend {
     model: Arc<CpuModel>,
     shape: AttnShape,
     kv: KvCache,
-    /// F16C reads of an f16 cache.
-    f16c: bool,
+    /// Attention in AVX2/FMA, with F16C reads of an f16 cache.
+    simd: bool,
     /// The threads a forward pass runs on.
     pool: Arc<rayon::ThreadPool>,
     /// The step's K and V rows in f16, for the cache write.
@@ -295,7 +198,7 @@ impl CpuBackend {
                     v: (0..c.num_layers).map(|_| vec![F16::default(); per_layer]).collect(),
                 },
             },
-            f16c: f16_rows::has_f16c(),
+            simd: attention::has_simd(),
             kv16: (Vec::new(), Vec::new()),
             model,
             shape,
@@ -384,27 +287,11 @@ impl CpuBackend {
                         rope_head(head, cs, c.rot_dim, c.rope_layout);
                     }
                 });
-            let (f16c, kd) = (self.f16c, d);
-            // The cache reads are closures over its element type: f32 rows as they are, f16
-            // rows through F16C.
+            let simd = self.simd;
             match &mut self.kv {
                 KvCache::F32 { k: kc, v: vc } => {
                     reshape_and_cache_host(&shape, &k, &v, &b.slot_mapping, &mut kc[li], &mut vc[li]);
-                    let (kc, vc) = (&kc[li][..], &vc[li][..]);
-                    attend_rows(
-                        &shape,
-                        b,
-                        &tok_seq,
-                        &q,
-                        c,
-                        &mut attn,
-                        |qrow, o| weave_kernels_gpu::dot_f32_elem(qrow, &kc[o..o + kd]),
-                        |o, p, acc| {
-                            for (a, x) in acc.iter_mut().zip(&vc[o..o + kd]) {
-                                *a += p * x;
-                            }
-                        },
-                    );
+                    attention::attend(&shape, b, &q, &kc[li], &vc[li], &mut attn, simd);
                 }
                 KvCache::F16 { k: kc, v: vc } => {
                     let (k16, v16) = &mut self.kv16;
@@ -413,17 +300,7 @@ impl CpuBackend {
                     v16.clear();
                     v16.extend(v.iter().map(|&x| F16::from_f32(x)));
                     reshape_and_cache_host(&shape, k16, v16, &b.slot_mapping, &mut kc[li], &mut vc[li]);
-                    let (kc, vc) = (&kc[li][..], &vc[li][..]);
-                    attend_rows(
-                        &shape,
-                        b,
-                        &tok_seq,
-                        &q,
-                        c,
-                        &mut attn,
-                        |qrow, o| f16_rows::dot(f16c, qrow, &kc[o..o + kd]),
-                        |o, p, acc| f16_rows::axpy(f16c, acc, p, &vc[o..o + kd]),
-                    );
+                    attention::attend(&shape, b, &q, &kc[li], &vc[li], &mut attn, simd);
                 }
             }
             matmul(&attn, n, &layer.wo, &mut x, true, t, sc);
@@ -447,55 +324,6 @@ impl CpuBackend {
         matmul(&sel, s, head, &mut logits, false, t, sc);
         logits
     }
-}
-
-/// Attention of every row of the batch, each query head over its sequence's visible keys,
-/// through kernels-gpu's block walk and online softmax; `score(q, o)` and `add_v(o, p, acc)`
-/// read the cache row at offset `o`.
-#[allow(clippy::too_many_arguments)]
-fn attend_rows(
-    shape: &AttnShape,
-    b: &ScheduledBatch,
-    tok_seq: &[usize],
-    q: &[f32],
-    c: &ModelConfig,
-    attn: &mut [f32],
-    score: impl Fn(&[f32], usize) -> f32 + Sync,
-    add_v: impl Fn(usize, f32, &mut [f32]) + Sync,
-) {
-    let (qd, d) = (c.q_dim(), c.head_dim);
-    attn.par_chunks_mut(qd).enumerate().for_each_init(
-        || (vec![0f32; d], vec![0f32; shape.block_size as usize]),
-        |(qrow, scores), (tok, out)| {
-            let seq = tok_seq[tok];
-            let visible = b.positions[tok] + 1;
-            let range = (0, visible.div_ceil(shape.block_size));
-            let g = c.num_q_heads / c.num_kv_heads;
-            for (head, o) in out.chunks_mut(d).enumerate() {
-                for (a, &qv) in qrow.iter_mut().zip(&q[tok * qd + head * d..][..d]) {
-                    *a = qv * shape.scale;
-                }
-                let mut st = SoftmaxState::EMPTY;
-                o.fill(0.0);
-                let kvh = (head / g) as u32;
-                let qr: &[f32] = qrow;
-                attend_blocks_with(
-                    shape,
-                    b.block_table(seq),
-                    kvh,
-                    range,
-                    visible,
-                    scores,
-                    &mut st,
-                    o,
-                    |off| score(qr, off),
-                    &add_v,
-                );
-                let inv = 1.0 / st.l;
-                o.iter_mut().for_each(|a| *a *= inv);
-            }
-        },
-    );
 }
 
 impl Backend for CpuBackend {
