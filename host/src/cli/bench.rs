@@ -57,27 +57,48 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     let peak = weave::study::bench::peak_rss_mib();
+    let llama_peak = llama_batched_bench.as_ref().and_then(|_| weave::study::bench::children_peak_rss_mib());
     if json {
-        println!("{}", serde_json::json!({"rows": rows, "peak_rss_mib": peak, "threads": threads}));
+        println!(
+            "{}",
+            serde_json::json!({"rows": rows, "peak_rss_mib": peak, "llama_cpp_peak_rss_mib": llama_peak, "threads": threads})
+        );
     } else {
         println!(
-            "weave bench generate: prompt {prompt_len} / output {output_len}, {threads} threads, {}",
+            "weave bench generate: prompt {prompt_len} / output {output_len}, {threads} threads, {}, medians of {repeat}",
             path.display()
         );
         println!(
-            "{:>11} {:>10} {:>13} {:>14} {:>16} {:>8}",
-            "concurrency", "wall s", "total tok/s", "output tok/s", "llama.cpp tok/s", "ratio"
+            "{:>11} {:>8} {:>11} {:>12} {:>13} {:>11} {:>7} {:>13} {:>7}",
+            "concurrency",
+            "wall s",
+            "total tok/s",
+            "output tok/s",
+            "prefill tok/s",
+            "llama tok/s",
+            "ratio",
+            "llama prefill",
+            "ratio"
         );
+        let opt = |x: Option<f64>, unit: &str| x.map_or("-".into(), |x| format!("{x:.1}{unit}"));
         for r in &rows {
-            let base = r.llama_cpp_total_tok_s.map_or("-".into(), |x| format!("{x:.1}"));
-            let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
             println!(
-                "{:>11} {:>10.2} {:>13.1} {:>14.1} {:>16} {:>8}",
-                r.concurrency, r.wall_s, r.total_tok_s, r.output_tok_s, base, ratio
+                "{:>11} {:>8.2} {:>11.1} {:>12.1} {:>13.1} {:>11} {:>7} {:>13} {:>7}",
+                r.concurrency,
+                r.wall_s,
+                r.total_tok_s,
+                r.output_tok_s,
+                r.prefill_tok_s,
+                opt(r.llama_cpp_total_tok_s, ""),
+                r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+                opt(r.llama_cpp_prefill_tok_s, ""),
+                r.prefill_ratio.map_or("-".into(), |x| format!("{x:.2}x")),
             );
         }
-        if let Some(p) = peak {
-            println!("peak RSS {p:.0} MiB");
+        match (peak, llama_peak) {
+            (Some(p), Some(l)) => println!("peak RSS {p:.0} MiB, llama-batched-bench {l:.0} MiB ({:.2}x)", p / l),
+            (Some(p), None) => println!("peak RSS {p:.0} MiB"),
+            _ => {}
         }
     }
     Ok(())

@@ -17,11 +17,29 @@ pub struct BenchRow {
     /// (prompt + output tokens) / wall time, as llama-batched-bench's `S t/s`.
     pub total_tok_s: f64,
     pub output_tok_s: f64,
+    /// Prompt tokens / the time until every request had its first token: the prefill rate as
+    /// a client sees it (llama-batched-bench's `S_PP t/s` is prompt tokens over its prompt
+    /// processing time).
+    pub prefill_tok_s: f64,
     pub llama_cpp_total_tok_s: Option<f64>,
+    pub llama_cpp_prefill_tok_s: Option<f64>,
     pub ratio: Option<f64>,
+    pub prefill_ratio: Option<f64>,
     /// Every repetition's weave and llama.cpp totals (the figures above are medians).
     pub runs_total_tok_s: Vec<f64>,
     pub runs_llama_cpp_tok_s: Vec<f64>,
+    pub runs_prefill_tok_s: Vec<f64>,
+    pub runs_llama_cpp_prefill_tok_s: Vec<f64>,
+}
+
+/// One run's measurements.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    wall_s: f64,
+    prompt_tokens: usize,
+    output_tokens: usize,
+    /// When the last request got its first token.
+    last_first_token_s: f64,
 }
 
 /// The median (the mean of the middle two for an even count).
@@ -59,6 +77,15 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Peak resident memory of the largest child process waited for so far (Linux), in MiB.
+pub fn children_peak_rss_mib() -> Option<f64> {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } == 0;
+    // `ru_maxrss` is in KiB on Linux.
+    (ok && u.ru_maxrss > 0).then(|| u.ru_maxrss as f64 / 1024.0)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn bench_generate(
     lm: &LoadedModel,
@@ -72,8 +99,9 @@ pub fn bench_generate(
     repeat: usize,
     on_progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<Vec<BenchRow>> {
-    let mut ours: Vec<Vec<(f64, usize, usize)>> = vec![Vec::new(); concurrency.len()];
-    let mut base: Vec<Vec<f64>> = vec![Vec::new(); concurrency.len()];
+    let mut ours: Vec<Vec<Run>> = vec![Vec::new(); concurrency.len()];
+    // llama.cpp's (S_PP, S) per repetition.
+    let mut base: Vec<Vec<(f64, f64)>> = vec![Vec::new(); concurrency.len()];
     // Interleave the two engines so a noisy neighbour hits both alike.
     let rounds = repeat.max(1);
     let total = rounds * (concurrency.len() + usize::from(llama_bench.is_some()));
@@ -81,9 +109,9 @@ pub fn bench_generate(
     for round in 1..=rounds {
         if let Some(p) = llama_bench {
             on_progress(done, total, &format!("round {round}/{rounds}: llama-batched-bench"));
-            for (b, s) in run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)? {
+            for (b, pp, s) in run_llama_batched_bench(p, model_path, concurrency, prompt_len, output_len, threads)? {
                 if let Some(i) = concurrency.iter().position(|&c| c == b) {
-                    base[i].push(s);
+                    base[i].push((pp, s));
                 }
             }
             done += 1;
@@ -97,28 +125,38 @@ pub fn bench_generate(
     on_progress(done, total, "done");
     let mut rows = Vec::new();
     for (i, &b) in concurrency.iter().enumerate() {
-        let totals: Vec<f64> = ours[i].iter().map(|r| (r.1 + r.2) as f64 / r.0).collect();
-        let outs: Vec<f64> = ours[i].iter().map(|r| r.2 as f64 / r.0).collect();
-        let walls: Vec<f64> = ours[i].iter().map(|r| r.0).collect();
-        let total = median(&totals);
-        let llama = (!base[i].is_empty()).then(|| median(&base[i]));
+        let runs = &ours[i];
+        let totals: Vec<f64> = runs.iter().map(|r| (r.prompt_tokens + r.output_tokens) as f64 / r.wall_s).collect();
+        let outs: Vec<f64> = runs.iter().map(|r| r.output_tokens as f64 / r.wall_s).collect();
+        let prefills: Vec<f64> = runs.iter().map(|r| r.prompt_tokens as f64 / r.last_first_token_s).collect();
+        let walls: Vec<f64> = runs.iter().map(|r| r.wall_s).collect();
+        let (total, prefill) = (median(&totals), median(&prefills));
+        let llama_pp: Vec<f64> = base[i].iter().map(|b| b.0).collect();
+        let llama_s: Vec<f64> = base[i].iter().map(|b| b.1).collect();
+        let llama = (!llama_s.is_empty()).then(|| median(&llama_s));
+        let llama_prefill = (!llama_pp.is_empty()).then(|| median(&llama_pp));
         rows.push(BenchRow {
             concurrency: b,
-            prompt_tokens: ours[i][0].1,
-            output_tokens: ours[i][0].2,
+            prompt_tokens: runs[0].prompt_tokens,
+            output_tokens: runs[0].output_tokens,
             wall_s: median(&walls),
             total_tok_s: total,
             output_tok_s: median(&outs),
+            prefill_tok_s: prefill,
             llama_cpp_total_tok_s: llama,
+            llama_cpp_prefill_tok_s: llama_prefill,
             ratio: llama.map(|x| total / x),
+            prefill_ratio: llama_prefill.map(|x| prefill / x),
             runs_total_tok_s: totals,
-            runs_llama_cpp_tok_s: base[i].clone(),
+            runs_llama_cpp_tok_s: llama_s,
+            runs_prefill_tok_s: prefills,
+            runs_llama_cpp_prefill_tok_s: llama_pp,
         });
     }
     Ok(rows)
 }
 
-/// One weave run: (wall s, prompt tokens, output tokens).
+/// One weave run.
 fn run_weave(
     lm: &LoadedModel,
     b: usize,
@@ -126,7 +164,7 @@ fn run_weave(
     output_len: usize,
     threads: usize,
     budget: usize,
-) -> anyhow::Result<(f64, usize, usize)> {
+) -> anyhow::Result<Run> {
     let prompts: Vec<PromptSpec> = (0..b)
         .map(|i| {
             Ok(PromptSpec {
@@ -157,10 +195,14 @@ fn run_weave(
     if o != b * output_len {
         bail!("benchmark run produced {o} tokens, expected {}", b * output_len);
     }
-    Ok((r.wall_s, p, o))
+    let last_first_token_s = r.completions.iter().filter_map(|c| c.ttft_ms).fold(0f64, f64::max) / 1e3;
+    if last_first_token_s <= 0.0 {
+        bail!("benchmark run recorded no time to first token");
+    }
+    Ok(Run { wall_s: r.wall_s, prompt_tokens: p, output_tokens: o, last_first_token_s })
 }
 
-/// Runs llama-batched-bench and returns (B, S t/s) per concurrency.
+/// Runs llama-batched-bench and returns (B, S_PP t/s, S t/s) per concurrency.
 fn run_llama_batched_bench(
     exe: &Path,
     model: &Path,
@@ -168,7 +210,7 @@ fn run_llama_batched_bench(
     pp: usize,
     tg: usize,
     threads: usize,
-) -> anyhow::Result<Vec<(usize, f64)>> {
+) -> anyhow::Result<Vec<(usize, f64, f64)>> {
     let npl = concurrency.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
     let ctx = concurrency.iter().max().unwrap_or(&1) * (pp + tg) + 256;
     let out = std::process::Command::new(exe)
@@ -187,8 +229,10 @@ fn run_llama_batched_bench(
     for line in text.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
         if cells.len() >= 10 {
-            if let (Ok(b), Ok(s)) = (cells[2].parse::<usize>(), cells[9].parse::<f64>()) {
-                rows.push((b, s));
+            if let (Ok(b), Ok(pp), Ok(s)) =
+                (cells[2].parse::<usize>(), cells[5].parse::<f64>(), cells[9].parse::<f64>())
+            {
+                rows.push((b, pp, s));
             }
         }
     }
