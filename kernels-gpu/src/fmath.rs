@@ -59,8 +59,8 @@ pub fn exp_poly(x: f32) -> f32 {
     let r = x - n * LN2_HI - n * LN2_LO;
     // e^r: Taylor-like coefficients fitted on [-ln2/2, ln2/2] (Cephes' expf).
     let r2 = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 0.5;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = p * r2 + r + 1.0;
     // 2^n through the exponent bits: n >= -126 here, so the result is normal.
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)

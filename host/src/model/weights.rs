@@ -2,11 +2,13 @@
 //! gate/up are fused into one matrix each so a layer runs two GEMMs fewer.
 //!
 //! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1 and Q8_0 tensors packed (see
-//! `backends::cpu::qmatmul`), [`Precision::F32`] dequantizes every tensor to f32 once at load
-//! (the exact path, checked against the f64 reference). Tensors of other types are f32 in both.
+//! `backends::cpu::qmatmul`) and F16/BF16 ones in 16 bits (`backends::cpu::hmatmul`);
+//! [`Precision::F32`] dequantizes every tensor to f32 once at load (the exact path, checked
+//! against the f64 reference). Tensors of other types are f32 in both.
 
 use super::config::{ConfigError, ModelConfig};
 use super::gguf::Gguf;
+use crate::backends::cpu::hmatmul::{HKind, HMatrix};
 use crate::backends::cpu::qmatmul::{QKind, QMatrix, QMatrixBuilder};
 
 /// How the CPU backend holds and multiplies weights.
@@ -44,6 +46,8 @@ impl Precision {
 pub enum LinearData {
     F32(Vec<f32>),
     Quant(QMatrix),
+    /// F16 or BF16, kept in 16 bits.
+    Half(HMatrix),
 }
 
 #[derive(Debug)]
@@ -59,6 +63,7 @@ impl Linear {
         match &self.data {
             LinearData::F32(w) => out.copy_from_slice(&w[r * self.in_dim..(r + 1) * self.in_dim]),
             LinearData::Quant(q) => q.dequant_row(r, out),
+            LinearData::Half(h) => h.row(r, out),
         }
     }
 
@@ -67,6 +72,7 @@ impl Linear {
         match &self.data {
             LinearData::F32(w) => 4 * w.len(),
             LinearData::Quant(q) => q.size_bytes(),
+            LinearData::Half(h) => h.size_bytes(),
         }
     }
 
@@ -77,6 +83,9 @@ impl Linear {
         if precision == Precision::Quant {
             if let Some(m) = Self::load_packed(g, names, outs, inp)? {
                 return Ok(Linear { data: LinearData::Quant(m), out_dim, in_dim: inp as usize });
+            }
+            if let Some(h) = Self::load_half(g, names, outs, inp)? {
+                return Ok(Linear { data: LinearData::Half(h), out_dim, in_dim: inp as usize });
             }
         }
         let mut w = Vec::new();
@@ -98,6 +107,19 @@ impl Linear {
             }
         }
         Ok(Some(b.finish()))
+    }
+
+    /// The parts stacked in 16 bits, or `None` when they are not all F16 (or all BF16).
+    fn load_half(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<HMatrix>, ConfigError> {
+        let Some(kind) = HKind::of(g.tensor(names[0])?.ty) else { return Ok(None) };
+        let mut h = HMatrix::new(kind, inp as usize);
+        for (n, &o) in names.iter().zip(outs) {
+            let t = g.tensor(n)?;
+            if t.dims != [inp, o] || h.push_ggml(t.ty, o as usize, g.tensor_bytes(t)).is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(h))
     }
 }
 

@@ -84,10 +84,11 @@ enum KvCache {
 }
 
 pub mod attention;
+pub mod hmatmul;
 pub mod qmatmul;
 
 /// `out[n][w.out_dim] (+)= x[n][w.in_dim] * w^T`: through the gemm crate for f32 weights; for
-/// packed ones, `x` is quantized into `scratch` first.
+/// packed ones, `x` is quantized into `scratch` first; 16-bit ones take `x` as it is.
 fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, threads: usize, scratch: &mut Scratch) {
     match &w.data {
         LinearData::F32(wf) => gemm_xwt(x, n, wf, w.out_dim, w.in_dim, out, accumulate, threads),
@@ -95,6 +96,7 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
             scratch.acts.quantize(scratch.isa, x, n, w.in_dim);
             qmatmul::qmatmul(scratch.isa, q, &scratch.acts, out, accumulate, threads);
         }
+        LinearData::Half(h) => hmatmul::hmatmul(scratch.half_simd, h, x, n, out, accumulate, threads),
     }
 }
 
@@ -103,6 +105,8 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
 struct Scratch {
     acts: qmatmul::QActs,
     isa: qmatmul::Isa,
+    /// AVX2, FMA and F16C for 16-bit weights.
+    half_simd: bool,
 }
 
 /// `out[n][out_dim] (+)= x[n][in_dim] * w^T` for a row-major `w[out_dim][in_dim]`, through
@@ -212,7 +216,11 @@ impl CpuBackend {
             ),
             sampling: HashMap::new(),
             base_seed,
-            scratch: Scratch { acts: qmatmul::QActs::default(), isa: qmatmul::Isa::detect() },
+            scratch: Scratch {
+                acts: qmatmul::QActs::default(),
+                isa: qmatmul::Isa::detect(),
+                half_simd: hmatmul::has_simd(),
+            },
         }
     }
 
