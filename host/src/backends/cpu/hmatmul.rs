@@ -72,9 +72,36 @@ impl HMatrix {
     }
 }
 
-/// Whether the SIMD kernels can run (AVX2, FMA and F16C).
-pub fn has_simd() -> bool {
-    super::attention::has_simd()
+/// Which kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HIsa {
+    Scalar,
+    /// AVX2, FMA and F16C: four weight rows x two activation rows a tile (16 registers).
+    Avx2,
+    /// AVX-512 F/BW besides: four x four on 512-bit registers (32 of them).
+    Avx512,
+}
+
+impl HIsa {
+    pub fn detect() -> HIsa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if super::attention::has_simd() {
+                return if has!("avx512f") && has!("avx512bw") { HIsa::Avx512 } else { HIsa::Avx2 };
+            }
+        }
+        HIsa::Scalar
+    }
+
+    /// Every kernel set this CPU can run (for tests).
+    pub fn all_here() -> Vec<HIsa> {
+        match HIsa::detect() {
+            HIsa::Scalar => vec![HIsa::Scalar],
+            HIsa::Avx2 => vec![HIsa::Scalar, HIsa::Avx2],
+            HIsa::Avx512 => vec![HIsa::Scalar, HIsa::Avx2, HIsa::Avx512],
+        }
+    }
 }
 
 /// The definition: rows `r0..r0 + R` against activation rows `i0..i0 + N` of `x`.
@@ -116,38 +143,73 @@ mod x86 {
         }
     }
 
-    /// Rows `r0..r0 + 4` against activation rows `i0..i0 + N`, the columns in steps of 8
-    /// (the tail left to the caller: `cols % 8` columns from `cols / 8 * 8`).
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C. Ranges are checked.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile4<const N: usize>(w: &HMatrix, r0: usize, x: &[f32], i0: usize) -> [[f32; 4]; N] {
-        let c = w.cols;
-        assert!(w.bits.len() >= (r0 + 4) * c && x.len() >= (i0 + N) * c);
-        let mut acc = [[_mm256_setzero_ps(); 4]; N];
-        let mut k = 0;
-        // SAFETY: `k + 8 <= c`, inside rows asserted above.
-        unsafe {
-            while k + 8 <= c {
-                let wv: [__m256; 4] = std::array::from_fn(|r| load8(w.kind, w.bits.as_ptr().add((r0 + r) * c + k)));
-                for (n, acc_n) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.as_ptr().add((i0 + n) * c + k));
-                    for (a, wr) in acc_n.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(*wr, xv, *a);
+    /// Sixteen 16-bit weights at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
+    unsafe fn load16(kind: HKind, p: *const u16) -> __m512 {
+        // SAFETY: the caller passes 16 readable u16.
+        let h = unsafe { _mm256_loadu_si256(p.cast()) };
+        match kind {
+            HKind::F16 => _mm512_cvtph_ps(h),
+            HKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h))),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    fn hsum512(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+
+    /// Rows `r0..r0 + 4` against activation rows `i0..i0 + N`, the columns in steps of the
+    /// register width (the tail columns, `cols % width`, are left to the caller). Each widened
+    /// weight vector serves the `N` activation rows, each activation vector the four rows.
+    macro_rules! tile {
+        ($name:ident, $features:literal, $w:literal, $v:ty, $zero:ident, $load:ident, $loadx:ident, $fma:ident, $hsum:ident) => {
+            /// # Safety
+            /// The CPU must have the features this is compiled for. Ranges are checked.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(w: &HMatrix, r0: usize, x: &[f32], i0: usize) -> [[f32; 4]; N] {
+                let c = w.cols;
+                assert!(w.bits.len() >= (r0 + 4) * c && x.len() >= (i0 + N) * c);
+                let mut acc = [[$zero(); 4]; N];
+                let mut k = 0;
+                // SAFETY: `k + width <= c`, inside the rows asserted above.
+                unsafe {
+                    while k + $w <= c {
+                        let wv: [$v; 4] = std::array::from_fn(|r| $load(w.kind, w.bits.as_ptr().add((r0 + r) * c + k)));
+                        for (n, acc_n) in acc.iter_mut().enumerate() {
+                            let xv = $loadx(x.as_ptr().add((i0 + n) * c + k));
+                            for (a, wr) in acc_n.iter_mut().zip(&wv) {
+                                *a = $fma(*wr, xv, *a);
+                            }
+                        }
+                        k += $w;
                     }
                 }
-                k += 8;
+                let mut out = [[0f32; 4]; N];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    for (o, a) in o.iter_mut().zip(a) {
+                        *o = $hsum(a);
+                    }
+                }
+                out
             }
-        }
-        let mut out = [[0f32; 4]; N];
-        for (o, a) in out.iter_mut().zip(acc) {
-            for (o, a) in o.iter_mut().zip(a) {
-                *o = hsum(a);
-            }
-        }
-        out
+        };
     }
+
+    tile!(tile_256, "avx2,fma,f16c", 8, __m256, _mm256_setzero_ps, load8, _mm256_loadu_ps, _mm256_fmadd_ps, hsum);
+    tile!(
+        tile_512,
+        "avx2,fma,f16c,avx512f,avx512bw",
+        16,
+        __m512,
+        _mm512_setzero_ps,
+        load16,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        hsum512
+    );
 }
 
 /// A raw output pointer shared by the tasks of [`hmatmul`], each writing its own columns.
@@ -158,7 +220,7 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// `out[n][w.rows] (+)= x[n][w.cols] * w^T`.
-pub fn hmatmul(simd: bool, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, threads: usize) {
+pub fn hmatmul(isa: HIsa, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, threads: usize) {
     let (rows, c) = (w.rows, w.cols);
     assert_eq!(x.len(), n * c, "activation rows");
     assert_eq!(out.len(), n * rows);
@@ -181,21 +243,22 @@ pub fn hmatmul(simd: bool, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], ac
             let c1 = (c0 + CHUNK).min(n);
             let mut r = t0;
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // The SIMD kernels take columns in eights; the tail columns are added here.
-                let body = c / 8 * 8;
+            if isa != HIsa::Scalar {
+                // The kernels take whole registers of columns; the tail columns are added here.
+                let (width, max_n) = if isa == HIsa::Avx512 { (16, 4) } else { (8, 2) };
+                let body = c / width * width;
                 let tail = |i: usize, r: usize| -> f32 {
                     (body..c).map(|k| w.kind.widen(w.bits[r * c + k]) * x[i * c + k]).sum()
                 };
                 while r + 4 <= t1 {
                     let mut i = c0;
                     while i < c1 {
-                        let m = (c1 - i).min(4);
+                        let m = (c1 - i).min(max_n);
                         macro_rules! tile {
-                            ($n:literal) => {{
-                                // SAFETY: `simd` means AVX2, FMA and F16C were detected; the
-                                // kernel checks its ranges.
-                                let v = unsafe { x86::tile4::<$n>(w, r, x, i) };
+                            ($k:ident, $n:literal) => {{
+                                // SAFETY: `isa` was detected on this CPU; the kernel checks
+                                // its ranges.
+                                let v = unsafe { x86::$k::<$n>(w, r, x, i) };
                                 for (k, v) in v.into_iter().enumerate() {
                                     for (j, v) in v.into_iter().enumerate() {
                                         put(i + k, r + j, v + tail(i + k, r + j));
@@ -203,18 +266,20 @@ pub fn hmatmul(simd: bool, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], ac
                                 }
                             }};
                         }
-                        match m {
-                            4 => tile!(4),
-                            3 => tile!(3),
-                            2 => tile!(2),
-                            _ => tile!(1),
+                        match (isa, m) {
+                            (HIsa::Avx512, 4) => tile!(tile_512, 4),
+                            (HIsa::Avx512, 3) => tile!(tile_512, 3),
+                            (HIsa::Avx512, 2) => tile!(tile_512, 2),
+                            (HIsa::Avx512, _) => tile!(tile_512, 1),
+                            (_, 2) => tile!(tile_256, 2),
+                            _ => tile!(tile_256, 1),
                         }
                         i += m;
                     }
                     r += 4;
                 }
             }
-            let _ = simd;
+            let _ = isa;
             for r in r..t1 {
                 for i in c0..c1 {
                     put(i, r, scalar_tile::<1, 1>(w, r, x, i)[0][0]);
@@ -255,16 +320,16 @@ mod tests {
 
     #[test]
     fn products_equal_the_f32_ones() {
-        let simds: Vec<bool> = if has_simd() { vec![false, true] } else { vec![false] };
+        let isas = HIsa::all_here();
         for kind in [HKind::F16, HKind::Bf16] {
             // Rows past the four-row tiles, columns with a tail past the eights, activation rows
             // past a chunk.
-            for (rows, cols, n) in [(1, 8, 1), (7, 61, 3), (37, 576, 5), (18, 96, 70)] {
+            for (rows, cols, n) in [(1, 8, 1), (7, 61, 3), (37, 576, 5), (18, 104, 70)] {
                 let (w, wf) = matrix(kind, rows, cols);
                 let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-                for &simd in &simds {
+                for &isa in &isas {
                     let mut got = vec![1f32; n * rows];
-                    hmatmul(simd, &w, &x, n, &mut got, true, 2);
+                    hmatmul(isa, &w, &x, n, &mut got, true, 2);
                     for i in 0..n {
                         for r in 0..rows {
                             let want: f32 = (0..cols).map(|k| wf[r * cols + k] * x[i * cols + k]).sum();
@@ -272,7 +337,7 @@ mod tests {
                             let e = (got[i * rows + r] - 1.0 - want).abs();
                             assert!(
                                 e <= 1e-5 * mag + 1e-6,
-                                "{kind:?} simd {simd} [{i}][{r}]: {} vs {want}",
+                                "{kind:?} {isa:?} [{i}][{r}]: {} vs {want}",
                                 got[i * rows + r] - 1.0
                             );
                         }

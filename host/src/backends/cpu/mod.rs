@@ -96,7 +96,7 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
             scratch.acts.quantize(scratch.isa, x, n, w.in_dim);
             qmatmul::qmatmul(scratch.isa, q, &scratch.acts, out, accumulate, threads);
         }
-        LinearData::Half(h) => hmatmul::hmatmul(scratch.half_simd, h, x, n, out, accumulate, threads),
+        LinearData::Half(h) => hmatmul::hmatmul(scratch.half_isa, h, x, n, out, accumulate, threads),
     }
 }
 
@@ -105,8 +105,7 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
 struct Scratch {
     acts: qmatmul::QActs,
     isa: qmatmul::Isa,
-    /// AVX2, FMA and F16C for 16-bit weights.
-    half_simd: bool,
+    half_isa: hmatmul::HIsa,
 }
 
 /// `out[n][out_dim] (+)= x[n][in_dim] * w^T` for a row-major `w[out_dim][in_dim]`, through
@@ -219,7 +218,7 @@ impl CpuBackend {
             scratch: Scratch {
                 acts: qmatmul::QActs::default(),
                 isa: qmatmul::Isa::detect(),
-                half_simd: hmatmul::has_simd(),
+                half_isa: hmatmul::HIsa::detect(),
             },
         }
     }
