@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod config;
 pub mod gguf;
+pub mod llama;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;

@@ -5,6 +5,7 @@
 
 use crate::engine::{Backend, StepResult};
 use crate::model::config::ModelConfig;
+use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
 use crate::model::weights::{Linear, LinearData, Weights};
 use crate::sampling::{sample, Rng, SamplingParams};
 use rayon::prelude::*;
@@ -168,6 +169,7 @@ pub struct CpuBackend {
     /// Seed for requests that bring none.
     base_seed: u64,
     scratch: Scratch,
+    ws: Workspace,
 }
 
 impl CpuBackend {
@@ -220,6 +222,7 @@ impl CpuBackend {
                 isa: qmatmul::Isa::detect(),
                 half_isa: hmatmul::HIsa::detect(),
             },
+            ws: Workspace::default(),
         }
     }
 
@@ -250,86 +253,187 @@ impl CpuBackend {
         // thread outside the pool pays a cross-thread hand-off and a blocking wait, and a step
         // starts about ten per layer.
         let pool = self.pool.clone();
-        pool.install(|| self.forward_in_pool(b))
+        let layers = self.model.cfg.num_layers;
+        pool.install(|| match llama::forward(self, layers, b) {
+            Ok(()) => {}
+            Err(never) => match never {},
+        });
+        let mut logits = std::mem::take(&mut self.ws.bufs[Buf::Logits as usize]);
+        logits.truncate(self.ws.rows[Buf::Logits as usize] * self.model.cfg.vocab_size);
+        logits
     }
 
-    fn forward_in_pool(&mut self, b: &ScheduledBatch) -> Vec<f32> {
-        let m = &*self.model;
+    /// Width of a buffer's rows.
+    fn width(&self, b: Buf) -> usize {
+        let c = &self.model.cfg;
+        match b {
+            Buf::X | Buf::H | Buf::Sel => c.hidden,
+            Buf::Qkv => c.q_dim() + 2 * c.kv_dim(),
+            Buf::Q | Buf::Attn => c.q_dim(),
+            Buf::K | Buf::V => c.kv_dim(),
+            Buf::GateUp => 2 * c.intermediate,
+            Buf::Act => c.intermediate,
+            Buf::Logits => c.vocab_size,
+        }
+    }
+
+    /// Gives `b` `rows` rows (its memory only grows, so steady steps allocate nothing).
+    fn set_rows(&mut self, b: Buf, rows: usize) {
+        let n = rows * self.width(b);
+        self.ws.rows[b as usize] = rows;
+        self.ws.bufs[b as usize].resize(n, 0.0);
+    }
+
+    /// Takes a buffer out of the workspace (so another can be borrowed beside it); give it
+    /// back with [`Self::put`].
+    fn take(&mut self, b: Buf) -> Vec<f32> {
+        std::mem::take(&mut self.ws.bufs[b as usize])
+    }
+
+    fn put(&mut self, b: Buf, v: Vec<f32>) {
+        self.ws.bufs[b as usize] = v;
+    }
+}
+
+/// The step's activations by [`Buf`], kept from step to step.
+#[derive(Debug, Default)]
+struct Workspace {
+    bufs: [Vec<f32>; Buf::ALL.len()],
+    rows: [usize; Buf::ALL.len()],
+}
+
+/// The CPU's ops: host vectors, the packed-weight products, kernels-gpu's row math, and the
+/// tiled attention. None fails.
+impl LayerOps for CpuBackend {
+    type Error = std::convert::Infallible;
+
+    fn begin(&mut self, b: &ScheduledBatch) -> Result<(), Self::Error> {
+        assert!(b.max_seq_len as usize <= self.model.max_pos, "position beyond the rotary table");
+        let (n, s) = (b.num_tokens(), b.logits_indices.len());
+        for buf in Buf::ALL {
+            self.set_rows(buf, if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n });
+        }
+        Ok(())
+    }
+
+    fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), Self::Error> {
+        let (h, mut o) = (self.width(out), self.take(out));
+        let embed = &self.model.w.embed;
+        o.par_chunks_mut(h).zip(&b.input_ids).for_each(|(row, &id)| embed.row(id as usize, row));
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, x: Buf, w: Norm, out: Buf) -> Result<(), Self::Error> {
+        let rows = self.ws.rows[x as usize];
+        self.set_rows(out, rows);
+        let (h, mut o) = (self.width(out), self.take(out));
+        let (m, xs) = (&*self.model, &self.ws.bufs[x as usize]);
+        let wv = match w {
+            Norm::Attn(l) => &m.w.layers[l].attn_norm,
+            Norm::Ffn(l) => &m.w.layers[l].ffn_norm,
+            Norm::Final => &m.w.final_norm,
+        };
+        o.par_chunks_mut(h).zip(xs.par_chunks(h)).for_each(|(o, xr)| rms_norm_row(xr, wv, m.cfg.rms_eps, o));
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn matmul(&mut self, x: Buf, w: Weight, out: Buf, accumulate: bool) -> Result<(), Self::Error> {
+        let n = self.ws.rows[x as usize];
+        if !accumulate {
+            self.set_rows(out, n);
+        }
+        debug_assert_eq!(self.ws.rows[out as usize], n);
+        let mut o = self.take(out);
+        // A handle of its own, so the weights stay borrowed while `scratch` is mutated.
+        let model = self.model.clone();
+        let lin = match w {
+            Weight::Qkv(l) => &model.w.layers[l].qkv,
+            Weight::Wo(l) => &model.w.layers[l].wo,
+            Weight::GateUp(l) => &model.w.layers[l].gate_up,
+            Weight::Down(l) => &model.w.layers[l].down,
+            Weight::LmHead => model.w.lm_head.as_ref().unwrap_or(&model.w.embed),
+        };
+        let xs = &self.ws.bufs[x as usize][..n * lin.in_dim];
+        matmul(xs, n, lin, &mut o[..n * lin.out_dim], accumulate, self.threads, &mut self.scratch);
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn split_rope(&mut self, b: &ScheduledBatch, qkv: Buf, q: Buf, k: Buf, v: Buf) -> Result<(), Self::Error> {
+        let (mut qb, mut kb, mut vb) = (self.take(q), self.take(k), self.take(v));
+        let (m, src) = (&*self.model, &self.ws.bufs[qkv as usize]);
         let c = &m.cfg;
-        let (n, h, qd, kvd, d) = (b.num_tokens(), c.hidden, c.q_dim(), c.kv_dim(), c.head_dim);
-        let t = self.threads;
-        assert!(b.max_seq_len as usize <= m.max_pos, "position beyond the rotary table");
+        let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        qb.par_chunks_mut(qd)
+            .zip(kb.par_chunks_mut(kvd))
+            .zip(vb.par_chunks_mut(kvd))
+            .zip(src.par_chunks(qd + 2 * kvd))
+            .zip(&b.positions)
+            .for_each(|((((qr, kr), vr), src), &pos)| {
+                qr.copy_from_slice(&src[..qd]);
+                kr.copy_from_slice(&src[qd..qd + kvd]);
+                vr.copy_from_slice(&src[qd + kvd..]);
+                let cs = &m.cos_sin[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
+                for head in qr.chunks_mut(d).chain(kr.chunks_mut(d)) {
+                    rope_head(head, cs, c.rot_dim, c.rope_layout);
+                }
+            });
+        self.put(q, qb);
+        self.put(k, kb);
+        self.put(v, vb);
+        Ok(())
+    }
+
+    fn reshape_and_cache(&mut self, b: &ScheduledBatch, layer: usize, k: Buf, v: Buf) -> Result<(), Self::Error> {
         let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
-        // Sequence of every token row.
-        let mut tok_seq = Vec::with_capacity(n);
-        for (s, w) in b.query_start_loc.windows(2).enumerate() {
-            tok_seq.extend(std::iter::repeat_n(s, (w[1] - w[0]) as usize));
-        }
-        let mut x = vec![0f32; n * h];
-        x.par_chunks_mut(h).zip(&b.input_ids).for_each(|(row, &id)| m.w.embed.row(id as usize, row));
-        let sc = &mut self.scratch;
-        let mut hbuf = vec![0f32; n * h];
-        let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
-        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        let mut attn = vec![0f32; n * qd];
-        let mut gu = vec![0f32; n * 2 * c.intermediate];
-        let mut act = vec![0f32; n * c.intermediate];
-        for (li, layer) in m.w.layers.iter().enumerate() {
-            hbuf.par_chunks_mut(h)
-                .zip(x.par_chunks(h))
-                .for_each(|(o, xr)| rms_norm_row(xr, &layer.attn_norm, c.rms_eps, o));
-            matmul(&hbuf, n, &layer.qkv, &mut qkv, false, t, sc);
-            // Split Q/K/V and rotate Q and K at each token's position.
-            q.par_chunks_mut(qd)
-                .zip(k.par_chunks_mut(kvd))
-                .zip(v.par_chunks_mut(kvd))
-                .zip(qkv.par_chunks(qd + 2 * kvd))
-                .zip(&b.positions)
-                .for_each(|((((qr, kr), vr), src), &pos)| {
-                    qr.copy_from_slice(&src[..qd]);
-                    kr.copy_from_slice(&src[qd..qd + kvd]);
-                    vr.copy_from_slice(&src[qd + kvd..]);
-                    let cs = &m.cos_sin[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
-                    for head in qr.chunks_mut(d).chain(kr.chunks_mut(d)) {
-                        rope_head(head, cs, c.rot_dim, c.rope_layout);
-                    }
-                });
-            let simd = self.simd;
-            match &mut self.kv {
-                KvCache::F32 { k: kc, v: vc } => {
-                    reshape_and_cache_host(&shape, &k, &v, &b.slot_mapping, &mut kc[li], &mut vc[li]);
-                    attention::attend(&shape, b, &q, &kc[li], &vc[li], &mut attn, simd);
-                }
-                KvCache::F16 { k: kc, v: vc } => {
-                    let (k16, v16) = &mut self.kv16;
-                    k16.clear();
-                    k16.extend(k.iter().map(|&x| F16::from_f32(x)));
-                    v16.clear();
-                    v16.extend(v.iter().map(|&x| F16::from_f32(x)));
-                    reshape_and_cache_host(&shape, k16, v16, &b.slot_mapping, &mut kc[li], &mut vc[li]);
-                    attention::attend(&shape, b, &q, &kc[li], &vc[li], &mut attn, simd);
-                }
+        let (kr, vr) = (&self.ws.bufs[k as usize], &self.ws.bufs[v as usize]);
+        match &mut self.kv {
+            KvCache::F32 { k: kc, v: vc } => {
+                reshape_and_cache_host(&shape, kr, vr, &b.slot_mapping, &mut kc[layer], &mut vc[layer])
             }
-            matmul(&attn, n, &layer.wo, &mut x, true, t, sc);
-            hbuf.par_chunks_mut(h)
-                .zip(x.par_chunks(h))
-                .for_each(|(o, xr)| rms_norm_row(xr, &layer.ffn_norm, c.rms_eps, o));
-            matmul(&hbuf, n, &layer.gate_up, &mut gu, false, t, sc);
-            act.par_chunks_mut(c.intermediate)
-                .zip(gu.par_chunks(2 * c.intermediate))
-                .for_each(|(o, g)| silu_and_mul_row(g, o));
-            matmul(&act, n, &layer.down, &mut x, true, t, sc);
+            KvCache::F16 { k: kc, v: vc } => {
+                let (k16, v16) = &mut self.kv16;
+                k16.clear();
+                k16.extend(kr.iter().map(|&x| F16::from_f32(x)));
+                v16.clear();
+                v16.extend(vr.iter().map(|&x| F16::from_f32(x)));
+                reshape_and_cache_host(&shape, k16, v16, &b.slot_mapping, &mut kc[layer], &mut vc[layer]);
+            }
         }
-        // Final norm and LM head for the sampled rows only.
+        Ok(())
+    }
+
+    fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), Self::Error> {
+        let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
+        let mut o = self.take(out);
+        let (qs, simd) = (&self.ws.bufs[q as usize], self.simd);
+        match &self.kv {
+            KvCache::F32 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd),
+            KvCache::F16 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd),
+        }
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), Self::Error> {
+        let (w, mut o) = (self.width(out), self.take(out));
+        o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| silu_and_mul_row(g, o));
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn gather_sampled(&mut self, b: &ScheduledBatch, x: Buf, out: Buf) -> Result<(), Self::Error> {
         let s = b.logits_indices.len();
-        let mut sel = vec![0f32; s * h];
-        for (o, &row) in sel.chunks_mut(h).zip(&b.logits_indices) {
-            rms_norm_row(&x[row as usize * h..(row as usize + 1) * h], &m.w.final_norm, c.rms_eps, o);
+        let (h, mut o) = (self.width(out), self.take(out));
+        let xs = &self.ws.bufs[x as usize];
+        for (row, &i) in o.chunks_mut(h).zip(&b.logits_indices) {
+            row.copy_from_slice(&xs[i as usize * h..(i as usize + 1) * h]);
         }
-        let mut logits = vec![0f32; s * c.vocab_size];
-        let head = m.w.lm_head.as_ref().unwrap_or(&m.w.embed);
-        matmul(&sel, s, head, &mut logits, false, t, sc);
-        logits
+        self.put(out, o);
+        self.ws.rows[out as usize] = s;
+        Ok(())
     }
 }
 
