@@ -64,6 +64,51 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// Random weights of shape `profile` (see [`crate::model::dummy`]), with the byte-level
+    /// tokenizer and no chat template. Refuses a shape whose weights would not fit in half of
+    /// this machine's available memory.
+    pub fn dummy(
+        profile: &crate::model::profiles::ModelProfile,
+        dtype: crate::model::dummy::DummyDtype,
+        kv_dtype: KvDtype,
+    ) -> anyhow::Result<LoadedModel> {
+        profile.check().map_err(anyhow::Error::msg)?;
+        let cfg = profile.config();
+        let bytes = (profile.layer_params()
+            + ((1 + usize::from(!profile.tied_embeddings)) * cfg.hidden * cfg.vocab_size) as f64)
+            * if dtype == crate::model::dummy::DummyDtype::F32 { 4.0 } else { 2.0 };
+        if let Some(avail) = available_memory_bytes() {
+            if bytes > 0.5 * avail {
+                bail!(
+                    "dummy {} needs {:.1} GB of weights in {}, and this machine has {:.1} GB available: use a smaller --model-config (e.g. smollm2-135m) on the CPU, or --device cuda",
+                    profile.name,
+                    bytes / 1e9,
+                    dtype.name(),
+                    avail / 1e9
+                );
+            }
+        }
+        let w = crate::model::dummy::weights(&cfg, profile.tied_embeddings, dtype, 0);
+        let max_pos = cfg.context_length;
+        let mut model = CpuModel::new(cfg, w, max_pos);
+        model.kv_dtype = kv_dtype;
+        Ok(LoadedModel {
+            path: PathBuf::from(format!("dummy:{}", profile.name)),
+            model: Arc::new(model),
+            tokenizer: WeaveTokenizer::bytes(),
+            chat: None,
+        })
+    }
+}
+
+/// `MemAvailable` (Linux), in bytes.
+fn available_memory_bytes() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
 /// One request as given on the command line or in a prompts file (JSONL fields).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

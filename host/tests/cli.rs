@@ -153,6 +153,37 @@ fn generate_rejects_bad_requests_and_runs_the_rest() {
 }
 
 #[test]
+fn dummy_weights_run_without_a_model_file_and_repeat() {
+    let args = [
+        "generate",
+        "--load-format",
+        "dummy",
+        "--model-config",
+        "smollm2-135m",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "3",
+    ];
+    let run = || {
+        let (code, out, err) = weave(&[&args[..], &["--temperature", "0", "--json", "--threads", "2"]].concat());
+        assert_eq!(code, 0, "{err}");
+        let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(first["prompt_token_ids"].as_array().unwrap().len(), 5, "one token a byte");
+        first["output_token_ids"].clone()
+    };
+    let ids = run();
+    assert_eq!(ids.as_array().unwrap().len(), 3);
+    assert_eq!(ids, run(), "the same seed makes the same model");
+    let (code, _, err) = weave(&["generate", "--load-format", "dummy", "--prompt", "x"]);
+    assert!(code != 0 && err.contains("needs --model-config"), "{err}");
+    let (code, _, err) = weave(&["generate", "--model-config", "smollm2-135m", "--prompt", "x"]);
+    assert!(code != 0 && err.contains("add --load-format dummy"), "{err}");
+    let (code, _, err) = weave(&["generate", "--load-format", "dummy", "--model-config", "gpt-5", "--prompt", "x"]);
+    assert!(code != 0 && err.contains("unknown model profile \"gpt-5\""), "{err}");
+}
+
+#[test]
 fn analyze_summarises_plots_and_names_bad_lines() {
     let log = std::env::temp_dir().join(format!("weave-cli-{}-steps.jsonl", std::process::id()));
     let (code, _, _) = weave(&["replay", "--trace", &trace("mixed.json"), "--step-log", log.to_str().unwrap()]);

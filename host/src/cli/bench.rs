@@ -29,6 +29,10 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Args { run, concurrency, prompt_len, output_len, max_num_batched_tokens, llama_batched_bench, repeat, json } =
         a;
+    anyhow::ensure!(
+        !(run.load_format == "dummy" && llama_batched_bench.is_some()),
+        "--llama-batched-bench runs a GGUF file; it has no dummy weights to compare with"
+    );
     let (lm, path, device) = run.load("auto")?;
     eprintln!("device: {device}");
     let threads = run.threads;

@@ -74,7 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let t_load = std::time::Instant::now();
     let (lm, path, device) = run.load(&sched.kv_cache_dtype)?;
-    let (threads, cpu_precision) = (run.threads, run.cpu_precision);
+    let threads = run.threads;
     let cfg = GenerateConfig {
         sched: sched.config(&lm.model)?,
         default_max_tokens: max_tokens,
@@ -94,7 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             path.display(),
             t_load.elapsed().as_secs_f64(),
             threads,
-            cpu_precision.name(),
+            lm.model.w.storage(),
             lm.model.w.size_bytes() as f64 / (1u64 << 20) as f64,
             weave::backends::cpu::qmatmul::Isa::detect().name(),
             (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,

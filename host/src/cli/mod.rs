@@ -97,14 +97,58 @@ pub struct ModelArgs {
     /// so auto falls back to cpu and says why).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Where the weights come from: auto (the GGUF file) or dummy (random weights of
+    /// --model-config's shape, from a fixed seed, as vLLM's `--load-format dummy`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gguf", "dummy"])]
+    pub load_format: String,
+    /// The shape of dummy weights: llama-3-8b, llama-2-7b, mistral-7b, smollm2-135m, or a
+    /// JSON profile file (the simulator's model profiles).
+    #[arg(long)]
+    pub model_config: Option<String>,
+    /// Weight type (vLLM's flag): auto, bfloat16, float16 or float32. On the CPU it sets the
+    /// type of dummy weights (auto: bfloat16); GGUF weights keep their file's types there (see
+    /// --cpu-precision).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 impl ModelArgs {
     /// Picks the device, sizes the thread pool and loads the model with the KV cache type
-    /// `kv_cache_dtype`: the model, its path and the device's description.
+    /// `kv_cache_dtype`: the model, its path (`dummy:NAME` for dummy weights) and the device's
+    /// description.
     pub fn load(&self, kv_cache_dtype: &str) -> anyhow::Result<(weave::generate::LoadedModel, PathBuf, String)> {
         let device = weave::backends::cuda::describe_device(&self.device).map_err(anyhow::Error::msg)?;
         rayon::ThreadPoolBuilder::new().num_threads(self.threads).build_global().ok();
+        if self.load_format == "dummy" {
+            let Some(name) = &self.model_config else {
+                anyhow::bail!(
+                    "--load-format dummy needs --model-config NAME|config.json (the shape to fill with random weights)"
+                );
+            };
+            anyhow::ensure!(
+                self.model.is_none(),
+                "--model and --load-format dummy do not go together: dummy weights take their shape from --model-config"
+            );
+            let profile = weave::model::profiles::find_model(name).map_err(anyhow::Error::msg)?;
+            let dtype = weave::model::dummy::DummyDtype::parse(&self.dtype).map_err(anyhow::Error::msg)?;
+            let precision = if dtype == weave::model::dummy::DummyDtype::F32 {
+                weave::model::weights::Precision::F32
+            } else {
+                weave::model::weights::Precision::Quant
+            };
+            let kv = weave::backends::cpu::KvDtype::parse(kv_cache_dtype, precision).map_err(anyhow::Error::msg)?;
+            let lm = weave::generate::LoadedModel::dummy(&profile, dtype, kv)?;
+            return Ok((lm, PathBuf::from(format!("dummy:{}", profile.name)), device));
+        }
+        anyhow::ensure!(
+            self.model_config.is_none(),
+            "--model-config gives the shape of dummy weights; add --load-format dummy, or drop it to load --model"
+        );
+        anyhow::ensure!(
+            self.dtype == "auto",
+            "--dtype {} applies to dummy weights on the CPU; GGUF weights keep their file's types there (see --cpu-precision)",
+            self.dtype
+        );
         let path = self.model.clone().unwrap_or_else(weave::paths::default_model_path);
         let lm = load_model(&path, self.cpu_precision, kv_cache_dtype)?;
         Ok((lm, path, device))

@@ -2,8 +2,10 @@
 
 pub mod chat;
 pub mod config;
+pub mod dummy;
 pub mod gguf;
 pub mod llama;
+pub mod profiles;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;

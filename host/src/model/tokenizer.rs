@@ -100,6 +100,39 @@ impl WeaveTokenizer {
         Ok(WeaveTokenizer { bos_text: text(bos), eos_text: text(eos), inner, bos, eos, add_bos, stop_ids })
     }
 
+    /// One token per byte (GPT-2's byte-to-character map, no merges, no special tokens): the
+    /// tokenizer of dummy-weight models, which come with no vocabulary. Ids past 255, which
+    /// such a model may sample, decode to nothing.
+    pub fn bytes() -> WeaveTokenizer {
+        // GPT-2's map: printable bytes stand for themselves, the others for 256 + k.
+        let mut extra = 0;
+        let vocab: tokenizers::models::bpe::Vocab = (0u32..256)
+            .map(|b| {
+                let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+                let c = if printable {
+                    char::from_u32(b)
+                } else {
+                    extra += 1;
+                    char::from_u32(255 + extra)
+                };
+                (c.expect("a valid char").to_string(), b)
+            })
+            .collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("a byte vocabulary builds");
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        WeaveTokenizer {
+            inner,
+            bos: None,
+            eos: None,
+            add_bos: false,
+            stop_ids: Vec::new(),
+            bos_text: String::new(),
+            eos_text: String::new(),
+        }
+    }
+
     /// Token ids of `text`, with BOS first when the file says so. Special-token text (e.g.
     /// `<|im_start|>`) maps to its token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {

@@ -174,6 +174,29 @@ impl Weights {
         })
     }
 
+    /// How the matrices are stored, e.g. `u4+u8` (packed 4- and 8-bit) or `bf16`.
+    pub fn storage(&self) -> String {
+        let mut kinds: Vec<&str> = Vec::new();
+        let all = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]);
+        for lin in all.chain([&self.embed]).chain(self.lm_head.as_ref()) {
+            let k = match &lin.data {
+                LinearData::F32(_) => "f32",
+                LinearData::Quant(q) => match q.kind {
+                    QKind::U4 => "u4",
+                    QKind::U8 => "u8",
+                },
+                LinearData::Half(h) => match h.kind {
+                    HKind::F16 => "f16",
+                    HKind::Bf16 => "bf16",
+                },
+            };
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        kinds.join("+")
+    }
+
     /// Bytes the weights take in memory.
     pub fn size_bytes(&self) -> usize {
         let l: usize = self

@@ -6,6 +6,7 @@
 
 pub use crate::backends::sim::{attention_pairs, CostModel, SimBackend};
 use crate::engine::{Arrival, Clock, Engine, Outcome};
+pub use crate::model::profiles::{find_model, models, ModelProfile};
 pub use crate::workload::{read_workload, Lengths, WorkItem, Workload};
 use serde::{Deserialize, Serialize};
 use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
@@ -28,82 +29,10 @@ pub const GPUS: &[GpuProfile] = &[
     GpuProfile { name: "h200", peak_tflops: 989.0, mem_bw_gbs: 4800.0, mem_gb: 141.0 },
 ];
 
-/// A model's shape, enough for FLOPs and bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelProfile {
-    pub name: String,
-    pub layers: usize,
-    pub hidden: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub intermediate: usize,
-    pub vocab: usize,
-    /// Bytes per weight and per KV element (2 for bf16/f16).
-    pub dtype_bytes: f64,
-}
-
-impl ModelProfile {
-    fn new(
-        name: &str,
-        layers: usize,
-        hidden: usize,
-        heads: usize,
-        kv_heads: usize,
-        intermediate: usize,
-        vocab: usize,
-    ) -> Self {
-        ModelProfile {
-            name: name.into(),
-            layers,
-            hidden,
-            heads,
-            kv_heads,
-            head_dim: hidden / heads,
-            intermediate,
-            vocab,
-            dtype_bytes: 2.0,
-        }
-    }
-    /// Weights of the transformer layers (attention + MLP), excluding embeddings.
-    pub fn layer_params(&self) -> f64 {
-        let (h, q, kv, f) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
-        (self.layers * (h * (q + 2 * kv) + q * h + 3 * h * f)) as f64
-    }
-    /// KV-cache bytes per token.
-    pub fn kv_bytes_per_token(&self) -> f64 {
-        (2 * self.layers * self.kv_heads * self.head_dim) as f64 * self.dtype_bytes
-    }
-}
-
-pub fn models() -> Vec<ModelProfile> {
-    vec![
-        ModelProfile::new("llama-3-8b", 32, 4096, 32, 8, 14336, 128256),
-        ModelProfile::new("llama-2-7b", 32, 4096, 32, 32, 11008, 32000),
-        ModelProfile::new("mistral-7b", 32, 4096, 32, 8, 14336, 32000),
-        ModelProfile::new("smollm2-135m", 30, 576, 9, 3, 1536, 49152),
-    ]
-}
-
 pub fn find_gpu(name: &str) -> Result<GpuProfile, String> {
     GPUS.iter().copied().find(|g| g.name == name.to_lowercase()).ok_or_else(|| {
         format!("unknown GPU profile {name:?}; known: {}", GPUS.iter().map(|g| g.name).collect::<Vec<_>>().join(", "))
     })
-}
-
-/// A named model profile, or a JSON file holding a [`ModelProfile`].
-pub fn find_model(name: &str) -> Result<ModelProfile, String> {
-    if let Some(m) = models().into_iter().find(|m| m.name == name.to_lowercase()) {
-        return Ok(m);
-    }
-    if std::path::Path::new(name).exists() {
-        let text = std::fs::read_to_string(name).map_err(|e| format!("{name}: {e}"))?;
-        return serde_json::from_str(&text).map_err(|e| format!("{name}: not a model profile: {e}"));
-    }
-    Err(format!(
-        "unknown model profile {name:?}; known: {} (or a JSON file with layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, dtype_bytes)",
-        models().iter().map(|m| m.name.clone()).collect::<Vec<_>>().join(", ")
-    ))
 }
 
 /// Roofline: each part of the step takes the longer of its FLOPs at the achievable compute

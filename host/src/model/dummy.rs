@@ -1,0 +1,172 @@
+//! Random weights for a named shape (vLLM's `--load-format dummy`): benchmarking at a scale
+//! people serve without downloading the weights. Values come from a seed, so two loads are
+//! the same model; they are uniform in `±1/sqrt(fan_in)`, which keeps activations finite
+//! through any depth (each product shrinks its input's scale, RMSNorm restores it), and the
+//! norms are 1. The tokenizer is one token per byte: the text is meaningless, the work is not.
+
+use super::config::ModelConfig;
+use super::weights::{Layer, Linear, LinearData, Weights};
+use crate::backends::cpu::hmatmul::{HKind, HMatrix};
+use rayon::prelude::*;
+
+/// How dummy weights are stored (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DummyDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DummyDtype {
+    /// vLLM's names; `auto` is bfloat16, as for the bf16 checkpoints these shapes come from.
+    pub fn parse(s: &str) -> Result<DummyDtype, String> {
+        match s {
+            "auto" | "bfloat16" | "bf16" => Ok(DummyDtype::Bf16),
+            "float16" | "half" | "f16" => Ok(DummyDtype::F16),
+            "float32" | "float" | "f32" => Ok(DummyDtype::F32),
+            other => Err(format!("unknown --dtype {other:?}: use auto, bfloat16, float16 or float32")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DummyDtype::F32 => "float32",
+            DummyDtype::F16 => "float16",
+            DummyDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// splitmix64: a fast, well-mixed stream from any seed.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `n` values uniform in `[-scale, scale)` from `seed`, filled in parallel chunks that each
+/// start from their own seed, so the values do not depend on the thread count.
+fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+        let mut s = seed ^ (i as u64).wrapping_mul(0xd134_2543_de82_ef95);
+        for x in c {
+            let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32;
+            *x = (2.0 * u - 1.0) * scale;
+        }
+    });
+    v
+}
+
+/// A `[rows][cols]` matrix of dummy values in `dtype`.
+fn linear(rows: usize, cols: usize, dtype: DummyDtype, seed: u64, scale: f32) -> Linear {
+    let v = uniform(rows * cols, scale, seed);
+    let data = match dtype {
+        DummyDtype::F32 => LinearData::F32(v),
+        DummyDtype::F16 | DummyDtype::Bf16 => {
+            let kind = if dtype == DummyDtype::F16 { HKind::F16 } else { HKind::Bf16 };
+            let bits = v
+                .par_iter()
+                .map(|&x| match kind {
+                    HKind::F16 => weave_kernels_gpu::elem::f32_to_f16_bits(x),
+                    // Round to nearest even: the top 16 bits after adding half an ulp.
+                    HKind::Bf16 => ((x.to_bits() + 0x7fff + ((x.to_bits() >> 16) & 1)) >> 16) as u16,
+                })
+                .collect();
+            LinearData::Half(HMatrix { kind, rows, cols, bits })
+        }
+    };
+    Linear { data, out_dim: rows, in_dim: cols }
+}
+
+/// Weights of shape `cfg` from `seed`.
+pub fn weights(cfg: &ModelConfig, tied: bool, dtype: DummyDtype, seed: u64) -> Weights {
+    let (h, f, v) = (cfg.hidden, cfg.intermediate, cfg.vocab_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    // One seed per tensor, from its place in the model.
+    let s = |i: u64| seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let fan = |n: usize| 1.0 / (n as f32).sqrt();
+    let layers = (0..cfg.num_layers)
+        .map(|l| {
+            let b = 16 + 8 * l as u64;
+            Layer {
+                attn_norm: vec![1.0; h],
+                qkv: linear(qd + 2 * kvd, h, dtype, s(b), fan(h)),
+                wo: linear(h, qd, dtype, s(b + 1), fan(qd)),
+                ffn_norm: vec![1.0; h],
+                gate_up: linear(2 * f, h, dtype, s(b + 2), fan(h)),
+                down: linear(h, f, dtype, s(b + 3), fan(f)),
+            }
+        })
+        .collect();
+    Weights {
+        embed: linear(v, h, dtype, s(1), fan(h)),
+        layers,
+        final_norm: vec![1.0; h],
+        lm_head: (!tied).then(|| linear(v, h, dtype, s(2), fan(h))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::cpu::{CpuBackend, CpuModel};
+    use crate::model::profiles::ModelProfile;
+    use std::sync::Arc;
+
+    fn tiny() -> ModelProfile {
+        serde_json::from_str(
+            r#"{"name":"tiny","layers":3,"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}"#,
+        )
+        .unwrap()
+    }
+
+    fn logits(dtype: DummyDtype, seed: u64) -> Vec<f32> {
+        let cfg = tiny().config();
+        let model = CpuModel::new(cfg.clone(), weights(&cfg, false, dtype, seed), 64);
+        let mut be = CpuBackend::new(Arc::new(model), 4, 16, 1, 0);
+        let b = weave_scheduler::ScheduledBatch {
+            input_ids: vec![5, 7, 250],
+            positions: vec![0, 1, 2],
+            query_start_loc: vec![0, 3],
+            block_tables: vec![1],
+            max_blocks_per_seq: 1,
+            block_size: 16,
+            slot_mapping: vec![16, 17, 18],
+            logits_indices: vec![2],
+            max_seq_len: 3,
+            ..Default::default()
+        };
+        be.forward(&b)
+    }
+
+    #[test]
+    fn a_seed_gives_one_model_with_finite_spread_logits() {
+        for dtype in [DummyDtype::F32, DummyDtype::F16, DummyDtype::Bf16] {
+            let a = logits(dtype, 7);
+            assert_eq!(a.len(), 300);
+            assert!(a.iter().all(|x| x.is_finite()), "{dtype:?}");
+            let (lo, hi) = a.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            assert!(hi - lo > 0.1 && hi - lo < 100.0, "{dtype:?}: logits span {lo}..{hi}");
+            assert_eq!(a, logits(dtype, 7), "{dtype:?}: same seed, same model");
+            assert_ne!(a, logits(dtype, 8), "{dtype:?}: another seed, another model");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        let m = linear(1, 4, DummyDtype::Bf16, 3, 1.0);
+        let LinearData::Half(h) = &m.data else { panic!("16-bit") };
+        let exact = uniform(4, 1.0, 3);
+        for (&b, &x) in h.bits.iter().zip(&exact) {
+            let back = f32::from_bits((b as u32) << 16);
+            // Within half a bf16 ulp (8 bits of mantissa).
+            assert!((back - x).abs() <= x.abs() * (1.0 / 256.0), "{x} -> {back}");
+        }
+        assert_eq!(DummyDtype::parse("auto"), Ok(DummyDtype::Bf16));
+        assert!(DummyDtype::parse("int4").unwrap_err().contains("bfloat16"));
+    }
+}
