@@ -15,12 +15,15 @@ pub struct Bf16(pub u16);
 
 pub trait Elem: Copy + Default + Send + Sync + 'static {
     const NAME: &'static str;
+    /// The kernels' name for this type.
+    const DTYPE: crate::kernel::Dtype;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
 }
 
 impl Elem for f32 {
     const NAME: &'static str = "f32";
+    const DTYPE: crate::kernel::Dtype = crate::kernel::Dtype::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -33,6 +36,7 @@ impl Elem for f32 {
 
 impl Elem for F16 {
     const NAME: &'static str = "f16";
+    const DTYPE: crate::kernel::Dtype = crate::kernel::Dtype::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         #[cfg(target_arch = "nvptx64")]
@@ -59,6 +63,7 @@ impl Elem for F16 {
 
 impl Elem for Bf16 {
     const NAME: &'static str = "bf16";
+    const DTYPE: crate::kernel::Dtype = crate::kernel::Dtype::Bf16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)

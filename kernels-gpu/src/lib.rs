@@ -7,7 +7,7 @@
 //! **Must not**: allocate on the device, print, or depend on host crates. On the host the crate
 //! links `std` (for `exp`/`sqrt`, and the host drivers in [`attention`]); on nvptx it is pure `core`.
 //!
-//! # Kernels (see [`KERNELS`]; `T` is `f32`, `f16` or `bf16`)
+//! # Kernels (see [`KERNELS`], the typed table; `T` is `f32`, `f16` or `bf16`)
 //!
 //! | kernel | grid × block | work per thread block | global traffic per token |
 //! |---|---|---|---|
@@ -53,6 +53,7 @@ extern crate std;
 pub mod attention;
 pub mod elem;
 pub mod fmath;
+pub mod kernel;
 pub mod ops;
 pub mod softmax;
 
@@ -112,40 +113,7 @@ pub fn dot_f32_elem<T: Elem>(q: &[f32], k: &[T]) -> f32 {
     s
 }
 
-/// Every kernel the PTX must contain: `cargo xtask build-ptx` fails if one is missing.
-pub const KERNELS: &[&str] = &[
-    "reshape_and_cache_f32",
-    "reshape_and_cache_f16",
-    "reshape_and_cache_bf16",
-    "paged_attention_f32_d64",
-    "paged_attention_f32_d128",
-    "paged_attention_f16_d64",
-    "paged_attention_f16_d128",
-    "paged_attention_bf16_d64",
-    "paged_attention_bf16_d128",
-    "attention_reduce_f32_d64",
-    "attention_reduce_f32_d128",
-    "attention_reduce_f16_d64",
-    "attention_reduce_f16_d128",
-    "attention_reduce_bf16_d64",
-    "attention_reduce_bf16_d128",
-    "rms_norm_f32",
-    "rms_norm_f16",
-    "rms_norm_bf16",
-    "fused_add_rms_norm_f32",
-    "fused_add_rms_norm_f16",
-    "fused_add_rms_norm_bf16",
-    "rotary_embedding_f32",
-    "rotary_embedding_f16",
-    "rotary_embedding_bf16",
-    "silu_and_mul_f32",
-    "silu_and_mul_f16",
-    "silu_and_mul_bf16",
-    "embedding_f32",
-    "embedding_f16",
-    "embedding_bf16",
-    "argmax_f32",
-];
+pub use kernel::{Dtype, HeadDim, Kernel, KERNELS};
 
 /// Threads per block of every kernel except `attention_reduce` (one warp).
 pub const BLOCK_THREADS: u32 = 128;

@@ -70,8 +70,8 @@ pub fn run(args: Args) -> Result<()> {
         let ptx = build_one(&rust, &root, arch)?;
         let stats = validate(&ptxas, &ptx, arch)?;
         for k in weave_kernels_gpu::KERNELS {
-            if !stats.iter().any(|s| s.name == *k) {
-                problems.push(format!("{arch}: kernel {k} is missing from {}", ptx.display()));
+            if !stats.iter().any(|s| s.name == k.name()) {
+                problems.push(format!("{arch}: kernel {} is missing from {}", k.name(), ptx.display()));
             }
         }
         for s in &stats {

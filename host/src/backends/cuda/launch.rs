@@ -1,0 +1,203 @@
+//! Launch wrappers: same arguments as the kernels, grids as `kernels-gpu` documents them.
+
+use super::{CudaError, DevElem, Kernels};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
+use weave_kernels_gpu::{attention_smem_bytes, HeadDim, Kernel, BLOCK_THREADS};
+
+fn rows(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 32 }
+}
+
+impl Kernels {
+    #[allow(clippy::too_many_arguments)]
+    pub fn reshape_and_cache<T: DevElem>(
+        &self,
+        k: &CudaSlice<T::Bits>,
+        v: &CudaSlice<T::Bits>,
+        k_cache: &mut CudaSlice<T::Bits>,
+        v_cache: &mut CudaSlice<T::Bits>,
+        slots: &CudaSlice<u32>,
+        num_tokens: usize,
+        row: u32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::ReshapeAndCache(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(slots).arg(&row);
+        // SAFETY: buffers sized by the caller for `num_tokens` rows and every slot in `slots`.
+        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        Ok(())
+    }
+
+    /// Paged attention over a packed batch, with the split-KV reduce when `blocks_per_split > 0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention<T: DevElem>(
+        &self,
+        shape: &AttnShape,
+        query_start_loc: &[u32],
+        context_lens: &CudaSlice<u32>,
+        block_tables: &CudaSlice<u32>,
+        max_seq_len: u32,
+        q: &CudaSlice<T::Bits>,
+        k_cache: &CudaSlice<T::Bits>,
+        v_cache: &CudaSlice<T::Bits>,
+        out: &mut CudaSlice<T::Bits>,
+    ) -> Result<(), CudaError> {
+        shape.check().map_err(CudaError::Shape)?;
+        let d = shape.head_dim;
+        let num_tokens = *query_start_loc.last().unwrap_or(&0);
+        let tq = shape.tokens_per_tile();
+        let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
+        fill_tiles(query_start_loc, tq, &mut tiles);
+        let tiles_d = self.upload(&tiles)?;
+        let qsl_d = self.upload(query_start_loc)?;
+        let splits = shape.num_splits(max_seq_len);
+        let mut partials = self.zeros::<f32>(if splits > 1 {
+            splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
+        } else {
+            1
+        })?;
+        let hd = HeadDim::of(d).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
+        let f = self.function(Kernel::PagedAttention(T::DTYPE, hd));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&mut *out)
+            .arg(&mut partials)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(&tiles_d)
+            .arg(&qsl_d)
+            .arg(context_lens)
+            .arg(block_tables);
+        b.arg(&num_tokens)
+            .arg(&shape.num_q_heads)
+            .arg(&shape.num_kv_heads)
+            .arg(&shape.block_size)
+            .arg(&shape.max_blocks_per_seq)
+            .arg(&shape.blocks_per_split)
+            .arg(&splits)
+            .arg(&shape.scale);
+        let cfg = LaunchConfig {
+            grid_dim: ((tiles.len() / 2) as u32, shape.num_kv_heads, splits),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: attention_smem_bytes(d),
+        };
+        // SAFETY: shapes checked; buffers sized by the caller as AttnShape documents.
+        unsafe { b.launch(cfg) }?;
+        if splits > 1 {
+            let f = self.function(Kernel::AttentionReduce(T::DTYPE, hd));
+            let mut b = self.stream.launch_builder(f);
+            b.arg(out).arg(&partials).arg(&num_tokens).arg(&shape.num_q_heads).arg(&splits);
+            let cfg = LaunchConfig {
+                grid_dim: (num_tokens, shape.num_q_heads, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `partials` was filled for these dimensions by the launch above.
+            unsafe { b.launch(cfg) }?;
+        }
+        Ok(())
+    }
+
+    pub fn rms_norm<T: DevElem>(
+        &self,
+        out: &mut CudaSlice<T::Bits>,
+        x: &CudaSlice<T::Bits>,
+        w: &CudaSlice<f32>,
+        n_rows: usize,
+        n: u32,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::RmsNorm(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(x).arg(w).arg(&n).arg(&eps);
+        // SAFETY: `n_rows * n` elements in `out` and `x`, `n` weights.
+        unsafe { b.launch(rows(n_rows)) }?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_add_rms_norm<T: DevElem>(
+        &self,
+        x: &mut CudaSlice<T::Bits>,
+        residual: &mut CudaSlice<T::Bits>,
+        w: &CudaSlice<f32>,
+        n_rows: usize,
+        n: u32,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::FusedAddRmsNorm(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(residual).arg(w).arg(&n).arg(&eps);
+        // SAFETY: as for rms_norm.
+        unsafe { b.launch(rows(n_rows)) }?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary_embedding<T: DevElem>(
+        &self,
+        q: &mut CudaSlice<T::Bits>,
+        k: &mut CudaSlice<T::Bits>,
+        positions: &CudaSlice<u32>,
+        cos_sin: &CudaSlice<f32>,
+        num_tokens: usize,
+        dims: (u32, u32, u32, u32),
+        layout: weave_kernels_gpu::ops::RopeLayout,
+    ) -> Result<(), CudaError> {
+        let (nq, nk, head_dim, rot_dim) = dims;
+        let f = self.function(Kernel::RotaryEmbedding(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        let layout = layout as u32;
+        b.arg(q).arg(k).arg(positions).arg(cos_sin).arg(&nq).arg(&nk).arg(&head_dim).arg(&rot_dim).arg(&layout);
+        // SAFETY: q/k hold `num_tokens` rows of nq/nk heads; the cos/sin cache covers every position.
+        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        Ok(())
+    }
+
+    pub fn silu_and_mul<T: DevElem>(
+        &self,
+        out: &mut CudaSlice<T::Bits>,
+        x: &CudaSlice<T::Bits>,
+        num_tokens: usize,
+        inter: u32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::SiluAndMul(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(x).arg(&inter);
+        // SAFETY: `x` holds 2 * inter per token, `out` inter per token.
+        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        Ok(())
+    }
+
+    pub fn embedding<T: DevElem>(
+        &self,
+        out: &mut CudaSlice<T::Bits>,
+        table: &CudaSlice<T::Bits>,
+        ids: &CudaSlice<u32>,
+        num_tokens: usize,
+        hidden: u32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::Embedding(T::DTYPE));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(table).arg(ids).arg(&hidden);
+        // SAFETY: every id indexes a row of `table`.
+        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        Ok(())
+    }
+
+    pub fn argmax(
+        &self,
+        out: &mut CudaSlice<u32>,
+        logits: &CudaSlice<f32>,
+        n_rows: usize,
+        vocab: u32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(Kernel::ArgmaxF32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(out).arg(logits).arg(&vocab);
+        // SAFETY: `logits` holds n_rows * vocab values, `out` n_rows.
+        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 64, ..rows(n_rows) }) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! Every kernel by type: the one table from which the PTX check (`cargo xtask build-ptx`),
+//! the host's loader and its launch wrappers take their names, so a kernel is spelled once
+//! here and once where `device.rs` defines it (a test holds the two together through the
+//! PTX's entries).
+
+/// A kernel's storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The head sizes attention is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeadDim {
+    D64,
+    D128,
+}
+
+impl HeadDim {
+    pub const fn of(d: u32) -> Option<HeadDim> {
+        match d {
+            64 => Some(HeadDim::D64),
+            128 => Some(HeadDim::D128),
+            _ => None,
+        }
+    }
+
+    pub const fn get(self) -> u32 {
+        match self {
+            HeadDim::D64 => 64,
+            HeadDim::D128 => 128,
+        }
+    }
+}
+
+/// One PTX entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    ReshapeAndCache(Dtype),
+    PagedAttention(Dtype, HeadDim),
+    AttentionReduce(Dtype, HeadDim),
+    RmsNorm(Dtype),
+    FusedAddRmsNorm(Dtype),
+    RotaryEmbedding(Dtype),
+    SiluAndMul(Dtype),
+    Embedding(Dtype),
+    ArgmaxF32,
+}
+
+impl Kernel {
+    /// The entry's name in the PTX.
+    pub const fn name(self) -> &'static str {
+        use Dtype::*;
+        use HeadDim::*;
+        use Kernel::*;
+        match self {
+            ReshapeAndCache(F32) => "reshape_and_cache_f32",
+            ReshapeAndCache(F16) => "reshape_and_cache_f16",
+            ReshapeAndCache(Bf16) => "reshape_and_cache_bf16",
+            PagedAttention(F32, D64) => "paged_attention_f32_d64",
+            PagedAttention(F32, D128) => "paged_attention_f32_d128",
+            PagedAttention(F16, D64) => "paged_attention_f16_d64",
+            PagedAttention(F16, D128) => "paged_attention_f16_d128",
+            PagedAttention(Bf16, D64) => "paged_attention_bf16_d64",
+            PagedAttention(Bf16, D128) => "paged_attention_bf16_d128",
+            AttentionReduce(F32, D64) => "attention_reduce_f32_d64",
+            AttentionReduce(F32, D128) => "attention_reduce_f32_d128",
+            AttentionReduce(F16, D64) => "attention_reduce_f16_d64",
+            AttentionReduce(F16, D128) => "attention_reduce_f16_d128",
+            AttentionReduce(Bf16, D64) => "attention_reduce_bf16_d64",
+            AttentionReduce(Bf16, D128) => "attention_reduce_bf16_d128",
+            RmsNorm(F32) => "rms_norm_f32",
+            RmsNorm(F16) => "rms_norm_f16",
+            RmsNorm(Bf16) => "rms_norm_bf16",
+            FusedAddRmsNorm(F32) => "fused_add_rms_norm_f32",
+            FusedAddRmsNorm(F16) => "fused_add_rms_norm_f16",
+            FusedAddRmsNorm(Bf16) => "fused_add_rms_norm_bf16",
+            RotaryEmbedding(F32) => "rotary_embedding_f32",
+            RotaryEmbedding(F16) => "rotary_embedding_f16",
+            RotaryEmbedding(Bf16) => "rotary_embedding_bf16",
+            SiluAndMul(F32) => "silu_and_mul_f32",
+            SiluAndMul(F16) => "silu_and_mul_f16",
+            SiluAndMul(Bf16) => "silu_and_mul_bf16",
+            Embedding(F32) => "embedding_f32",
+            Embedding(F16) => "embedding_f16",
+            Embedding(Bf16) => "embedding_bf16",
+            ArgmaxF32 => "argmax_f32",
+        }
+    }
+
+    /// Its place in [`KERNELS`] (the loader keeps the functions in that order). Host only:
+    /// the device has no use for it, and its panic path has no place in the PTX.
+    #[cfg(not(target_arch = "nvptx64"))]
+    pub fn index(self) -> usize {
+        KERNELS.iter().position(|&k| k == self).expect("every kernel is in KERNELS")
+    }
+}
+
+/// Every kernel the PTX must contain.
+pub const KERNELS: [Kernel; 31] = {
+    use Dtype::*;
+    use HeadDim::*;
+    use Kernel::*;
+    [
+        ReshapeAndCache(F32),
+        ReshapeAndCache(F16),
+        ReshapeAndCache(Bf16),
+        PagedAttention(F32, D64),
+        PagedAttention(F32, D128),
+        PagedAttention(F16, D64),
+        PagedAttention(F16, D128),
+        PagedAttention(Bf16, D64),
+        PagedAttention(Bf16, D128),
+        AttentionReduce(F32, D64),
+        AttentionReduce(F32, D128),
+        AttentionReduce(F16, D64),
+        AttentionReduce(F16, D128),
+        AttentionReduce(Bf16, D64),
+        AttentionReduce(Bf16, D128),
+        RmsNorm(F32),
+        RmsNorm(F16),
+        RmsNorm(Bf16),
+        FusedAddRmsNorm(F32),
+        FusedAddRmsNorm(F16),
+        FusedAddRmsNorm(Bf16),
+        RotaryEmbedding(F32),
+        RotaryEmbedding(F16),
+        RotaryEmbedding(Bf16),
+        SiluAndMul(F32),
+        SiluAndMul(F16),
+        SiluAndMul(Bf16),
+        Embedding(F32),
+        Embedding(F16),
+        Embedding(Bf16),
+        ArgmaxF32,
+    ]
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    extern crate std;
+    use std::format;
+
+    #[test]
+    fn names_follow_kind_type_and_head_size_and_are_unique() {
+        for (i, k) in KERNELS.iter().enumerate() {
+            assert_eq!(k.index(), i);
+            let want = match *k {
+                Kernel::ReshapeAndCache(t) => format!("reshape_and_cache_{}", t.name()),
+                Kernel::PagedAttention(t, d) => format!("paged_attention_{}_d{}", t.name(), d.get()),
+                Kernel::AttentionReduce(t, d) => format!("attention_reduce_{}_d{}", t.name(), d.get()),
+                Kernel::RmsNorm(t) => format!("rms_norm_{}", t.name()),
+                Kernel::FusedAddRmsNorm(t) => format!("fused_add_rms_norm_{}", t.name()),
+                Kernel::RotaryEmbedding(t) => format!("rotary_embedding_{}", t.name()),
+                Kernel::SiluAndMul(t) => format!("silu_and_mul_{}", t.name()),
+                Kernel::Embedding(t) => format!("embedding_{}", t.name()),
+                Kernel::ArgmaxF32 => "argmax_f32".into(),
+            };
+            assert_eq!(k.name(), want);
+            assert!(KERNELS[..i].iter().all(|o| o.name() != k.name()), "{} twice", k.name());
+        }
+        assert_eq!(HeadDim::of(96), None);
+        assert_eq!(HeadDim::of(128).map(HeadDim::get), Some(128));
+    }
+}
