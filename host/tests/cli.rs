@@ -174,6 +174,14 @@ fn dummy_weights_run_without_a_model_file_and_repeat() {
     };
     let ids = run();
     assert_eq!(ids.as_array().unwrap().len(), 3);
+    // --profile: where the steps' time went; the step log carries the phases.
+    let log = std::env::temp_dir().join(format!("weave-dummy-steps-{}.jsonl", std::process::id()));
+    let (code, out, err) = weave(&[&args[..], &["--profile", "--step-log", log.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("phases over 3 steps") && out.contains("forward") && out.contains("sample"), "{out}");
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["phases"]["forward"].as_f64().unwrap() > 0.0, "{first}");
     assert_eq!(ids, run(), "the same seed makes the same model");
     let (code, _, err) = weave(&["generate", "--load-format", "dummy", "--prompt", "x"]);
     assert!(code != 0 && err.contains("needs --model-config"), "{err}");

@@ -97,15 +97,22 @@ pub fn silu_and_mul_row(gate_up: &[f32], out: &mut [f32]) {
 }
 
 #[cfg(not(target_arch = "nvptx64"))]
-/// Index of the largest value; the lowest index wins ties; NaN never wins.
+/// Index of the largest value; the lowest index wins ties; NaN never wins (0 when every value
+/// is NaN). Two passes that vectorize: the largest value in 16 lanes, then its first index.
+/// (One pass that carries the best index is a serial chain of loads and compares: over a
+/// 49152-token vocabulary it was a fifth of a CPU decode step.)
 pub fn argmax_row(x: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] || x[best].is_nan() {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let mut best = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            // `max` keeps the non-NaN operand.
+            *l = l.max(v);
         }
     }
-    best as u32
+    best = lanes.iter().fold(best, |a, &v| a.max(v));
+    x.iter().position(|&v| v == best).unwrap_or(0) as u32
 }
 
 /// Merges two (value, index) candidates as the device's warp reduction does.

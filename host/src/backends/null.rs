@@ -20,6 +20,7 @@ impl Backend for NullBackend {
             output: StepOutput { sampled: vec![NULL_TOKEN; batch.logits_indices.len()] },
             duration_s: Some(1.0),
             logprobs: Vec::new(),
+            phases: None,
         })
     }
 }

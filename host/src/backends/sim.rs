@@ -45,6 +45,7 @@ impl<C: CostModel> Backend for SimBackend<C> {
             output: StepOutput { sampled: vec![NULL_TOKEN; b.logits_indices.len()] },
             duration_s: Some(self.cost.step_time(b)),
             logprobs: Vec::new(),
+            phases: None,
         })
     }
 }

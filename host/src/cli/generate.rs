@@ -40,9 +40,13 @@ pub struct Args {
     /// One JSON line per request and a summary line, instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Write the per-step JSONL (with wall times) here.
+    /// Write the per-step JSONL (with wall times and phases) here.
     #[arg(long)]
     pub step_log: Option<PathBuf>,
+    /// Print where the steps' time went: schedule, prepare, forward, sample and update, each
+    /// as mean, p50 and p99, with its share of the step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -61,6 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sched,
         json,
         step_log,
+        profile,
     } = a;
     use weave::generate::{generate, read_prompts_file, GenerateConfig, PromptSpec};
     let mut prompts: Vec<PromptSpec> =
@@ -140,6 +145,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("{}\n", c.text);
         }
         print!("{}", report.summary.render());
+        if profile {
+            match weave::engine::steplog::phase_table(&report.run.steps) {
+                Some(t) => print!("{t}"),
+                None => println!("phases: this backend does not time them"),
+            }
+        }
         let mean = |xs: Vec<f64>| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
         println!(
             "  throughput        {:.1} output tok/s, {:.1} total tok/s ({} prompt + {} output tokens in {:.2} s)",

@@ -16,6 +16,9 @@ pub struct StepResult {
     /// Beside `output.sampled`, each row's logprobs when its request asked for them; empty
     /// when no row did.
     pub logprobs: Vec<Option<TokenLogprobs>>,
+    /// The backend's own phases (prepare, forward, sample), when it times them; the engine
+    /// adds schedule and update.
+    pub phases: Option<crate::engine::steplog::Phases>,
 }
 
 /// A sampled token's log-probability under the model (raw logits, before temperature and

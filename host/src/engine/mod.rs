@@ -203,16 +203,19 @@ impl<B: Backend> Engine<B> {
     ) -> anyhow::Result<StepReport> {
         let t0 = Instant::now();
         self.sched.schedule_into(&mut self.batch);
+        let t_scheduled = t0.elapsed().as_secs_f64();
         anyhow::ensure!(
             !self.batch.is_empty(),
             "scheduler stalled with {} unfinished requests",
             self.sched.num_unfinished()
         );
         let result = self.backend.execute(&self.batch)?;
+        let t_update = Instant::now();
         let update = self.sched.update(&result.output)?;
         let duration = result.duration_s.unwrap_or_else(|| t0.elapsed().as_secs_f64());
         let end = now + duration;
         let mut record = self.record(now, duration);
+        let mut phases = result.phases.map(|p| crate::engine::steplog::Phases { schedule: t_scheduled, ..p });
         // Logprobs come per sampled row, in batch order; tokens are listed by request.
         let logprobs = if result.logprobs.is_empty() {
             vec![None; update.new_tokens.len()]
@@ -247,6 +250,10 @@ impl<B: Backend> Engine<B> {
             }
             finished.push(o);
         }
+        if let Some(p) = phases.as_mut() {
+            p.update = t_update.elapsed().as_secs_f64();
+        }
+        record.phases = phases;
         self.next_step += 1;
         Ok(StepReport { record, update, logprobs, finished, itl, end })
     }
@@ -285,6 +292,7 @@ impl<B: Backend> Engine<B> {
             num_prefill_seqs: b.num_prefill_seqs,
             num_partial_prefills: b.num_partial_prefills,
             token_budget: self.sched.config().max_num_batched_tokens,
+            phases: None,
         }
     }
 

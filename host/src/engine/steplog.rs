@@ -36,6 +36,72 @@ pub struct StepRecord {
     pub num_prefill_seqs: usize,
     pub num_partial_prefills: usize,
     pub token_budget: usize,
+    /// Where the step's wall time went, for backends on the wall clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+}
+
+/// A step's wall time by phase, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// The scheduler building the batch.
+    pub schedule: f64,
+    /// The backend preparing the step's inputs (a device backend's metadata upload; 0 on the
+    /// CPU, whose ops read the batch where it is).
+    pub prepare: f64,
+    /// The model's forward pass.
+    pub forward: f64,
+    /// Sampling, and logprobs when asked for.
+    pub sample: f64,
+    /// The scheduler taking the step's tokens, and the engine's bookkeeping of them.
+    pub update: f64,
+}
+
+impl Phases {
+    pub const NAMES: [&'static str; 5] = ["schedule", "prepare", "forward", "sample", "update"];
+
+    /// The phases in [`Self::NAMES`] order.
+    pub fn values(&self) -> [f64; 5] {
+        [self.schedule, self.prepare, self.forward, self.sample, self.update]
+    }
+}
+
+/// `--profile`'s table: each phase's mean, p50 and p99 over the steps that recorded phases,
+/// and its share of the steps' summed wall time. `None` when no step recorded phases.
+pub fn phase_table(steps: &[StepRecord]) -> Option<String> {
+    let ph: Vec<(Phases, f64)> = steps.iter().filter_map(|s| s.phases.map(|p| (p, s.duration))).collect();
+    if ph.is_empty() {
+        return None;
+    }
+    let total: f64 = ph.iter().map(|(_, d)| d).sum();
+    let q = |v: &mut Vec<f64>, f: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * f).round() as usize]
+    };
+    let mut out = format!("phases over {} steps (ms)\n", ph.len());
+    out += &format!("  {:<9} {:>9} {:>9} {:>9} {:>7}\n", "phase", "mean", "p50", "p99", "share");
+    for (i, name) in Phases::NAMES.iter().enumerate() {
+        let mut v: Vec<f64> = ph.iter().map(|(p, _)| p.values()[i] * 1e3).collect();
+        let sum: f64 = v.iter().sum();
+        out += &format!(
+            "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
+            name,
+            sum / v.len() as f64,
+            q(&mut v, 0.5),
+            q(&mut v, 0.99),
+            100.0 * sum / 1e3 / total
+        );
+    }
+    let mut steps_ms: Vec<f64> = ph.iter().map(|(_, d)| d * 1e3).collect();
+    out += &format!(
+        "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
+        "step",
+        total * 1e3 / ph.len() as f64,
+        q(&mut steps_ms, 0.5),
+        q(&mut steps_ms, 0.99),
+        100.0
+    );
+    Some(out)
 }
 
 impl StepRecord {

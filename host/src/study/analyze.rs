@@ -145,8 +145,9 @@ fn fmt_time(s: f64) -> String {
     }
 }
 
-/// Chrome trace-event JSON (chrome://tracing, Perfetto): one slice per step, counters for
-/// tokens, queues and KV blocks. Times in microseconds of the log's clock.
+/// Chrome trace-event JSON (chrome://tracing, Perfetto): one slice per step, with its phases
+/// (schedule, prepare, forward, sample, update) nested under it when the log has them, and
+/// counters for tokens, queues and KV blocks. Times in microseconds of the log's clock.
 pub fn chrome_trace(steps: &[StepRecord]) -> serde_json::Value {
     let mut ev = Vec::with_capacity(steps.len() * 4);
     for s in steps {
@@ -156,6 +157,13 @@ pub fn chrome_trace(steps: &[StepRecord]) -> serde_json::Value {
             "args": {"prefill_tokens": s.prefill_tokens, "decode_tokens": s.decode_tokens, "seqs": s.num_seqs,
                      "preempted": s.preempted.len(), "finished": s.finished.len()}
         }));
+        if let Some(p) = s.phases {
+            let mut t = ts;
+            for (name, d) in crate::engine::steplog::Phases::NAMES.iter().zip(p.values()) {
+                ev.push(serde_json::json!({"name": name, "ph": "X", "ts": t, "dur": d * 1e6, "pid": 1, "tid": 1}));
+                t += d * 1e6;
+            }
+        }
         ev.push(serde_json::json!({"name": "tokens", "ph": "C", "ts": ts, "pid": 1,
             "args": {"prefill": s.prefill_tokens, "decode": s.decode_tokens}}));
         ev.push(serde_json::json!({"name": "queue", "ph": "C", "ts": ts, "pid": 1,
@@ -187,6 +195,21 @@ mod tests {
         let t = chrome_trace(&ok);
         assert_eq!(t["traceEvents"].as_array().unwrap().len(), 4);
         assert_eq!(t["traceEvents"][0]["dur"], 1e6);
+        // A step with phases: five slices under the step, back to back.
+        let phased = LINE.replace(
+            "\"token_budget\":512",
+            "\"token_budget\":512,\"phases\":{\"schedule\":0.1,\"prepare\":0.0,\"forward\":0.6,\"sample\":0.2,\"update\":0.1}",
+        );
+        let steps = parse_log(&phased, "x").unwrap();
+        let p = steps[0].phases.expect("phases read back");
+        assert_eq!(p.values(), [0.1, 0.0, 0.6, 0.2, 0.1]);
+        let t = chrome_trace(&steps);
+        let ev = t["traceEvents"].as_array().unwrap();
+        assert_eq!(ev.len(), 4 + 5);
+        assert_eq!((ev[3]["name"].as_str(), ev[3]["ts"].as_f64()), (Some("forward"), Some(0.1e6)));
+        let table = crate::engine::steplog::phase_table(&steps).unwrap();
+        assert!(table.contains("forward") && table.contains("60.0%"), "{table}");
+        assert_eq!(crate::engine::steplog::phase_table(&ok), None, "no phases, no table");
     }
 
     #[test]

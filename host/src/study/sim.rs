@@ -396,6 +396,7 @@ mod tests {
                 num_prefill_seqs: 0,
                 num_partial_prefills: 0,
                 token_budget: 1,
+                phases: None,
             });
         }
         let f = fit(&steps).unwrap();
