@@ -158,6 +158,11 @@ pub struct GenerateConfig {
     pub chat: bool,
     pub ignore_eos: bool,
     pub threads: usize,
+    /// Where the model runs: the CPU backend, or the CUDA one (which sizes the KV cache from
+    /// the device's memory, replacing `sched.num_gpu_blocks`).
+    pub device: crate::backends::cuda::ExecDevice,
+    /// Fraction of the GPU's memory to use (vLLM's `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f64,
 }
 
 /// One finished completion.
@@ -181,6 +186,8 @@ pub struct GenerateReport {
     pub run: RunReport,
     pub summary: Summary,
     pub wall_s: f64,
+    /// The GPU, its weights and KV cache, when the run was on one.
+    pub device_description: Option<String>,
 }
 
 /// Tokenizes, runs and detokenizes. Bad requests are reported in `rejected`; the rest run.
@@ -241,15 +248,34 @@ pub fn generate(
     for (name, msg) in &rejected {
         on_event(Event::Rejected { name, message: msg });
     }
-    let num_blocks = cfg.sched.num_gpu_blocks;
-    let backend = CpuBackend::new(
-        lm.model.clone(),
-        num_blocks,
-        cfg.sched.block_size,
-        cfg.threads,
-        cfg.sampling.seed.unwrap_or(0),
-    );
-    let sched = Scheduler::new(cfg.sched.clone())?;
+    let mut sched_cfg = cfg.sched.clone();
+    let mut device_description = None;
+    let backend: Box<dyn crate::engine::Backend> = match cfg.device {
+        crate::backends::cuda::ExecDevice::Cpu => Box::new(CpuBackend::new(
+            lm.model.clone(),
+            sched_cfg.num_gpu_blocks,
+            sched_cfg.block_size,
+            cfg.threads,
+            cfg.sampling.seed.unwrap_or(0),
+        )),
+        crate::backends::cuda::ExecDevice::Cuda => {
+            use crate::backends::cuda::model::{CudaBackend, CudaLimits};
+            let k = crate::backends::cuda::Kernels::load(0)?;
+            let limits = CudaLimits {
+                max_num_batched_tokens: sched_cfg.max_num_batched_tokens,
+                max_num_seqs: sched_cfg.max_num_seqs,
+                max_model_len: sched_cfg.max_model_len,
+                block_size: sched_cfg.block_size,
+                gpu_memory_utilization: cfg.gpu_memory_utilization,
+            };
+            let be = CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0), &mut |_, _| {})?;
+            // The KV cache is what the device's memory holds, as in vLLM.
+            sched_cfg.num_gpu_blocks = be.num_blocks();
+            device_description = Some(be.describe());
+            Box::new(be)
+        }
+    };
+    let sched = Scheduler::new(sched_cfg)?;
     let mut engine = Engine::new(sched, backend, Clock::Seconds);
     // Stop strings: watch each request's decoded text as it streams.
     let mut decoders: HashMap<u64, (StreamDecoder, String)> = HashMap::new();
@@ -277,7 +303,7 @@ pub fn generate(
     let mut summary = Summary::from_steps(&run.steps, "seconds");
     summary.rejected = rejected.len();
     summary.prefix_cache_hit_rate = engine.sched.prefix_cache_stats().hit_rate();
-    Ok(GenerateReport { completions, rejected, run, summary, wall_s })
+    Ok(GenerateReport { completions, rejected, run, summary, wall_s, device_description })
 }
 
 fn completion(o: &Outcome, tok: &WeaveTokenizer, spec: &PromptSpec, prompt_ids: &[u32]) -> Completion {

@@ -63,6 +63,8 @@ fn config(budget: usize, chunked: bool, caching: bool) -> GenerateConfig {
         chat: false,
         ignore_eos: true,
         threads: 2,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
     }
 }
 

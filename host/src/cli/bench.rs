@@ -33,7 +33,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !(run.load_format == "dummy" && llama_batched_bench.is_some()),
         "--llama-batched-bench runs a GGUF file; it has no dummy weights to compare with"
     );
-    let (lm, path, device) = run.load("auto")?;
+    let (lm, path, (_, device)) = run.load("auto", false)?;
     eprintln!("device: {device}");
     let threads = run.threads;
     // Runs take minutes: say which is running.

@@ -78,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         p.stop.extend(stop.iter().cloned());
     }
     let t_load = std::time::Instant::now();
-    let (lm, path, device) = run.load(&sched.kv_cache_dtype)?;
+    let (lm, path, (exec_device, device)) = run.load(&sched.kv_cache_dtype, true)?;
     let threads = run.threads;
     let cfg = GenerateConfig {
         sched: sched.config(&lm.model)?,
@@ -87,6 +87,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         chat,
         ignore_eos,
         threads,
+        device: exec_device,
+        gpu_memory_utilization: run.gpu_memory_utilization,
     };
     if !json {
         eprintln!(
@@ -143,6 +145,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 c.finish_reason
             );
             println!("{}\n", c.text);
+        }
+        if let Some(d) = &report.device_description {
+            println!("device: {d}");
         }
         print!("{}", report.summary.render());
         if profile {

@@ -93,10 +93,14 @@ pub struct ModelArgs {
     /// (dequantize at load: exact, 4x+ the memory).
     #[arg(long, default_value = "quant")]
     pub cpu_precision: weave::model::weights::Precision,
-    /// cpu, cuda or auto (the GPU when one works; the CUDA model backend is not written yet,
-    /// so auto falls back to cpu and says why).
+    /// cpu, cuda or auto (the GPU when one works and the command has a CUDA path, which only
+    /// `weave generate` has so far; auto says which it picked and why).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Fraction of the GPU's memory weave may use: the weights and the step's workspace first,
+    /// the KV cache gets the rest (vLLM's flag).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Where the weights come from: auto (the GGUF file) or dummy (random weights of
     /// --model-config's shape, from a fixed seed, as vLLM's `--load-format dummy`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "gguf", "dummy"])]
@@ -113,11 +117,20 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Picks the device, sizes the thread pool and loads the model with the KV cache type
-    /// `kv_cache_dtype`: the model, its path (`dummy:NAME` for dummy weights) and the device's
-    /// description.
-    pub fn load(&self, kv_cache_dtype: &str) -> anyhow::Result<(weave::generate::LoadedModel, PathBuf, String)> {
-        let device = weave::backends::cuda::describe_device(&self.device).map_err(anyhow::Error::msg)?;
+    /// Picks the device (`cuda_ok`: the command has a CUDA path), sizes the thread pool and
+    /// loads the model with the KV cache type `kv_cache_dtype`: the model, its path
+    /// (`dummy:NAME` for dummy weights) and the device with a line describing the choice.
+    pub fn load(
+        &self,
+        kv_cache_dtype: &str,
+        cuda_ok: bool,
+    ) -> anyhow::Result<(weave::generate::LoadedModel, PathBuf, (weave::backends::cuda::ExecDevice, String))> {
+        anyhow::ensure!(
+            self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0,
+            "--gpu-memory-utilization {} is not in (0, 1]",
+            self.gpu_memory_utilization
+        );
+        let device = weave::backends::cuda::choose_device(&self.device, cuda_ok).map_err(anyhow::Error::msg)?;
         rayon::ThreadPoolBuilder::new().num_threads(self.threads).build_global().ok();
         if self.load_format == "dummy" {
             let Some(name) = &self.model_config else {

@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.shutdown_timeout >= 0.0, "--shutdown-timeout must be >= 0, got {}", a.shutdown_timeout);
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
-    let (lm, _path, device) = a.run.load(&a.sched.kv_cache_dtype)?;
+    let (lm, _path, (_, device)) = a.run.load(&a.sched.kv_cache_dtype, false)?;
     let cfg = weave::serve::ServeConfig {
         sched: a.sched.config(&lm.model)?,
         threads: a.run.threads,

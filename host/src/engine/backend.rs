@@ -45,3 +45,22 @@ pub trait Backend {
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult>;
 }
+
+/// A backend chosen at run time (`--device`).
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn wall_clock(&self) -> bool {
+        (**self).wall_clock()
+    }
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+        (**self).add_request(id, params)
+    }
+    fn remove_request(&mut self, id: RequestId) {
+        (**self).remove_request(id)
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        (**self).execute(batch)
+    }
+}

@@ -188,6 +188,8 @@ fn run_weave(
         chat: false,
         ignore_eos: true,
         threads,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
     };
     let r = generate(lm, &cfg, &prompts, &mut |_| {})?;
     let p: usize = r.completions.iter().map(|c| c.prompt_token_ids.len()).sum();

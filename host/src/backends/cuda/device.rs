@@ -15,15 +15,28 @@ pub fn no_gpu_reason() -> Option<String> {
     }
 }
 
-/// Resolves `auto` and `cuda` device requests for the commands that run a model.
-pub fn describe_device(want: &str) -> Result<String, String> {
+/// Where a command runs its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecDevice {
+    #[default]
+    Cpu,
+    /// The CUDA backend on device 0.
+    Cuda,
+}
+
+/// Resolves `--device` for a command: the device and a line saying which was picked and why.
+/// `cuda_ok`: whether the command has a CUDA path (`weave generate` does; the others run on
+/// the CPU backend only so far). `auto` takes the GPU when one works and the command can.
+pub fn choose_device(want: &str, cuda_ok: bool) -> Result<(ExecDevice, String), String> {
+    const CPU_ONLY: &str = "this command runs on the CPU backend only so far (the CUDA backend runs `weave generate`)";
     match (want, no_gpu_reason()) {
-        ("cpu", _) => Ok("cpu".into()),
-        ("auto", Some(why)) => Ok(format!("cpu (auto: {why})")),
-        ("auto", None) | ("cuda", None) => {
-            Err("the CUDA model backend is not written yet (the kernels are; see issue 5); use --device cpu".into())
-        }
+        ("cpu", _) => Ok((ExecDevice::Cpu, "cpu".into())),
+        ("auto", Some(why)) => Ok((ExecDevice::Cpu, format!("cpu (auto: {why})"))),
+        ("auto", None) if !cuda_ok => Ok((ExecDevice::Cpu, format!("cpu (auto: {CPU_ONLY})"))),
+        ("auto", None) => Ok((ExecDevice::Cuda, "cuda (auto: a GPU is there)".into())),
         ("cuda", Some(why)) => Err(format!("--device cuda: {why}")),
+        ("cuda", None) if !cuda_ok => Err(format!("--device cuda: {CPU_ONLY}")),
+        ("cuda", None) => Ok((ExecDevice::Cuda, "cuda".into())),
         (other, _) => Err(format!("unknown device {other:?}; use cpu, cuda or auto")),
     }
 }
@@ -34,15 +47,19 @@ mod tests {
 
     #[test]
     fn cpu_is_always_there_and_bad_names_are_named() {
-        assert_eq!(describe_device("cpu").as_deref(), Ok("cpu"));
-        assert!(describe_device("tpu").unwrap_err().contains("unknown device \"tpu\""));
+        assert_eq!(choose_device("cpu", true), Ok((ExecDevice::Cpu, "cpu".into())));
+        assert!(choose_device("tpu", true).unwrap_err().contains("unknown device \"tpu\""));
         match no_gpu_reason() {
             // Without a GPU, auto says why it fell back and cuda fails with the reason.
             Some(why) => {
-                assert_eq!(describe_device("auto"), Ok(format!("cpu (auto: {why})")));
-                assert_eq!(describe_device("cuda"), Err(format!("--device cuda: {why}")));
+                assert_eq!(choose_device("auto", true), Ok((ExecDevice::Cpu, format!("cpu (auto: {why})"))));
+                assert_eq!(choose_device("cuda", true), Err(format!("--device cuda: {why}")));
             }
-            None => assert!(describe_device("cuda").unwrap_err().contains("not written yet")),
+            None => {
+                assert_eq!(choose_device("auto", true).map(|d| d.0), Ok(ExecDevice::Cuda));
+                assert!(choose_device("cuda", false).unwrap_err().contains("CPU backend only"));
+                assert_eq!(choose_device("auto", false).map(|d| d.0), Ok(ExecDevice::Cpu));
+            }
         }
     }
 }

@@ -12,4 +12,8 @@ pub enum CudaError {
     Io { path: String, source: std::io::Error },
     #[error("unsupported shape: {0}")]
     Shape(&'static str),
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("device memory: {0}")]
+    Memory(String),
 }

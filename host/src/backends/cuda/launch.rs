@@ -5,6 +5,18 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
 use weave_kernels_gpu::{attention_smem_bytes, HeadDim, Kernel, BLOCK_THREADS};
 
+/// A batch's attention metadata on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnMeta<'a> {
+    /// `(sequence, first query index)` of each tile.
+    pub tiles: &'a CudaSlice<u32>,
+    pub num_tiles: usize,
+    pub query_start_loc: &'a CudaSlice<u32>,
+    pub num_tokens: u32,
+    pub context_lens: &'a CudaSlice<u32>,
+    pub block_tables: &'a CudaSlice<u32>,
+}
+
 fn rows(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 32 }
 }
@@ -30,6 +42,8 @@ impl Kernels {
     }
 
     /// Paged attention over a packed batch, with the split-KV reduce when `blocks_per_split > 0`.
+    /// Builds and uploads the tile list and the query offsets (see [`Self::paged_attention_tiled`]
+    /// for a caller that keeps them on the device across layers).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention<T: DevElem>(
         &self,
@@ -44,7 +58,6 @@ impl Kernels {
         out: &mut CudaSlice<T::Bits>,
     ) -> Result<(), CudaError> {
         shape.check().map_err(CudaError::Shape)?;
-        let d = shape.head_dim;
         let num_tokens = *query_start_loc.last().unwrap_or(&0);
         let tq = shape.tokens_per_tile();
         let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
@@ -57,18 +70,50 @@ impl Kernels {
         } else {
             1
         })?;
+        let tiles_n = tiles.len() / 2;
+        let meta = AttnMeta {
+            tiles: &tiles_d,
+            num_tiles: tiles_n,
+            query_start_loc: &qsl_d,
+            num_tokens,
+            context_lens,
+            block_tables,
+        };
+        self.paged_attention_tiled::<T>(shape, meta, max_seq_len, q, k_cache, v_cache, out, &mut partials)
+    }
+
+    /// [`Self::paged_attention`] with the batch's tiles (`fill_tiles` for
+    /// `shape.tokens_per_tile()`) and query offsets already on the device, and a `partials`
+    /// workspace of at least `splits * num_tokens * num_q_heads * partial_stride()` floats
+    /// when there is more than one split.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_tiled<T: DevElem>(
+        &self,
+        shape: &AttnShape,
+        meta: AttnMeta<'_>,
+        max_seq_len: u32,
+        q: &CudaSlice<T::Bits>,
+        k_cache: &CudaSlice<T::Bits>,
+        v_cache: &CudaSlice<T::Bits>,
+        out: &mut CudaSlice<T::Bits>,
+        partials: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        shape.check().map_err(CudaError::Shape)?;
+        let d = shape.head_dim;
+        let num_tokens = meta.num_tokens;
+        let splits = shape.num_splits(max_seq_len);
         let hd = HeadDim::of(d).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
         let f = self.function(Kernel::PagedAttention(T::DTYPE, hd));
         let mut b = self.stream.launch_builder(f);
         b.arg(&mut *out)
-            .arg(&mut partials)
+            .arg(&mut *partials)
             .arg(q)
             .arg(k_cache)
             .arg(v_cache)
-            .arg(&tiles_d)
-            .arg(&qsl_d)
-            .arg(context_lens)
-            .arg(block_tables);
+            .arg(meta.tiles)
+            .arg(meta.query_start_loc)
+            .arg(meta.context_lens)
+            .arg(meta.block_tables);
         b.arg(&num_tokens)
             .arg(&shape.num_q_heads)
             .arg(&shape.num_kv_heads)
@@ -78,7 +123,7 @@ impl Kernels {
             .arg(&splits)
             .arg(&shape.scale);
         let cfg = LaunchConfig {
-            grid_dim: ((tiles.len() / 2) as u32, shape.num_kv_heads, splits),
+            grid_dim: (meta.num_tiles as u32, shape.num_kv_heads, splits),
             block_dim: (BLOCK_THREADS, 1, 1),
             shared_mem_bytes: attention_smem_bytes(d),
         };
@@ -87,7 +132,7 @@ impl Kernels {
         if splits > 1 {
             let f = self.function(Kernel::AttentionReduce(T::DTYPE, hd));
             let mut b = self.stream.launch_builder(f);
-            b.arg(out).arg(&partials).arg(&num_tokens).arg(&shape.num_q_heads).arg(&splits);
+            b.arg(out).arg(&*partials).arg(&num_tokens).arg(&shape.num_q_heads).arg(&splits);
             let cfg = LaunchConfig {
                 grid_dim: (num_tokens, shape.num_q_heads, 1),
                 block_dim: (32, 1, 1),

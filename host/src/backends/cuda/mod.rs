@@ -7,19 +7,23 @@
 //! - `dtype`: the bridge between the kernels' element types and device buffers;
 //! - `launch`: one wrapper a kernel, with the grid `kernels-gpu` documents.
 //!
+//! - `model`: the model backend, `model::llama::LayerOps` on device buffers (cuBLAS GEMMs,
+//!   the kernels above, the KV cache in device memory).
+//!
 //! Status: the kernels and these launch wrappers are exercised by `tests/tests/cuda_kernels.rs`
-//! against the CPU reference when a GPU is present; the model-level CUDA backend (weights,
-//! cuBLAS GEMMs, device KV cache, `--device cuda`) is not written yet. It is to implement
-//! `model::llama::LayerOps` on device buffers, as the CPU backend does on host vectors.
+//! against the CPU reference when a GPU is present. The model backend builds and is
+//! type-checked everywhere but has not run on a GPU yet (issue 10's GPU proof).
 
 mod device;
 mod dtype;
 mod error;
 mod launch;
+pub mod model;
 mod ptx;
 
-pub use device::{describe_device, no_gpu_reason};
+pub use device::{choose_device, no_gpu_reason, ExecDevice};
 pub use dtype::DevElem;
 pub use error::CudaError;
+pub use launch::AttnMeta;
 pub use ptx::{ptx_dirs, Kernels};
 pub use weave_kernels_gpu::Kernel;

@@ -1,0 +1,543 @@
+//! The CUDA model backend: `model::llama`'s pass on device buffers.
+//!
+//! - Weights in bf16 on the device, uploaded once: each matrix is widened on the host from
+//!   whatever the CPU model holds (GGUF quantized, f32, 16-bit or dummy) and narrowed to bf16.
+//! - GEMMs through cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate; the LM head writes f32
+//!   logits). The fused Q/K/V matrix is three GEMMs over its row blocks, straight into Q, K
+//!   and V, so no split kernel is needed.
+//! - Everything else through weave's PTX kernels: embedding (also the gather of the sampled
+//!   rows), RMSNorm, rotary, the KV write, the mixed paged attention, SiLU-and-mul, argmax.
+//! - A workspace allocated once for `max_num_batched_tokens` rows; the step's metadata goes up
+//!   in one copy per array at the start of the step, and only the sampled ids come back for
+//!   greedy rows. Other sampling (temperature, top-k/p, logprobs) copies those rows' logits
+//!   to the host and uses the CPU sampler, for now.
+//!
+//! Status: builds and is type-checked on machines without a GPU; it has not run on one yet
+//! (issue 10's GPU proof). CUDA graphs, device-side sampling and split-KV decode are to come.
+
+use super::{AttnMeta, CudaError, Kernels};
+use crate::backends::cpu::CpuModel;
+use crate::engine::steplog::Phases;
+use crate::engine::{Backend, StepResult, TokenLogprobs};
+use crate::model::config::ModelConfig;
+use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
+use crate::model::weights::Linear;
+use crate::sampling::{sample, Rng, SamplingParams};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use std::collections::HashMap;
+use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
+use weave_kernels_gpu::{Bf16, Elem};
+use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
+
+/// bf16 as the device stores it.
+type B16 = u16;
+
+fn to_bf16(x: &[f32]) -> Vec<B16> {
+    x.iter().map(|&v| Bf16::from_f32(v).0).collect()
+}
+
+/// A weight matrix `[out_dim][in_dim]` in bf16 on the device.
+#[derive(Debug)]
+struct DevLinear {
+    w: CudaSlice<B16>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl DevLinear {
+    fn upload(k: &Kernels, l: &Linear) -> Result<DevLinear, CudaError> {
+        let mut row = vec![0f32; l.in_dim];
+        let mut bits = Vec::with_capacity(l.out_dim * l.in_dim);
+        for r in 0..l.out_dim {
+            l.row(r, &mut row);
+            bits.extend(to_bf16(&row));
+        }
+        Ok(DevLinear { w: k.upload(&bits)?, out_dim: l.out_dim, in_dim: l.in_dim })
+    }
+
+    fn bytes(&self) -> usize {
+        2 * self.out_dim * self.in_dim
+    }
+}
+
+#[derive(Debug)]
+struct DevLayer {
+    attn_norm: CudaSlice<f32>,
+    qkv: DevLinear,
+    wo: DevLinear,
+    ffn_norm: CudaSlice<f32>,
+    gate_up: DevLinear,
+    down: DevLinear,
+}
+
+/// Sizes the backend is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaLimits {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    /// Fraction of the device's memory weave may use (vLLM's `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f64,
+}
+
+/// The step's metadata on the device, each array sized for the largest step.
+#[derive(Debug)]
+struct Meta {
+    ids: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    tables: CudaSlice<u32>,
+    context_lens: CudaSlice<u32>,
+    qsl: CudaSlice<u32>,
+    tiles: CudaSlice<u32>,
+    logits_indices: CudaSlice<u32>,
+    argmax: CudaSlice<u32>,
+}
+
+/// The model on one GPU.
+#[derive(Debug)]
+pub struct CudaBackend {
+    k: Kernels,
+    blas: CudaBlas,
+    cfg: ModelConfig,
+    limits: CudaLimits,
+    embed: CudaSlice<B16>,
+    layers: Vec<DevLayer>,
+    final_norm: CudaSlice<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<DevLinear>,
+    cos_sin: CudaSlice<f32>,
+    kv: Vec<(CudaSlice<B16>, CudaSlice<B16>)>,
+    num_blocks: usize,
+    shape: AttnShape,
+    /// Activations by [`Buf`] (all but the logits), bf16.
+    ws: Vec<CudaSlice<B16>>,
+    logits: CudaSlice<f32>,
+    partials: CudaSlice<f32>,
+    rows: [usize; Buf::ALL.len()],
+    meta: Meta,
+    num_tiles: usize,
+    max_seq_len: u32,
+    weight_bytes: usize,
+    sampling: HashMap<RequestId, (SamplingParams, Rng)>,
+    base_seed: u64,
+}
+
+/// Two distinct elements of `v`: `(&mut v[a], &v[b])`.
+fn pair<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    assert_ne!(a, b, "an op's input and output are distinct buffers");
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &lo[b])
+    }
+}
+
+impl CudaBackend {
+    /// Uploads `model`'s weights, allocates the workspace, and gives the KV cache what is left
+    /// of `gpu_memory_utilization` of the device's memory. The number of KV blocks it holds
+    /// (the null block included) is [`Self::num_blocks`].
+    /// `on_layer(i, n)` follows the upload.
+    pub fn new(
+        k: Kernels,
+        model: &CpuModel,
+        limits: CudaLimits,
+        base_seed: u64,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<CudaBackend, CudaError> {
+        let c = model.cfg.clone();
+        let shape = AttnShape {
+            num_q_heads: c.num_q_heads as u32,
+            num_kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            block_size: limits.block_size as u32,
+            max_blocks_per_seq: 0,
+            blocks_per_split: 0,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        shape.check().map_err(CudaError::Shape)?;
+        let w = &model.w;
+        let mut weight_bytes = 0;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for (i, l) in w.layers.iter().enumerate() {
+            let layer = DevLayer {
+                attn_norm: k.upload(&l.attn_norm)?,
+                qkv: DevLinear::upload(&k, &l.qkv)?,
+                wo: DevLinear::upload(&k, &l.wo)?,
+                ffn_norm: k.upload(&l.ffn_norm)?,
+                gate_up: DevLinear::upload(&k, &l.gate_up)?,
+                down: DevLinear::upload(&k, &l.down)?,
+            };
+            weight_bytes += layer.qkv.bytes() + layer.wo.bytes() + layer.gate_up.bytes() + layer.down.bytes();
+            layers.push(layer);
+            on_layer(i + 1, c.num_layers);
+        }
+        let embed = DevLinear::upload(&k, &w.embed)?;
+        weight_bytes += embed.bytes();
+        let lm_head = w.lm_head.as_ref().map(|l| DevLinear::upload(&k, l)).transpose()?;
+        weight_bytes += lm_head.as_ref().map_or(0, DevLinear::bytes);
+        let max_pos = limits.max_model_len.min(c.context_length);
+        let mut cos_sin = vec![0f32; max_pos * c.rot_dim];
+        for (pos, row) in cos_sin.chunks_mut(c.rot_dim).enumerate() {
+            weave_kernels_gpu::ops::fill_cos_sin_row(pos, c.rot_dim, c.rope_theta, row);
+        }
+        let n = limits.max_num_batched_tokens;
+        let s = limits.max_num_seqs;
+        let width = |b: Buf| buf_width(&c, b);
+        let ws = Buf::ALL
+            .iter()
+            .map(|&b| k.zeros::<B16>(if b == Buf::Logits { 1 } else { n.max(s) * width(b) }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_blocks_per_seq = limits.max_model_len.div_ceil(limits.block_size);
+        let meta = Meta {
+            ids: k.zeros(n)?,
+            positions: k.zeros(n)?,
+            slots: k.zeros(n)?,
+            tables: k.zeros(s * max_blocks_per_seq)?,
+            context_lens: k.zeros(s)?,
+            qsl: k.zeros(s + 1)?,
+            tiles: k.zeros(2 * (n + s))?,
+            logits_indices: k.zeros(s)?,
+            argmax: k.zeros(s)?,
+        };
+        let logits = k.zeros::<f32>(s * c.vocab_size)?;
+        let partials = k.zeros::<f32>(1)?;
+        let blas = CudaBlas::new(k.stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
+        // What is left for the KV cache: vLLM's rule, without its profiling pass (the
+        // workspace above is already the step's peak, as no op allocates).
+        k.sync()?;
+        let (free, total) = k.ctx.mem_get_info()?;
+        let used = total - free;
+        let budget = (total as f64 * limits.gpu_memory_utilization) as usize;
+        let per_block = 2 * c.num_layers * limits.block_size * c.kv_dim() * 2;
+        let num_blocks = budget.saturating_sub(used) / per_block;
+        if num_blocks < 2 {
+            return Err(CudaError::Memory(format!(
+                "no room for the KV cache: weights and workspace use {:.1} GiB of {:.1} GiB, and --gpu-memory-utilization {} allows {:.1} GiB",
+                used as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64,
+                limits.gpu_memory_utilization,
+                budget as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let per_layer = num_blocks * limits.block_size * c.kv_dim();
+        let kv = (0..c.num_layers)
+            .map(|_| Ok((k.zeros::<B16>(per_layer)?, k.zeros::<B16>(per_layer)?)))
+            .collect::<Result<Vec<_>, CudaError>>()?;
+        Ok(CudaBackend {
+            cos_sin: k.upload(&cos_sin)?,
+            final_norm: k.upload(&w.final_norm)?,
+            embed: embed.w,
+            k,
+            blas,
+            cfg: c,
+            limits,
+            layers,
+            lm_head,
+            kv,
+            num_blocks,
+            shape,
+            ws,
+            logits,
+            partials,
+            rows: [0; Buf::ALL.len()],
+            meta,
+            num_tiles: 0,
+            max_seq_len: 0,
+            weight_bytes,
+            sampling: HashMap::new(),
+            base_seed,
+        })
+    }
+
+    /// KV blocks in the device cache, the null block included.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// One line like vLLM's: the device, the bytes of weights, and the KV cache's size and
+    /// what it holds.
+    pub fn describe(&self) -> String {
+        let tokens = (self.num_blocks - 1) * self.limits.block_size;
+        let kv_bytes = self.num_blocks * 2 * self.cfg.num_layers * self.limits.block_size * self.cfg.kv_dim() * 2;
+        format!(
+            "{} ({}): weights {:.2} GiB in bf16; KV cache {} blocks, {:.2} GiB, {} tokens: {:.1}x concurrency at {} tokens a request",
+            self.k.name,
+            self.k.arch,
+            self.weight_bytes as f64 / (1u64 << 30) as f64,
+            self.num_blocks - 1,
+            kv_bytes as f64 / (1u64 << 30) as f64,
+            tokens,
+            tokens as f64 / self.limits.max_model_len as f64,
+            self.limits.max_model_len
+        )
+    }
+
+    /// `out (+)= x * w^T` for `n` rows, through cuBLAS: in cuBLAS's column-major terms,
+    /// `C (out x n) = W^T (W is in x out, column-major) * X (in x n)`. `w_off` picks a block of
+    /// rows of `w` (in elements); `c_f32` writes f32 (the logits).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        c: u64,
+        n: usize,
+        out_dim: usize,
+        in_dim: usize,
+        accumulate: bool,
+        c_f32: bool,
+    ) -> Result<(), CudaError> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        // SAFETY: the pointers come from live device buffers sized for these dimensions by
+        // the caller; alpha and beta are f32, as the f32 compute type requires.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                out_dim as i32,
+                n as i32,
+                in_dim as i32,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                CUDA_R_16BF,
+                in_dim as i32,
+                x as *const _,
+                CUDA_R_16BF,
+                in_dim as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                if c_f32 { CUDA_R_32F } else { CUDA_R_16BF },
+                out_dim as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Blas(e.to_string()))
+    }
+}
+
+fn buf_width(c: &ModelConfig, b: Buf) -> usize {
+    match b {
+        Buf::X | Buf::H | Buf::Sel => c.hidden,
+        Buf::Qkv => c.q_dim() + 2 * c.kv_dim(),
+        Buf::Q | Buf::Attn => c.q_dim(),
+        Buf::K | Buf::V => c.kv_dim(),
+        Buf::GateUp => 2 * c.intermediate,
+        Buf::Act => c.intermediate,
+        Buf::Logits => c.vocab_size,
+    }
+}
+
+impl LayerOps for CudaBackend {
+    type Error = CudaError;
+
+    fn begin(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
+        let (n, s) = (b.num_tokens(), b.logits_indices.len());
+        let l = &self.limits;
+        if n > l.max_num_batched_tokens || b.seqs.len() > l.max_num_seqs || s > l.max_num_seqs {
+            return Err(CudaError::Shape("step larger than the backend was built for"));
+        }
+        if b.max_seq_len as usize > l.max_model_len.min(self.cfg.context_length) {
+            return Err(CudaError::Shape("position beyond the rotary table"));
+        }
+        let tq = self.shape.tokens_per_tile();
+        let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
+        fill_tiles(&b.query_start_loc, tq, &mut tiles);
+        self.num_tiles = tiles.len() / 2;
+        self.max_seq_len = b.max_seq_len;
+        let st = self.k.stream.clone();
+        let m = &mut self.meta;
+        st.memcpy_htod(&b.input_ids, &mut m.ids)?;
+        st.memcpy_htod(&b.positions, &mut m.positions)?;
+        st.memcpy_htod(&b.slot_mapping, &mut m.slots)?;
+        st.memcpy_htod(&b.block_tables, &mut m.tables)?;
+        st.memcpy_htod(&b.context_lens, &mut m.context_lens)?;
+        st.memcpy_htod(&b.query_start_loc, &mut m.qsl)?;
+        st.memcpy_htod(&tiles, &mut m.tiles)?;
+        st.memcpy_htod(&b.logits_indices, &mut m.logits_indices)?;
+        for buf in Buf::ALL {
+            self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
+        }
+        self.shape.max_blocks_per_seq = b.max_blocks_per_seq as u32;
+        Ok(())
+    }
+
+    fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
+        let n = b.num_tokens();
+        self.k.embedding::<Bf16>(&mut self.ws[out as usize], &self.embed, &self.meta.ids, n, self.cfg.hidden as u32)
+    }
+
+    fn rms_norm(&mut self, x: Buf, w: Norm, out: Buf) -> Result<(), CudaError> {
+        let rows = self.rows[x as usize];
+        self.rows[out as usize] = rows;
+        let wv = match w {
+            Norm::Attn(l) => &self.layers[l].attn_norm,
+            Norm::Ffn(l) => &self.layers[l].ffn_norm,
+            Norm::Final => &self.final_norm,
+        };
+        let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
+        self.k.rms_norm::<Bf16>(o, xs, wv, rows, self.cfg.hidden as u32, self.cfg.rms_eps)
+    }
+
+    fn matmul(&mut self, x: Buf, w: Weight, out: Buf, accumulate: bool) -> Result<(), CudaError> {
+        let n = self.rows[x as usize];
+        let st = self.k.stream.clone();
+        let (xp, _gx) = self.ws[x as usize].device_ptr(&st);
+        let lin = match w {
+            Weight::Qkv(l) => &self.layers[l].qkv,
+            Weight::Wo(l) => &self.layers[l].wo,
+            Weight::GateUp(l) => &self.layers[l].gate_up,
+            Weight::Down(l) => &self.layers[l].down,
+            Weight::LmHead => {
+                let (wp, _gw) = match &self.lm_head {
+                    Some(l) => l.w.device_ptr(&st),
+                    None => self.embed.device_ptr(&st),
+                };
+                let (cp, _gc) = self.logits.device_ptr(&st);
+                self.rows[Buf::Logits as usize] = n;
+                return self.gemm(xp, wp, cp, n, self.cfg.vocab_size, self.cfg.hidden, false, true);
+            }
+        };
+        let (wp, _gw) = lin.w.device_ptr(&st);
+        if let Weight::Qkv(_) = w {
+            // Straight into Q, K and V: three GEMMs over the fused matrix's row blocks.
+            let (qd, kvd, h) = (self.cfg.q_dim(), self.cfg.kv_dim(), self.cfg.hidden);
+            let mut row0 = 0;
+            for (dst, rows) in [(Buf::Q, qd), (Buf::K, kvd), (Buf::V, kvd)] {
+                let (cp, _gc) = self.ws[dst as usize].device_ptr(&st);
+                self.gemm(xp, wp + (row0 * h * 2) as u64, cp, n, rows, h, false, false)?;
+                self.rows[dst as usize] = n;
+                row0 += rows;
+            }
+            return Ok(());
+        }
+        let (cp, _gc) = self.ws[out as usize].device_ptr(&st);
+        self.rows[out as usize] = n;
+        self.gemm(xp, wp, cp, n, lin.out_dim, lin.in_dim, accumulate, false)
+    }
+
+    fn split_rope(&mut self, b: &ScheduledBatch, _qkv: Buf, q: Buf, k: Buf, _v: Buf) -> Result<(), CudaError> {
+        // Q, K and V are already apart (see `matmul`); rotate Q and K in place.
+        let c = &self.cfg;
+        let dims = (c.num_q_heads as u32, c.num_kv_heads as u32, c.head_dim as u32, c.rot_dim as u32);
+        let (qi, ki) = (q as usize, k as usize);
+        let (lo, hi) = self.ws.split_at_mut(ki.max(qi));
+        let (qb, kb) = if qi < ki { (&mut lo[qi], &mut hi[0]) } else { (&mut hi[0], &mut lo[ki]) };
+        self.k.rotary_embedding::<Bf16>(
+            qb,
+            kb,
+            &self.meta.positions,
+            &self.cos_sin,
+            b.num_tokens(),
+            dims,
+            c.rope_layout,
+        )
+    }
+
+    fn reshape_and_cache(&mut self, b: &ScheduledBatch, layer: usize, k: Buf, v: Buf) -> Result<(), CudaError> {
+        let (kc, vc) = &mut self.kv[layer];
+        let row = self.cfg.kv_dim() as u32;
+        self.k.reshape_and_cache::<Bf16>(
+            &self.ws[k as usize],
+            &self.ws[v as usize],
+            kc,
+            vc,
+            &self.meta.slots,
+            b.num_tokens(),
+            row,
+        )
+    }
+
+    fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), CudaError> {
+        let meta = AttnMeta {
+            tiles: &self.meta.tiles,
+            num_tiles: self.num_tiles,
+            query_start_loc: &self.meta.qsl,
+            num_tokens: b.num_tokens() as u32,
+            context_lens: &self.meta.context_lens,
+            block_tables: &self.meta.tables,
+        };
+        let (kc, vc) = &self.kv[layer];
+        let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
+        self.k.paged_attention_tiled::<Bf16>(&self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials)
+    }
+
+    fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), CudaError> {
+        let rows = self.rows[x as usize];
+        self.rows[out as usize] = rows;
+        let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
+        self.k.silu_and_mul::<Bf16>(o, xs, rows, self.cfg.intermediate as u32)
+    }
+
+    fn gather_sampled(&mut self, b: &ScheduledBatch, x: Buf, out: Buf) -> Result<(), CudaError> {
+        // The embedding kernel is a row gather: the sampled rows of `x` by `logits_indices`.
+        let s = b.logits_indices.len();
+        self.rows[out as usize] = s;
+        let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
+        self.k.embedding::<Bf16>(o, xs, &self.meta.logits_indices, s, self.cfg.hidden as u32)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn wall_clock(&self) -> bool {
+        true
+    }
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+        let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.sampling.insert(id, (params.clone(), Rng::new(seed)));
+    }
+    fn remove_request(&mut self, id: RequestId) {
+        self.sampling.remove(&id);
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        let t = std::time::Instant::now();
+        llama::forward(self, self.cfg.num_layers, batch)?;
+        self.k.sync()?;
+        let forward = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
+        let s = ids.len();
+        let vocab = self.cfg.vocab_size;
+        let greedy = |id: &RequestId| {
+            self.sampling.get(id).is_none_or(|(p, _)| (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none())
+        };
+        let mut sampled = Vec::with_capacity(s);
+        let mut logprobs: Vec<Option<TokenLogprobs>> = Vec::new();
+        if ids.iter().all(greedy) {
+            // Only the ids come back.
+            self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
+            let all = self.k.download(&self.meta.argmax)?;
+            sampled.extend_from_slice(&all[..s]);
+        } else {
+            // Some row needs the host sampler: its logits come back.
+            let all = self.k.stream.clone_dtoh(&self.logits.slice(..s * vocab))?;
+            for (i, (row, id)) in all[..s * vocab].chunks(vocab).zip(ids).enumerate() {
+                let (p, rng) = self.sampling.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
+                let mut row = row.to_vec();
+                let tok = sample(&mut row, p, rng);
+                if let Some(top) = p.logprobs {
+                    let raw = &all[i * vocab..(i + 1) * vocab];
+                    logprobs.resize(i, None);
+                    logprobs.push(Some(crate::sampling::logprobs(raw, tok, top)));
+                }
+                sampled.push(tok);
+            }
+            if !logprobs.is_empty() {
+                logprobs.resize(sampled.len(), None);
+            }
+        }
+        let phases = Phases { forward, sample: t.elapsed().as_secs_f64(), ..Default::default() };
+        Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
+    }
+}
