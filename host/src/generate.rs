@@ -197,6 +197,69 @@ pub fn generate(
     prompts: &[PromptSpec],
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> anyhow::Result<GenerateReport> {
+    let (backend, sched, description) = make_backend(lm, cfg)?;
+    let mut r = generate_on(lm, cfg, &sched, prompts, backend, on_event)?;
+    r.device_description = description;
+    Ok(r)
+}
+
+/// The backend `cfg.device` names, the scheduler config to run it with (the CUDA backend sizes
+/// the KV cache from the device's memory, replacing `num_gpu_blocks`), and a line describing
+/// the device when it is a GPU.
+pub fn make_backend(
+    lm: &LoadedModel,
+    cfg: &GenerateConfig,
+) -> anyhow::Result<(Box<dyn crate::engine::Backend>, SchedulerConfig, Option<String>)> {
+    let mut sched_cfg = cfg.sched.clone();
+    match cfg.device {
+        crate::backends::cuda::ExecDevice::Cpu => {
+            let be = CpuBackend::new(
+                lm.model.clone(),
+                sched_cfg.num_gpu_blocks,
+                sched_cfg.block_size,
+                cfg.threads,
+                cfg.sampling.seed.unwrap_or(0),
+            );
+            Ok((Box::new(be), sched_cfg, None))
+        }
+        crate::backends::cuda::ExecDevice::Cuda => {
+            let be = cuda_backend(lm, cfg)?;
+            // The KV cache is what the device's memory holds, as in vLLM.
+            sched_cfg.num_gpu_blocks = be.num_blocks();
+            let d = be.describe();
+            Ok((Box::new(be), sched_cfg, Some(d)))
+        }
+    }
+}
+
+/// The CUDA backend for `cfg`'s limits, on device 0.
+pub fn cuda_backend(
+    lm: &LoadedModel,
+    cfg: &GenerateConfig,
+) -> anyhow::Result<crate::backends::cuda::model::CudaBackend> {
+    use crate::backends::cuda::model::{CudaBackend, CudaLimits};
+    let k = crate::backends::cuda::Kernels::load(0)?;
+    let s = &cfg.sched;
+    let limits = CudaLimits {
+        max_num_batched_tokens: s.max_num_batched_tokens,
+        max_num_seqs: s.max_num_seqs,
+        max_model_len: s.max_model_len,
+        block_size: s.block_size,
+        gpu_memory_utilization: cfg.gpu_memory_utilization,
+    };
+    Ok(CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0), &mut |_, _| {})?)
+}
+
+/// [`generate`] on a given backend, with the scheduler config made for it: a benchmark keeps
+/// one backend (and the weights on its device) across runs.
+pub fn generate_on<B: crate::engine::Backend>(
+    lm: &LoadedModel,
+    cfg: &GenerateConfig,
+    sched_cfg: &SchedulerConfig,
+    prompts: &[PromptSpec],
+    backend: B,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> anyhow::Result<GenerateReport> {
     let tok = &lm.tokenizer;
     let mut arrivals = Vec::new();
     let mut rejected = Vec::new();
@@ -248,34 +311,7 @@ pub fn generate(
     for (name, msg) in &rejected {
         on_event(Event::Rejected { name, message: msg });
     }
-    let mut sched_cfg = cfg.sched.clone();
-    let mut device_description = None;
-    let backend: Box<dyn crate::engine::Backend> = match cfg.device {
-        crate::backends::cuda::ExecDevice::Cpu => Box::new(CpuBackend::new(
-            lm.model.clone(),
-            sched_cfg.num_gpu_blocks,
-            sched_cfg.block_size,
-            cfg.threads,
-            cfg.sampling.seed.unwrap_or(0),
-        )),
-        crate::backends::cuda::ExecDevice::Cuda => {
-            use crate::backends::cuda::model::{CudaBackend, CudaLimits};
-            let k = crate::backends::cuda::Kernels::load(0)?;
-            let limits = CudaLimits {
-                max_num_batched_tokens: sched_cfg.max_num_batched_tokens,
-                max_num_seqs: sched_cfg.max_num_seqs,
-                max_model_len: sched_cfg.max_model_len,
-                block_size: sched_cfg.block_size,
-                gpu_memory_utilization: cfg.gpu_memory_utilization,
-            };
-            let be = CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0), &mut |_, _| {})?;
-            // The KV cache is what the device's memory holds, as in vLLM.
-            sched_cfg.num_gpu_blocks = be.num_blocks();
-            device_description = Some(be.describe());
-            Box::new(be)
-        }
-    };
-    let sched = Scheduler::new(sched_cfg)?;
+    let sched = Scheduler::new(sched_cfg.clone())?;
     let mut engine = Engine::new(sched, backend, Clock::Seconds);
     // Stop strings: watch each request's decoded text as it streams.
     let mut decoders: HashMap<u64, (StreamDecoder, String)> = HashMap::new();
@@ -303,7 +339,7 @@ pub fn generate(
     let mut summary = Summary::from_steps(&run.steps, "seconds");
     summary.rejected = rejected.len();
     summary.prefix_cache_hit_rate = engine.sched.prefix_cache_stats().hit_rate();
-    Ok(GenerateReport { completions, rejected, run, summary, wall_s, device_description })
+    Ok(GenerateReport { completions, rejected, run, summary, wall_s, device_description: None })
 }
 
 fn completion(o: &Outcome, tok: &WeaveTokenizer, spec: &PromptSpec, prompt_ids: &[u32]) -> Completion {

@@ -33,8 +33,42 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !(run.load_format == "dummy" && llama_batched_bench.is_some()),
         "--llama-batched-bench runs a GGUF file; it has no dummy weights to compare with"
     );
-    let (lm, path, (_, device)) = run.load("auto", false)?;
+    let (lm, path, (exec, device)) = run.load("auto", true)?;
+    anyhow::ensure!(
+        !(exec == weave::backends::cuda::ExecDevice::Cuda && llama_batched_bench.is_some()),
+        "--llama-batched-bench is the CPU baseline; on a GPU the baseline is PyTorch (tools/gpu/hf_baseline.py)"
+    );
     eprintln!("device: {device}");
+    // On a GPU: one backend for every run, and the device's ceilings measured first.
+    let mut gpu = match exec {
+        weave::backends::cuda::ExecDevice::Cpu => None,
+        weave::backends::cuda::ExecDevice::Cuda => {
+            let cmax = concurrency.iter().copied().max().unwrap_or(1);
+            let cfg = weave::generate::GenerateConfig {
+                sched: weave_scheduler::SchedulerConfig {
+                    max_num_batched_tokens,
+                    max_num_seqs: cmax,
+                    max_model_len: (prompt_len + output_len + 16).min(lm.model.cfg.context_length),
+                    ..Default::default()
+                },
+                default_max_tokens: output_len,
+                sampling: Default::default(),
+                chat: false,
+                ignore_eos: true,
+                threads: run.threads,
+                device: exec,
+                gpu_memory_utilization: run.gpu_memory_utilization,
+            };
+            let backend = weave::generate::cuda_backend(&lm, &cfg)?;
+            eprintln!("device: {}", backend.describe());
+            let ceilings = backend.ceilings()?;
+            eprintln!(
+                "ceilings measured now: copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s",
+                ceilings.copy_gbs, ceilings.gemm_tflops
+            );
+            Some(weave::study::bench::GpuBench { backend, ceilings })
+        }
+    };
     let threads = run.threads;
     // Runs take minutes: say which is running.
     let bar = indicatif::ProgressBar::new(0);
@@ -53,6 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_num_batched_tokens,
         llama_batched_bench.as_deref(),
         repeat,
+        gpu.as_mut(),
         &mut |done, total, what| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -65,7 +100,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"rows": rows, "peak_rss_mib": peak, "llama_cpp_peak_rss_mib": llama_peak, "threads": threads})
+            serde_json::json!({"rows": rows, "peak_rss_mib": peak, "llama_cpp_peak_rss_mib": llama_peak, "threads": threads,
+                "ceilings": gpu.as_ref().map(|g| g.ceilings)})
         );
     } else {
         println!(
@@ -97,6 +133,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
                 opt(r.llama_cpp_prefill_tok_s, ""),
                 r.prefill_ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            );
+        }
+        println!(
+            "{:>11} {:>9} {:>9} {:>11} {:>10} {:>13} {:>8}",
+            "concurrency", "TTFT ms", "TPOT ms", "forward ms", "sample ms", "roofline tok/s", "of it"
+        );
+        for r in &rows {
+            println!(
+                "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>10.2} {:>13} {:>8}",
+                r.concurrency,
+                r.ttft_ms,
+                r.tpot_ms,
+                r.forward_ms,
+                r.sample_ms,
+                r.roofline_output_tok_s.map_or("-".into(), |x| format!("{x:.0}")),
+                r.roofline_ratio.map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
             );
         }
         match (peak, llama_peak) {

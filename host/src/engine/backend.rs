@@ -64,3 +64,22 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         (**self).execute(batch)
     }
 }
+
+/// A backend lent to one run (a benchmark keeps it across runs).
+impl<B: Backend + ?Sized> Backend for &mut B {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn wall_clock(&self) -> bool {
+        (**self).wall_clock()
+    }
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+        (**self).add_request(id, params)
+    }
+    fn remove_request(&mut self, id: RequestId) {
+        (**self).remove_request(id)
+    }
+    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        (**self).execute(batch)
+    }
+}

@@ -30,6 +30,17 @@ pub struct BenchRow {
     pub runs_llama_cpp_tok_s: Vec<f64>,
     pub runs_prefill_tok_s: Vec<f64>,
     pub runs_llama_cpp_prefill_tok_s: Vec<f64>,
+    /// Medians over the runs of the requests' mean TTFT and TPOT (ms).
+    pub ttft_ms: f64,
+    pub tpot_ms: f64,
+    /// Medians over the runs of the mean step's forward and sample phases (ms).
+    pub forward_ms: f64,
+    pub sample_ms: f64,
+    /// On a GPU: the decode roofline's output tok/s at this concurrency (weights and the mean
+    /// context's KV read once a step at the measured copy bandwidth, or the FLOPs at the
+    /// measured GEMM rate, whichever is slower), and weave's output tok/s over it.
+    pub roofline_output_tok_s: Option<f64>,
+    pub roofline_ratio: Option<f64>,
 }
 
 /// One run's measurements.
@@ -40,6 +51,20 @@ struct Run {
     output_tokens: usize,
     /// When the last request got its first token.
     last_first_token_s: f64,
+    /// Means over the requests (ms).
+    ttft_ms: f64,
+    tpot_ms: f64,
+    /// Mean step phases (ms): forward, sample.
+    forward_ms: f64,
+    sample_ms: f64,
+}
+
+/// The GPU side of a benchmark: one CUDA backend (the weights stay on the device across runs)
+/// and the device's ceilings, measured once at the start.
+#[derive(Debug)]
+pub struct GpuBench {
+    pub backend: crate::backends::cuda::model::CudaBackend,
+    pub ceilings: crate::backends::cuda::roofline::Ceilings,
 }
 
 /// The median (the mean of the middle two for an even count).
@@ -97,8 +122,10 @@ pub fn bench_generate(
     budget: usize,
     llama_bench: Option<&Path>,
     repeat: usize,
+    gpu: Option<&mut GpuBench>,
     on_progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<Vec<BenchRow>> {
+    let mut gpu = gpu;
     let mut ours: Vec<Vec<Run>> = vec![Vec::new(); concurrency.len()];
     // llama.cpp's (S_PP, S) per repetition.
     let mut base: Vec<Vec<(f64, f64)>> = vec![Vec::new(); concurrency.len()];
@@ -118,11 +145,25 @@ pub fn bench_generate(
         }
         for (i, &b) in concurrency.iter().enumerate() {
             on_progress(done, total, &format!("round {round}/{rounds}: weave, {b} concurrent"));
-            ours[i].push(run_weave(lm, b, prompt_len, output_len, threads, budget)?);
+            ours[i].push(run_weave(lm, b, prompt_len, output_len, threads, budget, gpu.as_deref_mut())?);
             done += 1;
         }
     }
     on_progress(done, total, "done");
+    // The decode roofline on a GPU: per step, the bf16 weights and the KV of `b` sequences at
+    // the mean context are read once; the FLOPs are 2 per weight per sequence.
+    let c = &lm.model.cfg;
+    let kv_per_token = (2 * c.num_layers * c.kv_dim() * 2) as f64;
+    let ctx = prompt_len as f64 + output_len as f64 / 2.0;
+    let gpu_facts = gpu.as_ref().map(|g| (g.backend.weight_bytes() as f64, g.ceilings));
+    let roofline_fn = move |b: usize| -> f64 {
+        let (wb, ceil) = gpu_facts.expect("a GPU run");
+        let bytes = wb + b as f64 * ctx * kv_per_token;
+        let flops = 2.0 * (wb / 2.0) * b as f64;
+        let t = (bytes / (ceil.copy_gbs * 1e9)).max(flops / (ceil.gemm_tflops * 1e12));
+        b as f64 / t
+    };
+    let roofline = gpu_facts.is_some().then_some(&roofline_fn);
     let mut rows = Vec::new();
     for (i, &b) in concurrency.iter().enumerate() {
         let runs = &ours[i];
@@ -151,12 +192,18 @@ pub fn bench_generate(
             runs_llama_cpp_tok_s: llama_s,
             runs_prefill_tok_s: prefills,
             runs_llama_cpp_prefill_tok_s: llama_pp,
+            ttft_ms: median(&runs.iter().map(|r| r.ttft_ms).collect::<Vec<_>>()),
+            tpot_ms: median(&runs.iter().map(|r| r.tpot_ms).collect::<Vec<_>>()),
+            forward_ms: median(&runs.iter().map(|r| r.forward_ms).collect::<Vec<_>>()),
+            sample_ms: median(&runs.iter().map(|r| r.sample_ms).collect::<Vec<_>>()),
+            roofline_output_tok_s: roofline.map(|f| f(b)),
+            roofline_ratio: roofline.map(|f| median(&outs) / f(b)),
         });
     }
     Ok(rows)
 }
 
-/// One weave run.
+/// One weave run, on the CPU backend or on the GPU one kept in `gpu`.
 fn run_weave(
     lm: &LoadedModel,
     b: usize,
@@ -164,6 +211,7 @@ fn run_weave(
     output_len: usize,
     threads: usize,
     budget: usize,
+    gpu: Option<&mut GpuBench>,
 ) -> anyhow::Result<Run> {
     let prompts: Vec<PromptSpec> = (0..b)
         .map(|i| {
@@ -191,7 +239,17 @@ fn run_weave(
         device: Default::default(),
         gpu_memory_utilization: 0.9,
     };
-    let r = generate(lm, &cfg, &prompts, &mut |_| {})?;
+    let r = match gpu {
+        None => generate(lm, &cfg, &prompts, &mut |_| {})?,
+        Some(g) => {
+            let sched = SchedulerConfig {
+                num_gpu_blocks: g.backend.num_blocks(),
+                max_model_len: g.backend.max_model_len(),
+                ..cfg.sched.clone()
+            };
+            crate::generate::generate_on(lm, &cfg, &sched, &prompts, &mut g.backend, &mut |_| {})?
+        }
+    };
     let p: usize = r.completions.iter().map(|c| c.prompt_token_ids.len()).sum();
     let o: usize = r.completions.iter().map(|c| c.output_token_ids.len()).sum();
     if o != b * output_len {
@@ -201,7 +259,18 @@ fn run_weave(
     if last_first_token_s <= 0.0 {
         bail!("benchmark run recorded no time to first token");
     }
-    Ok(Run { wall_s: r.wall_s, prompt_tokens: p, output_tokens: o, last_first_token_s })
+    let mean = |xs: Vec<f64>| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
+    let phases: Vec<_> = r.run.steps.iter().filter_map(|s| s.phases).collect();
+    Ok(Run {
+        wall_s: r.wall_s,
+        prompt_tokens: p,
+        output_tokens: o,
+        last_first_token_s,
+        ttft_ms: mean(r.completions.iter().filter_map(|c| c.ttft_ms).collect()),
+        tpot_ms: mean(r.completions.iter().filter_map(|c| c.tpot_ms).collect()),
+        forward_ms: mean(phases.iter().map(|p| p.forward * 1e3).collect()),
+        sample_ms: mean(phases.iter().map(|p| p.sample * 1e3).collect()),
+    })
 }
 
 /// Runs llama-batched-bench and returns (B, S_PP t/s, S t/s) per concurrency.

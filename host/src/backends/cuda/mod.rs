@@ -20,6 +20,7 @@ mod error;
 mod launch;
 pub mod model;
 mod ptx;
+pub mod roofline;
 
 pub use device::{choose_device, no_gpu_reason, ExecDevice};
 pub use dtype::DevElem;

@@ -254,6 +254,21 @@ impl CudaBackend {
         })
     }
 
+    /// The device's copy bandwidth and GEMM rate, measured now.
+    pub fn ceilings(&self) -> Result<super::roofline::Ceilings, CudaError> {
+        super::roofline::measure(&self.k, &self.blas)
+    }
+
+    /// The longest request (prompt and output) the backend was built for.
+    pub fn max_model_len(&self) -> usize {
+        self.limits.max_model_len
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
     /// KV blocks in the device cache, the null block included.
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
