@@ -66,19 +66,22 @@ impl LoadedModel {
 
 impl LoadedModel {
     /// Random weights of shape `profile` (see [`crate::model::dummy`]), with the byte-level
-    /// tokenizer and no chat template. Refuses a shape whose weights would not fit in half of
-    /// this machine's available memory.
+    /// tokenizer and no chat template. For a CPU run (`for_cpu`) it refuses a shape whose
+    /// weights would not fit in half of this machine's available memory; a GPU run skips the
+    /// check (its host copy is passing through, and a GPU machine's RAM may grow on demand,
+    /// so that what is available at the start says little).
     pub fn dummy(
         profile: &crate::model::profiles::ModelProfile,
         dtype: crate::model::dummy::DummyDtype,
         kv_dtype: KvDtype,
+        for_cpu: bool,
     ) -> anyhow::Result<LoadedModel> {
         profile.check().map_err(anyhow::Error::msg)?;
         let cfg = profile.config();
         let bytes = (profile.layer_params()
             + ((1 + usize::from(!profile.tied_embeddings)) * cfg.hidden * cfg.vocab_size) as f64)
             * if dtype == crate::model::dummy::DummyDtype::F32 { 4.0 } else { 2.0 };
-        if let Some(avail) = available_memory_bytes() {
+        if let Some(avail) = available_memory_bytes().filter(|_| for_cpu) {
             if bytes > 0.5 * avail {
                 bail!(
                     "dummy {} needs {:.1} GB of weights in {}, and this machine has {:.1} GB available: use a smaller --model-config (e.g. smollm2-135m) on the CPU, or --device cuda",

@@ -6,7 +6,8 @@ pub mod bench;
 pub mod bench_serve;
 pub mod calibrate;
 pub mod experiment;
-pub mod generate;
+mod generate;
+pub mod model_config;
 pub mod replay;
 pub mod serve;
 pub mod simulate;
@@ -150,7 +151,8 @@ impl ModelArgs {
                 weave::model::weights::Precision::Quant
             };
             let kv = weave::backends::cpu::KvDtype::parse(kv_cache_dtype, precision).map_err(anyhow::Error::msg)?;
-            let lm = weave::generate::LoadedModel::dummy(&profile, dtype, kv)?;
+            let for_cpu = device.0 == weave::backends::cuda::ExecDevice::Cpu;
+            let lm = weave::generate::LoadedModel::dummy(&profile, dtype, kv, for_cpu)?;
             return Ok((lm, PathBuf::from(format!("dummy:{}", profile.name)), device));
         }
         anyhow::ensure!(
@@ -250,6 +252,8 @@ pub enum Cmd {
     Replay(replay::Args),
     /// Serve the model over an OpenAI-compatible HTTP API, with Prometheus metrics.
     Serve(serve::Args),
+    /// Print a named model shape as JSON (the shapes `--load-format dummy` and the simulator use).
+    ModelConfig(model_config::Args),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -274,6 +278,7 @@ impl Cli {
             Cmd::Replay(a) => replay::run(a),
             Cmd::Serve(a) => serve::run(a),
             Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(a),
+            Cmd::ModelConfig(a) => model_config::run(a),
         }
     }
 }

@@ -47,6 +47,12 @@ struct DevLinear {
 
 impl DevLinear {
     fn upload(k: &Kernels, l: &Linear) -> Result<DevLinear, CudaError> {
+        // bf16 already (dummy weights): the bits as they are.
+        if let crate::model::weights::LinearData::Half(h) = &l.data {
+            if h.kind == crate::backends::cpu::hmatmul::HKind::Bf16 {
+                return Ok(DevLinear { w: k.upload(&h.bits)?, out_dim: l.out_dim, in_dim: l.in_dim });
+            }
+        }
         let mut row = vec![0f32; l.in_dim];
         let mut bits = Vec::with_capacity(l.out_dim * l.in_dim);
         for r in 0..l.out_dim {
