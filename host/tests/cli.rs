@@ -285,7 +285,9 @@ fn serve_drains_and_exits_0_on_sigterm() {
         .unwrap();
         s
     };
-    let mut stream = post(r#"{"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": true, "stream": true}"#);
+    // Long enough to be running when the signal lands (48 tokens finished first once the CPU
+    // backend got faster), short enough to drain well within the 30 s allowed.
+    let mut stream = post(r#"{"prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": true, "stream": true}"#);
     // Wait for the first token, so that the request is running when the signal comes.
     let mut first = [0u8; 256];
     let n = stream.read(&mut first).unwrap();

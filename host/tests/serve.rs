@@ -563,7 +563,8 @@ async fn shutdown_drains_running_requests_and_refuses_new_ones() {
         let (http, url) = (http.clone(), url.clone());
         async move {
             http.post(format!("{url}/v1/completions"))
-                .json(&json!({"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true, "stream": true}))
+                // Long enough to still be running when the drain starts, on a fast backend too.
+                .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true, "stream": true}))
                 .send()
                 .await
                 .unwrap()
