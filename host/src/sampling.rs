@@ -136,6 +136,65 @@ pub fn sample(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     kept[keep - 1]
 }
 
+/// Each request's sampling parameters and random stream, as a backend keeps them, and the
+/// sampling of a step's rows on the host.
+#[derive(Debug, Default)]
+pub struct Samplers {
+    by_request: std::collections::HashMap<u64, (SamplingParams, Rng)>,
+    /// Seed for requests that bring none (mixed with the request's id).
+    base_seed: u64,
+}
+
+impl Samplers {
+    pub fn new(base_seed: u64) -> Samplers {
+        Samplers { by_request: Default::default(), base_seed }
+    }
+
+    pub fn add(&mut self, id: u64, params: &SamplingParams) {
+        let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.by_request.insert(id, (params.clone(), Rng::new(seed)));
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.by_request.remove(&id);
+    }
+
+    /// Whether every one of `ids` samples greedily and wants no logprobs (a device can then
+    /// send back only the argmax).
+    pub fn all_greedy(&self, ids: &[u64]) -> bool {
+        ids.iter().all(|id| {
+            self.by_request.get(id).is_none_or(|(p, _)| (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none())
+        })
+    }
+
+    /// One token for each row of `logits` (`[ids.len()][vocab]`, rows in `ids`' order), with
+    /// each row's logprobs where its request asked (empty when none did). Rows may be changed.
+    pub fn sample_rows(
+        &mut self,
+        logits: &mut [f32],
+        vocab: usize,
+        ids: &[u64],
+    ) -> (Vec<u32>, Vec<Option<crate::engine::TokenLogprobs>>) {
+        let mut sampled = Vec::with_capacity(ids.len());
+        let mut lps = Vec::new();
+        for (i, (row, &id)) in logits.chunks_mut(vocab).zip(ids).enumerate() {
+            let (p, rng) = self.by_request.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
+            // Logprobs are of the raw logits: taken before sampling may touch the row.
+            let raw = p.logprobs.map(|top| (top, row.to_vec()));
+            let tok = sample(row, p, rng);
+            if let Some((top, raw)) = raw {
+                lps.resize(i, None);
+                lps.push(Some(logprobs(&raw, tok, top)));
+            }
+            sampled.push(tok);
+        }
+        if !lps.is_empty() {
+            lps.resize(sampled.len(), None);
+        }
+        (sampled, lps)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

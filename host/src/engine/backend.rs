@@ -46,40 +46,27 @@ pub trait Backend {
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult>;
 }
 
-/// A backend chosen at run time (`--device`).
-impl<B: Backend + ?Sized> Backend for Box<B> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn wall_clock(&self) -> bool {
-        (**self).wall_clock()
-    }
-    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
-        (**self).add_request(id, params)
-    }
-    fn remove_request(&mut self, id: RequestId) {
-        (**self).remove_request(id)
-    }
-    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
-        (**self).execute(batch)
-    }
+/// Delegates every method to the backend behind a pointer: `Box<dyn Backend>` (a backend
+/// chosen at run time, `--device`) and `&mut B` (a backend a benchmark lends to each run).
+macro_rules! delegate_backend {
+    ($($ty:ty),*) => {$(
+        impl<B: Backend + ?Sized> Backend for $ty {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            fn wall_clock(&self) -> bool {
+                (**self).wall_clock()
+            }
+            fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
+                (**self).add_request(id, params)
+            }
+            fn remove_request(&mut self, id: RequestId) {
+                (**self).remove_request(id)
+            }
+            fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+                (**self).execute(batch)
+            }
+        }
+    )*};
 }
-
-/// A backend lent to one run (a benchmark keeps it across runs).
-impl<B: Backend + ?Sized> Backend for &mut B {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn wall_clock(&self) -> bool {
-        (**self).wall_clock()
-    }
-    fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
-        (**self).add_request(id, params)
-    }
-    fn remove_request(&mut self, id: RequestId) {
-        (**self).remove_request(id)
-    }
-    fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
-        (**self).execute(batch)
-    }
-}
+delegate_backend!(Box<B>, &mut B);

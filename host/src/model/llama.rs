@@ -36,6 +36,19 @@ pub enum Buf {
 impl Buf {
     pub const ALL: [Buf; 11] =
         [Buf::X, Buf::H, Buf::Qkv, Buf::Q, Buf::K, Buf::V, Buf::Attn, Buf::GateUp, Buf::Act, Buf::Sel, Buf::Logits];
+
+    /// Width of the buffer's rows for model `c`.
+    pub fn width(self, c: &crate::model::config::ModelConfig) -> usize {
+        match self {
+            Buf::X | Buf::H | Buf::Sel => c.hidden,
+            Buf::Qkv => c.q_dim() + 2 * c.kv_dim(),
+            Buf::Q | Buf::Attn => c.q_dim(),
+            Buf::K | Buf::V => c.kv_dim(),
+            Buf::GateUp => 2 * c.intermediate,
+            Buf::Act => c.intermediate,
+            Buf::Logits => c.vocab_size,
+        }
+    }
 }
 
 /// A weight matrix of the model, by layer.

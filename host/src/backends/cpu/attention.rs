@@ -215,15 +215,32 @@ pub fn attend<T: CacheElem>(
         }
     }
     let out = OutPtr(out.as_mut_ptr());
+    let inp = Inputs { shape, b, q, k_cache, v_cache };
     items.par_iter().for_each_init(Scratch::default, |sc, it| {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is only true when F16C, AVX2 and FMA were detected.
-            return unsafe { item_avx2(shape, b, q, k_cache, v_cache, *it, sc, out) };
+            return unsafe { item_avx2(inp, *it, sc, out) };
         }
-        item(shape, b, q, k_cache, v_cache, *it, sc, out, false)
+        item(inp, *it, sc, out, false)
     });
 }
+
+/// What every item reads.
+struct Inputs<'a, T> {
+    shape: &'a AttnShape,
+    b: &'a ScheduledBatch,
+    q: &'a [f32],
+    k_cache: &'a [T],
+    v_cache: &'a [T],
+}
+
+impl<T> Clone for Inputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Inputs<'_, T> {}
 
 /// [`item`] compiled for AVX2 and FMA, so that its loops over `head_dim` and over a block's
 /// keys vectorize.
@@ -232,18 +249,8 @@ pub fn attend<T: CacheElem>(
 /// The CPU must have F16C, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn item_avx2<T: CacheElem>(
-    shape: &AttnShape,
-    b: &ScheduledBatch,
-    q: &[f32],
-    k_cache: &[T],
-    v_cache: &[T],
-    it: Item,
-    sc: &mut Scratch,
-    out: OutPtr,
-) {
-    item(shape, b, q, k_cache, v_cache, it, sc, out, true)
+unsafe fn item_avx2<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPtr) {
+    item(inp, it, sc, out, true)
 }
 
 /// `x * y + a`: fused where the code is compiled for FMA (`simd`), where it is one
@@ -277,18 +284,8 @@ fn dot(simd: bool, a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn item<T: CacheElem>(
-    shape: &AttnShape,
-    b: &ScheduledBatch,
-    q: &[f32],
-    k_cache: &[T],
-    v_cache: &[T],
-    it: Item,
-    sc: &mut Scratch,
-    out: OutPtr,
-    simd: bool,
-) {
+fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPtr, simd: bool) {
+    let Inputs { shape, b, q, k_cache, v_cache } = inp;
     let (d, g, bs) = (shape.head_dim as usize, shape.group() as usize, shape.block_size as usize);
     let qd = shape.num_q_heads as usize * d;
     let rows = (it.t1 - it.t0) * g;

@@ -8,9 +8,8 @@ use crate::engine::{Backend, StepResult, TokenLogprobs};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
 use crate::model::weights::{Linear, LinearData, Weights};
-use crate::sampling::{sample, Rng, SamplingParams};
+use crate::sampling::{Samplers, SamplingParams};
 use rayon::prelude::*;
-use std::collections::HashMap;
 use std::sync::Arc;
 use weave_kernels_gpu::attention::{reshape_and_cache_host, AttnShape};
 use weave_kernels_gpu::ops::{fill_cos_sin_row, rms_norm_row, rope_head, silu_and_mul_row};
@@ -166,9 +165,7 @@ pub struct CpuBackend {
     /// The step's K and V rows in f16, for the cache write.
     kv16: (Vec<F16>, Vec<F16>),
     threads: usize,
-    sampling: HashMap<RequestId, (SamplingParams, Rng)>,
-    /// Seed for requests that bring none.
-    base_seed: u64,
+    sampling: Samplers,
     scratch: Scratch,
     ws: Workspace,
 }
@@ -216,8 +213,7 @@ impl CpuBackend {
                     .build()
                     .expect("a thread pool"),
             ),
-            sampling: HashMap::new(),
-            base_seed,
+            sampling: Samplers::new(base_seed),
             scratch: Scratch {
                 acts: qmatmul::QActs::default(),
                 isa: qmatmul::Isa::detect(),
@@ -271,16 +267,7 @@ impl CpuBackend {
 
     /// Width of a buffer's rows.
     fn width(&self, b: Buf) -> usize {
-        let c = &self.model.cfg;
-        match b {
-            Buf::X | Buf::H | Buf::Sel => c.hidden,
-            Buf::Qkv => c.q_dim() + 2 * c.kv_dim(),
-            Buf::Q | Buf::Attn => c.q_dim(),
-            Buf::K | Buf::V => c.kv_dim(),
-            Buf::GateUp => 2 * c.intermediate,
-            Buf::Act => c.intermediate,
-            Buf::Logits => c.vocab_size,
-        }
+        b.width(&self.model.cfg)
     }
 
     /// Gives `b` `rows` rows (its memory only grows, so steady steps allocate nothing).
@@ -451,11 +438,10 @@ impl Backend for CpuBackend {
         true
     }
     fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
-        let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        self.sampling.insert(id, (params.clone(), Rng::new(seed)));
+        self.sampling.add(id, params);
     }
     fn remove_request(&mut self, id: RequestId) {
-        self.sampling.remove(&id);
+        self.sampling.remove(id);
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
         // Sampling runs on the pool too: from the engine's thread it would share the cores
@@ -479,22 +465,7 @@ impl CpuBackend {
         let t_sample = std::time::Instant::now();
         let vocab = self.model.cfg.vocab_size;
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
-        let mut sampled = Vec::with_capacity(ids.len());
-        let mut logprobs = Vec::new();
-        for (i, (row, id)) in logits[..rows * vocab].chunks_mut(vocab).zip(ids).enumerate() {
-            let (p, rng) = self.sampling.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
-            // Logprobs are of the raw logits: taken before sampling may touch the row.
-            let raw = p.logprobs.map(|top| (top, row.to_vec()));
-            let tok = sample(row, p, rng);
-            if let Some((top, raw)) = raw {
-                logprobs.resize(i, None);
-                logprobs.push(Some(crate::sampling::logprobs(&raw, tok, top)));
-            }
-            sampled.push(tok);
-        }
-        if !logprobs.is_empty() {
-            logprobs.resize(sampled.len(), None);
-        }
+        let (sampled, logprobs) = self.sampling.sample_rows(&mut logits[..rows * vocab], vocab, &ids);
         self.ws.bufs[Buf::Logits as usize] = logits;
         let phases = Phases { forward, sample: t_sample.elapsed().as_secs_f64(), ..Default::default() };
         (sampled, logprobs, phases)

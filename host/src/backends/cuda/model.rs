@@ -18,14 +18,13 @@
 use super::{AttnMeta, CudaError, Kernels};
 use crate::backends::cpu::CpuModel;
 use crate::engine::steplog::Phases;
-use crate::engine::{Backend, StepResult, TokenLogprobs};
+use crate::engine::{Backend, StepResult};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
 use crate::model::weights::Linear;
-use crate::sampling::{sample, Rng, SamplingParams};
+use crate::sampling::{Samplers, SamplingParams};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use std::collections::HashMap;
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
 use weave_kernels_gpu::{Bf16, Elem};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
@@ -127,8 +126,7 @@ pub struct CudaBackend {
     num_tiles: usize,
     max_seq_len: u32,
     weight_bytes: usize,
-    sampling: HashMap<RequestId, (SamplingParams, Rng)>,
-    base_seed: u64,
+    sampling: Samplers,
 }
 
 /// Two distinct elements of `v`: `(&mut v[a], &v[b])`.
@@ -193,7 +191,7 @@ impl CudaBackend {
         }
         let n = limits.max_num_batched_tokens;
         let s = limits.max_num_seqs;
-        let width = |b: Buf| buf_width(&c, b);
+        let width = |b: Buf| b.width(&c);
         let ws = Buf::ALL
             .iter()
             .map(|&b| k.zeros::<B16>(if b == Buf::Logits { 1 } else { n.max(s) * width(b) }))
@@ -255,8 +253,7 @@ impl CudaBackend {
             num_tiles: 0,
             max_seq_len: 0,
             weight_bytes,
-            sampling: HashMap::new(),
-            base_seed,
+            sampling: Samplers::new(base_seed),
         })
     }
 
@@ -342,18 +339,6 @@ impl CudaBackend {
             )
         }
         .map_err(|e| CudaError::Blas(e.to_string()))
-    }
-}
-
-fn buf_width(c: &ModelConfig, b: Buf) -> usize {
-    match b {
-        Buf::X | Buf::H | Buf::Sel => c.hidden,
-        Buf::Qkv => c.q_dim() + 2 * c.kv_dim(),
-        Buf::Q | Buf::Attn => c.q_dim(),
-        Buf::K | Buf::V => c.kv_dim(),
-        Buf::GateUp => 2 * c.intermediate,
-        Buf::Act => c.intermediate,
-        Buf::Logits => c.vocab_size,
     }
 }
 
@@ -515,11 +500,10 @@ impl Backend for CudaBackend {
         true
     }
     fn add_request(&mut self, id: RequestId, params: &SamplingParams) {
-        let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        self.sampling.insert(id, (params.clone(), Rng::new(seed)));
+        self.sampling.add(id, params);
     }
     fn remove_request(&mut self, id: RequestId) {
-        self.sampling.remove(&id);
+        self.sampling.remove(id);
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
         let t = std::time::Instant::now();
@@ -530,34 +514,17 @@ impl Backend for CudaBackend {
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
         let s = ids.len();
         let vocab = self.cfg.vocab_size;
-        let greedy = |id: &RequestId| {
-            self.sampling.get(id).is_none_or(|(p, _)| (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none())
-        };
-        let mut sampled = Vec::with_capacity(s);
-        let mut logprobs: Vec<Option<TokenLogprobs>> = Vec::new();
-        if ids.iter().all(greedy) {
+        let (sampled, logprobs) = if self.sampling.all_greedy(&ids) {
             // Only the ids come back.
             self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
-            let all = self.k.download(&self.meta.argmax)?;
-            sampled.extend_from_slice(&all[..s]);
+            let mut all = self.k.download(&self.meta.argmax)?;
+            all.truncate(s);
+            (all, Vec::new())
         } else {
-            // Some row needs the host sampler: its logits come back.
-            let all = self.k.stream.clone_dtoh(&self.logits.slice(..s * vocab))?;
-            for (i, (row, id)) in all[..s * vocab].chunks(vocab).zip(ids).enumerate() {
-                let (p, rng) = self.sampling.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
-                let mut row = row.to_vec();
-                let tok = sample(&mut row, p, rng);
-                if let Some(top) = p.logprobs {
-                    let raw = &all[i * vocab..(i + 1) * vocab];
-                    logprobs.resize(i, None);
-                    logprobs.push(Some(crate::sampling::logprobs(raw, tok, top)));
-                }
-                sampled.push(tok);
-            }
-            if !logprobs.is_empty() {
-                logprobs.resize(sampled.len(), None);
-            }
-        }
+            // Some row needs the host sampler: the sampled rows' logits come back.
+            let mut rows = self.k.stream.clone_dtoh(&self.logits.slice(..s * vocab))?;
+            self.sampling.sample_rows(&mut rows, vocab, &ids)
+        };
         let phases = Phases { forward, sample: t.elapsed().as_secs_f64(), ..Default::default() };
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
     }
