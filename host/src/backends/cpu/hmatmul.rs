@@ -78,7 +78,8 @@ pub enum HIsa {
     Scalar,
     /// AVX2, FMA and F16C: four weight rows x two activation rows a tile (16 registers).
     Avx2,
-    /// AVX-512 F/BW besides: four x four on 512-bit registers (32 of them).
+    /// AVX-512 F/BW besides: four weight rows x six activation rows on 512-bit registers (24
+    /// accumulators of the 32).
     Avx512,
 }
 
@@ -245,7 +246,7 @@ pub fn hmatmul(isa: HIsa, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], acc
             #[cfg(target_arch = "x86_64")]
             if isa != HIsa::Scalar {
                 // The kernels take whole registers of columns; the tail columns are added here.
-                let (width, max_n) = if isa == HIsa::Avx512 { (16, 4) } else { (8, 2) };
+                let (width, max_n) = if isa == HIsa::Avx512 { (16, 6) } else { (8, 2) };
                 let body = c / width * width;
                 let tail = |i: usize, r: usize| -> f32 {
                     (body..c).map(|k| w.kind.widen(w.bits[r * c + k]) * x[i * c + k]).sum()
@@ -267,6 +268,8 @@ pub fn hmatmul(isa: HIsa, w: &HMatrix, x: &[f32], n: usize, out: &mut [f32], acc
                             }};
                         }
                         match (isa, m) {
+                            (HIsa::Avx512, 6) => tile!(tile_512, 6),
+                            (HIsa::Avx512, 5) => tile!(tile_512, 5),
                             (HIsa::Avx512, 4) => tile!(tile_512, 4),
                             (HIsa::Avx512, 3) => tile!(tile_512, 3),
                             (HIsa::Avx512, 2) => tile!(tile_512, 2),
