@@ -3,8 +3,10 @@
 //! **Owns**, by folder (data flows down this list, never back up):
 //! - [`engine`]: the loop, the [`engine::Backend`] trait, the step log and its summary;
 //! - [`backends`]: null, sim, cpu and cuda, each one `Backend` implementation;
-//! - [`model`]: GGUF, dequantization, config, weights, tokenizer, chat template;
-//! - [`sampling`]: greedy, temperature, top-k, top-p with per-request seeds;
+//! - [`model`]: GGUF, dequantization, config, weights, tokenizer, chat template, the Llama
+//!   pass written once over [`model::llama::LayerOps`], named shapes and dummy weights;
+//! - [`sampling`]: greedy, temperature, top-k, top-p with per-request seeds, and the
+//!   per-request sampler state a backend keeps;
 //! - drivers over the engine: [`generate`] (real generation), [`replay`] (traces, no model);
 //! - [`serve`]: the OpenAI-compatible server and the serving benchmark client;
 //! - [`workload`]: seeded arrivals and length distributions (simulator and serving bench);

@@ -1,4 +1,6 @@
-//! Model loading: GGUF files, the Llama-family architecture, tokenizer and chat template.
+//! The model: GGUF files, the Llama-family architecture and its pass (`llama`, over the
+//! backends' `LayerOps`), named shapes (`profiles`) and dummy weights, tokenizer and chat
+//! template.
 
 pub mod chat;
 pub mod config;
