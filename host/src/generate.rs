@@ -250,7 +250,7 @@ pub fn cuda_backend(
         block_size: s.block_size,
         gpu_memory_utilization: cfg.gpu_memory_utilization,
     };
-    Ok(CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0), &mut |_, _| {})?)
+    Ok(CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0))?)
 }
 
 /// [`generate`] on a given backend, with the scheduler config made for it: a benchmark keeps

@@ -124,7 +124,8 @@ pub fn sample(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         }
     };
     let kept = &idx[..keep];
-    let mass: f64 = kept.iter().map(|&i| weight(i)).sum();
+    // Nothing cut: the kept mass is the total, summed in the same order.
+    let mass: f64 = if keep == idx.len() { total } else { kept.iter().map(|&i| weight(i)).sum() };
     let mut u = rng.uniform() * mass;
     for &i in kept {
         let q = weight(i);

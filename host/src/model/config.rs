@@ -81,6 +81,20 @@ impl ModelConfig {
         })
     }
 
+    /// The attention kernels' shape for this model and a KV block size (no batch yet:
+    /// `max_blocks_per_seq` is set per step, and one split).
+    pub fn attn_shape(&self, block_size: usize) -> weave_kernels_gpu::attention::AttnShape {
+        weave_kernels_gpu::attention::AttnShape {
+            num_q_heads: self.num_q_heads as u32,
+            num_kv_heads: self.num_kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            block_size: block_size as u32,
+            max_blocks_per_seq: 0,
+            blocks_per_split: 0,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_q_heads * self.head_dim
     }

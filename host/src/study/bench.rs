@@ -152,18 +152,15 @@ pub fn bench_generate(
     on_progress(done, total, "done");
     // The decode roofline on a GPU: per step, the bf16 weights and the KV of `b` sequences at
     // the mean context are read once; the FLOPs are 2 per weight per sequence.
-    let c = &lm.model.cfg;
-    let kv_per_token = (2 * c.num_layers * c.kv_dim() * 2) as f64;
     let ctx = prompt_len as f64 + output_len as f64 / 2.0;
-    let gpu_facts = gpu.as_ref().map(|g| (g.backend.weight_bytes() as f64, g.ceilings));
-    let roofline_fn = move |b: usize| -> f64 {
-        let (wb, ceil) = gpu_facts.expect("a GPU run");
+    let roofline = |b: usize| -> Option<f64> {
+        let g = gpu.as_ref()?;
+        let (wb, kv_per_token) = (g.backend.weight_bytes() as f64, g.backend.kv_bytes_per_token() as f64);
         let bytes = wb + b as f64 * ctx * kv_per_token;
         let flops = 2.0 * (wb / 2.0) * b as f64;
-        let t = (bytes / (ceil.copy_gbs * 1e9)).max(flops / (ceil.gemm_tflops * 1e12));
-        b as f64 / t
+        let t = (bytes / (g.ceilings.copy_gbs * 1e9)).max(flops / (g.ceilings.gemm_tflops * 1e12));
+        Some(b as f64 / t)
     };
-    let roofline = gpu_facts.is_some().then_some(&roofline_fn);
     let mut rows = Vec::new();
     for (i, &b) in concurrency.iter().enumerate() {
         let runs = &ours[i];
@@ -196,8 +193,8 @@ pub fn bench_generate(
             tpot_ms: median(&runs.iter().map(|r| r.tpot_ms).collect::<Vec<_>>()),
             forward_ms: median(&runs.iter().map(|r| r.forward_ms).collect::<Vec<_>>()),
             sample_ms: median(&runs.iter().map(|r| r.sample_ms).collect::<Vec<_>>()),
-            roofline_output_tok_s: roofline.map(|f| f(b)),
-            roofline_ratio: roofline.map(|f| median(&outs) / f(b)),
+            roofline_output_tok_s: roofline(b),
+            roofline_ratio: roofline(b).map(|r| median(&outs) / r),
         });
     }
     Ok(rows)

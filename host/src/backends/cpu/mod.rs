@@ -71,6 +71,13 @@ impl CpuModel {
         CpuModel { cfg, w, cos_sin, max_pos, kv_dtype: KvDtype::F32 }
     }
 
+    /// The rotary table's rows for positions `0..max_pos` (`rot_dim / 2` cosines then sines
+    /// a row), for a backend that keeps its own copy (the GPU's).
+    pub fn cos_sin(&self, max_pos: usize) -> &[f32] {
+        assert!(max_pos <= self.max_pos, "position {max_pos} beyond the rotary table");
+        &self.cos_sin[..max_pos * self.cfg.rot_dim]
+    }
+
     /// Bytes of KV cache per token slot.
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.cfg.num_layers * self.cfg.kv_dim() * self.kv_dtype.bytes()
@@ -180,15 +187,7 @@ impl CpuBackend {
         base_seed: u64,
     ) -> CpuBackend {
         let c = &model.cfg;
-        let shape = AttnShape {
-            num_q_heads: c.num_q_heads as u32,
-            num_kv_heads: c.num_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            block_size: block_size as u32,
-            max_blocks_per_seq: 0,
-            blocks_per_split: 0,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-        };
+        let shape = c.attn_shape(block_size);
         let per_layer = num_blocks * block_size * c.kv_dim();
         CpuBackend {
             kv: match model.kv_dtype {
@@ -444,11 +443,7 @@ impl Backend for CpuBackend {
         self.sampling.remove(id);
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
-        // Sampling runs on the pool too: from the engine's thread it would share the cores
-        // with the pool's workers, which spin a while after the pass looking for work (the
-        // sample phase took 1.3 ms for 8 greedy rows that way, for 7 us of argmax each).
-        let pool = self.pool.clone();
-        let (sampled, logprobs, phases) = pool.install(|| self.forward_and_sample(batch));
+        let (sampled, logprobs, phases) = self.forward_and_sample(batch);
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
     }
 }

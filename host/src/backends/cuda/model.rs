@@ -145,29 +145,14 @@ impl CudaBackend {
     /// Uploads `model`'s weights, allocates the workspace, and gives the KV cache what is left
     /// of `gpu_memory_utilization` of the device's memory. The number of KV blocks it holds
     /// (the null block included) is [`Self::num_blocks`].
-    /// `on_layer(i, n)` follows the upload.
-    pub fn new(
-        k: Kernels,
-        model: &CpuModel,
-        limits: CudaLimits,
-        base_seed: u64,
-        on_layer: &mut dyn FnMut(usize, usize),
-    ) -> Result<CudaBackend, CudaError> {
+    pub fn new(k: Kernels, model: &CpuModel, limits: CudaLimits, base_seed: u64) -> Result<CudaBackend, CudaError> {
         let c = model.cfg.clone();
-        let shape = AttnShape {
-            num_q_heads: c.num_q_heads as u32,
-            num_kv_heads: c.num_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            block_size: limits.block_size as u32,
-            max_blocks_per_seq: 0,
-            blocks_per_split: 0,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-        };
+        let shape = c.attn_shape(limits.block_size);
         shape.check().map_err(CudaError::Shape)?;
         let w = &model.w;
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(c.num_layers);
-        for (i, l) in w.layers.iter().enumerate() {
+        for l in &w.layers {
             let layer = DevLayer {
                 attn_norm: k.upload(&l.attn_norm)?,
                 qkv: DevLinear::upload(&k, &l.qkv)?,
@@ -178,17 +163,12 @@ impl CudaBackend {
             };
             weight_bytes += layer.qkv.bytes() + layer.wo.bytes() + layer.gate_up.bytes() + layer.down.bytes();
             layers.push(layer);
-            on_layer(i + 1, c.num_layers);
         }
         let embed = DevLinear::upload(&k, &w.embed)?;
         weight_bytes += embed.bytes();
         let lm_head = w.lm_head.as_ref().map(|l| DevLinear::upload(&k, l)).transpose()?;
         weight_bytes += lm_head.as_ref().map_or(0, DevLinear::bytes);
-        let max_pos = limits.max_model_len.min(c.context_length);
-        let mut cos_sin = vec![0f32; max_pos * c.rot_dim];
-        for (pos, row) in cos_sin.chunks_mut(c.rot_dim).enumerate() {
-            weave_kernels_gpu::ops::fill_cos_sin_row(pos, c.rot_dim, c.rope_theta, row);
-        }
+        let cos_sin = model.cos_sin(limits.max_model_len.min(c.context_length));
         let n = limits.max_num_batched_tokens;
         let s = limits.max_num_seqs;
         let width = |b: Buf| b.width(&c);
@@ -217,7 +197,7 @@ impl CudaBackend {
         let (free, total) = k.ctx.mem_get_info()?;
         let used = total - free;
         let budget = (total as f64 * limits.gpu_memory_utilization) as usize;
-        let per_block = 2 * c.num_layers * limits.block_size * c.kv_dim() * 2;
+        let per_block = limits.block_size * kv_bytes_per_token(&c);
         let num_blocks = budget.saturating_sub(used) / per_block;
         if num_blocks < 2 {
             return Err(CudaError::Memory(format!(
@@ -233,7 +213,7 @@ impl CudaBackend {
             .map(|_| Ok((k.zeros::<B16>(per_layer)?, k.zeros::<B16>(per_layer)?)))
             .collect::<Result<Vec<_>, CudaError>>()?;
         Ok(CudaBackend {
-            cos_sin: k.upload(&cos_sin)?,
+            cos_sin: k.upload(cos_sin)?,
             final_norm: k.upload(&w.final_norm)?,
             embed: embed.w,
             k,
@@ -267,6 +247,11 @@ impl CudaBackend {
         self.limits.max_model_len
     }
 
+    /// Bytes of KV cache a token takes (bf16 K and V in every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        kv_bytes_per_token(&self.cfg)
+    }
+
     /// Bytes of weights on the device.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -281,7 +266,7 @@ impl CudaBackend {
     /// what it holds.
     pub fn describe(&self) -> String {
         let tokens = (self.num_blocks - 1) * self.limits.block_size;
-        let kv_bytes = self.num_blocks * 2 * self.cfg.num_layers * self.limits.block_size * self.cfg.kv_dim() * 2;
+        let kv_bytes = self.num_blocks * self.limits.block_size * self.kv_bytes_per_token();
         format!(
             "{} ({}): weights {:.2} GiB in bf16; KV cache {} blocks, {:.2} GiB, {} tokens: {:.1}x concurrency at {} tokens a request",
             self.k.name,
@@ -296,8 +281,9 @@ impl CudaBackend {
     }
 
     /// `out (+)= x * w^T` for `n` rows, through cuBLAS: in cuBLAS's column-major terms,
-    /// `C (out x n) = W^T (W is in x out, column-major) * X (in x n)`. `w_off` picks a block of
-    /// rows of `w` (in elements); `c_f32` writes f32 (the logits).
+    /// `C (out x n) = W^T (W is in x out, column-major) * X (in x n)`. The pointers are device
+    /// addresses (an offset into `w` picks a block of its rows); `c_f32` writes f32 (the
+    /// logits).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -340,6 +326,11 @@ impl CudaBackend {
         }
         .map_err(|e| CudaError::Blas(e.to_string()))
     }
+}
+
+/// Bytes of bf16 K and V a token takes over all of `c`'s layers.
+fn kv_bytes_per_token(c: &ModelConfig) -> usize {
+    2 * c.num_layers * c.kv_dim() * 2
 }
 
 impl LayerOps for CudaBackend {
