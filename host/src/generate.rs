@@ -66,10 +66,10 @@ impl LoadedModel {
 
 impl LoadedModel {
     /// Random weights of shape `profile` (see [`crate::model::dummy`]), with the byte-level
-    /// tokenizer and no chat template. For a CPU run (`for_cpu`) it refuses a shape whose
-    /// weights would not fit in half of this machine's available memory; a GPU run skips the
-    /// check (its host copy is passing through, and a GPU machine's RAM may grow on demand,
-    /// so that what is available at the start says little).
+    /// tokenizer and no chat template. For a CPU run (`for_cpu`) the weights are made on the
+    /// host, and a shape whose weights would not fit in half of this machine's available
+    /// memory is refused; for a GPU run they are left for the device to fill
+    /// ([`crate::model::weights::LinearData::Dummy`]), and only the norms live on the host.
     pub fn dummy(
         profile: &crate::model::profiles::ModelProfile,
         dtype: crate::model::dummy::DummyDtype,
@@ -92,7 +92,13 @@ impl LoadedModel {
                 );
             }
         }
-        let w = crate::model::dummy::weights(&cfg, profile.tied_embeddings, dtype, 0);
+        // On a GPU the device fills the matrices itself: 16 GB of an 8B model never cross the host.
+        let to = if for_cpu {
+            crate::model::dummy::Materialize::Host(dtype)
+        } else {
+            crate::model::dummy::Materialize::Device
+        };
+        let w = crate::model::dummy::weights(&cfg, profile.tied_embeddings, to, 0);
         let max_pos = cfg.context_length;
         let mut model = CpuModel::new(cfg, w, max_pos);
         model.kv_dtype = kv_dtype;
@@ -216,6 +222,9 @@ pub fn make_backend(
     let mut sched_cfg = cfg.sched.clone();
     match cfg.device {
         crate::backends::cuda::ExecDevice::Cpu => {
+            if lm.model.w.on_device_only() {
+                bail!("{}: the weights were left for a GPU to fill and cannot run on the CPU; load them with --device cpu", lm.path.display());
+            }
             let be = CpuBackend::new(
                 lm.model.clone(),
                 sched_cfg.num_gpu_blocks,

@@ -137,11 +137,21 @@ pub fn sample(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     kept[keep - 1]
 }
 
+/// One request's sampling state: its parameters, its seed, the host's random stream, and how
+/// many tokens it has drawn (the device's counter).
+#[derive(Debug, Clone)]
+struct RequestSampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: Rng,
+    draws: u32,
+}
+
 /// Each request's sampling parameters and random stream, as a backend keeps them, and the
 /// sampling of a step's rows on the host.
 #[derive(Debug, Default)]
 pub struct Samplers {
-    by_request: std::collections::HashMap<u64, (SamplingParams, Rng)>,
+    by_request: std::collections::HashMap<u64, RequestSampler>,
     /// Seed for requests that bring none (mixed with the request's id).
     base_seed: u64,
 }
@@ -153,19 +163,57 @@ impl Samplers {
 
     pub fn add(&mut self, id: u64, params: &SamplingParams) {
         let seed = params.seed.unwrap_or(self.base_seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        self.by_request.insert(id, (params.clone(), Rng::new(seed)));
+        self.by_request.insert(id, RequestSampler { params: params.clone(), seed, rng: Rng::new(seed), draws: 0 });
     }
 
     pub fn remove(&mut self, id: u64) {
         self.by_request.remove(&id);
     }
 
+    fn get(&mut self, id: u64) -> &mut RequestSampler {
+        self.by_request.entry(id).or_insert_with(|| RequestSampler {
+            params: SamplingParams::default(),
+            seed: 0,
+            rng: Rng::new(0),
+            draws: 0,
+        })
+    }
+
     /// Whether every one of `ids` samples greedily and wants no logprobs (a device can then
     /// send back only the argmax).
     pub fn all_greedy(&self, ids: &[u64]) -> bool {
         ids.iter().all(|id| {
-            self.by_request.get(id).is_none_or(|(p, _)| (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none())
+            self.by_request
+                .get(id)
+                .is_none_or(|r| (r.params.temperature <= 0.0 || r.params.top_k == 1) && r.params.logprobs.is_none())
         })
+    }
+
+    /// The logprobs `id` asked for: `Some(top)` alternatives, or `None`.
+    pub fn logprobs_of(&self, id: u64) -> Option<usize> {
+        self.by_request.get(&id).and_then(|r| r.params.logprobs)
+    }
+
+    /// Whether `id`'s rows are sampled on the host even by a device that samples: it wants top
+    /// alternatives, which the device does not compute. A request's rows always take one path,
+    /// so its draws do not depend on what else is in the batch.
+    pub fn needs_host(&self, id: u64) -> bool {
+        self.logprobs_of(id).is_some_and(|top| top > 0)
+    }
+
+    /// The device sampler's parameters for `id`'s next draw (`weave_kernels_gpu::sample`);
+    /// advances its counter.
+    pub fn device_row(&mut self, id: u64) -> weave_kernels_gpu::sample::RowParams {
+        let r = self.get(id);
+        let p = weave_kernels_gpu::sample::RowParams {
+            temperature: r.params.temperature,
+            top_k: r.params.top_k.min(u32::MAX as usize) as u32,
+            top_p: r.params.top_p,
+            seed: r.seed,
+            counter: r.draws,
+        };
+        r.draws = r.draws.wrapping_add(1);
+        p
     }
 
     /// One token for each row of `logits` (`[ids.len()][vocab]`, rows in `ids`' order), with
@@ -179,10 +227,11 @@ impl Samplers {
         let mut sampled = Vec::with_capacity(ids.len());
         let mut lps = Vec::new();
         for (i, (row, &id)) in logits.chunks_mut(vocab).zip(ids).enumerate() {
-            let (p, rng) = self.by_request.entry(id).or_insert_with(|| (SamplingParams::default(), Rng::new(0)));
+            let r = self.get(id);
             // Logprobs are of the raw logits: taken before sampling may touch the row.
-            let raw = p.logprobs.map(|top| (top, row.to_vec()));
-            let tok = sample(row, p, rng);
+            let raw = r.params.logprobs.map(|top| (top, row.to_vec()));
+            let tok = sample(row, &r.params, &mut r.rng);
+            r.draws = r.draws.wrapping_add(1);
             if let Some((top, raw)) = raw {
                 lps.resize(i, None);
                 lps.push(Some(logprobs(&raw, tok, top)));

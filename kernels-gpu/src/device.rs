@@ -3,8 +3,9 @@
 
 use crate::attention::{split_blocks, MAX_BLOCK_SIZE, ROWS_PER_TILE};
 use crate::elem::{Bf16, Elem, F16};
-use crate::fmath::{exp, max, silu};
+use crate::fmath::{exp, ln, max, silu};
 use crate::ops::{argmax_pick, rms_inv, rope_pair, RopeLayout};
+use crate::sample::{bisect_key, dummy_value, ord_key, race_score, uniform_open, weight, RowParams, PARAM_WORDS};
 use crate::{udiv, urem};
 use core::arch::nvptx::*;
 
@@ -450,15 +451,10 @@ unsafe fn embedding<T: Elem>(out: *mut T, table: *const T, ids: *const u32, hidd
     }
 }
 
+/// Block-wide (value, index) maximum, ties to the lower index (`argmax_pick`); every thread
+/// gets it. Ends on a barrier, so it may run again at once (as may [`block_sum_sync`]).
 #[inline(always)]
-unsafe fn argmax(out: *mut u32, logits: *const f32, vocab: u32) {
-    let base = (bx() * vocab) as usize;
-    let mut best = (f32::NEG_INFINITY, u32::MAX);
-    let mut i = tid();
-    while i < vocab {
-        best = argmax_pick(best, (unsafe { *logits.add(base + i as usize) }, i));
-        i += THREADS;
-    }
+unsafe fn block_argmax(mut best: (f32, u32)) -> (f32, u32) {
     let mut o = 16;
     while o > 0 {
         let v = unsafe { shfl_bfly_f32(FULL, best.0, o, 0x1f) };
@@ -475,12 +471,133 @@ unsafe fn argmax(out: *mut u32, logits: *const f32, vocab: u32) {
         }
     }
     unsafe { _syncthreads() };
+    let mut b = unsafe { (*s, *si.add(WARPS as usize)) };
+    for w in 1..WARPS as usize {
+        b = argmax_pick(b, unsafe { (*s.add(w), *si.add(WARPS as usize + w)) });
+    }
+    unsafe { _syncthreads() };
+    b
+}
+
+/// [`block_sum`] followed by a barrier, for reductions in a loop: no warp writes the next
+/// partials before every warp has read these.
+#[inline(always)]
+unsafe fn block_sum_sync(v: f32) -> f32 {
+    let t = unsafe { block_sum(v) };
+    unsafe { _syncthreads() };
+    t
+}
+
+#[inline(always)]
+unsafe fn argmax(out: *mut u32, logits: *const f32, vocab: u32) {
+    let base = (bx() * vocab) as usize;
+    let mut best = (f32::NEG_INFINITY, u32::MAX);
+    let mut i = tid();
+    while i < vocab {
+        best = argmax_pick(best, (unsafe { *logits.add(base + i as usize) }, i));
+        i += THREADS;
+    }
+    let b = unsafe { block_argmax(best) };
     if tid() == 0 {
-        let mut b = unsafe { (*s, *si.add(WARPS as usize)) };
-        for w in 1..WARPS as usize {
-            b = argmax_pick(b, unsafe { (*s.add(w), *si.add(WARPS as usize + w)) });
-        }
         unsafe { *out.add(bx() as usize) = b.1 };
+    }
+}
+
+// ---------------------------------------------------------------- sampling
+
+/// One row of `sample_f32`: `crate::sample::sample_row` with block reductions. Writes the
+/// token and its logprob under the raw logits.
+#[inline(always)]
+unsafe fn sample(out: *mut u32, out_logprob: *mut f32, logits: *const f32, params: *const u32, vocab: u32) {
+    let r = bx() as usize;
+    let row = unsafe { logits.add(r * vocab as usize) };
+    let pw = unsafe { params.add(r * PARAM_WORDS) };
+    let p = unsafe { RowParams::from_words(&[*pw, *pw.add(1), *pw.add(2), *pw.add(3), *pw.add(4), *pw.add(5)]) };
+    let at = |i: u32| unsafe { *row.add(i as usize) };
+    let mut best = (f32::NEG_INFINITY, u32::MAX);
+    let mut i = tid();
+    while i < vocab {
+        best = argmax_pick(best, (at(i), i));
+        i += THREADS;
+    }
+    let best = unsafe { block_argmax(best) };
+    let m = best.0;
+    let mut s = 0.0;
+    let mut i = tid();
+    while i < vocab {
+        s += exp(at(i) - m);
+        i += THREADS;
+    }
+    let lse = m + ln(unsafe { block_sum_sync(s) });
+    let mut tok = best.1;
+    if !p.greedy() {
+        // Every branch below depends only on the row's parameters and block-wide results,
+        // so all threads take it together and meet at each reduction's barriers.
+        let tau_k = if p.top_k > 0 && p.top_k < vocab {
+            bisect_key(0, |c| {
+                let mut n = 0u32;
+                let mut i = tid();
+                while i < vocab {
+                    n += u32::from(ord_key(at(i)) >= c);
+                    i += THREADS;
+                }
+                (unsafe { block_sum_sync(n as f32) }) >= p.top_k as f32
+            })
+        } else {
+            0
+        };
+        let inv_t = 1.0 / p.temperature;
+        let mass = |c: u32| {
+            let mut acc = 0.0;
+            let mut i = tid();
+            while i < vocab {
+                let x = at(i);
+                if ord_key(x) >= c {
+                    acc += weight(x, m, inv_t);
+                }
+                i += THREADS;
+            }
+            unsafe { block_sum_sync(acc) }
+        };
+        let tau = if p.top_p < 1.0 {
+            let target = p.top_p * mass(tau_k);
+            bisect_key(tau_k, |c| mass(c) >= target)
+        } else {
+            tau_k
+        };
+        let mut win = (f32::NEG_INFINITY, u32::MAX);
+        let mut i = tid();
+        while i < vocab {
+            let x = at(i);
+            if ord_key(x) >= tau {
+                win = argmax_pick(win, (race_score(x, m, inv_t, uniform_open(p.seed, p.counter, i)), i));
+            }
+            i += THREADS;
+        }
+        tok = unsafe { block_argmax(win) }.1;
+    }
+    // A row of NaNs has no winner: token 0, as the host reference.
+    if tok >= vocab {
+        tok = 0;
+    }
+    if tid() == 0 {
+        unsafe {
+            *out.add(r) = tok;
+            *out_logprob.add(r) = at(tok) - lse;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dummy weights
+
+/// `out[i] = dummy_value(seed, i, scale)` for `i < n`, grid-stride.
+#[inline(always)]
+unsafe fn fill_dummy<T: Elem>(out: *mut T, n: u64, seed: u64, scale: f32) {
+    let stride = unsafe { _grid_dim_x() } as u64 * THREADS as u64;
+    let mut i = bx() as u64 * THREADS as u64 + tid() as u64;
+    while i < n {
+        unsafe { *out.add(i as usize) = T::from_f32(dummy_value(seed, i, scale)) };
+        i += stride;
     }
 }
 
@@ -631,3 +748,27 @@ attention_kernels!(Bf16, 4, paged_attention_bf16_d128, attention_reduce_bf16_d12
 pub unsafe extern "ptx-kernel" fn argmax_f32(out: *mut u32, logits: *const f32, vocab: u32) {
     unsafe { argmax(out, logits, vocab) }
 }
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn sample_f32(
+    out: *mut u32,
+    out_logprob: *mut f32,
+    logits: *const f32,
+    params: *const u32,
+    vocab: u32,
+) {
+    unsafe { sample(out, out_logprob, logits, params, vocab) }
+}
+
+macro_rules! fill_kernels {
+    ($t:ty, $name:ident) => {
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(out: *mut $t, n: u64, seed: u64, scale: f32) {
+            unsafe { fill_dummy::<$t>(out, n, seed, scale) }
+        }
+    };
+}
+
+fill_kernels!(f32, fill_dummy_f32);
+fill_kernels!(F16, fill_dummy_f16);
+fill_kernels!(Bf16, fill_dummy_bf16);

@@ -10,6 +10,13 @@ mod imp {
         fn rsqrt_approx(x: f32) -> f32;
         #[link_name = "llvm.nvvm.fmax.f"]
         fn fmax(a: f32, b: f32) -> f32;
+        #[link_name = "llvm.nvvm.lg2.approx.f"]
+        fn lg2(x: f32) -> f32;
+    }
+    #[inline(always)]
+    pub fn ln(x: f32) -> f32 {
+        // ln x = log2(x) ln 2; lg2.approx has ~2^-22 relative error.
+        unsafe { lg2(x) * core::f32::consts::LN_2 }
     }
     #[inline(always)]
     pub fn exp(x: f32) -> f32 {
@@ -37,12 +44,16 @@ mod imp {
         1.0 / x.sqrt()
     }
     #[inline(always)]
+    pub fn ln(x: f32) -> f32 {
+        x.ln()
+    }
+    #[inline(always)]
     pub fn max(a: f32, b: f32) -> f32 {
         a.max(b)
     }
 }
 
-pub use imp::{exp, max, rsqrt};
+pub use imp::{exp, ln, max, rsqrt};
 
 /// `e^x` for `x <= 0` (the softmax's `score - max`) by range reduction and a polynomial, in
 /// branch-free code that a host compiler vectorizes over an array of scores; within 2e-7

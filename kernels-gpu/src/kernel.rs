@@ -59,6 +59,10 @@ pub enum Kernel {
     SiluAndMul(Dtype),
     Embedding(Dtype),
     ArgmaxF32,
+    /// Device sampling (`crate::sample`): one row per thread block.
+    SampleF32,
+    /// Dummy weights (`crate::sample::dummy_value`), grid-stride.
+    FillDummy(Dtype),
 }
 
 impl Kernel {
@@ -99,6 +103,22 @@ impl Kernel {
             Embedding(F16) => "embedding_f16",
             Embedding(Bf16) => "embedding_bf16",
             ArgmaxF32 => "argmax_f32",
+            SampleF32 => "sample_f32",
+            FillDummy(F32) => "fill_dummy_f32",
+            FillDummy(F16) => "fill_dummy_f16",
+            FillDummy(Bf16) => "fill_dummy_bf16",
+        }
+    }
+
+    /// Bytes of dynamic shared memory a launch must give it.
+    pub const fn dynamic_smem(self) -> u32 {
+        match self {
+            Kernel::PagedAttention(_, d) => crate::attention_smem_bytes(d.get()),
+            // Block reductions: a value and an index per warp.
+            Kernel::RmsNorm(_) | Kernel::FusedAddRmsNorm(_) | Kernel::ArgmaxF32 | Kernel::SampleF32 => {
+                2 * (crate::BLOCK_THREADS / 32) * 4
+            }
+            _ => 0,
         }
     }
 
@@ -111,7 +131,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 31] = {
+pub const KERNELS: [Kernel; 35] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -147,6 +167,10 @@ pub const KERNELS: [Kernel; 31] = {
         Embedding(F16),
         Embedding(Bf16),
         ArgmaxF32,
+        SampleF32,
+        FillDummy(F32),
+        FillDummy(F16),
+        FillDummy(Bf16),
     ]
 };
 
@@ -170,6 +194,8 @@ mod tests {
                 Kernel::SiluAndMul(t) => format!("silu_and_mul_{}", t.name()),
                 Kernel::Embedding(t) => format!("embedding_{}", t.name()),
                 Kernel::ArgmaxF32 => "argmax_f32".into(),
+                Kernel::SampleF32 => "sample_f32".into(),
+                Kernel::FillDummy(t) => format!("fill_dummy_{}", t.name()),
             };
             assert_eq!(k.name(), want);
             assert!(KERNELS[..i].iter().all(|o| o.name() != k.name()), "{} twice", k.name());

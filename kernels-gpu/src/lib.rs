@@ -55,6 +55,7 @@ pub mod elem;
 pub mod fmath;
 pub mod kernel;
 pub mod ops;
+pub mod sample;
 pub mod softmax;
 
 #[cfg(target_arch = "nvptx64")]

@@ -186,11 +186,7 @@ pub fn parse_ptxas(text: &str) -> Vec<KernelStats> {
 }
 
 fn dynamic_smem(kernel: &str) -> u32 {
-    if !kernel.starts_with("paged_attention") {
-        return if kernel.contains("rms_norm") || kernel == "argmax_f32" { 32 } else { 0 };
-    }
-    let d = if kernel.ends_with("d128") { 128 } else { 64 };
-    weave_kernels_gpu::attention_smem_bytes(d)
+    weave_kernels_gpu::KERNELS.iter().find(|k| k.name() == kernel).map_or(0, |k| k.dynamic_smem())
 }
 
 fn print_table(rows: &[(String, KernelStats)]) {

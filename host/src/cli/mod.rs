@@ -152,6 +152,11 @@ impl ModelArgs {
             };
             let kv = weave::backends::cpu::KvDtype::parse(kv_cache_dtype, precision).map_err(anyhow::Error::msg)?;
             let for_cpu = device.0 == weave::backends::cuda::ExecDevice::Cpu;
+            anyhow::ensure!(
+                for_cpu || dtype == weave::model::dummy::DummyDtype::Bf16,
+                "--dtype {} on the GPU is not written yet: the CUDA backend holds weights in bfloat16 (use --dtype auto)",
+                self.dtype
+            );
             let lm = weave::generate::LoadedModel::dummy(&profile, dtype, kv, for_cpu)?;
             return Ok((lm, PathBuf::from(format!("dummy:{}", profile.name)), device));
         }

@@ -8,6 +8,8 @@ use super::config::ModelConfig;
 use super::weights::{Layer, Linear, LinearData, Weights};
 use crate::backends::cpu::hmatmul::{HKind, HMatrix};
 use rayon::prelude::*;
+use weave_kernels_gpu::sample::dummy_value;
+use weave_kernels_gpu::{Bf16, Elem, F16};
 
 /// How dummy weights are stored (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,43 +39,46 @@ impl DummyDtype {
     }
 }
 
-/// splitmix64: a fast, well-mixed stream from any seed.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// `n` values uniform in `[-scale, scale)` from `seed`, filled in parallel chunks that each
-/// start from their own seed, so the values do not depend on the thread count.
+/// `n` values of the dummy stream `seed` at `scale`
+/// (`weave_kernels_gpu::sample::dummy_value`, the stream the device's `fill_dummy_*` kernels
+/// write), in parallel: each value depends on its index alone, not on the thread count.
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let mut v = vec![0f32; n];
-    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-        let mut s = seed ^ (i as u64).wrapping_mul(0xd134_2543_de82_ef95);
-        for x in c {
-            let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32;
-            *x = (2.0 * u - 1.0) * scale;
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        for (j, x) in chunk.iter_mut().enumerate() {
+            *x = dummy_value(seed, (c * CHUNK + j) as u64, scale);
         }
     });
     v
 }
 
-/// A `[rows][cols]` matrix of dummy values in `dtype`.
-fn linear(rows: usize, cols: usize, dtype: DummyDtype, seed: u64, scale: f32) -> Linear {
+/// Where the values go: the host, in `dtype`, or left for the device to fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Materialize {
+    Host(DummyDtype),
+    Device,
+}
+
+/// A `[rows][cols]` matrix of dummy values.
+fn linear(rows: usize, cols: usize, to: Materialize, seed: u64, scale: f32) -> Linear {
+    let dtype = match to {
+        Materialize::Device => {
+            return Linear { data: LinearData::Dummy { seed, scale }, out_dim: rows, in_dim: cols };
+        }
+        Materialize::Host(d) => d,
+    };
     let v = uniform(rows * cols, scale, seed);
     let data = match dtype {
         DummyDtype::F32 => LinearData::F32(v),
         DummyDtype::F16 | DummyDtype::Bf16 => {
             let kind = if dtype == DummyDtype::F16 { HKind::F16 } else { HKind::Bf16 };
+            // The device's conversions (round to nearest even), so both hold the same bits.
             let bits = v
                 .par_iter()
                 .map(|&x| match kind {
-                    HKind::F16 => weave_kernels_gpu::elem::f32_to_f16_bits(x),
-                    // Round to nearest even: the top 16 bits after adding half an ulp.
-                    HKind::Bf16 => ((x.to_bits() + 0x7fff + ((x.to_bits() >> 16) & 1)) >> 16) as u16,
+                    HKind::F16 => F16::from_f32(x).0,
+                    HKind::Bf16 => Bf16::from_f32(x).0,
                 })
                 .collect();
             LinearData::Half(HMatrix { kind, rows, cols, bits })
@@ -83,7 +88,7 @@ fn linear(rows: usize, cols: usize, dtype: DummyDtype, seed: u64, scale: f32) ->
 }
 
 /// Weights of shape `cfg` from `seed`.
-pub fn weights(cfg: &ModelConfig, tied: bool, dtype: DummyDtype, seed: u64) -> Weights {
+pub fn weights(cfg: &ModelConfig, tied: bool, dtype: Materialize, seed: u64) -> Weights {
     let (h, f, v) = (cfg.hidden, cfg.intermediate, cfg.vocab_size);
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     // One seed per tensor, from its place in the model.
@@ -126,7 +131,7 @@ mod tests {
 
     fn logits(dtype: DummyDtype, seed: u64) -> Vec<f32> {
         let cfg = tiny().config();
-        let model = CpuModel::new(cfg.clone(), weights(&cfg, false, dtype, seed), 64);
+        let model = CpuModel::new(cfg.clone(), weights(&cfg, false, Materialize::Host(dtype), seed), 64);
         let mut be = CpuBackend::new(Arc::new(model), 4, 16, 1, 0);
         let b = weave_scheduler::ScheduledBatch {
             input_ids: vec![5, 7, 250],
@@ -157,8 +162,26 @@ mod tests {
     }
 
     #[test]
+    fn weights_left_for_the_device_hold_the_host_values() {
+        let cfg = tiny().config();
+        let host = weights(&cfg, false, Materialize::Host(DummyDtype::F32), 3);
+        let lazy = weights(&cfg, false, Materialize::Device, 3);
+        assert!(lazy.on_device_only() && !host.on_device_only());
+        let (mut a, mut b) = (vec![0f32; cfg.intermediate], vec![0f32; cfg.intermediate]);
+        for (h, l) in [(&host.embed, &lazy.embed), (&host.layers[2].down, &lazy.layers[2].down)] {
+            for r in [0, h.out_dim / 2, h.out_dim - 1] {
+                let (a, b) = (&mut a[..h.in_dim], &mut b[..h.in_dim]);
+                h.row(r, a);
+                l.row(r, b);
+                assert_eq!(a, b, "row {r}");
+            }
+        }
+        assert_eq!(lazy.embed.size_bytes(), 0);
+    }
+
+    #[test]
     fn bf16_rounds_to_nearest_even() {
-        let m = linear(1, 4, DummyDtype::Bf16, 3, 1.0);
+        let m = linear(1, 4, Materialize::Host(DummyDtype::Bf16), 3, 1.0);
         let LinearData::Half(h) = &m.data else { panic!("16-bit") };
         let exact = uniform(4, 1.0, 3);
         for (&b, &x) in h.bits.iter().zip(&exact) {

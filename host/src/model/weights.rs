@@ -48,6 +48,13 @@ pub enum LinearData {
     Quant(QMatrix),
     /// F16 or BF16, kept in 16 bits.
     Half(HMatrix),
+    /// Dummy weights left unmaterialized for a device that fills them itself
+    /// (`weave_kernels_gpu::sample::dummy_value(seed, i, scale)` for element `i`), so that an
+    /// 8B-scale model never crosses the host. The CPU backend refuses such weights.
+    Dummy {
+        seed: u64,
+        scale: f32,
+    },
 }
 
 #[derive(Debug)]
@@ -64,6 +71,11 @@ impl Linear {
             LinearData::F32(w) => out.copy_from_slice(&w[r * self.in_dim..(r + 1) * self.in_dim]),
             LinearData::Quant(q) => q.dequant_row(r, out),
             LinearData::Half(h) => h.row(r, out),
+            LinearData::Dummy { seed, scale } => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = weave_kernels_gpu::sample::dummy_value(*seed, (r * self.in_dim + j) as u64, *scale);
+                }
+            }
         }
     }
 
@@ -73,6 +85,7 @@ impl Linear {
             LinearData::F32(w) => 4 * w.len(),
             LinearData::Quant(q) => q.size_bytes(),
             LinearData::Half(h) => h.size_bytes(),
+            LinearData::Dummy { .. } => 0,
         }
     }
 
@@ -174,6 +187,12 @@ impl Weights {
         })
     }
 
+    /// Whether some matrix is left for a device to fill ([`LinearData::Dummy`]).
+    pub fn on_device_only(&self) -> bool {
+        let all = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]);
+        all.chain([&self.embed]).chain(self.lm_head.as_ref()).any(|l| matches!(l.data, LinearData::Dummy { .. }))
+    }
+
     /// How the matrices are stored, e.g. `u4+u8` (packed 4- and 8-bit) or `bf16`.
     pub fn storage(&self) -> String {
         let mut kinds: Vec<&str> = Vec::new();
@@ -189,6 +208,7 @@ impl Weights {
                     HKind::F16 => "f16",
                     HKind::Bf16 => "bf16",
                 },
+                LinearData::Dummy { .. } => "dummy (on the device)",
             };
             if !kinds.contains(&k) {
                 kinds.push(k);

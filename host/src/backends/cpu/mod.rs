@@ -105,6 +105,8 @@ fn matmul(x: &[f32], n: usize, w: &Linear, out: &mut [f32], accumulate: bool, th
             qmatmul::qmatmul(scratch.isa, q, &scratch.acts, out, accumulate, threads);
         }
         LinearData::Half(h) => hmatmul::hmatmul(scratch.half_isa, h, x, n, out, accumulate, threads),
+        // `make_backend` does not give such a model to the CPU (`Weights::on_device_only`).
+        LinearData::Dummy { .. } => unreachable!("dummy weights left for a device reached the CPU backend"),
     }
 }
 

@@ -3,7 +3,7 @@
 use super::{CudaError, DevElem, Kernels};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
-use weave_kernels_gpu::{attention_smem_bytes, HeadDim, Kernel, BLOCK_THREADS};
+use weave_kernels_gpu::{HeadDim, Kernel, BLOCK_THREADS};
 
 /// A batch's attention metadata on the device.
 #[derive(Debug, Clone, Copy)]
@@ -17,8 +17,9 @@ pub struct AttnMeta<'a> {
     pub block_tables: &'a CudaSlice<u32>,
 }
 
-fn rows(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 32 }
+/// One thread block of [`BLOCK_THREADS`] per row, with the shared memory `k` needs.
+fn rows(k: Kernel, n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: k.dynamic_smem() }
 }
 
 impl Kernels {
@@ -33,11 +34,12 @@ impl Kernels {
         num_tokens: usize,
         row: u32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::ReshapeAndCache(T::DTYPE));
+        let kind = Kernel::ReshapeAndCache(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(slots).arg(&row);
         // SAFETY: buffers sized by the caller for `num_tokens` rows and every slot in `slots`.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        unsafe { b.launch(rows(kind, num_tokens)) }?;
         Ok(())
     }
 
@@ -125,7 +127,7 @@ impl Kernels {
         let cfg = LaunchConfig {
             grid_dim: (meta.num_tiles as u32, shape.num_kv_heads, splits),
             block_dim: (BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: attention_smem_bytes(d),
+            shared_mem_bytes: Kernel::PagedAttention(T::DTYPE, hd).dynamic_smem(),
         };
         // SAFETY: shapes checked; buffers sized by the caller as AttnShape documents.
         unsafe { b.launch(cfg) }?;
@@ -153,11 +155,12 @@ impl Kernels {
         n: u32,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::RmsNorm(T::DTYPE));
+        let kind = Kernel::RmsNorm(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(out).arg(x).arg(w).arg(&n).arg(&eps);
         // SAFETY: `n_rows * n` elements in `out` and `x`, `n` weights.
-        unsafe { b.launch(rows(n_rows)) }?;
+        unsafe { b.launch(rows(kind, n_rows)) }?;
         Ok(())
     }
 
@@ -171,11 +174,12 @@ impl Kernels {
         n: u32,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::FusedAddRmsNorm(T::DTYPE));
+        let kind = Kernel::FusedAddRmsNorm(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(x).arg(residual).arg(w).arg(&n).arg(&eps);
         // SAFETY: as for rms_norm.
-        unsafe { b.launch(rows(n_rows)) }?;
+        unsafe { b.launch(rows(kind, n_rows)) }?;
         Ok(())
     }
 
@@ -191,12 +195,13 @@ impl Kernels {
         layout: weave_kernels_gpu::ops::RopeLayout,
     ) -> Result<(), CudaError> {
         let (nq, nk, head_dim, rot_dim) = dims;
-        let f = self.function(Kernel::RotaryEmbedding(T::DTYPE));
+        let kind = Kernel::RotaryEmbedding(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         let layout = layout as u32;
         b.arg(q).arg(k).arg(positions).arg(cos_sin).arg(&nq).arg(&nk).arg(&head_dim).arg(&rot_dim).arg(&layout);
         // SAFETY: q/k hold `num_tokens` rows of nq/nk heads; the cos/sin cache covers every position.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        unsafe { b.launch(rows(kind, num_tokens)) }?;
         Ok(())
     }
 
@@ -207,11 +212,12 @@ impl Kernels {
         num_tokens: usize,
         inter: u32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::SiluAndMul(T::DTYPE));
+        let kind = Kernel::SiluAndMul(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(out).arg(x).arg(&inter);
         // SAFETY: `x` holds 2 * inter per token, `out` inter per token.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        unsafe { b.launch(rows(kind, num_tokens)) }?;
         Ok(())
     }
 
@@ -223,11 +229,12 @@ impl Kernels {
         num_tokens: usize,
         hidden: u32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::Embedding(T::DTYPE));
+        let kind = Kernel::Embedding(T::DTYPE);
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(out).arg(table).arg(ids).arg(&hidden);
         // SAFETY: every id indexes a row of `table`.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 0, ..rows(num_tokens) }) }?;
+        unsafe { b.launch(rows(kind, num_tokens)) }?;
         Ok(())
     }
 
@@ -238,11 +245,48 @@ impl Kernels {
         n_rows: usize,
         vocab: u32,
     ) -> Result<(), CudaError> {
-        let f = self.function(Kernel::ArgmaxF32);
+        let kind = Kernel::ArgmaxF32;
+        let f = self.function(kind);
         let mut b = self.stream.launch_builder(f);
         b.arg(out).arg(logits).arg(&vocab);
         // SAFETY: `logits` holds n_rows * vocab values, `out` n_rows.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: 64, ..rows(n_rows) }) }?;
+        unsafe { b.launch(rows(kind, n_rows)) }?;
+        Ok(())
+    }
+
+    /// Samples one token per row of `logits` (`n_rows x vocab`) by `params`
+    /// (`PARAM_WORDS` words a row, `weave_kernels_gpu::sample::RowParams::to_words`), writing
+    /// the tokens and their logprobs under the raw logits.
+    pub fn sample(
+        &self,
+        out: &mut CudaSlice<u32>,
+        out_logprob: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        params: &CudaSlice<u32>,
+        n_rows: usize,
+        vocab: u32,
+    ) -> Result<(), CudaError> {
+        let kind = Kernel::SampleF32;
+        let mut b = self.stream.launch_builder(self.function(kind));
+        b.arg(out).arg(out_logprob).arg(logits).arg(params).arg(&vocab);
+        // SAFETY: `logits` holds n_rows * vocab values, `params` n_rows rows, the outputs n_rows.
+        unsafe { b.launch(rows(kind, n_rows)) }?;
+        Ok(())
+    }
+
+    /// Fills `out` with the dummy-weight stream `seed` at `scale` (the values the CPU's dummy
+    /// weights hold), on the device.
+    pub fn fill_dummy<T: DevElem>(&self, out: &mut CudaSlice<T::Bits>, seed: u64, scale: f32) -> Result<(), CudaError> {
+        let kind = Kernel::FillDummy(T::DTYPE);
+        let n = out.len() as u64;
+        let mut b = self.stream.launch_builder(self.function(kind));
+        b.arg(&mut *out).arg(&n).arg(&seed).arg(&scale);
+        // Grid-stride: enough blocks to fill the device, not one per element.
+        let blocks = n.div_ceil(BLOCK_THREADS as u64).min(132 * 16) as u32;
+        let cfg =
+            LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the kernel writes `out.len()` elements.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 }

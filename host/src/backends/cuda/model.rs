@@ -8,12 +8,13 @@
 //! - Everything else through weave's PTX kernels: embedding (also the gather of the sampled
 //!   rows), RMSNorm, rotary, the KV write, the mixed paged attention, SiLU-and-mul, argmax.
 //! - A workspace allocated once for `max_num_batched_tokens` rows; the step's metadata goes up
-//!   in one copy per array at the start of the step, and only the sampled ids come back for
-//!   greedy rows. Other sampling (temperature, top-k/p, logprobs) copies those rows' logits
-//!   to the host and uses the CPU sampler, for now.
+//!   in one copy per array at the start of the step, and only the sampled ids come back:
+//!   greedy steps take the argmax kernel; temperature, top-k, top-p and per-request seeds the
+//!   `sample_f32` kernel (`weave_kernels_gpu::sample`), which also gives each token's logprob.
+//!   Only a request that asks for top alternatives has its logits row copied to the host.
 //!
 //! Status: builds and is type-checked on machines without a GPU; it has not run on one yet
-//! (issue 10's GPU proof). CUDA graphs, device-side sampling and split-KV decode are to come.
+//! (issue 10's GPU proof). CUDA graphs and split-KV decode are to come.
 
 use super::{AttnMeta, CudaError, Kernels};
 use crate::backends::cpu::CpuModel;
@@ -46,11 +47,19 @@ struct DevLinear {
 
 impl DevLinear {
     fn upload(k: &Kernels, l: &Linear) -> Result<DevLinear, CudaError> {
-        // bf16 already (dummy weights): the bits as they are.
-        if let crate::model::weights::LinearData::Half(h) = &l.data {
-            if h.kind == crate::backends::cpu::hmatmul::HKind::Bf16 {
+        use crate::model::weights::LinearData;
+        match &l.data {
+            // bf16 already: the bits as they are.
+            LinearData::Half(h) if h.kind == crate::backends::cpu::hmatmul::HKind::Bf16 => {
                 return Ok(DevLinear { w: k.upload(&h.bits)?, out_dim: l.out_dim, in_dim: l.in_dim });
             }
+            // Dummy weights: filled on the device, the same values the host would make.
+            LinearData::Dummy { seed, scale } => {
+                let mut w = k.zeros::<B16>(l.out_dim * l.in_dim)?;
+                k.fill_dummy::<Bf16>(&mut w, *seed, *scale)?;
+                return Ok(DevLinear { w, out_dim: l.out_dim, in_dim: l.in_dim });
+            }
+            _ => {}
         }
         let mut row = vec![0f32; l.in_dim];
         let mut bits = Vec::with_capacity(l.out_dim * l.in_dim);
@@ -98,7 +107,11 @@ struct Meta {
     qsl: CudaSlice<u32>,
     tiles: CudaSlice<u32>,
     logits_indices: CudaSlice<u32>,
+    /// The sampled token of each row (argmax or the device sampler's draw).
     argmax: CudaSlice<u32>,
+    /// The sampler's parameters, `PARAM_WORDS` a row, and the sampled tokens' logprobs.
+    sample_params: CudaSlice<u32>,
+    logprob: CudaSlice<f32>,
 }
 
 /// The model on one GPU.
@@ -187,6 +200,8 @@ impl CudaBackend {
             tiles: k.zeros(2 * (n + s))?,
             logits_indices: k.zeros(s)?,
             argmax: k.zeros(s)?,
+            sample_params: k.zeros(s * weave_kernels_gpu::sample::PARAM_WORDS)?,
+            logprob: k.zeros(s)?,
         };
         let logits = k.zeros::<f32>(s * c.vocab_size)?;
         let partials = k.zeros::<f32>(1)?;
@@ -325,6 +340,51 @@ impl CudaBackend {
             )
         }
         .map_err(|e| CudaError::Blas(e.to_string()))
+    }
+}
+
+impl CudaBackend {
+    /// Samples the step's rows on the device (`weave_kernels_gpu::sample`): only the tokens
+    /// and their logprobs come back. Rows whose request wants top alternatives are drawn on
+    /// the host from a copy of their logits row (see `Samplers::needs_host`).
+    #[allow(clippy::type_complexity)]
+    fn sample_on_device(
+        &mut self,
+        ids: &[RequestId],
+    ) -> Result<(Vec<u32>, Vec<Option<crate::engine::TokenLogprobs>>), CudaError> {
+        let (s, vocab) = (ids.len(), self.cfg.vocab_size);
+        let words: Vec<u32> = ids.iter().flat_map(|&id| self.sampling.device_row(id).to_words()).collect();
+        let st = self.k.stream.clone();
+        st.memcpy_htod(&words, &mut self.meta.sample_params)?;
+        self.k.sample(
+            &mut self.meta.argmax,
+            &mut self.meta.logprob,
+            &self.logits,
+            &self.meta.sample_params,
+            s,
+            vocab as u32,
+        )?;
+        let mut sampled = st.clone_dtoh(&self.meta.argmax.slice(..s))?;
+        let lp = st.clone_dtoh(&self.meta.logprob.slice(..s))?;
+        let mut logprobs: Vec<Option<crate::engine::TokenLogprobs>> = ids
+            .iter()
+            .zip(&lp)
+            .map(|(&id, &logprob)| {
+                self.sampling.logprobs_of(id).map(|_| crate::engine::TokenLogprobs { logprob, top: Vec::new() })
+            })
+            .collect();
+        for (i, &id) in ids.iter().enumerate() {
+            if self.sampling.needs_host(id) {
+                let mut row = st.clone_dtoh(&self.logits.slice(i * vocab..(i + 1) * vocab))?;
+                let (t, mut l) = self.sampling.sample_rows(&mut row, vocab, &[id]);
+                sampled[i] = t[0];
+                logprobs[i] = l.pop().flatten();
+            }
+        }
+        if logprobs.iter().all(Option::is_none) {
+            logprobs.clear();
+        }
+        Ok((sampled, logprobs))
     }
 }
 
@@ -508,13 +568,9 @@ impl Backend for CudaBackend {
         let (sampled, logprobs) = if self.sampling.all_greedy(&ids) {
             // Only the ids come back.
             self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
-            let mut all = self.k.download(&self.meta.argmax)?;
-            all.truncate(s);
-            (all, Vec::new())
+            (self.k.stream.clone_dtoh(&self.meta.argmax.slice(..s))?, Vec::new())
         } else {
-            // Some row needs the host sampler: the sampled rows' logits come back.
-            let mut rows = self.k.stream.clone_dtoh(&self.logits.slice(..s * vocab))?;
-            self.sampling.sample_rows(&mut rows, vocab, &ids)
+            self.sample_on_device(&ids)?
         };
         let phases = Phases { forward, sample: t.elapsed().as_secs_f64(), ..Default::default() };
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
