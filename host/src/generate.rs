@@ -172,6 +172,10 @@ pub struct GenerateConfig {
     pub device: crate::backends::cuda::ExecDevice,
     /// Fraction of the GPU's memory to use (vLLM's `--gpu-memory-utilization`).
     pub gpu_memory_utilization: f64,
+    /// No CUDA graphs (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
+    /// An NVTX range per layer on the GPU (`--profile-layers`).
+    pub profile_layers: bool,
 }
 
 /// One finished completion.
@@ -258,6 +262,8 @@ pub fn cuda_backend(
         max_model_len: s.max_model_len,
         block_size: s.block_size,
         gpu_memory_utilization: cfg.gpu_memory_utilization,
+        enforce_eager: cfg.enforce_eager,
+        profile_layers: cfg.profile_layers,
     };
     Ok(CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0))?)
 }

@@ -146,6 +146,8 @@ async fn completions_match_generate_streamed_or_not() {
         threads: 1,
         device: Default::default(),
         gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
     };
     let spec = weave::generate::PromptSpec { prompt: prompt.into(), ..Default::default() };
     let want = weave::generate::generate(lm, &gcfg, &[spec], &mut |_| {}).unwrap().completions[0].clone();

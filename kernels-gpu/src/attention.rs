@@ -98,6 +98,39 @@ pub fn fill_tiles(query_start_loc: &[u32], tokens_per_tile: u32, out: &mut [u32]
     }
 }
 
+/// The most splits a decode row is cut into; with [`split_rows_bound`] it sizes the partials
+/// workspace.
+pub const MAX_SPLITS: u32 = 32;
+
+/// Fewest KV blocks a split is given: below this, merging costs more than it spreads.
+pub const MIN_BLOCKS_PER_SPLIT: u32 = 4;
+
+/// Flash-decoding's choice for a decode-only batch of `num_seqs` rows whose longest context
+/// spans `max_blocks` KV blocks: the `blocks_per_split` that gives the device about two thread
+/// blocks per SM (`num_seqs * num_kv_heads * splits >= 2 * num_sms`), 0 (no split) when the
+/// batch fills the device by itself or the contexts are short. Splits past a row's own
+/// length are empty and exit at once.
+pub fn choose_blocks_per_split(num_seqs: u32, num_kv_heads: u32, max_blocks: u32, num_sms: u32) -> u32 {
+    let work = num_seqs.max(1) * num_kv_heads.max(1);
+    let target = 2 * num_sms;
+    if work >= target {
+        return 0;
+    }
+    let splits = target.div_ceil(work).min(max_blocks / MIN_BLOCKS_PER_SPLIT).min(MAX_SPLITS);
+    if splits <= 1 {
+        return 0;
+    }
+    max_blocks.div_ceil(splits)
+}
+
+/// An upper bound on `splits * num_seqs` over every choice [`choose_blocks_per_split`] makes
+/// for up to `max_seqs` rows: the rows of partials a workspace needs.
+pub fn split_rows_bound(max_seqs: u32, num_kv_heads: u32, num_sms: u32) -> u32 {
+    // splits <= ceil(2 sms / (seqs kv)) <= 2 sms / (seqs kv) + 1, so splits * seqs is at
+    // most 2 sms / kv + seqs, and never more than MAX_SPLITS * seqs.
+    ((2 * num_sms).div_ceil(num_kv_heads.max(1)) + max_seqs).min(MAX_SPLITS * max_seqs)
+}
+
 /// KV block range `[first, end)` of `split` for keys `[0, visible)`.
 #[inline(always)]
 pub fn split_blocks(split: u32, blocks_per_split: u32, block_size: u32, visible: u32) -> (u32, u32) {
@@ -296,5 +329,37 @@ pub fn reshape_and_cache_host<T: Elem>(
         let o = shape.kv_offset(slot, 0);
         k_cache[o..o + row].copy_from_slice(&k[t * row..(t + 1) * row]);
         v_cache[o..o + row].copy_from_slice(&v[t * row..(t + 1) * row]);
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_device_only_when_the_batch_does_not() {
+        // 256 sequences x 8 KV heads already give 2048 thread blocks for 132 SMs.
+        assert_eq!(choose_blocks_per_split(256, 8, 128, 132), 0);
+        // Short contexts are not split.
+        assert_eq!(choose_blocks_per_split(1, 8, 6, 132), 0);
+        for (seqs, kv, blocks) in [(1u32, 8u32, 512u32), (8, 8, 512), (4, 3, 64), (1, 1, 10_000), (64, 8, 256)] {
+            let bps = choose_blocks_per_split(seqs, kv, blocks, 132);
+            if bps == 0 {
+                assert!(seqs * kv >= 264 || blocks / MIN_BLOCKS_PER_SPLIT <= 1, "{seqs} {kv} {blocks}");
+                continue;
+            }
+            let splits = blocks.div_ceil(bps);
+            assert!(bps >= MIN_BLOCKS_PER_SPLIT - 1 && splits <= MAX_SPLITS, "{seqs} {kv} {blocks}: {bps}");
+            // Every block is covered, and the device gets about two blocks per SM.
+            assert!(splits * bps >= blocks);
+            assert!(seqs * kv * splits >= 264 || splits == MAX_SPLITS || bps <= MIN_BLOCKS_PER_SPLIT + 1);
+            assert!(splits * seqs <= split_rows_bound(seqs, kv, 132), "{seqs} {kv} {blocks}");
+        }
+        // The bound holds for every batch size up to the workspace's.
+        for seqs in 1..300 {
+            let bps = choose_blocks_per_split(seqs, 8, 512, 132);
+            let splits = if bps == 0 { 1 } else { 512u32.div_ceil(bps) };
+            assert!(splits * seqs <= split_rows_bound(300, 8, 132).max(seqs), "{seqs}");
+        }
     }
 }

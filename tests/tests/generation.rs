@@ -65,6 +65,8 @@ fn config(budget: usize, chunked: bool, caching: bool) -> GenerateConfig {
         threads: 2,
         device: Default::default(),
         gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
     }
 }
 

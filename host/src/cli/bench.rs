@@ -58,6 +58,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 threads: run.threads,
                 device: exec,
                 gpu_memory_utilization: run.gpu_memory_utilization,
+                enforce_eager: run.enforce_eager,
+                profile_layers: run.profile_layers,
             };
             let backend = weave::generate::cuda_backend(&lm, &cfg)?;
             eprintln!("device: {}", backend.describe());
@@ -136,12 +138,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
         println!(
-            "{:>11} {:>9} {:>9} {:>11} {:>10} {:>13} {:>8}",
-            "concurrency", "TTFT ms", "TPOT ms", "forward ms", "sample ms", "roofline tok/s", "of it"
+            "{:>11} {:>9} {:>9} {:>11} {:>10} {:>13} {:>8} {:>8}",
+            "concurrency", "TTFT ms", "TPOT ms", "forward ms", "sample ms", "roofline tok/s", "of it", "GPU gap"
         );
         for r in &rows {
             println!(
-                "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>10.2} {:>13} {:>8}",
+                "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>10.2} {:>13} {:>8} {:>8}",
                 r.concurrency,
                 r.ttft_ms,
                 r.tpot_ms,
@@ -149,6 +151,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 r.sample_ms,
                 r.roofline_output_tok_s.map_or("-".into(), |x| format!("{x:.0}")),
                 r.roofline_ratio.map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
+                r.gpu_gap_share.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x)),
             );
         }
         match (peak, llama_peak) {

@@ -89,6 +89,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         threads,
         device: exec_device,
         gpu_memory_utilization: run.gpu_memory_utilization,
+        enforce_eager: run.enforce_eager,
+        profile_layers: run.profile_layers,
     };
     if !json {
         eprintln!(

@@ -102,6 +102,18 @@ pub struct ModelArgs {
     /// the KV cache gets the rest (vLLM's flag).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// Run every GPU step eagerly: no CUDA graphs for decode steps (vLLM's flag).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// NVTX ranges around each step's phases (schedule, prepare, forward, sample, update) for
+    /// Nsight Systems; the library (libnvToolsExt.so.1 or $WEAVE_NVTX_LIB) is loaded at run
+    /// time. WEAVE_NVTX=1 does the same.
+    #[arg(long)]
+    pub nvtx: bool,
+    /// With --nvtx: a range around each layer too (GPU steps that run eagerly; a CUDA graph
+    /// replays its layers without the host, so use --enforce-eager to see them all).
+    #[arg(long)]
+    pub profile_layers: bool,
     /// Where the weights come from: auto (the GGUF file) or dummy (random weights of
     /// --model-config's shape, from a fixed seed, as vLLM's `--load-format dummy`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "gguf", "dummy"])]
@@ -132,6 +144,11 @@ impl ModelArgs {
             self.gpu_memory_utilization
         );
         let device = weave::backends::cuda::choose_device(&self.device, cuda_ok).map_err(anyhow::Error::msg)?;
+        if self.nvtx || self.profile_layers {
+            if let Err(why) = weave::engine::nvtx::enable() {
+                eprintln!("weave: --nvtx: {why}");
+            }
+        }
         rayon::ThreadPoolBuilder::new().num_threads(self.threads).build_global().ok();
         if self.load_format == "dummy" {
             let Some(name) = &self.model_config else {

@@ -8,6 +8,7 @@
 //! scheduler being studied is the scheduler being shipped.
 
 mod backend;
+pub mod nvtx;
 pub mod steplog;
 
 use crate::sampling::SamplingParams;
@@ -202,7 +203,9 @@ impl<B: Backend> Engine<B> {
         stop_check: &mut dyn FnMut(RequestId, &[u32]) -> bool,
     ) -> anyhow::Result<StepReport> {
         let t0 = Instant::now();
+        let r = nvtx::range(c"schedule");
         self.sched.schedule_into(&mut self.batch);
+        drop(r);
         let t_scheduled = t0.elapsed().as_secs_f64();
         anyhow::ensure!(
             !self.batch.is_empty(),
@@ -211,6 +214,7 @@ impl<B: Backend> Engine<B> {
         );
         let result = self.backend.execute(&self.batch)?;
         let t_update = Instant::now();
+        let _update_range = nvtx::range(c"update");
         let update = self.sched.update(&result.output)?;
         let duration = result.duration_s.unwrap_or_else(|| t0.elapsed().as_secs_f64());
         let end = now + duration;

@@ -43,6 +43,7 @@ pub struct StepRecord {
 
 /// A step's wall time by phase, in seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Phases {
     /// The scheduler building the batch.
     pub schedule: f64,
@@ -55,6 +56,12 @@ pub struct Phases {
     pub sample: f64,
     /// The scheduler taking the step's tokens, and the engine's bookkeeping of them.
     pub update: f64,
+    /// On a GPU, from CUDA events: the device's time from the step's first queued work to its
+    /// last (0 elsewhere).
+    pub gpu_busy: f64,
+    /// On a GPU: the device's idle time between the previous step's last work and this step's
+    /// first, while the host scheduled, prepared and sampled (the "kernel gaps" view).
+    pub gpu_gap: f64,
 }
 
 impl Phases {
@@ -101,6 +108,26 @@ pub fn phase_table(steps: &[StepRecord]) -> Option<String> {
         q(&mut steps_ms, 0.99),
         100.0
     );
+    if ph.iter().any(|(p, _)| p.gpu_busy > 0.0) {
+        // The device's own clock: its busy time per step, and the gaps in which it waited on
+        // the host, each as a share of the device timeline (busy + gaps).
+        let timeline: f64 = ph.iter().map(|(p, _)| p.gpu_busy + p.gpu_gap).sum();
+        out += "  on the GPU (CUDA events)\n";
+        for (name, f) in
+            [("gpu busy", (|p: &Phases| p.gpu_busy) as fn(&Phases) -> f64), ("gpu gap", |p: &Phases| p.gpu_gap)]
+        {
+            let mut v: Vec<f64> = ph.iter().map(|(p, _)| f(p) * 1e3).collect();
+            let sum: f64 = v.iter().sum();
+            out += &format!(
+                "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
+                name,
+                sum / v.len() as f64,
+                q(&mut v, 0.5),
+                q(&mut v, 0.99),
+                100.0 * sum / 1e3 / timeline.max(1e-12)
+            );
+        }
+    }
     Some(out)
 }
 

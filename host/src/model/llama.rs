@@ -75,6 +75,10 @@ pub enum Norm {
 /// [`LayerOps::begin`] uploaded).
 pub trait LayerOps {
     type Error;
+    /// Whether each layer gets an NVTX range (`--profile-layers`).
+    fn profile_layers(&self) -> bool {
+        false
+    }
     /// Prepares the step: buffers sized for `b`'s tokens, metadata where the ops can read it.
     fn begin(&mut self, b: &ScheduledBatch) -> Result<(), Self::Error>;
     /// `out[t] = embedding[input_ids[t]]`.
@@ -101,6 +105,7 @@ pub fn forward<O: LayerOps>(ops: &mut O, num_layers: usize, b: &ScheduledBatch) 
     ops.begin(b)?;
     ops.embedding(b, Buf::X)?;
     for l in 0..num_layers {
+        let _range = ops.profile_layers().then(|| crate::engine::nvtx::range(crate::engine::nvtx::layer_name(l)));
         ops.rms_norm(Buf::X, Norm::Attn(l), Buf::H)?;
         ops.matmul(Buf::H, Weight::Qkv(l), Buf::Qkv, false)?;
         ops.split_rope(b, Buf::Qkv, Buf::Q, Buf::K, Buf::V)?;

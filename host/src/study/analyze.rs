@@ -209,7 +209,13 @@ mod tests {
         assert_eq!((ev[3]["name"].as_str(), ev[3]["ts"].as_f64()), (Some("forward"), Some(0.1e6)));
         let table = crate::engine::steplog::phase_table(&steps).unwrap();
         assert!(table.contains("forward") && table.contains("60.0%"), "{table}");
+        assert!(!table.contains("gpu gap"), "no GPU events, no GPU rows: {table}");
         assert_eq!(crate::engine::steplog::phase_table(&ok), None, "no phases, no table");
+        // A GPU step: 0.75 s busy, 0.25 s waiting on the host.
+        let gpu = phased.replace("\"update\":0.1}", "\"update\":0.1,\"gpu_busy\":0.75,\"gpu_gap\":0.25}");
+        let table = crate::engine::steplog::phase_table(&parse_log(&gpu, "x").unwrap()).unwrap();
+        let gap = table.lines().find(|l| l.trim_start().starts_with("gpu gap")).expect(&table);
+        assert!(gap.contains("250.000") && gap.ends_with("25.0%"), "{table}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct BenchRow {
     /// measured GEMM rate, whichever is slower), and weave's output tok/s over it.
     pub roofline_output_tok_s: Option<f64>,
     pub roofline_ratio: Option<f64>,
+    /// On a GPU: the median over the runs of the share of the device's timeline in which it
+    /// waited on the host between steps (CUDA events).
+    pub gpu_gap_share: Option<f64>,
 }
 
 /// One run's measurements.
@@ -57,6 +60,8 @@ struct Run {
     /// Mean step phases (ms): forward, sample.
     forward_ms: f64,
     sample_ms: f64,
+    /// Summed device gaps over summed device busy + gaps, where steps recorded them.
+    gpu_gap_share: Option<f64>,
 }
 
 /// The GPU side of a benchmark: one CUDA backend (the weights stay on the device across runs)
@@ -195,6 +200,10 @@ pub fn bench_generate(
             sample_ms: median(&runs.iter().map(|r| r.sample_ms).collect::<Vec<_>>()),
             roofline_output_tok_s: roofline(b),
             roofline_ratio: roofline(b).map(|r| median(&outs) / r),
+            gpu_gap_share: {
+                let g: Vec<f64> = runs.iter().filter_map(|r| r.gpu_gap_share).collect();
+                (!g.is_empty()).then(|| median(&g))
+            },
         });
     }
     Ok(rows)
@@ -235,6 +244,8 @@ fn run_weave(
         threads,
         device: Default::default(),
         gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
     };
     let r = match gpu {
         None => generate(lm, &cfg, &prompts, &mut |_| {})?,
@@ -267,6 +278,11 @@ fn run_weave(
         tpot_ms: mean(r.completions.iter().filter_map(|c| c.tpot_ms).collect()),
         forward_ms: mean(phases.iter().map(|p| p.forward * 1e3).collect()),
         sample_ms: mean(phases.iter().map(|p| p.sample * 1e3).collect()),
+        gpu_gap_share: {
+            let busy: f64 = phases.iter().map(|p| p.gpu_busy).sum();
+            let gap: f64 = phases.iter().map(|p| p.gpu_gap).sum();
+            (busy > 0.0).then(|| gap / (busy + gap))
+        },
     })
 }
 

@@ -16,4 +16,6 @@ pub enum CudaError {
     Blas(String),
     #[error("device memory: {0}")]
     Memory(String),
+    #[error("CUDA graph: {0}")]
+    Graph(String),
 }

@@ -14,7 +14,7 @@
 //!   Only a request that asks for top alternatives has its logits row copied to the host.
 //!
 //! Status: builds and is type-checked on machines without a GPU; it has not run on one yet
-//! (issue 10's GPU proof). CUDA graphs and split-KV decode are to come.
+//! (issue 10's GPU proof).
 
 use super::{AttnMeta, CudaError, Kernels};
 use crate::backends::cpu::CpuModel;
@@ -94,6 +94,60 @@ pub struct CudaLimits {
     pub block_size: usize,
     /// Fraction of the device's memory weave may use (vLLM's `--gpu-memory-utilization`).
     pub gpu_memory_utilization: f64,
+    /// Run every step eagerly: no CUDA graphs (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
+    /// An NVTX range around each layer of eager steps (`--profile-layers`).
+    pub profile_layers: bool,
+}
+
+/// The padded batch sizes decode steps are captured for: 1, 2, 4, 8, then steps of 8 up to
+/// `max` (vLLM's list), and `max` itself.
+pub fn graph_sizes(max: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [1, 2, 4].into_iter().chain((1..).map(|i| 8 * i)).take_while(|&n| n <= max).collect();
+    if max > 0 && v.last() != Some(&max) {
+        v.push(max);
+    }
+    v
+}
+
+/// Whether every sequence of `b` brings one token and every token is sampled: a decode-only
+/// step, whose shape a CUDA graph captures once per padded size.
+pub fn is_decode_only(b: &ScheduledBatch) -> bool {
+    let n = b.num_tokens();
+    n > 0
+        && b.query_start_loc.len() == n + 1
+        && b.query_start_loc.windows(2).all(|w| w[1] == w[0] + 1)
+        && b.logits_indices.len() == n
+        && b.logits_indices.iter().enumerate().all(|(i, &x)| x as usize == i)
+}
+
+/// `b` (decode-only) padded to `size` rows for a graph: block tables at the fixed `stride`,
+/// and padding rows that read the null block and write nothing (slot `u32::MAX`).
+pub fn pad_decode(b: &ScheduledBatch, size: usize, stride: usize) -> ScheduledBatch {
+    let n = b.num_tokens();
+    assert!(n <= size && b.max_blocks_per_seq <= stride, "a graph is padded up, never down");
+    let pad = |v: &[u32], fill: u32| v.iter().copied().chain(std::iter::repeat(fill)).take(size).collect::<Vec<_>>();
+    let mut tables = vec![0u32; size * stride];
+    for (i, row) in b.block_tables.chunks(b.max_blocks_per_seq.max(1)).take(n).enumerate() {
+        tables[i * stride..i * stride + row.len()].copy_from_slice(row);
+    }
+    ScheduledBatch {
+        step: b.step,
+        input_ids: pad(&b.input_ids, 0),
+        positions: pad(&b.positions, 0),
+        query_start_loc: (0..=size as u32).collect(),
+        seq_lens: pad(&b.seq_lens, 1),
+        context_lens: pad(&b.context_lens, 0),
+        block_tables: tables,
+        max_blocks_per_seq: stride,
+        block_size: b.block_size,
+        slot_mapping: pad(&b.slot_mapping, u32::MAX),
+        logits_indices: (0..size as u32).collect(),
+        num_decode_tokens: size,
+        max_query_len: 1,
+        max_seq_len: (stride * b.block_size) as u32,
+        ..Default::default()
+    }
 }
 
 /// The step's metadata on the device, each array sized for the largest step.
@@ -140,6 +194,25 @@ pub struct CudaBackend {
     max_seq_len: u32,
     weight_bytes: usize,
     sampling: Samplers,
+    /// Rows (split x token) of attention partials `partials` holds.
+    partial_rows: usize,
+    /// Captured decode steps by padded size; `graph_sizes` is empty when eager.
+    graphs: Graphs,
+    graph_sizes: Vec<usize>,
+    /// The step's metadata is on the device already: `begin` uploads nothing.
+    meta_ready: bool,
+    /// The previous step's last event, for the idle gap before the next step.
+    last_end: Option<cudarc::driver::CudaEvent>,
+}
+
+/// Captured graphs by padded batch size.
+#[derive(Default)]
+struct Graphs(std::collections::HashMap<usize, cudarc::driver::CudaGraph>);
+
+impl std::fmt::Debug for Graphs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Two distinct elements of `v`: `(&mut v[a], &v[b])`.
@@ -204,7 +277,10 @@ impl CudaBackend {
             logprob: k.zeros(s)?,
         };
         let logits = k.zeros::<f32>(s * c.vocab_size)?;
-        let partials = k.zeros::<f32>(1)?;
+        // Split-KV decode's partial rows, for the largest split the choice can make.
+        let partial_rows =
+            weave_kernels_gpu::attention::split_rows_bound(s as u32, shape.num_kv_heads, k.num_sms) as usize;
+        let partials = k.zeros::<f32>(partial_rows * shape.num_q_heads as usize * shape.partial_stride())?;
         let blas = CudaBlas::new(k.stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
         // What is left for the KV cache: vLLM's rule, without its profiling pass (the
         // workspace above is already the step's peak, as no op allocates).
@@ -249,6 +325,15 @@ impl CudaBackend {
             max_seq_len: 0,
             weight_bytes,
             sampling: Samplers::new(base_seed),
+            partial_rows,
+            graphs: Default::default(),
+            graph_sizes: if limits.enforce_eager {
+                Vec::new()
+            } else {
+                graph_sizes(limits.max_num_seqs.min(limits.max_num_batched_tokens).min(512))
+            },
+            meta_ready: false,
+            last_end: None,
         })
     }
 
@@ -344,6 +429,136 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// Checks `b` against the backend's limits and sends its metadata to the device: one copy
+    /// per array, before the step's kernels (and outside a graph capture). Picks the split-KV
+    /// choice for a decode-only step.
+    fn upload_meta(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
+        let (n, s) = (b.num_tokens(), b.logits_indices.len());
+        let l = &self.limits;
+        if n > l.max_num_batched_tokens.max(l.max_num_seqs) || b.seqs.len() > l.max_num_seqs || s > l.max_num_seqs {
+            return Err(CudaError::Shape("step larger than the backend was built for"));
+        }
+        if b.max_seq_len as usize
+            > l.max_model_len.min(self.cfg.context_length).max(self.max_blocks_fixed() * l.block_size)
+        {
+            return Err(CudaError::Shape("position beyond the rotary table"));
+        }
+        let tq = self.shape.tokens_per_tile();
+        let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
+        fill_tiles(&b.query_start_loc, tq, &mut tiles);
+        self.num_tiles = tiles.len() / 2;
+        self.max_seq_len = b.max_seq_len;
+        self.shape.max_blocks_per_seq = b.max_blocks_per_seq as u32;
+        // Flash-decoding: a decode-only step too small to fill the device splits its rows'
+        // KV; a step with prefill rows has tiles enough.
+        self.shape.blocks_per_split = 0;
+        if is_decode_only(b) {
+            let max_blocks = b.max_seq_len.div_ceil(self.shape.block_size);
+            let bps = weave_kernels_gpu::attention::choose_blocks_per_split(
+                n as u32,
+                self.shape.num_kv_heads,
+                max_blocks,
+                self.k.num_sms,
+            );
+            let trial = AttnShape { blocks_per_split: bps, ..self.shape };
+            if trial.num_splits(b.max_seq_len) as usize * n <= self.partial_rows {
+                self.shape.blocks_per_split = bps;
+            }
+        }
+        let st = self.k.stream.clone();
+        let m = &mut self.meta;
+        st.memcpy_htod(&b.input_ids, &mut m.ids)?;
+        st.memcpy_htod(&b.positions, &mut m.positions)?;
+        st.memcpy_htod(&b.slot_mapping, &mut m.slots)?;
+        st.memcpy_htod(&b.block_tables, &mut m.tables)?;
+        st.memcpy_htod(&b.context_lens, &mut m.context_lens)?;
+        st.memcpy_htod(&b.query_start_loc, &mut m.qsl)?;
+        st.memcpy_htod(&tiles, &mut m.tiles)?;
+        st.memcpy_htod(&b.logits_indices, &mut m.logits_indices)?;
+        for buf in Buf::ALL {
+            self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
+        }
+        Ok(())
+    }
+
+    /// Block-table stride of graph steps: every request's longest table.
+    fn max_blocks_fixed(&self) -> usize {
+        self.limits.max_model_len.div_ceil(self.limits.block_size)
+    }
+
+    /// The padded size a graph runs `b` at, when `b` is a decode-only step graphs cover.
+    fn graph_size(&self, b: &ScheduledBatch) -> Option<usize> {
+        if self.graph_sizes.is_empty() || !is_decode_only(b) || b.max_blocks_per_seq > self.max_blocks_fixed() {
+            return None;
+        }
+        self.graph_sizes.iter().copied().find(|&g| g >= b.num_tokens())
+    }
+
+    /// The forward pass of `b`: replayed from a graph for a decode-only step (captured the
+    /// first time its padded size comes), eagerly otherwise. The logits of `b`'s sampled rows
+    /// are rows `0..` of `self.logits` either way. Returns the time the metadata upload took.
+    fn run_forward(&mut self, b: &ScheduledBatch) -> Result<f64, CudaError> {
+        let t = std::time::Instant::now();
+        let Some(size) = self.graph_size(b) else {
+            let range = crate::engine::nvtx::range(c"prepare");
+            self.upload_meta(b)?;
+            drop(range);
+            let prepare = t.elapsed().as_secs_f64();
+            self.meta_ready = true;
+            let r = llama::forward(self, self.cfg.num_layers, b);
+            self.meta_ready = false;
+            return r.map(|_| prepare);
+        };
+        let padded = pad_decode(b, size, self.max_blocks_fixed());
+        let range = crate::engine::nvtx::range(c"prepare");
+        self.upload_meta(&padded)?;
+        drop(range);
+        let prepare = t.elapsed().as_secs_f64();
+        if !self.graphs.0.contains_key(&size) {
+            match self.capture(&padded) {
+                Ok(g) => {
+                    self.graphs.0.insert(size, g);
+                }
+                Err(e) => {
+                    // A capture that fails leaves the step to run eagerly, and every later
+                    // one: graphs are an optimisation, never a reason to fail a request.
+                    eprintln!("weave: CUDA graphs off after a failed capture at batch size {size}: {e}");
+                    self.graph_sizes.clear();
+                    self.graphs.0.clear();
+                    self.meta_ready = true;
+                    let r = llama::forward(self, self.cfg.num_layers, &padded);
+                    self.meta_ready = false;
+                    return r.map(|_| prepare);
+                }
+            }
+        }
+        self.graphs.0[&size].launch()?;
+        Ok(prepare)
+    }
+
+    /// Records the forward pass of the (padded, uploaded) `b` into a graph.
+    fn capture(&mut self, b: &ScheduledBatch) -> Result<cudarc::driver::CudaGraph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let st = self.k.stream.clone();
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        self.meta_ready = true;
+        let r = llama::forward(self, self.cfg.num_layers, b);
+        self.meta_ready = false;
+        // End the capture whatever happened, so that the stream is usable again.
+        let g = st.end_capture(CUgraphInstantiate_flags(0));
+        r?;
+        let g = g?.ok_or_else(|| CudaError::Graph("the capture recorded nothing".into()))?;
+        g.upload()?;
+        Ok(g)
+    }
+
+    /// Graphs captured so far, by padded batch size.
+    pub fn captured_graphs(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.graphs.0.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Samples the step's rows on the device (`weave_kernels_gpu::sample`): only the tokens
     /// and their logprobs come back. Rows whose request wants top alternatives are drawn on
     /// the host from a copy of their logits row (see `Samplers::needs_host`).
@@ -396,35 +611,15 @@ fn kv_bytes_per_token(c: &ModelConfig) -> usize {
 impl LayerOps for CudaBackend {
     type Error = CudaError;
 
+    fn profile_layers(&self) -> bool {
+        self.limits.profile_layers
+    }
+
     fn begin(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
-        let (n, s) = (b.num_tokens(), b.logits_indices.len());
-        let l = &self.limits;
-        if n > l.max_num_batched_tokens || b.seqs.len() > l.max_num_seqs || s > l.max_num_seqs {
-            return Err(CudaError::Shape("step larger than the backend was built for"));
+        if self.meta_ready {
+            return Ok(());
         }
-        if b.max_seq_len as usize > l.max_model_len.min(self.cfg.context_length) {
-            return Err(CudaError::Shape("position beyond the rotary table"));
-        }
-        let tq = self.shape.tokens_per_tile();
-        let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
-        fill_tiles(&b.query_start_loc, tq, &mut tiles);
-        self.num_tiles = tiles.len() / 2;
-        self.max_seq_len = b.max_seq_len;
-        let st = self.k.stream.clone();
-        let m = &mut self.meta;
-        st.memcpy_htod(&b.input_ids, &mut m.ids)?;
-        st.memcpy_htod(&b.positions, &mut m.positions)?;
-        st.memcpy_htod(&b.slot_mapping, &mut m.slots)?;
-        st.memcpy_htod(&b.block_tables, &mut m.tables)?;
-        st.memcpy_htod(&b.context_lens, &mut m.context_lens)?;
-        st.memcpy_htod(&b.query_start_loc, &mut m.qsl)?;
-        st.memcpy_htod(&tiles, &mut m.tiles)?;
-        st.memcpy_htod(&b.logits_indices, &mut m.logits_indices)?;
-        for buf in Buf::ALL {
-            self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
-        }
-        self.shape.max_blocks_per_seq = b.max_blocks_per_seq as u32;
-        Ok(())
+        self.upload_meta(b)
     }
 
     fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
@@ -557,11 +752,16 @@ impl Backend for CudaBackend {
         self.sampling.remove(id);
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.k.stream.record_event(timed)?;
         let t = std::time::Instant::now();
-        llama::forward(self, self.cfg.num_layers, batch)?;
+        let range = crate::engine::nvtx::range(c"forward");
+        let prepare = self.run_forward(batch)?;
         self.k.sync()?;
-        let forward = t.elapsed().as_secs_f64();
+        drop(range);
+        let forward = t.elapsed().as_secs_f64() - prepare;
         let t = std::time::Instant::now();
+        let _range = crate::engine::nvtx::range(c"sample");
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
         let s = ids.len();
         let vocab = self.cfg.vocab_size;
@@ -572,7 +772,124 @@ impl Backend for CudaBackend {
         } else {
             self.sample_on_device(&ids)?
         };
-        let phases = Phases { forward, sample: t.elapsed().as_secs_f64(), ..Default::default() };
+        let end = self.k.stream.record_event(timed)?;
+        let gpu_busy = start.elapsed_ms(&end)? as f64 / 1e3;
+        let gpu_gap = match &self.last_end {
+            Some(prev) => prev.elapsed_ms(&start)? as f64 / 1e3,
+            None => 0.0,
+        };
+        self.last_end = Some(end);
+        let phases =
+            Phases { prepare, forward, sample: t.elapsed().as_secs_f64(), gpu_busy, gpu_gap, ..Default::default() };
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::cpu::{CpuBackend, CpuModel};
+    use std::sync::Arc;
+
+    fn decode_batch() -> ScheduledBatch {
+        ScheduledBatch {
+            input_ids: vec![11, 22, 33],
+            positions: vec![5, 9, 17],
+            query_start_loc: vec![0, 1, 2, 3],
+            seq_lens: vec![6, 10, 18],
+            context_lens: vec![5, 9, 17],
+            block_tables: vec![1, 0, 2, 0, 3, 4],
+            max_blocks_per_seq: 2,
+            block_size: 16,
+            slot_mapping: vec![16 + 5, 32 + 9, 64 + 1],
+            logits_indices: vec![0, 1, 2],
+            num_decode_tokens: 3,
+            max_query_len: 1,
+            max_seq_len: 18,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn graph_sizes_follow_vllm() {
+        assert_eq!(graph_sizes(1), [1]);
+        assert_eq!(graph_sizes(6), [1, 2, 4, 6]);
+        assert_eq!(graph_sizes(24), [1, 2, 4, 8, 16, 24]);
+        assert_eq!(graph_sizes(30), [1, 2, 4, 8, 16, 24, 30]);
+        assert!(graph_sizes(0).is_empty());
+    }
+
+    #[test]
+    fn only_one_token_per_sequence_all_sampled_is_decode_only() {
+        let d = decode_batch();
+        assert!(is_decode_only(&d));
+        let chunk = ScheduledBatch { query_start_loc: vec![0, 1, 3], ..d.clone() };
+        assert!(!is_decode_only(&chunk));
+        let unsampled = ScheduledBatch { logits_indices: vec![0, 2], ..d };
+        assert!(!is_decode_only(&unsampled));
+        assert!(!is_decode_only(&ScheduledBatch::default()));
+    }
+
+    /// The padded step a graph runs gives the real rows the logits of the unpadded step: run
+    /// both through the CPU backend (the same pass, `llama::forward`), after a prefill that
+    /// fills the three sequences' KV.
+    #[test]
+    fn padding_a_decode_step_leaves_its_rows_unchanged() {
+        let cfg = serde_json::from_str::<crate::model::profiles::ModelProfile>(
+            r#"{"name":"tiny","layers":2,"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}"#,
+        )
+        .unwrap()
+        .config();
+        let w = crate::model::dummy::weights(
+            &cfg,
+            false,
+            crate::model::dummy::Materialize::Host(crate::model::dummy::DummyDtype::F32),
+            4,
+        );
+        let mut be = CpuBackend::new(Arc::new(CpuModel::new(cfg, w, 64)), 8, 16, 1, 0);
+        let lens = [5u32, 9, 17];
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut slots = Vec::new();
+        let mut qsl = vec![0u32];
+        let firsts = [1u32, 2, 3];
+        for (s, &n) in lens.iter().enumerate() {
+            for p in 0..n {
+                ids.push(1 + (p * 7 + s as u32) % 250);
+                pos.push(p);
+                // seq 2 spills into its second block (4).
+                slots.push(if p < 16 { firsts[s] * 16 + p } else { 4 * 16 + p - 16 });
+            }
+            qsl.push(qsl.last().unwrap() + n);
+        }
+        let prefill = ScheduledBatch {
+            input_ids: ids,
+            positions: pos,
+            query_start_loc: qsl.clone(),
+            seq_lens: lens.to_vec(),
+            context_lens: vec![0; 3],
+            block_tables: vec![1, 0, 2, 0, 3, 4],
+            max_blocks_per_seq: 2,
+            block_size: 16,
+            slot_mapping: slots,
+            logits_indices: qsl[1..].iter().map(|x| x - 1).collect(),
+            max_seq_len: 17,
+            ..Default::default()
+        };
+        be.forward(&prefill);
+        let d = decode_batch();
+        let want = be.forward(&d);
+        let padded = pad_decode(&d, 8, 4);
+        assert!(is_decode_only(&padded));
+        assert_eq!(padded.num_tokens(), 8);
+        assert_eq!(&padded.block_tables[8..12], &[3, 4, 0, 0]);
+        assert_eq!(padded.slot_mapping[3..], [u32::MAX; 5]);
+        let got = be.forward(&padded);
+        let vocab = 300;
+        assert_eq!(got.len(), 8 * vocab);
+        for (i, (a, b)) in got[..3 * vocab].iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "logit {i}: padded {a}, unpadded {b}");
+        }
+        assert!(got.iter().all(|x| x.is_finite()));
     }
 }

@@ -35,12 +35,19 @@ pub struct Kernels {
     pub name: String,
     pub arch: String,
     pub ptx_path: PathBuf,
+    /// Streaming multiprocessors (the split-KV choice fills them).
+    pub num_sms: u32,
 }
 
 impl Kernels {
     /// Device `ordinal` with the PTX of the newest arch not above its compute capability.
     pub fn load(ordinal: usize) -> Result<Kernels, CudaError> {
         let ctx = CudaContext::new(ordinal)?;
+        // weave runs everything on one stream, so cudarc's per-buffer events (which order
+        // uses across streams) only cost time, and they break CUDA-graph capture of cuBLAS
+        // calls (TOOLCHAIN.md). Off before any buffer is made.
+        // SAFETY: no buffer is shared between streams: all work goes to `stream` below.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let cc = major * 10 + minor;
         let name = ctx.name()?;
@@ -77,8 +84,11 @@ impl Kernels {
         // Looked up once here, not at each of a step's launches.
         let functions =
             KERNELS.iter().map(|&k| module.load_function(k.name()).map_err(|_| stale(k))).collect::<Result<_, _>>()?;
-        let stream = ctx.default_stream();
-        Ok(Kernels { ctx, stream, functions, name, arch: format!("sm_{v}"), ptx_path: path })
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream()?;
+        let num_sms =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        Ok(Kernels { ctx, stream, functions, name, arch: format!("sm_{v}"), ptx_path: path, num_sms })
     }
 
     pub fn function(&self, k: Kernel) -> &CudaFunction {
