@@ -361,3 +361,18 @@ fn f16_kv_cache_stays_close_to_f32() {
     let b = run(&l16, &cfg, std::slice::from_ref(&spec));
     assert_eq!(a, b, "greedy tokens with the f16 cache");
 }
+
+/// `weave logits`' hand-built steps (one sequence, no scheduler) give the engine's greedy
+/// tokens: the driver that compares backends runs the model as generation does.
+#[test]
+fn hand_built_steps_give_the_engines_greedy_tokens() {
+    let Some(lm) = model() else { return };
+    let prompt = "The capital of France is";
+    let spec = PromptSpec { prompt: prompt.into(), max_tokens: Some(24), ..Default::default() };
+    let want = run(lm, &config(2048, true, false), &[spec]).remove(0);
+    let ids = lm.tokenizer.encode(prompt).unwrap();
+    let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 64, 16, 2, 0);
+    let t = weave::study::logits::greedy_trace(&mut be, "cpu", &ids, 24, 16).unwrap();
+    assert_eq!(t.tokens, want);
+    assert_eq!(t.first_logits.len(), lm.model.cfg.vocab_size);
+}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see tools/gpu/prepare.sh). Logs go to $OUT.
 #   part1:  keeps the first half of the model in /tmp for the next call.
-#   all:    the kernel tests, then the CUDA backend against the CPU backend on the same
-#           prompts (greedy tokens, first divergence), and a first timing of SmolLM2 and of a
-#           dummy llama-3-8b with --profile.
+#   all:    the kernel tests (sampling and dummy fill among them), then the CUDA backend
+#           against the CPU backend on the same prompts (greedy tokens, first divergence) with
+#           graphs, eagerly, with chunked prefill and alone (batch invariance); seeded
+#           sampling twice; dummy smollm2 on both backends; and a first timing of SmolLM2 and
+#           of a dummy llama-3-8b with --profile, graphs on and off.
 #   bench:  issue 10's speed proof: `weave bench generate --device cuda` (prompt 512, output
 #           128, concurrency 1/8/64/256, with the ceilings and the decode roofline) on SmolLM2
 #           and a dummy llama-3-8b, then transformers' generate on the same shapes.
@@ -30,26 +32,75 @@ cat /tmp/model.part-aa target/gpu2/model.part-ab > "$M"
 export WEAVE_PTX_DIR="$PWD/target/ptx"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 echo "== kernel tests"; "$K" 2>&1 | tail -5 | tee "$OUT/kernels.txt"
+G="generate --model $M --prompts-file examples/prompts.jsonl --max-tokens 32 --json --profile"
+run() { local name=$1; shift; timeout 240 "$W" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"; echo "$name: rc $?"; }
+# Greedy: the CPU backend with f32 weights and activations (the GGUF dequantized exactly, as
+# the GPU gets them before bf16) is the reference; the GPU with graphs (default), eagerly, and with
+# chunked prefill (a 48-token budget mixes prefill chunks with decodes: batch invariance).
+run cpu $G --device cpu --cpu-precision f32 --temperature 0
+run cuda $G --device cuda --temperature 0
+run cuda-eager $G --device cuda --temperature 0 --enforce-eager
+run cuda-chunked $G --device cuda --temperature 0 --max-num-batched-tokens 48
+timeout 120 "$W" generate --model "$M" --device cuda --prompt "The capital of France is" --max-tokens 32 --temperature 0 --json > "$OUT/cuda-alone.jsonl" 2>"$OUT/cuda-alone.err"
+# Seeded sampling on the device: two runs must agree token for token.
+run cuda-seed-a $G --device cuda --temperature 0.8 --top-p 0.9 --top-k 50 --seed 7
+run cuda-seed-b $G --device cuda --temperature 0.8 --top-p 0.9 --top-k 50 --seed 7
+# Dummy weights: the device fills the same values the CPU makes (bf16 on both).
+D="generate --load-format dummy --model-config smollm2-135m --prompt hello --prompt world --max-tokens 24 --temperature 0 --json"
+run dummy-cpu $D --device cpu
+run dummy-cuda $D --device cuda
+# Logits: the first step's largest difference, and where greedy tokens part, the top-2 gap.
 for dev in cpu cuda; do
-  timeout 300 "$W" generate --model "$M" --device $dev --prompts-file examples/prompts.jsonl --temperature 0 \
-    --max-tokens 32 --json --profile > "$OUT/generate-$dev.jsonl" 2> "$OUT/generate-$dev.err"; echo "generate $dev: rc $?"
+  for p in "The capital of France is" "def fibonacci(n):"; do
+    timeout 120 "$W" logits --model "$M" --device $dev --cpu-precision f32 --steps 32 --prompt "$p" --out "$OUT/logits-$dev-${p%% *}.json" 2>>"$OUT/logits.err"
+  done
 done
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-def load(d):
-    rows = [json.loads(l) for l in open(f"{out}/generate-{d}.jsonl") if l.startswith('{"id"')]
+for p in ["The", "def"]:
+    try:
+        a, b = (json.load(open(f"{out}/logits-{d}-{p}.json")) for d in ("cpu", "cuda"))
+    except OSError as e:
+        print("logits: missing", e); continue
+    diff = max(abs(x - y) for x, y in zip(a["first_logits"], b["first_logits"]))
+    span = max(a["first_logits"]) - min(a["first_logits"])
+    part = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
+    line = f"logits {p!r}: first step max |cpu - cuda| = {diff:.4f} (logit span {span:.1f}); greedy equal for "
+    if part is None:
+        line += f"{len(a['tokens'])}/{len(a['tokens'])}"
+    else:
+        (t1, l1), (t2, l2) = a["top2"][part]
+        line += f"{part}/{len(a['tokens'])}; at step {part} the CPU's top-2 gap is {l1 - l2:.4f} ({t1} vs {t2}), the GPU took {b['tokens'][part]}"
+    print(line)
+PY
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        rows = [json.loads(l) for l in open(f"{out}/{name}.jsonl") if l.startswith('{"id"')]
+    except OSError as e:
+        return None
     return {str(r["id"]): r["output_token_ids"] for r in rows}
-try:
-    cpu, gpu = load("cpu"), load("cuda")
-except Exception as e:
-    print("no comparison:", e); sys.exit(0)
-for k, a in cpu.items():
-    b = gpu.get(k, [])
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    print(f"{k:10} greedy tokens equal for {same}/{len(a)}")
+def compare(ref, other):
+    a, b = load(ref), load(other)
+    if not a or not b:
+        print(f"{other} vs {ref}: missing output"); return
+    for k, x in a.items():
+        y = b.get(k, b.get("0") if len(b) == 1 else None) or []
+        same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        note = "  (seeded sampling: the CPU and the GPU draw differently)" if k == "sampled" and "cpu" in ref and "cuda" in other else ""
+        print(f"{other:14} vs {ref:10} {k:10} equal for {same}/{len(x)}{note}")
+        if len(b) == 1: break
+for o in ["cuda", "cuda-eager", "cuda-chunked", "cuda-alone"]:
+    compare("cpu", o)
+compare("cuda", "cuda-chunked")
+compare("cuda-seed-a", "cuda-seed-b")
+compare("dummy-cpu", "dummy-cuda")
 PY
 echo "== speed: SmolLM2 (real weights), then dummy llama-3-8b"
 timeout 240 "$W" generate --model "$M" --device cuda --prompts-file examples/prompts.jsonl --max-tokens 128 --profile 2>&1 | tail -14 | tee "$OUT/speed-smollm2.txt"
-timeout 240 "$W" generate --load-format dummy --model-config llama-3-8b --device cuda --prompt "hello" --max-tokens 64 --profile 2>&1 | tail -14 | tee "$OUT/speed-llama3-8b.txt"
-tail -3 "$OUT/generate-cuda.err"
+timeout 240 "$W" generate --load-format dummy --model-config llama-3-8b --device cuda --prompt "hello" --max-tokens 64 --profile 2>&1 | tail -18 | tee "$OUT/speed-llama3-8b.txt"
+timeout 240 "$W" generate --load-format dummy --model-config llama-3-8b --device cuda --prompt "hello" --max-tokens 64 --profile --enforce-eager 2>&1 | tail -18 | tee "$OUT/speed-llama3-8b-eager.txt"
+tail -3 "$OUT/cuda.err"

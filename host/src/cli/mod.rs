@@ -7,6 +7,7 @@ pub mod bench_serve;
 pub mod calibrate;
 pub mod experiment;
 mod generate;
+pub mod logits;
 pub mod model_config;
 pub mod replay;
 pub mod serve;
@@ -276,6 +277,9 @@ pub enum Cmd {
     Serve(serve::Args),
     /// Print a named model shape as JSON (the shapes `--load-format dummy` and the simulator use).
     ModelConfig(model_config::Args),
+    /// Decode one prompt greedily and write each step's top-2 logits and the first step's
+    /// logits as JSON: for comparing the CPU and GPU backends.
+    Logits(logits::Args),
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -301,6 +305,7 @@ impl Cli {
             Cmd::Serve(a) => serve::run(a),
             Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(a),
             Cmd::ModelConfig(a) => model_config::run(a),
+            Cmd::Logits(a) => logits::run(a),
         }
     }
 }

@@ -246,6 +246,11 @@ impl CpuBackend {
     }
 
     /// Logits of every sampling sequence (`[logits_indices.len()][vocab]`), copied out.
+    /// The model the backend runs.
+    pub fn model(&self) -> &CpuModel {
+        &self.model
+    }
+
     pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
         self.run_forward(b);
         self.ws.bufs[Buf::Logits as usize][..self.ws.rows[Buf::Logits as usize] * self.model.cfg.vocab_size].to_vec()

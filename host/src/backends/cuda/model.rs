@@ -238,6 +238,13 @@ impl CudaBackend {
         let w = &model.w;
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(c.num_layers);
+        // The upload's progress (stderr, and only on a terminal): an 8B model's 16 GB take a
+        // while to widen and narrow on the host, or to fill on the device.
+        let bar = indicatif::ProgressBar::new(c.num_layers as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("weights to the device: {bar:30} {pos}/{len} layers {msg}")
+                .expect("valid template"),
+        );
         for l in &w.layers {
             let layer = DevLayer {
                 attn_norm: k.upload(&l.attn_norm)?,
@@ -249,7 +256,10 @@ impl CudaBackend {
             };
             weight_bytes += layer.qkv.bytes() + layer.wo.bytes() + layer.gate_up.bytes() + layer.down.bytes();
             layers.push(layer);
+            bar.inc(1);
+            bar.set_message(format!("{:.2} GiB", weight_bytes as f64 / (1u64 << 30) as f64));
         }
+        bar.finish_and_clear();
         let embed = DevLinear::upload(&k, &w.embed)?;
         weight_bytes += embed.bytes();
         let lm_head = w.lm_head.as_ref().map(|l| DevLinear::upload(&k, l)).transpose()?;
@@ -438,11 +448,6 @@ impl CudaBackend {
         if n > l.max_num_batched_tokens.max(l.max_num_seqs) || b.seqs.len() > l.max_num_seqs || s > l.max_num_seqs {
             return Err(CudaError::Shape("step larger than the backend was built for"));
         }
-        if b.max_seq_len as usize
-            > l.max_model_len.min(self.cfg.context_length).max(self.max_blocks_fixed() * l.block_size)
-        {
-            return Err(CudaError::Shape("position beyond the rotary table"));
-        }
         let tq = self.shape.tokens_per_tile();
         let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
         fill_tiles(&b.query_start_loc, tq, &mut tiles);
@@ -498,6 +503,11 @@ impl CudaBackend {
     /// first time its padded size comes), eagerly otherwise. The logits of `b`'s sampled rows
     /// are rows `0..` of `self.logits` either way. Returns the time the metadata upload took.
     fn run_forward(&mut self, b: &ScheduledBatch) -> Result<f64, CudaError> {
+        // Checked on the real batch: a padded one's `max_seq_len` is the table's reach, and
+        // its padding rows sit at position 0.
+        if b.max_seq_len as usize > self.limits.max_model_len.min(self.cfg.context_length) {
+            return Err(CudaError::Shape("position beyond the rotary table"));
+        }
         let t = std::time::Instant::now();
         let Some(size) = self.graph_size(b) else {
             let range = crate::engine::nvtx::range(c"prepare");
@@ -550,6 +560,26 @@ impl CudaBackend {
         let g = g?.ok_or_else(|| CudaError::Graph("the capture recorded nothing".into()))?;
         g.upload()?;
         Ok(g)
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The logits of `b`'s sampled rows (`[rows][vocab]`), from an eager pass: for comparing
+    /// backends (`weave logits`), not for serving, which never copies logits back.
+    pub fn logits_of(&mut self, b: &ScheduledBatch) -> Result<Vec<f32>, CudaError> {
+        if b.max_seq_len as usize > self.limits.max_model_len.min(self.cfg.context_length) {
+            return Err(CudaError::Shape("position beyond the rotary table"));
+        }
+        self.upload_meta(b)?;
+        self.meta_ready = true;
+        let r = llama::forward(self, self.cfg.num_layers, b);
+        self.meta_ready = false;
+        r?;
+        let n = b.logits_indices.len() * self.cfg.vocab_size;
+        Ok(self.k.stream.clone_dtoh(&self.logits.slice(..n))?)
     }
 
     /// Graphs captured so far, by padded batch size.
