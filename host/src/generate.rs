@@ -253,19 +253,38 @@ pub fn cuda_backend(
     lm: &LoadedModel,
     cfg: &GenerateConfig,
 ) -> anyhow::Result<crate::backends::cuda::model::CudaBackend> {
+    cuda_backend_for(
+        lm,
+        &cfg.sched,
+        cfg.gpu_memory_utilization,
+        cfg.enforce_eager,
+        cfg.profile_layers,
+        cfg.sampling.seed.unwrap_or(0),
+    )
+}
+
+/// The CUDA backend on device 0 for a scheduler config (its batch, sequence and length
+/// limits), with vLLM's memory and graph settings.
+pub fn cuda_backend_for(
+    lm: &LoadedModel,
+    s: &SchedulerConfig,
+    gpu_memory_utilization: f64,
+    enforce_eager: bool,
+    profile_layers: bool,
+    seed: u64,
+) -> anyhow::Result<crate::backends::cuda::model::CudaBackend> {
     use crate::backends::cuda::model::{CudaBackend, CudaLimits};
     let k = crate::backends::cuda::Kernels::load(0)?;
-    let s = &cfg.sched;
     let limits = CudaLimits {
         max_num_batched_tokens: s.max_num_batched_tokens,
         max_num_seqs: s.max_num_seqs,
         max_model_len: s.max_model_len,
         block_size: s.block_size,
-        gpu_memory_utilization: cfg.gpu_memory_utilization,
-        enforce_eager: cfg.enforce_eager,
-        profile_layers: cfg.profile_layers,
+        gpu_memory_utilization,
+        enforce_eager,
+        profile_layers,
     };
-    Ok(CudaBackend::new(k, &lm.model, limits, cfg.sampling.seed.unwrap_or(0))?)
+    Ok(CudaBackend::new(k, &lm.model, limits, seed)?)
 }
 
 /// [`generate`] on a given backend, with the scheduler config made for it: a benchmark keeps

@@ -53,6 +53,9 @@ fn config() -> ServeConfig {
         model_name: "smol".into(),
         max_waiting: 1024,
         max_n: 8,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
+        enforce_eager: false,
     }
 }
 

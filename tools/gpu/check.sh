@@ -99,6 +99,25 @@ compare("cuda", "cuda-chunked")
 compare("cuda-seed-a", "cuda-seed-b")
 compare("dummy-cpu", "dummy-cuda")
 PY
+# The server on the GPU: one greedy completion, which must be generate's.
+"$W" serve --model "$M" --device cuda --port 8123 > "$OUT/serve.out" 2> "$OUT/serve.err" & SP=$!
+python3 - "$OUT" <<'PY'
+import json, sys, time, urllib.request
+out = sys.argv[1]
+body = json.dumps({"model": "weave-model", "prompt": "The capital of France is", "max_tokens": 32, "temperature": 0}).encode()
+for _ in range(120):
+    try:
+        r = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8123/v1/completions", body, {"Content-Type": "application/json"}), timeout=60)
+        text = json.load(r)["choices"][0]["text"]
+        want = next((json.loads(l)["text"] for l in open(f"{out}/cuda.jsonl") if '"france"' in l), None)
+        print(f"serve on cuda: {text!r}; generate gave the same: {text == want}")
+        break
+    except Exception as e:
+        time.sleep(1)
+else:
+    print("serve on cuda: no answer:", open(f"{out}/serve.err").read()[-500:])
+PY
+kill $SP 2>/dev/null; wait $SP 2>/dev/null
 echo "== speed: SmolLM2 (real weights), then dummy llama-3-8b"
 timeout 240 "$W" generate --model "$M" --device cuda --prompts-file examples/prompts.jsonl --max-tokens 128 --profile 2>&1 | tail -14 | tee "$OUT/speed-smollm2.txt"
 timeout 240 "$W" generate --load-format dummy --model-config llama-3-8b --device cuda --prompt "hello" --max-tokens 64 --profile 2>&1 | tail -18 | tee "$OUT/speed-llama3-8b.txt"

@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.shutdown_timeout >= 0.0, "--shutdown-timeout must be >= 0, got {}", a.shutdown_timeout);
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
-    let (lm, _path, (_, device)) = a.run.load(&a.sched.kv_cache_dtype, false)?;
+    let (lm, _path, (exec, device)) = a.run.load(&a.sched.kv_cache_dtype, true)?;
     let cfg = weave::serve::ServeConfig {
         sched: a.sched.config(&lm.model)?,
         threads: a.run.threads,
@@ -46,9 +46,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model_name: a.served_model_name.unwrap_or_else(|| weave::serve::default_model_name(&lm)),
         max_waiting: a.max_waiting,
         max_n: a.max_n.max(1),
+        device: exec,
+        gpu_memory_utilization: a.run.gpu_memory_utilization,
+        enforce_eager: a.run.enforce_eager,
     };
     let log = StepLog::open(a.step_log.as_deref())?;
-    let app = weave::serve::start_cpu(&lm, &cfg, log)?;
+    let (app, sched, gpu) = weave::serve::start(&lm, &cfg, log)?;
+    if let Some(g) = gpu {
+        eprintln!("weave serve: {g}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
@@ -59,8 +65,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             cfg.model_name,
             listener.local_addr()?,
             a.run.threads,
-            (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,
-            cfg.sched.max_model_len
+            (sched.num_gpu_blocks - 1) * sched.block_size,
+            sched.max_model_len
         );
         weave::serve::serve_until(app, listener, shutdown_signal(), Duration::from_secs_f64(a.shutdown_timeout)).await
     })?;

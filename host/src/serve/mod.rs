@@ -40,6 +40,11 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     /// Most samples (`n`) per request.
     pub max_n: usize,
+    /// Where the model runs; on a GPU the KV cache takes what `gpu_memory_utilization` leaves,
+    /// replacing `sched.num_gpu_blocks`.
+    pub device: crate::backends::cuda::ExecDevice,
+    pub gpu_memory_utilization: f64,
+    pub enforce_eager: bool,
 }
 
 /// The model's name as served, by default: its file name without `.gguf`.
@@ -52,6 +57,47 @@ pub fn default_model_name(lm: &LoadedModel) -> String {
 pub fn start_cpu(lm: &LoadedModel, cfg: &ServeConfig, step_log: StepLogWriter) -> anyhow::Result<Arc<http::App>> {
     let backend =
         CpuBackend::new(lm.model.clone(), cfg.sched.num_gpu_blocks, cfg.sched.block_size, cfg.threads, cfg.seed);
+    start_with(lm, cfg, backend, step_log)
+}
+
+/// Starts the engine thread on `cfg.device`'s backend. Returns the app and the scheduler
+/// config it runs (on a GPU, with the KV blocks the device's memory holds), with a line
+/// describing the GPU when there is one.
+pub fn start(
+    lm: &LoadedModel,
+    cfg: &ServeConfig,
+    step_log: StepLogWriter,
+) -> anyhow::Result<(Arc<http::App>, SchedulerConfig, Option<String>)> {
+    match cfg.device {
+        crate::backends::cuda::ExecDevice::Cpu => {
+            anyhow::ensure!(!lm.model.w.on_device_only(), "dummy weights left for the GPU cannot run on the CPU");
+            Ok((start_cpu(lm, cfg, step_log)?, cfg.sched.clone(), None))
+        }
+        crate::backends::cuda::ExecDevice::Cuda => {
+            let be = crate::generate::cuda_backend_for(
+                lm,
+                &cfg.sched,
+                cfg.gpu_memory_utilization,
+                cfg.enforce_eager,
+                false,
+                cfg.seed,
+            )?;
+            let describe = be.describe();
+            let cfg = ServeConfig {
+                sched: SchedulerConfig { num_gpu_blocks: be.num_blocks(), ..cfg.sched.clone() },
+                ..cfg.clone()
+            };
+            Ok((start_with(lm, &cfg, be, step_log)?, cfg.sched, Some(describe)))
+        }
+    }
+}
+
+fn start_with<B: crate::engine::Backend + Send + 'static>(
+    lm: &LoadedModel,
+    cfg: &ServeConfig,
+    backend: B,
+    step_log: StepLogWriter,
+) -> anyhow::Result<Arc<http::App>> {
     let mut engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
     // A server runs for days: its step records go to the log, never into memory.
     engine.keep_steps = step_log.is_open();

@@ -28,7 +28,8 @@ pub enum ExecDevice {
 /// `cuda_ok`: whether the command has a CUDA path (`weave generate` does; the others run on
 /// the CPU backend only so far). `auto` takes the GPU when one works and the command can.
 pub fn choose_device(want: &str, cuda_ok: bool) -> Result<(ExecDevice, String), String> {
-    const CPU_ONLY: &str = "this command runs on the CPU backend only so far (the CUDA backend runs `weave generate`)";
+    const CPU_ONLY: &str =
+        "this command runs on the CPU backend only so far (the CUDA backend runs generate, bench generate, serve and logits)";
     match (want, no_gpu_reason()) {
         ("cpu", _) => Ok((ExecDevice::Cpu, "cpu".into())),
         ("auto", Some(why)) => Ok((ExecDevice::Cpu, format!("cpu (auto: {why})"))),

@@ -209,6 +209,11 @@ pub struct CudaBackend {
 #[derive(Default)]
 struct Graphs(std::collections::HashMap<usize, cudarc::driver::CudaGraph>);
 
+// SAFETY: a graph is launched only through `&mut CudaBackend`, so from one thread at a time,
+// and `CudaGraph::launch` binds the context to the calling thread first. The backend moves to
+// a server's engine thread once, before any launch.
+unsafe impl Send for Graphs {}
+
 impl std::fmt::Debug for Graphs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_set().entries(self.0.keys()).finish()
@@ -570,6 +575,7 @@ impl CudaBackend {
     /// The logits of `b`'s sampled rows (`[rows][vocab]`), from an eager pass: for comparing
     /// backends (`weave logits`), not for serving, which never copies logits back.
     pub fn logits_of(&mut self, b: &ScheduledBatch) -> Result<Vec<f32>, CudaError> {
+        self.k.ctx.bind_to_thread()?;
         if b.max_seq_len as usize > self.limits.max_model_len.min(self.cfg.context_length) {
             return Err(CudaError::Shape("position beyond the rotary table"));
         }
@@ -782,6 +788,9 @@ impl Backend for CudaBackend {
         self.sampling.remove(id);
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        // cuBLAS calls take the thread's current context: a server steps on a thread of its
+        // own, not the one that made the backend.
+        self.k.ctx.bind_to_thread()?;
         let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = self.k.stream.record_event(timed)?;
         let t = std::time::Instant::now();
