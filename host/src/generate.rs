@@ -23,6 +23,8 @@ pub struct LoadedModel {
     pub model: Arc<CpuModel>,
     pub tokenizer: WeaveTokenizer,
     pub chat: Option<ChatTemplate>,
+    /// The type a GPU holds the weights and activations in (`--dtype`: bf16 or f16).
+    pub gpu_dtype: weave_kernels_gpu::Dtype,
 }
 
 impl LoadedModel {
@@ -60,7 +62,13 @@ impl LoadedModel {
         let max_pos = cfg.context_length;
         let mut model = CpuModel::new(cfg, w, max_pos);
         model.kv_dtype = kv_dtype;
-        Ok(LoadedModel { path: path.into(), model: Arc::new(model), tokenizer, chat })
+        Ok(LoadedModel {
+            path: path.into(),
+            model: Arc::new(model),
+            tokenizer,
+            chat,
+            gpu_dtype: weave_kernels_gpu::Dtype::Bf16,
+        })
     }
 }
 
@@ -107,6 +115,10 @@ impl LoadedModel {
             model: Arc::new(model),
             tokenizer: WeaveTokenizer::bytes(),
             chat: None,
+            gpu_dtype: match dtype {
+                crate::model::dummy::DummyDtype::F16 => weave_kernels_gpu::Dtype::F16,
+                _ => weave_kernels_gpu::Dtype::Bf16,
+            },
         })
     }
 }
@@ -283,6 +295,7 @@ pub fn cuda_backend_for(
         gpu_memory_utilization,
         enforce_eager,
         profile_layers,
+        dtype: lm.gpu_dtype,
     };
     Ok(CudaBackend::new(k, &lm.model, limits, seed)?)
 }

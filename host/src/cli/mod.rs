@@ -171,8 +171,8 @@ impl ModelArgs {
             let kv = weave::backends::cpu::KvDtype::parse(kv_cache_dtype, precision).map_err(anyhow::Error::msg)?;
             let for_cpu = device.0 == weave::backends::cuda::ExecDevice::Cpu;
             anyhow::ensure!(
-                for_cpu || dtype == weave::model::dummy::DummyDtype::Bf16,
-                "--dtype {} on the GPU is not written yet: the CUDA backend holds weights in bfloat16 (use --dtype auto)",
+                for_cpu || dtype != weave::model::dummy::DummyDtype::F32,
+                "--dtype {} on the GPU is not written yet: the CUDA backend holds weights in bfloat16 or float16",
                 self.dtype
             );
             let lm = weave::generate::LoadedModel::dummy(&profile, dtype, kv, for_cpu)?;
@@ -182,13 +182,29 @@ impl ModelArgs {
             self.model_config.is_none(),
             "--model-config gives the shape of dummy weights; add --load-format dummy, or drop it to load --model"
         );
-        anyhow::ensure!(
-            self.dtype == "auto",
-            "--dtype {} applies to dummy weights on the CPU; GGUF weights keep their file's types there (see --cpu-precision)",
-            self.dtype
-        );
+        // On the GPU --dtype sets the type GGUF weights are widened into; on the CPU they keep
+        // their file's types.
+        let gpu_dtype = match weave::model::dummy::DummyDtype::parse(&self.dtype).map_err(anyhow::Error::msg)? {
+            _ if device.0 == weave::backends::cuda::ExecDevice::Cpu => {
+                anyhow::ensure!(
+                    self.dtype == "auto",
+                    "--dtype {} applies to dummy weights on the CPU, and to every model on the GPU; GGUF weights keep their file's types on the CPU (see --cpu-precision)",
+                    self.dtype
+                );
+                weave_kernels_gpu::Dtype::Bf16
+            }
+            weave::model::dummy::DummyDtype::F32 => {
+                anyhow::bail!(
+                    "--dtype {} on the GPU is not written yet: the CUDA backend holds weights in bfloat16 or float16",
+                    self.dtype
+                )
+            }
+            weave::model::dummy::DummyDtype::F16 => weave_kernels_gpu::Dtype::F16,
+            weave::model::dummy::DummyDtype::Bf16 => weave_kernels_gpu::Dtype::Bf16,
+        };
         let path = self.model.clone().unwrap_or_else(weave::paths::default_model_path);
-        let lm = load_model(&path, self.cpu_precision, kv_cache_dtype)?;
+        let mut lm = load_model(&path, self.cpu_precision, kv_cache_dtype)?;
+        lm.gpu_dtype = gpu_dtype;
         Ok((lm, path, device))
     }
 }

@@ -27,14 +27,33 @@ use crate::sampling::{Samplers, SamplingParams};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
-use weave_kernels_gpu::{Bf16, Elem};
+use weave_kernels_gpu::{Bf16, Dtype, Elem};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
-/// bf16 as the device stores it.
+/// A 16-bit value as the device stores it: bf16 or f16 bits, by the backend's [`Dtype`].
 type B16 = u16;
 
-fn to_bf16(x: &[f32]) -> Vec<B16> {
-    x.iter().map(|&v| Bf16::from_f32(v).0).collect()
+/// Runs `$body` with `$T` the kernel type of the 16-bit `$dtype` (bf16 or f16).
+macro_rules! typed {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            Dtype::F16 => {
+                type $T = weave_kernels_gpu::F16;
+                $body
+            }
+            _ => {
+                type $T = Bf16;
+                $body
+            }
+        }
+    };
+}
+
+fn to_16(dtype: Dtype, x: &[f32]) -> Vec<B16> {
+    match dtype {
+        Dtype::F16 => x.iter().map(|&v| weave_kernels_gpu::F16::from_f32(v).0).collect(),
+        _ => x.iter().map(|&v| Bf16::from_f32(v).0).collect(),
+    }
 }
 
 /// A weight matrix `[out_dim][in_dim]` in bf16 on the device.
@@ -46,17 +65,18 @@ struct DevLinear {
 }
 
 impl DevLinear {
-    fn upload(k: &Kernels, l: &Linear) -> Result<DevLinear, CudaError> {
+    fn upload(k: &Kernels, l: &Linear, dtype: Dtype) -> Result<DevLinear, CudaError> {
+        use crate::backends::cpu::hmatmul::HKind;
         use crate::model::weights::LinearData;
         match &l.data {
-            // bf16 already: the bits as they are.
-            LinearData::Half(h) if h.kind == crate::backends::cpu::hmatmul::HKind::Bf16 => {
+            // In the device's type already: the bits as they are.
+            LinearData::Half(h) if matches!((h.kind, dtype), (HKind::Bf16, Dtype::Bf16) | (HKind::F16, Dtype::F16)) => {
                 return Ok(DevLinear { w: k.upload(&h.bits)?, out_dim: l.out_dim, in_dim: l.in_dim });
             }
             // Dummy weights: filled on the device, the same values the host would make.
             LinearData::Dummy { seed, scale } => {
                 let mut w = k.zeros::<B16>(l.out_dim * l.in_dim)?;
-                k.fill_dummy::<Bf16>(&mut w, *seed, *scale)?;
+                typed!(dtype, T => k.fill_dummy::<T>(&mut w, *seed, *scale))?;
                 return Ok(DevLinear { w, out_dim: l.out_dim, in_dim: l.in_dim });
             }
             _ => {}
@@ -65,7 +85,7 @@ impl DevLinear {
         let mut bits = Vec::with_capacity(l.out_dim * l.in_dim);
         for r in 0..l.out_dim {
             l.row(r, &mut row);
-            bits.extend(to_bf16(&row));
+            bits.extend(to_16(dtype, &row));
         }
         Ok(DevLinear { w: k.upload(&bits)?, out_dim: l.out_dim, in_dim: l.in_dim })
     }
@@ -98,6 +118,8 @@ pub struct CudaLimits {
     pub enforce_eager: bool,
     /// An NVTX range around each layer of eager steps (`--profile-layers`).
     pub profile_layers: bool,
+    /// Weights' and activations' type: bf16 (vLLM's `auto` for these models) or f16.
+    pub dtype: Dtype,
 }
 
 /// The padded batch sizes decode steps are captured for: 1, 2, 4, 8, then steps of 8 up to
@@ -253,11 +275,11 @@ impl CudaBackend {
         for l in &w.layers {
             let layer = DevLayer {
                 attn_norm: k.upload(&l.attn_norm)?,
-                qkv: DevLinear::upload(&k, &l.qkv)?,
-                wo: DevLinear::upload(&k, &l.wo)?,
+                qkv: DevLinear::upload(&k, &l.qkv, limits.dtype)?,
+                wo: DevLinear::upload(&k, &l.wo, limits.dtype)?,
                 ffn_norm: k.upload(&l.ffn_norm)?,
-                gate_up: DevLinear::upload(&k, &l.gate_up)?,
-                down: DevLinear::upload(&k, &l.down)?,
+                gate_up: DevLinear::upload(&k, &l.gate_up, limits.dtype)?,
+                down: DevLinear::upload(&k, &l.down, limits.dtype)?,
             };
             weight_bytes += layer.qkv.bytes() + layer.wo.bytes() + layer.gate_up.bytes() + layer.down.bytes();
             layers.push(layer);
@@ -265,9 +287,9 @@ impl CudaBackend {
             bar.set_message(format!("{:.2} GiB", weight_bytes as f64 / (1u64 << 30) as f64));
         }
         bar.finish_and_clear();
-        let embed = DevLinear::upload(&k, &w.embed)?;
+        let embed = DevLinear::upload(&k, &w.embed, limits.dtype)?;
         weight_bytes += embed.bytes();
-        let lm_head = w.lm_head.as_ref().map(|l| DevLinear::upload(&k, l)).transpose()?;
+        let lm_head = w.lm_head.as_ref().map(|l| DevLinear::upload(&k, l, limits.dtype)).transpose()?;
         weight_bytes += lm_head.as_ref().map_or(0, DevLinear::bytes);
         let cos_sin = model.cos_sin(limits.max_model_len.min(c.context_length));
         let n = limits.max_num_batched_tokens;
@@ -383,10 +405,11 @@ impl CudaBackend {
         let tokens = (self.num_blocks - 1) * self.limits.block_size;
         let kv_bytes = self.num_blocks * self.limits.block_size * self.kv_bytes_per_token();
         format!(
-            "{} ({}): weights {:.2} GiB in bf16; KV cache {} blocks, {:.2} GiB, {} tokens: {:.1}x concurrency at {} tokens a request",
+            "{} ({}): weights {:.2} GiB in {}; KV cache {} blocks, {:.2} GiB, {} tokens: {:.1}x concurrency at {} tokens a request",
             self.k.name,
             self.k.arch,
             self.weight_bytes as f64 / (1u64 << 30) as f64,
+            self.limits.dtype.name(),
             self.num_blocks - 1,
             kv_bytes as f64 / (1u64 << 30) as f64,
             tokens,
@@ -412,7 +435,8 @@ impl CudaBackend {
         c_f32: bool,
     ) -> Result<(), CudaError> {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
+        let t16 = if self.limits.dtype == Dtype::F16 { CUDA_R_16F } else { CUDA_R_16BF };
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
         // SAFETY: the pointers come from live device buffers sized for these dimensions by
         // the caller; alpha and beta are f32, as the f32 compute type requires.
@@ -426,14 +450,14 @@ impl CudaBackend {
                 in_dim as i32,
                 (&alpha) as *const f32 as *const _,
                 w as *const _,
-                CUDA_R_16BF,
+                t16,
                 in_dim as i32,
                 x as *const _,
-                CUDA_R_16BF,
+                t16,
                 in_dim as i32,
                 (&beta) as *const f32 as *const _,
                 c as *mut _,
-                if c_f32 { CUDA_R_32F } else { CUDA_R_16BF },
+                if c_f32 { CUDA_R_32F } else { t16 },
                 out_dim as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -660,7 +684,7 @@ impl LayerOps for CudaBackend {
 
     fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
         let n = b.num_tokens();
-        self.k.embedding::<Bf16>(&mut self.ws[out as usize], &self.embed, &self.meta.ids, n, self.cfg.hidden as u32)
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(&mut self.ws[out as usize], &self.embed, &self.meta.ids, n, self.cfg.hidden as u32))
     }
 
     fn rms_norm(&mut self, x: Buf, w: Norm, out: Buf) -> Result<(), CudaError> {
@@ -672,7 +696,7 @@ impl LayerOps for CudaBackend {
             Norm::Final => &self.final_norm,
         };
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
-        self.k.rms_norm::<Bf16>(o, xs, wv, rows, self.cfg.hidden as u32, self.cfg.rms_eps)
+        typed!(self.limits.dtype, T => self.k.rms_norm::<T>(o, xs, wv, rows, self.cfg.hidden as u32, self.cfg.rms_eps))
     }
 
     fn matmul(&mut self, x: Buf, w: Weight, out: Buf, accumulate: bool) -> Result<(), CudaError> {
@@ -719,7 +743,7 @@ impl LayerOps for CudaBackend {
         let (qi, ki) = (q as usize, k as usize);
         let (lo, hi) = self.ws.split_at_mut(ki.max(qi));
         let (qb, kb) = if qi < ki { (&mut lo[qi], &mut hi[0]) } else { (&mut hi[0], &mut lo[ki]) };
-        self.k.rotary_embedding::<Bf16>(
+        typed!(self.limits.dtype, T => self.k.rotary_embedding::<T>(
             qb,
             kb,
             &self.meta.positions,
@@ -727,13 +751,13 @@ impl LayerOps for CudaBackend {
             b.num_tokens(),
             dims,
             c.rope_layout,
-        )
+        ))
     }
 
     fn reshape_and_cache(&mut self, b: &ScheduledBatch, layer: usize, k: Buf, v: Buf) -> Result<(), CudaError> {
         let (kc, vc) = &mut self.kv[layer];
         let row = self.cfg.kv_dim() as u32;
-        self.k.reshape_and_cache::<Bf16>(
+        typed!(self.limits.dtype, T => self.k.reshape_and_cache::<T>(
             &self.ws[k as usize],
             &self.ws[v as usize],
             kc,
@@ -741,7 +765,7 @@ impl LayerOps for CudaBackend {
             &self.meta.slots,
             b.num_tokens(),
             row,
-        )
+        ))
     }
 
     fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), CudaError> {
@@ -755,14 +779,14 @@ impl LayerOps for CudaBackend {
         };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
-        self.k.paged_attention_tiled::<Bf16>(&self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials)
+        typed!(self.limits.dtype, T => self.k.paged_attention_tiled::<T>(&self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))
     }
 
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), CudaError> {
         let rows = self.rows[x as usize];
         self.rows[out as usize] = rows;
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
-        self.k.silu_and_mul::<Bf16>(o, xs, rows, self.cfg.intermediate as u32)
+        typed!(self.limits.dtype, T => self.k.silu_and_mul::<T>(o, xs, rows, self.cfg.intermediate as u32))
     }
 
     fn gather_sampled(&mut self, b: &ScheduledBatch, x: Buf, out: Buf) -> Result<(), CudaError> {
@@ -770,7 +794,7 @@ impl LayerOps for CudaBackend {
         let s = b.logits_indices.len();
         self.rows[out as usize] = s;
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
-        self.k.embedding::<Bf16>(o, xs, &self.meta.logits_indices, s, self.cfg.hidden as u32)
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(o, xs, &self.meta.logits_indices, s, self.cfg.hidden as u32))
     }
 }
 
