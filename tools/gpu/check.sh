@@ -6,6 +6,8 @@
 #           graphs, eagerly, with chunked prefill and alone (batch invariance); seeded
 #           sampling twice; dummy smollm2 on both backends; and a first timing of SmolLM2 and
 #           of a dummy llama-3-8b with --profile, graphs on and off.
+#   tuning: issue 14's runs: `weave calibrate --profile --device cuda` and `weave experiment
+#           all --backend cuda` on a dummy llama-3-8b.
 #   bench:  issue 10's speed proof: `weave bench generate --device cuda` (prompt 512, output
 #           128, concurrency 1/8/64/256, with the ceilings and the decode roofline) on SmolLM2
 #           and a dummy llama-3-8b, then transformers' generate on the same shapes.
@@ -14,6 +16,16 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/weave-out}"; mkdir -p "$OUT"
 if [ "${1:-all}" = part1 ]; then cp target/gpu/model.part-aa /tmp/ && cp target/gpu/weave target/gpu/cuda_kernels /tmp/; echo "part 1 kept"; exit 0; fi
 W=/tmp/weave; [ -x target/gpu/weave ] && W=target/gpu/weave
+if [ "${1:-all}" = tuning ]; then
+  # Issue 14: the profiled cost model of a dummy llama-3-8b on this GPU, then the five
+  # experiments on it (their tables and plots land in $OUT/experiments).
+  export WEAVE_PTX_DIR="$PWD/target/ptx"
+  L="--load-format dummy --model-config llama-3-8b"
+  timeout 240 "$W" calibrate --profile --device cuda $L --max-tokens 8192 --max-seqs 256 --max-context 8192 \
+    --repeats 3 --out "$OUT/h200-llama-3-8b.cost.json" --points "$OUT/h200-points.json" 2>&1 | tail -4 | tee "$OUT/calibrate.txt"
+  timeout 480 "$W" experiment all --backend cuda $L --out "$OUT/experiments" 2>&1 | tail -60 | tee "$OUT/experiments.txt"
+  exit 0
+fi
 if [ "${1:-all}" = bench ]; then
   M=/tmp/weave-model.gguf; export WEAVE_PTX_DIR="$PWD/target/ptx"
   B="bench generate --device cuda --concurrency 1,8,64,256 --prompt-len 512 --output-len 128 --repeat 1 --max-num-batched-tokens 8192"

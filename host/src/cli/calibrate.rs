@@ -10,11 +10,12 @@ pub struct Args {
     /// Step logs to fit (without --profile).
     #[arg(required_unless_present = "profile", conflicts_with = "profile")]
     pub logs: Vec<PathBuf>,
-    /// Profile the real CPU backend with the reference model (or --model).
+    /// Profile a real backend: the CPU with the reference model (or --model), or the GPU
+    /// with --device cuda (and e.g. --load-format dummy --model-config llama-3-8b).
     #[arg(long)]
     pub profile: bool,
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: ModelArgs,
     /// Profile: the largest step in tokens (the largest budget you will simulate).
     #[arg(long, default_value_t = 1024)]
     pub max_tokens: usize,
@@ -44,17 +45,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn profile(a: Args) -> anyhow::Result<()> {
-    let Args { model, max_tokens, max_seqs, max_context, repeats, points, out, .. } = a;
-    let threads = default_threads();
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    let lm = weave::generate::LoadedModel::load(&model.unwrap_or_else(weave::paths::default_model_path))?;
+    let Args { run, max_tokens, max_seqs, max_context, repeats, points, out, .. } = a;
+    let threads = run.threads;
+    // The CPU profile keeps the file's quantized weights, as `weave generate` runs them.
+    let (lm, _path, (device, desc)) = run.load("auto", true)?;
+    eprintln!("profiling on {desc}");
     let spec =
         weave::study::profile::ProfileSpec { max_tokens, max_seqs, max_context, block_size: 16, repeats, threads };
     let bar = indicatif::ProgressBar::new(0);
-    let (m, report) = weave::study::profile::profile_cpu(&lm, &spec, &mut |done, total| {
+    let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    let (m, report) = match device {
+        weave::backends::cuda::ExecDevice::Cpu => weave::study::profile::profile_cpu(&lm, &spec, &mut progress)?,
+        weave::backends::cuda::ExecDevice::Cuda => {
+            let sched = weave_scheduler::SchedulerConfig {
+                max_num_batched_tokens: max_tokens,
+                max_num_seqs: max_seqs,
+                max_model_len: (max_context + max_tokens).min(lm.model.cfg.context_length),
+                block_size: 16,
+                ..Default::default()
+            };
+            let mut be = weave::generate::cuda_backend_for(
+                &lm,
+                &sched,
+                run.gpu_memory_utilization,
+                run.enforce_eager,
+                run.profile_layers,
+                0,
+            )?;
+            eprintln!("{}", be.describe());
+            weave::study::profile::profile_cuda(&mut be, &spec, &mut progress)?
+        }
+    };
     bar.finish_and_clear();
     std::fs::write(&out, serde_json::to_string_pretty(&m)?)
         .with_context(|| format!("cannot write {}", out.display()))?;

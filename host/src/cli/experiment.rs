@@ -15,17 +15,21 @@ pub struct Args {
     pub num_requests: Option<usize>,
     #[arg(long)]
     pub quick: bool,
-    /// sim (the GPU profile's cost model) or cpu (the real reference model on this
-    /// machine, at small sizes).
+    /// sim (the GPU profile's cost model), cpu (the real reference model on this machine, at
+    /// small sizes) or cuda (the model --model or --load-format dummy --model-config names,
+    /// on the GPU, at the simulator's sizes).
     #[arg(long, default_value = "sim")]
     pub backend: String,
+    /// The model for --backend cuda (and its device settings).
+    #[command(flatten)]
+    pub run: ModelArgs,
     /// Output directory (one sub-directory per experiment).
     #[arg(long, default_value = "docs/experiments")]
     pub out: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let Args { name, sim, num_requests, quick, backend, out } = a;
+    let Args { name, sim, num_requests, quick, backend, out, run } = a;
     if name == "sim-vs-real" {
         rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
         let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
@@ -59,7 +63,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "cpu-",
             )
         }
-        other => anyhow::bail!("unknown --backend {other:?}; use sim or cpu"),
+        "cuda" => {
+            anyhow::ensure!(run.device != "cpu", "--backend cuda runs on the GPU; drop --device cpu");
+            let (l, _path, (exec, desc)) = ModelArgs { device: "cuda".into(), ..run.clone() }.load("auto", true)?;
+            debug_assert_eq!(exec, weave::backends::cuda::ExecDevice::Cuda);
+            lm = l;
+            let scale =
+                weave::study::experiments::Scale::gpu_real(num_requests.unwrap_or(if quick { 64 } else { 200 }));
+            // One backend for every run: the largest budget and batch any experiment uses.
+            let sched = weave_scheduler::SchedulerConfig {
+                max_num_batched_tokens: 8192,
+                max_num_seqs: 256,
+                max_model_len: scale.max_model_len.min(lm.model.cfg.context_length),
+                block_size: 16,
+                ..Default::default()
+            };
+            let backend = weave::generate::cuda_backend_for(
+                &lm,
+                &sched,
+                run.gpu_memory_utilization,
+                run.enforce_eager,
+                run.profile_layers,
+                0,
+            )?;
+            eprintln!("experiments on {desc}: {}", backend.describe());
+            let kv = (backend.num_blocks() - 1) * 16;
+            (Box::new(weave::study::experiments::CudaRunner { lm: &lm, backend }), kv, scale, "cuda-")
+        }
+        other => anyhow::bail!("unknown --backend {other:?}; use sim, cpu or cuda"),
     };
     for n in names {
         let t0 = std::time::Instant::now();

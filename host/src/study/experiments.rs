@@ -68,6 +68,16 @@ impl Scale {
             max_model_len: 8192,
         }
     }
+    /// A real model on a GPU (`--backend cuda`, e.g. a dummy llama-3-8b on an H200): the
+    /// simulator's shapes, with fewer requests and shorter timed loads, so that the five
+    /// experiments run in minutes of device time.
+    pub fn gpu_real(requests: usize) -> Scale {
+        Scale {
+            decode_load_s: (requests as f64 / 16.0).clamp(8.0, 15.0),
+            load_fractions: &[0.3, 0.6, 0.9],
+            ..Scale::gpu(requests)
+        }
+    }
     /// The real 135M model on a laptop-class CPU: everything an order of magnitude smaller.
     pub fn cpu(requests: usize) -> Scale {
         let quick = requests <= 8;
@@ -121,6 +131,27 @@ impl Runner for CpuRunner<'_> {
         items: &[WorkItem],
     ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
         let r = run_cpu(self.lm, cfg, items, self.threads)?;
+        let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+        Ok((m, r))
+    }
+}
+
+/// A model on the CUDA backend, wall clock: one backend (its weights stay on the device) for
+/// every run, each run with a fresh scheduler over the blocks the device holds.
+#[derive(Debug)]
+pub struct CudaRunner<'a> {
+    pub lm: &'a crate::generate::LoadedModel,
+    pub backend: crate::backends::cuda::model::CudaBackend,
+}
+
+impl Runner for CudaRunner<'_> {
+    fn run(
+        &mut self,
+        cfg: &SchedulerConfig,
+        items: &[WorkItem],
+    ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
+        let cfg = SchedulerConfig { num_gpu_blocks: cfg.num_gpu_blocks.min(self.backend.num_blocks()), ..cfg.clone() };
+        let r = run_real(self.lm, &cfg, items, &mut self.backend)?;
         let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
         Ok((m, r))
     }
@@ -450,6 +481,17 @@ pub fn run_cpu(
 ) -> anyhow::Result<crate::engine::RunReport> {
     let backend =
         crate::backends::cpu::CpuBackend::new(lm.model.clone(), cfg.num_gpu_blocks, cfg.block_size, threads, 0);
+    run_real(lm, cfg, items, backend)
+}
+
+/// One real run of `items` on `backend` (arrivals on the wall clock, synthetic token ids
+/// spread over the vocabulary).
+pub fn run_real<B: crate::engine::Backend>(
+    lm: &crate::generate::LoadedModel,
+    cfg: &SchedulerConfig,
+    items: &[WorkItem],
+    backend: B,
+) -> anyhow::Result<crate::engine::RunReport> {
     let mut engine = crate::engine::Engine::new(
         weave_scheduler::Scheduler::new(cfg.clone())?,
         backend,

@@ -636,6 +636,37 @@ pub fn profile_cpu(
     profile(spec, name, &mut |b| timer.time(b), progress)
 }
 
+/// Profiles the CUDA backend `backend` (built for at least `spec`'s batch, sequences and
+/// context), `spec.repeats` rounds back to back. Each step's time is its wall time to the
+/// sampled tokens on the host, as a simulated step's is; decode-only shapes replay CUDA
+/// graphs unless the backend runs eagerly (the first round captures them: the median of the
+/// repeats is kept, so use `repeats >= 3`).
+pub fn profile_cuda(
+    backend: &mut crate::backends::cuda::model::CudaBackend,
+    spec: &ProfileSpec,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<(Profiled, ProfileReport)> {
+    use crate::engine::Backend;
+    anyhow::ensure!(
+        backend.num_blocks() >= spec.num_blocks(),
+        "the profile needs {} KV blocks and the GPU holds {}: lower --max-context or --max-seqs",
+        spec.num_blocks(),
+        backend.num_blocks()
+    );
+    let c = backend.config();
+    let name = format!("cuda, {}, {} layers, hidden {}", backend.device_name(), c.num_layers, c.hidden);
+    profile(
+        spec,
+        name,
+        &mut |b| {
+            let t0 = std::time::Instant::now();
+            backend.execute(b)?;
+            Ok(t0.elapsed().as_secs_f64())
+        },
+        progress,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

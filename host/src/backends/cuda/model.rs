@@ -591,6 +591,11 @@ impl CudaBackend {
         Ok(g)
     }
 
+    /// The device's name and arch, e.g. `NVIDIA H200 (sm_90)`.
+    pub fn device_name(&self) -> String {
+        format!("{} ({})", self.k.name, self.k.arch)
+    }
+
     /// The model's shape.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
