@@ -303,3 +303,20 @@ fn serve_drains_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("shutting down; draining 1 request"), "{log}");
 }
+
+#[test]
+fn bench_kernels_lists_its_shapes_without_a_gpu_and_says_why_it_cannot_time_them() {
+    let (code, out, err) = weave(&["bench", "kernels", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("decode 256x2048") && out.contains("prefill 1x4096"), "{out}");
+    // The last line is the JSON the PyTorch script reads.
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(json.as_array().unwrap().iter().any(|s| s["kind"] == "mixed"));
+    if weave::backends::cuda::no_gpu_reason().is_some() {
+        let (code, _, err) = weave(&["bench", "kernels", "--quick"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("needs a GPU") && err.contains("--dry-run"), "{err}");
+    } else {
+        eprintln!("skipped: a GPU is present; tools/gpu/check.sh runs the timed bench");
+    }
+}

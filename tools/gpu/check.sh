@@ -6,6 +6,7 @@
 #           graphs, eagerly, with chunked prefill and alone (batch invariance); seeded
 #           sampling twice; dummy smollm2 on both backends; and a first timing of SmolLM2 and
 #           of a dummy llama-3-8b with --profile, graphs on and off.
+#   kernels: issue 11's `weave bench kernels` (the roofline and PyTorch SDPA in the same run).
 #   tuning: issue 14's runs: `weave calibrate --profile --device cuda` and `weave experiment
 #           all --backend cuda` on a dummy llama-3-8b.
 #   bench:  issue 10's speed proof: `weave bench generate --device cuda` (prompt 512, output
@@ -16,6 +17,12 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/weave-out}"; mkdir -p "$OUT"
 if [ "${1:-all}" = part1 ]; then cp target/gpu/model.part-aa /tmp/ && cp target/gpu/weave target/gpu/cuda_kernels /tmp/; echo "part 1 kept"; exit 0; fi
 W=/tmp/weave; [ -x target/gpu/weave ] && W=target/gpu/weave
+if [ "${1:-all}" = kernels ]; then
+  # Issue 11: the attention kernel over its shapes, with the roofline and PyTorch SDPA.
+  export WEAVE_PTX_DIR="$PWD/target/ptx"
+  timeout 500 "$W" bench kernels --json "$OUT/kernels.json" 2>&1 | tail -45 | tee "$OUT/bench-kernels.txt"
+  exit 0
+fi
 if [ "${1:-all}" = tuning ]; then
   # Issue 14: the profiled cost model of a dummy llama-3-8b on this GPU, then the five
   # experiments on it (their tables and plots land in $OUT/experiments).

@@ -3,6 +3,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_serve;
 pub mod calibrate;
 pub mod experiment;
@@ -306,6 +307,9 @@ pub enum BenchCmd {
     /// Load an OpenAI-compatible server (weave's or another's) and report throughput, goodput
     /// and TTFT/TPOT/ITL/E2EL, as `vllm bench serve` does.
     Serve(bench_serve::Args),
+    /// Time the paged attention kernel on the GPU over decode, prefill and mixed shapes,
+    /// against the device's roofline and PyTorch's SDPA measured in the same run.
+    Kernels(bench_kernels::Args),
 }
 
 impl Cli {
@@ -320,6 +324,7 @@ impl Cli {
             Cmd::Replay(a) => replay::run(a),
             Cmd::Serve(a) => serve::run(a),
             Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(a),
+            Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
             Cmd::ModelConfig(a) => model_config::run(a),
             Cmd::Logits(a) => logits::run(a),
         }

@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod bench;
 pub mod experiments;
+pub mod kernel_bench;
 pub mod logits;
 pub mod plot;
 pub mod profile;
