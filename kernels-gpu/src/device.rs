@@ -122,7 +122,7 @@ struct AttnArgs {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_attention<T: Elem, const DL: usize>(
+unsafe fn paged_attention<T: Elem, const DL: usize, const PIPE: bool>(
     out: *mut T,
     partials: *mut f32,
     q: *const T,
@@ -151,7 +151,10 @@ unsafe fn paged_attention<T: Elem, const DL: usize>(
 
         let sq = smem();
         let sk = sq.add((ROWS_PER_TILE * d) as usize);
-        let sv = sk.add((MAX_BLOCK_SIZE * (d + 1)) as usize);
+        // The pipelined variant sizes K and V's staging by the launch's block size (the host
+        // gives it `attention_smem_bytes_for(d, bs)`), so more thread blocks fit an SM.
+        let kv_rows = if PIPE { a.bs } else { MAX_BLOCK_SIZE };
+        let sv = sk.add((kv_rows * (d + 1)) as usize);
         // Stage the tile's query rows, pre-scaled.
         let mut i = t;
         while i < rows * d {
@@ -185,9 +188,42 @@ unsafe fn paged_attention<T: Elem, const DL: usize>(
                 $body
             }};
         }
+        // 16-bit caches in the pipelined variant: each thread holds its share of the next
+        // block's K and V (16-byte loads, at most VEC_SLOTS a thread) in registers while the
+        // warps work on the staged block, so the loads' latency hides behind the math.
+        let vec16 = PIPE && core::mem::size_of::<T>() == 2;
+        let mut rk = [[0u32; 4]; VEC_SLOTS];
+        let mut rv = [[0u32; 4]; VEC_SLOTS];
+        let nvec = a.bs * (d / 8);
+        if vec16 && first < end {
+            load_block(&mut rk, &mut rv, kc, vc, *table.add(first as usize), a, kv_head, d, nvec, t);
+        }
         let mut j = first;
         while j < end {
             _syncthreads(); // the previous block's readers are done (and Q is staged)
+            if vec16 {
+                store_block::<T>(&rk, &rv, sk, sv, d, nvec, t);
+                if j + 1 < end {
+                    load_block(&mut rk, &mut rv, kc, vc, *table.add(j as usize + 1), a, kv_head, d, nvec, t);
+                }
+                j += 1;
+                _syncthreads();
+                let j = j - 1;
+                rows4!(|s, r| {
+                    if r < rows {
+                        s.attend_block::<DL>(
+                            sq.add((r * d) as usize),
+                            sk,
+                            sv,
+                            a.bs,
+                            j * a.bs,
+                            ctx + q0 + udiv(r, g) + 1,
+                            lane,
+                        );
+                    }
+                });
+                continue;
+            }
             let phys = *table.add(j as usize);
             let mut i = t;
             while i < a.bs * d {
@@ -235,6 +271,89 @@ unsafe fn paged_attention<T: Elem, const DL: usize>(
                 }
             }
         });
+    }
+}
+
+/// 16-byte vectors of one KV block a thread holds: a block of up to `MAX_BLOCK_SIZE` tokens
+/// of a 128-wide head in 16-bit values is 512 vectors of K, 4 for each of 128 threads.
+const VEC_SLOTS: usize = (MAX_BLOCK_SIZE * 128 / 8 / THREADS) as usize;
+
+/// 16 bytes from global memory through the read-only path (the KV cache does not change
+/// during the launch). `p` is 16-byte aligned: head rows are multiples of 8 values.
+#[inline(always)]
+unsafe fn ld_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        core::arch::asm!(
+            "{{ .reg .u64 g; cvta.to.global.u64 g, {p}; ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [g]; }}",
+            p = in(reg64) p as u64,
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+        )
+    };
+    [a, b, c, d]
+}
+
+/// This thread's vectors of block `phys`'s K and V rows for `kv_head`: vector `i` (of
+/// `nvec`, `d / 8` a token) holds values `8 (i % (d/8))..` of token `i / (d/8)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn load_block<T: Elem>(
+    rk: &mut [[u32; 4]; VEC_SLOTS],
+    rv: &mut [[u32; 4]; VEC_SLOTS],
+    kc: *const T,
+    vc: *const T,
+    phys: u32,
+    a: AttnArgs,
+    kv_head: u32,
+    d: u32,
+    nvec: u32,
+    t: u32,
+) {
+    let per_tok = d / 8;
+    for s in 0..VEC_SLOTS {
+        let i = t + s as u32 * THREADS;
+        if i < nvec {
+            let (kt, dv) = (i / per_tok, i % per_tok);
+            let o = (((phys * a.bs + kt) * a.nkv + kv_head) * d + dv * 8) as usize;
+            unsafe {
+                rk[s] = ld_v4(kc.add(o) as *const u32);
+                rv[s] = ld_v4(vc.add(o) as *const u32);
+            }
+        }
+    }
+}
+
+/// Widens the held vectors to f32 into the staging buffers: K at row stride `d + 1` (the
+/// lanes scoring 32 keys hit 32 banks), V at `d`.
+#[inline(always)]
+unsafe fn store_block<T: Elem>(
+    rk: &[[u32; 4]; VEC_SLOTS],
+    rv: &[[u32; 4]; VEC_SLOTS],
+    sk: *mut f32,
+    sv: *mut f32,
+    d: u32,
+    nvec: u32,
+    t: u32,
+) {
+    let per_tok = d / 8;
+    for s in 0..VEC_SLOTS {
+        let i = t + s as u32 * THREADS;
+        if i < nvec {
+            let (kt, dv) = (i / per_tok, i % per_tok);
+            for e in 0..8 {
+                let shift = 16 * (e % 2);
+                // SAFETY: T is a 16-bit storage type here (f16 or bf16 bits).
+                let kh: T = unsafe { core::mem::transmute_copy(&((rk[s][e / 2] >> shift) as u16)) };
+                let vh: T = unsafe { core::mem::transmute_copy(&((rv[s][e / 2] >> shift) as u16)) };
+                unsafe {
+                    *sk.add((kt * (d + 1) + dv * 8) as usize + e) = kh.to_f32();
+                    *sv.add((kt * d + dv * 8) as usize + e) = vh.to_f32();
+                }
+            }
+        }
     }
 }
 
@@ -678,7 +797,7 @@ typed_kernels!(
 );
 
 macro_rules! attention_kernels {
-    ($t:ty, $dl:literal, $attn:ident, $reduce:ident) => {
+    (@attn $t:ty, $dl:literal, $pipe:literal, $attn:ident) => {
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $attn(
             out: *mut $t,
@@ -710,7 +829,7 @@ macro_rules! attention_kernels {
                 scale,
             };
             unsafe {
-                paged_attention::<$t, $dl>(
+                paged_attention::<$t, $dl, $pipe>(
                     out,
                     partials,
                     q,
@@ -724,6 +843,9 @@ macro_rules! attention_kernels {
                 )
             }
         }
+    };
+    ($t:ty, $dl:literal, $attn:ident, $reduce:ident) => {
+        attention_kernels!(@attn $t, $dl, false, $attn);
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $reduce(
             out: *mut $t,
@@ -743,6 +865,10 @@ attention_kernels!(F16, 2, paged_attention_f16_d64, attention_reduce_f16_d64);
 attention_kernels!(F16, 4, paged_attention_f16_d128, attention_reduce_f16_d128);
 attention_kernels!(Bf16, 2, paged_attention_bf16_d64, attention_reduce_bf16_d64);
 attention_kernels!(Bf16, 4, paged_attention_bf16_d128, attention_reduce_bf16_d128);
+attention_kernels!(@attn F16, 2, true, paged_attention_pipelined_f16_d64);
+attention_kernels!(@attn F16, 4, true, paged_attention_pipelined_f16_d128);
+attention_kernels!(@attn Bf16, 2, true, paged_attention_pipelined_bf16_d64);
+attention_kernels!(@attn Bf16, 4, true, paged_attention_pipelined_bf16_d128);
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn argmax_f32(out: *mut u32, logits: *const f32, vocab: u32) {

@@ -52,6 +52,9 @@ impl HeadDim {
 pub enum Kernel {
     ReshapeAndCache(Dtype),
     PagedAttention(Dtype, HeadDim),
+    /// The 16-bit variant that keeps the next KV block in registers (16-byte loads) while the
+    /// warps work on the staged one, with staging sized by the block size.
+    PagedAttentionPipelined(Dtype, HeadDim),
     AttentionReduce(Dtype, HeadDim),
     RmsNorm(Dtype),
     FusedAddRmsNorm(Dtype),
@@ -81,6 +84,12 @@ impl Kernel {
             PagedAttention(F16, D128) => "paged_attention_f16_d128",
             PagedAttention(Bf16, D64) => "paged_attention_bf16_d64",
             PagedAttention(Bf16, D128) => "paged_attention_bf16_d128",
+            PagedAttentionPipelined(F16, D64) => "paged_attention_pipelined_f16_d64",
+            PagedAttentionPipelined(F16, D128) => "paged_attention_pipelined_f16_d128",
+            PagedAttentionPipelined(Bf16, D64) => "paged_attention_pipelined_bf16_d64",
+            PagedAttentionPipelined(Bf16, D128) => "paged_attention_pipelined_bf16_d128",
+            // f32 caches take the staged kernel.
+            PagedAttentionPipelined(F32, _) => "paged_attention_pipelined_unsupported_f32",
             AttentionReduce(F32, D64) => "attention_reduce_f32_d64",
             AttentionReduce(F32, D128) => "attention_reduce_f32_d128",
             AttentionReduce(F16, D64) => "attention_reduce_f16_d64",
@@ -113,7 +122,9 @@ impl Kernel {
     /// Bytes of dynamic shared memory a launch must give it.
     pub const fn dynamic_smem(self) -> u32 {
         match self {
-            Kernel::PagedAttention(_, d) => crate::attention_smem_bytes(d.get()),
+            Kernel::PagedAttention(_, d) | Kernel::PagedAttentionPipelined(_, d) => {
+                crate::attention_smem_bytes(d.get())
+            }
             // Block reductions: a value and an index per warp.
             Kernel::RmsNorm(_) | Kernel::FusedAddRmsNorm(_) | Kernel::ArgmaxF32 | Kernel::SampleF32 => {
                 2 * (crate::BLOCK_THREADS / 32) * 4
@@ -131,7 +142,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 35] = {
+pub const KERNELS: [Kernel; 39] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -145,6 +156,10 @@ pub const KERNELS: [Kernel; 35] = {
         PagedAttention(F16, D128),
         PagedAttention(Bf16, D64),
         PagedAttention(Bf16, D128),
+        PagedAttentionPipelined(F16, D64),
+        PagedAttentionPipelined(F16, D128),
+        PagedAttentionPipelined(Bf16, D64),
+        PagedAttentionPipelined(Bf16, D128),
         AttentionReduce(F32, D64),
         AttentionReduce(F32, D128),
         AttentionReduce(F16, D64),
@@ -187,6 +202,7 @@ mod tests {
             let want = match *k {
                 Kernel::ReshapeAndCache(t) => format!("reshape_and_cache_{}", t.name()),
                 Kernel::PagedAttention(t, d) => format!("paged_attention_{}_d{}", t.name(), d.get()),
+                Kernel::PagedAttentionPipelined(t, d) => format!("paged_attention_pipelined_{}_d{}", t.name(), d.get()),
                 Kernel::AttentionReduce(t, d) => format!("attention_reduce_{}_d{}", t.name(), d.get()),
                 Kernel::RmsNorm(t) => format!("rms_norm_{}", t.name()),
                 Kernel::FusedAddRmsNorm(t) => format!("fused_add_rms_norm_{}", t.name()),

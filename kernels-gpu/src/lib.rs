@@ -119,6 +119,12 @@ pub use kernel::{Dtype, HeadDim, Kernel, KERNELS};
 /// Threads per block of every kernel except `attention_reduce` (one warp).
 pub const BLOCK_THREADS: u32 = 128;
 
+/// Dynamic shared memory (bytes) `paged_attention_pipelined_*_d{head_dim}` needs for KV
+/// blocks of `block_size` tokens (its staging is sized by the launch's block size).
+pub const fn attention_smem_bytes_for(head_dim: u32, block_size: u32) -> u32 {
+    (attention::ROWS_PER_TILE * head_dim + block_size * (head_dim + 1) + block_size * head_dim) * 4
+}
+
 /// Dynamic shared memory (bytes) `paged_attention_*_d{head_dim}` needs.
 pub const fn attention_smem_bytes(head_dim: u32) -> u32 {
     (attention::ROWS_PER_TILE * head_dim

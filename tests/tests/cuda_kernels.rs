@@ -8,7 +8,7 @@ mod common;
 
 use proptest::prelude::*;
 use std::sync::OnceLock;
-use weave::backends::cuda::{no_gpu_reason, DevElem, Kernels};
+use weave::backends::cuda::{no_gpu_reason, AttnKernel, DevElem, Kernels};
 use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
 use weave_kernels_gpu::ops::{self, RopeLayout};
 use weave_kernels_gpu::{Bf16, Elem, F16};
@@ -30,7 +30,7 @@ fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
 }
 
 /// KV write and attention on the GPU; returns the attention's largest difference from the host.
-fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case) -> f64 {
+fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case, kind: AttnKernel) -> f64 {
     let b = common::build::<T>(c);
     let num_tokens = *b.qsl.last().unwrap() as usize;
     let up = |v: &[T]| k.upload(&T::to_bits(v)).unwrap();
@@ -45,7 +45,8 @@ fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case) -> f64 {
     let mut out = k.zeros::<T::Bits>(b.q.len()).unwrap();
     let ctx = k.upload(&b.ctx).unwrap();
     let tables = k.upload(&b.tables).unwrap();
-    k.paged_attention::<T>(&b.shape, &b.qsl, &ctx, &tables, b.max_seq_len, &up(&b.q), &kc, &vc, &mut out).unwrap();
+    k.paged_attention::<T>(kind, &b.shape, &b.qsl, &ctx, &tables, b.max_seq_len, &up(&b.q), &kc, &vc, &mut out)
+        .unwrap();
     let got = T::from_bits(&k.download(&out).unwrap());
     let mut want = vec![T::default(); b.q.len()];
     let nq = b.shape.num_q_heads as usize;
@@ -67,8 +68,11 @@ fn attention_prop<T: DevElem>(tol: f64) {
     let Some(k) = gpu() else { return };
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
     let r = runner.run(&common::case(), |c| {
-        let err = attention_case::<T>(k, &c);
-        prop_assert!(err < tol, "paged_attention_{}: max abs error {err} (tolerance {tol})", T::NAME);
+        // Both kernels on every case (f32 caches run the staged one twice).
+        for kind in [AttnKernel::Staged, AttnKernel::Pipelined] {
+            let err = attention_case::<T>(k, &c, kind);
+            prop_assert!(err < tol, "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})", T::NAME);
+        }
         Ok(())
     });
     if let Err(e) = r {

@@ -279,7 +279,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     copy_gbs: f64,
     gemm_tflops: f64,
 ) -> Result<Vec<Row>, crate::backends::cuda::CudaError> {
-    use crate::backends::cuda::AttnMeta;
+    use crate::backends::cuda::{AttnKernel, AttnMeta};
     use weave_kernels_gpu::attention::{choose_blocks_per_split, count_tiles, fill_tiles, AttnShape, MAX_SPLITS};
     let bs = 16u32;
     let lay = layout(s, bs, 7);
@@ -309,17 +309,25 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     let (tiles_d, qsl_d) = (k.upload(&tiles)?, k.upload(&lay.query_start_loc)?);
     let (ctx_d, tables_d) = (k.upload(&lay.context_lens)?, k.upload(&lay.block_tables)?);
     let max_seq_len = s.max_seq_len();
-    let mut variants = vec![("no split".to_string(), 0u32)];
+    let mut splits = vec![("no split".to_string(), 0u32)];
     if s.decode_only() {
         let bps = choose_blocks_per_split(s.seqs.len() as u32, nkv, lay.max_blocks_per_seq, k.num_sms);
         if bps > 0 {
-            variants.push((format!("split auto ({bps} blocks)"), bps));
+            splits.push((format!("split {bps}"), bps));
         }
     }
+    // Each split choice with each kernel.
+    let variants: Vec<(String, u32, AttnKernel)> = splits
+        .iter()
+        .flat_map(|(name, bps)| {
+            [(AttnKernel::Staged, "staged"), (AttnKernel::Pipelined, "pipelined")]
+                .map(|(kind, kn)| (format!("{kn}, {name}"), *bps, kind))
+        })
+        .collect();
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;
     let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut rows = Vec::new();
-    for (name, bps) in variants {
+    for (name, bps, kind) in variants {
         let shape = AttnShape { blocks_per_split: bps, ..base };
         if shape.num_splits(max_seq_len) > MAX_SPLITS {
             continue;
@@ -333,7 +341,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
             block_tables: &tables_d,
         };
         let mut launch =
-            || k.paged_attention_tiled::<T>(&shape, meta, max_seq_len, &q, &kc, &vc, &mut out, &mut partials);
+            || k.paged_attention_with::<T>(kind, &shape, meta, max_seq_len, &q, &kc, &vc, &mut out, &mut partials);
         for _ in 0..3 {
             launch()?;
         }

@@ -5,6 +5,29 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
 use weave_kernels_gpu::{HeadDim, Kernel, BLOCK_THREADS};
 
+/// Which paged attention kernel a launch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnKernel {
+    /// KV blocks staged through shared memory one at a time (the first kernel, proven on an
+    /// H200).
+    #[default]
+    Staged,
+    /// 16-bit caches only: the next block's K and V held in registers (16-byte loads) while
+    /// the current one is worked on, staging sized by the block size.
+    Pipelined,
+}
+
+impl AttnKernel {
+    /// `WEAVE_ATTN_KERNEL=pipelined` picks the pipelined kernel for the model's steps (until
+    /// it is proven on a GPU, the staged one stays the default).
+    pub fn from_env() -> AttnKernel {
+        match std::env::var("WEAVE_ATTN_KERNEL").as_deref() {
+            Ok("pipelined") => AttnKernel::Pipelined,
+            _ => AttnKernel::Staged,
+        }
+    }
+}
+
 /// A batch's attention metadata on the device.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnMeta<'a> {
@@ -49,6 +72,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention<T: DevElem>(
         &self,
+        kind: AttnKernel,
         shape: &AttnShape,
         query_start_loc: &[u32],
         context_lens: &CudaSlice<u32>,
@@ -81,7 +105,7 @@ impl Kernels {
             context_lens,
             block_tables,
         };
-        self.paged_attention_tiled::<T>(shape, meta, max_seq_len, q, k_cache, v_cache, out, &mut partials)
+        self.paged_attention_with::<T>(kind, shape, meta, max_seq_len, q, k_cache, v_cache, out, &mut partials)
     }
 
     /// [`Self::paged_attention`] with the batch's tiles (`fill_tiles` for
@@ -100,12 +124,35 @@ impl Kernels {
         out: &mut CudaSlice<T::Bits>,
         partials: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        self.paged_attention_with::<T>(AttnKernel::Staged, shape, meta, max_seq_len, q, k_cache, v_cache, out, partials)
+    }
+
+    /// [`Self::paged_attention_tiled`] with kernel `kind` (f32 caches always take the staged one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_with<T: DevElem>(
+        &self,
+        kind: AttnKernel,
+        shape: &AttnShape,
+        meta: AttnMeta<'_>,
+        max_seq_len: u32,
+        q: &CudaSlice<T::Bits>,
+        k_cache: &CudaSlice<T::Bits>,
+        v_cache: &CudaSlice<T::Bits>,
+        out: &mut CudaSlice<T::Bits>,
+        partials: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         shape.check().map_err(CudaError::Shape)?;
         let d = shape.head_dim;
         let num_tokens = meta.num_tokens;
         let splits = shape.num_splits(max_seq_len);
         let hd = HeadDim::of(d).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
-        let f = self.function(Kernel::PagedAttention(T::DTYPE, hd));
+        let pipelined = kind == AttnKernel::Pipelined && T::DTYPE != weave_kernels_gpu::Dtype::F32;
+        let kernel = if pipelined {
+            Kernel::PagedAttentionPipelined(T::DTYPE, hd)
+        } else {
+            Kernel::PagedAttention(T::DTYPE, hd)
+        };
+        let f = self.function(kernel);
         let mut b = self.stream.launch_builder(f);
         b.arg(&mut *out)
             .arg(&mut *partials)
@@ -127,7 +174,11 @@ impl Kernels {
         let cfg = LaunchConfig {
             grid_dim: (meta.num_tiles as u32, shape.num_kv_heads, splits),
             block_dim: (BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: Kernel::PagedAttention(T::DTYPE, hd).dynamic_smem(),
+            shared_mem_bytes: if pipelined {
+                weave_kernels_gpu::attention_smem_bytes_for(d, shape.block_size)
+            } else {
+                kernel.dynamic_smem()
+            },
         };
         // SAFETY: shapes checked; buffers sized by the caller as AttnShape documents.
         unsafe { b.launch(cfg) }?;

@@ -25,6 +25,6 @@ pub mod roofline;
 pub use device::{choose_device, no_gpu_reason, ExecDevice};
 pub use dtype::DevElem;
 pub use error::CudaError;
-pub use launch::AttnMeta;
+pub use launch::{AttnKernel, AttnMeta};
 pub use ptx::{ptx_dirs, Kernels};
 pub use weave_kernels_gpu::Kernel;

@@ -225,6 +225,8 @@ pub struct CudaBackend {
     meta_ready: bool,
     /// The previous step's last event, for the idle gap before the next step.
     last_end: Option<cudarc::driver::CudaEvent>,
+    /// The attention kernel the steps use (`WEAVE_ATTN_KERNEL`).
+    attn_kernel: super::AttnKernel,
 }
 
 /// Captured graphs by padded batch size.
@@ -371,6 +373,7 @@ impl CudaBackend {
             },
             meta_ready: false,
             last_end: None,
+            attn_kernel: super::AttnKernel::from_env(),
         })
     }
 
@@ -784,7 +787,7 @@ impl LayerOps for CudaBackend {
         };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
-        typed!(self.limits.dtype, T => self.k.paged_attention_tiled::<T>(&self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))
+        typed!(self.limits.dtype, T => self.k.paged_attention_with::<T>(self.attn_kernel, &self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))
     }
 
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), CudaError> {
