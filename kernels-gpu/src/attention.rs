@@ -98,6 +98,28 @@ pub fn fill_tiles(query_start_loc: &[u32], tokens_per_tile: u32, out: &mut [u32]
     }
 }
 
+/// Query tokens per thread block of the tensor-core kernel (`paged_attention_mma_*`): four
+/// warps of 16 rows, one query head.
+pub const MMA_TILE_TOKENS: u32 = 64;
+
+/// The tiles of a batch split by kernel: `(seq, first query)` pairs of `tokens_per_tile`
+/// tokens for the sequences that bring one token (decode rows, for the CUDA-core kernel) and
+/// of [`MMA_TILE_TOKENS`] for those that bring more (prefill chunks, for the tensor-core one).
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn split_tiles(query_start_loc: &[u32], tokens_per_tile: u32) -> (std::vec::Vec<u32>, std::vec::Vec<u32>) {
+    let (mut small, mut big) = (std::vec::Vec::new(), std::vec::Vec::new());
+    for (seq, w) in query_start_loc.windows(2).enumerate() {
+        let n = w[1] - w[0];
+        let (out, step) = if n <= 1 { (&mut small, tokens_per_tile) } else { (&mut big, MMA_TILE_TOKENS) };
+        let mut q0 = 0;
+        while q0 < n {
+            out.extend([seq as u32, q0]);
+            q0 += step;
+        }
+    }
+    (small, big)
+}
+
 /// The most splits a decode row is cut into; with [`split_rows_bound`] it sizes the partials
 /// workspace.
 pub const MAX_SPLITS: u32 = 32;
@@ -361,5 +383,19 @@ mod split_tests {
             let splits = if bps == 0 { 1 } else { 512u32.div_ceil(bps) };
             assert!(splits * seqs <= split_rows_bound(300, 8, 132).max(seqs), "{seqs}");
         }
+    }
+}
+
+#[cfg(test)]
+mod mma_tile_tests {
+    use super::*;
+
+    #[test]
+    fn decode_rows_and_chunks_get_their_own_tiles() {
+        // seq 0: 1 token, seq 1: 130 tokens, seq 2: 1 token, seq 3: 2 tokens.
+        let qsl = [0, 1, 131, 132, 134];
+        let (small, big) = split_tiles(&qsl, 4);
+        assert_eq!(small, [0, 0, 2, 0]);
+        assert_eq!(big, [1, 0, 1, 64, 1, 128, 3, 0]);
     }
 }

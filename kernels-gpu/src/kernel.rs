@@ -55,6 +55,8 @@ pub enum Kernel {
     /// The 16-bit variant that keeps the next KV block in registers (16-byte loads) while the
     /// warps work on the staged one, with staging sized by the block size.
     PagedAttentionPipelined(Dtype, HeadDim),
+    /// Tensor-core attention (mma.sync m16n8k16) for the rows of prefill chunks, 16-bit only.
+    PagedAttentionMma(Dtype, HeadDim),
     AttentionReduce(Dtype, HeadDim),
     RmsNorm(Dtype),
     FusedAddRmsNorm(Dtype),
@@ -90,6 +92,11 @@ impl Kernel {
             PagedAttentionPipelined(Bf16, D128) => "paged_attention_pipelined_bf16_d128",
             // f32 caches take the staged kernel.
             PagedAttentionPipelined(F32, _) => "paged_attention_pipelined_unsupported_f32",
+            PagedAttentionMma(F16, D64) => "paged_attention_mma_f16_d64",
+            PagedAttentionMma(F16, D128) => "paged_attention_mma_f16_d128",
+            PagedAttentionMma(Bf16, D64) => "paged_attention_mma_bf16_d64",
+            PagedAttentionMma(Bf16, D128) => "paged_attention_mma_bf16_d128",
+            PagedAttentionMma(F32, _) => "paged_attention_mma_unsupported_f32",
             AttentionReduce(F32, D64) => "attention_reduce_f32_d64",
             AttentionReduce(F32, D128) => "attention_reduce_f32_d128",
             AttentionReduce(F16, D64) => "attention_reduce_f16_d64",
@@ -125,6 +132,8 @@ impl Kernel {
             Kernel::PagedAttention(_, d) | Kernel::PagedAttentionPipelined(_, d) => {
                 crate::attention_smem_bytes(d.get())
             }
+            // K staged row-major (d + 8 values a row) and V transposed (24 a row), 16 keys.
+            Kernel::PagedAttentionMma(_, d) => (16 * (d.get() + 8) + d.get() * 24) * 2,
             // Block reductions: a value and an index per warp.
             Kernel::RmsNorm(_) | Kernel::FusedAddRmsNorm(_) | Kernel::ArgmaxF32 | Kernel::SampleF32 => {
                 2 * (crate::BLOCK_THREADS / 32) * 4
@@ -142,7 +151,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 39] = {
+pub const KERNELS: [Kernel; 43] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -160,6 +169,10 @@ pub const KERNELS: [Kernel; 39] = {
         PagedAttentionPipelined(F16, D128),
         PagedAttentionPipelined(Bf16, D64),
         PagedAttentionPipelined(Bf16, D128),
+        PagedAttentionMma(F16, D64),
+        PagedAttentionMma(F16, D128),
+        PagedAttentionMma(Bf16, D64),
+        PagedAttentionMma(Bf16, D128),
         AttentionReduce(F32, D64),
         AttentionReduce(F32, D128),
         AttentionReduce(F16, D64),
@@ -203,6 +216,7 @@ mod tests {
                 Kernel::ReshapeAndCache(t) => format!("reshape_and_cache_{}", t.name()),
                 Kernel::PagedAttention(t, d) => format!("paged_attention_{}_d{}", t.name(), d.get()),
                 Kernel::PagedAttentionPipelined(t, d) => format!("paged_attention_pipelined_{}_d{}", t.name(), d.get()),
+                Kernel::PagedAttentionMma(t, d) => format!("paged_attention_mma_{}_d{}", t.name(), d.get()),
                 Kernel::AttentionReduce(t, d) => format!("attention_reduce_{}_d{}", t.name(), d.get()),
                 Kernel::RmsNorm(t) => format!("rms_norm_{}", t.name()),
                 Kernel::FusedAddRmsNorm(t) => format!("fused_add_rms_norm_{}", t.name()),

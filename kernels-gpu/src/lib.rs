@@ -13,12 +13,16 @@
 //! |---|---|---|---|
 //! | `reshape_and_cache_T` | tokens × 128 | copy one token's K and V rows (all KV heads) to its slot | 2 × 2·Hkv·D·sizeof(T) (read + write) |
 //! | `paged_attention_T_dD` | tiles × KV heads × splits, 128 (4 warps) | ≤16 query rows (tile tokens × GQA group) against one split's KV blocks | K+V of the visible context once per tile and KV head |
+//! | `paged_attention_pipelined_T_dD` (16-bit `T`) | as `paged_attention` | the same, with the next KV block held in registers (16-byte loads) during the current block's math, staging sized by the block size | as `paged_attention` |
+//! | `paged_attention_mma_T_dD` (16-bit `T`) | chunk tiles × q heads, 128 (4 warps) | 64 query tokens of one head on tensor cores (mma.sync m16n8k16; FlashAttention-2's loop, 16 keys a step) | K+V of the visible context once per tile and q head |
 //! | `attention_reduce_T_dD` | tokens × q heads × 32 | merge the splits' (m, l, acc) rows | splits × (D+2) × 4 B |
 //! | `rms_norm_T`, `fused_add_rms_norm_T` | tokens × 128 | one hidden row: sum of squares (warp shuffles + shared), scale | 2–4 × hidden × sizeof(T) |
 //! | `rotary_embedding_T` | tokens × 128 | rotate every (q and k) head's pairs using the cos/sin cache row | (Hq+Hkv)·D × 2 × sizeof(T) |
 //! | `silu_and_mul_T` | tokens × 128 | `silu(gate) * up` over the intermediate row | 3 × I × sizeof(T) |
 //! | `embedding_T` | tokens × 128 | gather one row of the table | 2 × hidden × sizeof(T) |
 //! | `argmax_f32` | rows × 128 | (value, index) reduction over the vocabulary | vocab × 4 B |
+//! | `sample_f32` | rows × 128 | temperature, top-k, top-p and a seeded draw ([`sample`]), the token's logprob | vocab × 4 B × (3 + up to 64 bisection passes) |
+//! | `fill_dummy_T` | grid-stride, 128 | dummy weights from a seed ([`sample::dummy_value`]) | n × sizeof(T) written |
 //!
 //! **Paged attention.** A tile is up to `16 / group` query tokens of one sequence. For every
 //! KV block of its split, the thread block stages K (padded row stride D+1, so the 32 lanes

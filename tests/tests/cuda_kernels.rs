@@ -68,8 +68,9 @@ fn attention_prop<T: DevElem>(tol: f64) {
     let Some(k) = gpu() else { return };
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
     let r = runner.run(&common::case(), |c| {
-        // Both kernels on every case (f32 caches run the staged one twice).
-        for kind in [AttnKernel::Staged, AttnKernel::Pipelined] {
+        // Every kernel on every case (f32 caches, and the tensor-core kernel at block sizes
+        // that are not multiples of 16, run the staged one).
+        for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore] {
             let err = attention_case::<T>(k, &c, kind);
             prop_assert!(err < tol, "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})", T::NAME);
         }
@@ -77,6 +78,27 @@ fn attention_prop<T: DevElem>(tol: f64) {
     });
     if let Err(e) = r {
         panic!("{e}");
+    }
+}
+
+/// The tensor-core kernel on chunks longer than its 64-token tiles, mid-block starts, GQA
+/// groups of 3, 4 and 8, block sizes 16 and 32, beside decode rows.
+#[test]
+fn tensor_core_attention_on_long_chunks() {
+    let Some(k) = gpu() else { return };
+    for (block_size, head_dim, group) in [(16u32, 128u32, 4u32), (32, 64, 3), (16, 64, 8), (32, 128, 1)] {
+        let c = common::Case {
+            seqs: vec![(0, 200), (37, 130), (70, 1), (5, 64), (300, 1), (16, 65)],
+            block_size,
+            head_dim,
+            num_kv_heads: 2,
+            group,
+            blocks_per_split: 0,
+            seed: 5,
+        };
+        let e16 = attention_case::<F16>(k, &c, AttnKernel::TensorCore);
+        let e_bf = attention_case::<Bf16>(k, &c, AttnKernel::TensorCore);
+        assert!(e16 < 2e-3 && e_bf < 1.6e-2, "block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}");
     }
 }
 

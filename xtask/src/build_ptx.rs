@@ -121,6 +121,10 @@ fn build_one(rust: &NvptxRust, root: &Path, arch: &str) -> Result<PathBuf> {
             "--emit=asm",
         ])
         .arg(format!("-Ctarget-cpu={arch}"))
+        // Unroll the kernels' short fixed loops (the tensor-core kernel's 8 and 16 MMA tiles
+        // carry inline asm, which LLVM's default cost model refuses to unroll): an array
+        // indexed in a rolled loop lives in local memory, not registers.
+        .arg("-Cllvm-args=-unroll-threshold=2000")
         .status()
         .with_context(|| format!("cannot run {}", rust.cargo.display()))?;
     if !status.success() {

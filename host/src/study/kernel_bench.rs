@@ -316,14 +316,19 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
             splits.push((format!("split {bps}"), bps));
         }
     }
-    // Each split choice with each kernel.
-    let variants: Vec<(String, u32, AttnKernel)> = splits
+    // Each split choice with each CUDA-core kernel; the tensor-core one where there are chunks.
+    let mut variants: Vec<(String, u32, AttnKernel)> = splits
         .iter()
         .flat_map(|(name, bps)| {
             [(AttnKernel::Staged, "staged"), (AttnKernel::Pipelined, "pipelined")]
                 .map(|(kind, kn)| (format!("{kn}, {name}"), *bps, kind))
         })
         .collect();
+    let (small, big) = weave_kernels_gpu::attention::split_tiles(&lay.query_start_loc, tq);
+    if !big.is_empty() && AttnKernel::mma_ok(T::DTYPE, bs) {
+        variants.push(("tensor cores (+ staged decode)".into(), 0, AttnKernel::TensorCore));
+    }
+    let (small_d, big_d) = (k.upload(&small)?, k.upload(&big)?);
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;
     let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut rows = Vec::new();
@@ -340,8 +345,38 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
             context_lens: &ctx_d,
             block_tables: &tables_d,
         };
-        let mut launch =
-            || k.paged_attention_with::<T>(kind, &shape, meta, max_seq_len, &q, &kc, &vc, &mut out, &mut partials);
+        let mut launch = || {
+            if kind != AttnKernel::TensorCore {
+                return k.paged_attention_with::<T>(
+                    kind,
+                    &shape,
+                    meta,
+                    max_seq_len,
+                    &q,
+                    &kc,
+                    &vc,
+                    &mut out,
+                    &mut partials,
+                );
+            }
+            // Two launches, as the model runs a mixed step: decode rows, then chunks.
+            if !small.is_empty() {
+                let m = AttnMeta { tiles: &small_d, num_tiles: small.len() / 2, ..meta };
+                k.paged_attention_with::<T>(
+                    AttnKernel::Staged,
+                    &shape,
+                    m,
+                    max_seq_len,
+                    &q,
+                    &kc,
+                    &vc,
+                    &mut out,
+                    &mut partials,
+                )?;
+            }
+            let m = AttnMeta { tiles: &big_d, num_tiles: big.len() / 2, ..meta };
+            k.paged_attention_mma::<T>(&shape, m, &q, &kc, &vc, &mut out)
+        };
         for _ in 0..3 {
             launch()?;
         }

@@ -15,6 +15,10 @@ pub enum AttnKernel {
     /// 16-bit caches only: the next block's K and V held in registers (16-byte loads) while
     /// the current one is worked on, staging sized by the block size.
     Pipelined,
+    /// 16-bit caches and block sizes that are multiples of 16: the rows of prefill chunks on
+    /// tensor cores (`paged_attention_mma_*`, tiles of `MMA_TILE_TOKENS` tokens), decode rows
+    /// on the staged kernel.
+    TensorCore,
 }
 
 impl AttnKernel {
@@ -23,8 +27,14 @@ impl AttnKernel {
     pub fn from_env() -> AttnKernel {
         match std::env::var("WEAVE_ATTN_KERNEL").as_deref() {
             Ok("pipelined") => AttnKernel::Pipelined,
+            Ok("tensorcore") => AttnKernel::TensorCore,
             _ => AttnKernel::Staged,
         }
+    }
+
+    /// Whether the tensor-core kernel serves `T` at `block_size`.
+    pub fn mma_ok(dtype: weave_kernels_gpu::Dtype, block_size: u32) -> bool {
+        dtype != weave_kernels_gpu::Dtype::F32 && block_size.is_multiple_of(16)
     }
 }
 
@@ -86,10 +96,57 @@ impl Kernels {
         shape.check().map_err(CudaError::Shape)?;
         let num_tokens = *query_start_loc.last().unwrap_or(&0);
         let tq = shape.tokens_per_tile();
+        let qsl_d = self.upload(query_start_loc)?;
+        if kind == AttnKernel::TensorCore && AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
+            // Chunks on tensor cores, decode rows on the staged kernel (split only when there
+            // is no chunk: the reduce rewrites every row).
+            let (small, big) = weave_kernels_gpu::attention::split_tiles(query_start_loc, tq);
+            let shape = if big.is_empty() { *shape } else { AttnShape { blocks_per_split: 0, ..*shape } };
+            if !small.is_empty() {
+                let splits = shape.num_splits(max_seq_len);
+                let mut partials = self.zeros::<f32>(if splits > 1 {
+                    splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
+                } else {
+                    1
+                })?;
+                let tiles_d = self.upload(&small)?;
+                let meta = AttnMeta {
+                    tiles: &tiles_d,
+                    num_tiles: small.len() / 2,
+                    query_start_loc: &qsl_d,
+                    num_tokens,
+                    context_lens,
+                    block_tables,
+                };
+                self.paged_attention_with::<T>(
+                    AttnKernel::Staged,
+                    &shape,
+                    meta,
+                    max_seq_len,
+                    q,
+                    k_cache,
+                    v_cache,
+                    out,
+                    &mut partials,
+                )?;
+            }
+            if !big.is_empty() {
+                let tiles_d = self.upload(&big)?;
+                let meta = AttnMeta {
+                    tiles: &tiles_d,
+                    num_tiles: big.len() / 2,
+                    query_start_loc: &qsl_d,
+                    num_tokens,
+                    context_lens,
+                    block_tables,
+                };
+                self.paged_attention_mma::<T>(&shape, meta, q, k_cache, v_cache, out)?;
+            }
+            return Ok(());
+        }
         let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
         fill_tiles(query_start_loc, tq, &mut tiles);
         let tiles_d = self.upload(&tiles)?;
-        let qsl_d = self.upload(query_start_loc)?;
         let splits = shape.num_splits(max_seq_len);
         let mut partials = self.zeros::<f32>(if splits > 1 {
             splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
@@ -127,7 +184,49 @@ impl Kernels {
         self.paged_attention_with::<T>(AttnKernel::Staged, shape, meta, max_seq_len, q, k_cache, v_cache, out, partials)
     }
 
-    /// [`Self::paged_attention_tiled`] with kernel `kind` (f32 caches always take the staged one).
+    /// Tensor-core attention for the tiles of `meta` (`MMA_TILE_TOKENS` tokens each, from
+    /// `split_tiles`), no split. 16-bit `T` and block sizes that are multiples of 16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_mma<T: DevElem>(
+        &self,
+        shape: &AttnShape,
+        meta: AttnMeta<'_>,
+        q: &CudaSlice<T::Bits>,
+        k_cache: &CudaSlice<T::Bits>,
+        v_cache: &CudaSlice<T::Bits>,
+        out: &mut CudaSlice<T::Bits>,
+    ) -> Result<(), CudaError> {
+        shape.check().map_err(CudaError::Shape)?;
+        if !AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
+            return Err(CudaError::Shape(
+                "the tensor-core kernel takes 16-bit caches and block sizes that are multiples of 16",
+            ));
+        }
+        let hd = HeadDim::of(shape.head_dim).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
+        let kernel = Kernel::PagedAttentionMma(T::DTYPE, hd);
+        let mut b = self.stream.launch_builder(self.function(kernel));
+        b.arg(&mut *out).arg(q).arg(k_cache).arg(v_cache).arg(meta.tiles).arg(meta.query_start_loc);
+        b.arg(meta.context_lens).arg(meta.block_tables);
+        b.arg(&meta.num_tokens)
+            .arg(&shape.num_q_heads)
+            .arg(&shape.num_kv_heads)
+            .arg(&shape.block_size)
+            .arg(&shape.max_blocks_per_seq)
+            .arg(&shape.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.num_tiles as u32, shape.num_q_heads, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: kernel.dynamic_smem(),
+        };
+        // SAFETY: shapes checked; the tiles cover `MMA_TILE_TOKENS` tokens of chunks whose
+        // blocks the tables hold; buffers sized by the caller as AttnShape documents.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`Self::paged_attention_tiled`] with kernel `kind` (f32 caches always take the staged
+    /// one; `TensorCore` here means the staged kernel too: its tiles are the caller's, see
+    /// [`Self::paged_attention_mma`]).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_with<T: DevElem>(
         &self,

@@ -182,6 +182,8 @@ struct Meta {
     context_lens: CudaSlice<u32>,
     qsl: CudaSlice<u32>,
     tiles: CudaSlice<u32>,
+    /// The tensor-core kernel's tiles (prefill chunks), when it runs.
+    tiles_mma: CudaSlice<u32>,
     logits_indices: CudaSlice<u32>,
     /// The sampled token of each row (argmax or the device sampler's draw).
     argmax: CudaSlice<u32>,
@@ -213,6 +215,7 @@ pub struct CudaBackend {
     rows: [usize; Buf::ALL.len()],
     meta: Meta,
     num_tiles: usize,
+    num_tiles_mma: usize,
     max_seq_len: u32,
     weight_bytes: usize,
     sampling: Samplers,
@@ -310,6 +313,7 @@ impl CudaBackend {
             context_lens: k.zeros(s)?,
             qsl: k.zeros(s + 1)?,
             tiles: k.zeros(2 * (n + s))?,
+            tiles_mma: k.zeros(2 * (n / weave_kernels_gpu::attention::MMA_TILE_TOKENS as usize + s + 1))?,
             logits_indices: k.zeros(s)?,
             argmax: k.zeros(s)?,
             sample_params: k.zeros(s * weave_kernels_gpu::sample::PARAM_WORDS)?,
@@ -361,6 +365,7 @@ impl CudaBackend {
             rows: [0; Buf::ALL.len()],
             meta,
             num_tiles: 0,
+            num_tiles_mma: 0,
             max_seq_len: 0,
             weight_bytes,
             sampling: Samplers::new(base_seed),
@@ -481,9 +486,18 @@ impl CudaBackend {
             return Err(CudaError::Shape("step larger than the backend was built for"));
         }
         let tq = self.shape.tokens_per_tile();
-        let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
-        fill_tiles(&b.query_start_loc, tq, &mut tiles);
+        // The tensor-core kernel takes the chunks' rows, the CUDA-core one the decode rows.
+        let (tiles, tiles_mma) = if self.attn_kernel == super::AttnKernel::TensorCore
+            && super::AttnKernel::mma_ok(self.limits.dtype, self.shape.block_size)
+        {
+            weave_kernels_gpu::attention::split_tiles(&b.query_start_loc, tq)
+        } else {
+            let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
+            fill_tiles(&b.query_start_loc, tq, &mut tiles);
+            (tiles, Vec::new())
+        };
         self.num_tiles = tiles.len() / 2;
+        self.num_tiles_mma = tiles_mma.len() / 2;
         self.max_seq_len = b.max_seq_len;
         self.shape.max_blocks_per_seq = b.max_blocks_per_seq as u32;
         // Flash-decoding: a decode-only step too small to fill the device splits its rows'
@@ -511,6 +525,9 @@ impl CudaBackend {
         st.memcpy_htod(&b.context_lens, &mut m.context_lens)?;
         st.memcpy_htod(&b.query_start_loc, &mut m.qsl)?;
         st.memcpy_htod(&tiles, &mut m.tiles)?;
+        if !tiles_mma.is_empty() {
+            st.memcpy_htod(&tiles_mma, &mut m.tiles_mma)?;
+        }
         st.memcpy_htod(&b.logits_indices, &mut m.logits_indices)?;
         for buf in Buf::ALL {
             self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
@@ -785,9 +802,21 @@ impl LayerOps for CudaBackend {
             context_lens: &self.meta.context_lens,
             block_tables: &self.meta.tables,
         };
+        let meta_mma = AttnMeta { tiles: &self.meta.tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
-        typed!(self.limits.dtype, T => self.k.paged_attention_with::<T>(self.attn_kernel, &self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))
+        let kind = if self.attn_kernel == super::AttnKernel::TensorCore {
+            super::AttnKernel::Staged
+        } else {
+            self.attn_kernel
+        };
+        if self.num_tiles > 0 {
+            typed!(self.limits.dtype, T => self.k.paged_attention_with::<T>(kind, &self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))?;
+        }
+        if self.num_tiles_mma > 0 {
+            typed!(self.limits.dtype, T => self.k.paged_attention_mma::<T>(&self.shape, meta_mma, qs, kc, vc, o))?;
+        }
+        Ok(())
     }
 
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), CudaError> {
