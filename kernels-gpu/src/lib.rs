@@ -43,8 +43,10 @@
 //! ≥80% of device-to-device memcpy at 64 sequences × 4096 context (the CUDA backend's
 //! `weave bench kernels` measures it). Prefill tiles reuse each staged KV block for
 //! `16 / group` tokens × `group` heads = 16 rows, i.e. 16× less KV traffic than per-row
-//! attention. They run on CUDA cores in f32, so prefill is compute-bound at the FP32 rate.
-//! Tensor-core mma tiles are future work: see the note on the CUDA backend issue.
+//! attention. They run on CUDA cores in f32, so prefill is compute-bound at the FP32 rate; the
+//! tensor-core kernel (`paged_attention_mma_*`) takes chunks' rows onto mma.sync instead.
+//! The pipelined and tensor-core kernels are opt-in (`WEAVE_ATTN_KERNEL`) until measured on a
+//! GPU.
 //! The elementwise kernels are pure bandwidth: their bytes per token are in the table.
 
 #![no_std]
