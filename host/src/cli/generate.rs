@@ -1,8 +1,8 @@
-//! `weave generate`: Generate text with the real model (CPU backend), many requests batched continuously.
+//! `weave generate`: Generate text with the real model (CPU or GPU backend), many requests batched continuously.
 
 use super::*;
 
-/// Generate text with the real model (CPU backend), many requests batched continuously.
+/// Generate text with the real model (CPU or GPU backend), many requests batched continuously.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A prompt (repeatable).

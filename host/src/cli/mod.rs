@@ -286,7 +286,7 @@ pub enum Cmd {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// Generate text with the real model (CPU backend), many requests batched continuously.
+    /// Generate text with the real model (CPU or GPU backend), many requests batched continuously.
     Generate(generate::Args),
     /// Drive the scheduler and block manager with a trace (no model) and summarize the batches.
     Replay(replay::Args),
@@ -301,7 +301,7 @@ pub enum Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCmd {
-    /// Aggregate generation throughput at several concurrency levels (CPU backend), with
+    /// Aggregate generation throughput at several concurrency levels (CPU or GPU backend), with
     /// llama.cpp's llama-batched-bench on the same GGUF and thread count as the baseline.
     Generate(bench::Args),
     /// Load an OpenAI-compatible server (weave's or another's) and report throughput, goodput

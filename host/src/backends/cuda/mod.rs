@@ -5,14 +5,17 @@
 //! - `device`: whether there is a usable GPU, and the CLI's `--device` choice;
 //! - `ptx`: where the PTX is looked for, loading it, its functions by [`Kernel`];
 //! - `dtype`: the bridge between the kernels' element types and device buffers;
-//! - `launch`: one wrapper a kernel, with the grid `kernels-gpu` documents.
-//!
+//! - `launch`: one wrapper a kernel, with the grid `kernels-gpu` documents, and the choice of
+//!   attention kernel (`AttnKernel`);
+//! - `roofline`: the device's copy bandwidth and GEMM rate, measured in the run that quotes them;
 //! - `model`: the model backend, `model::llama::LayerOps` on device buffers (cuBLAS GEMMs,
-//!   the kernels above, the KV cache in device memory).
+//!   the kernels above, the KV cache in device memory, CUDA graphs for decode steps, sampling
+//!   on the device).
 //!
-//! Status: the kernels and these launch wrappers are exercised by `tests/tests/cuda_kernels.rs`
-//! against the CPU reference when a GPU is present. The model backend builds and is
-//! type-checked everywhere but has not run on a GPU yet (issue 10's GPU proof).
+//! Status: the first kernels and these launch wrappers were checked on an H200 by
+//! `tests/tests/cuda_kernels.rs`. The model backend, the sampling and fill kernels, the
+//! pipelined and tensor-core attention kernels and CUDA graphs build and are type-checked
+//! everywhere but have not run on a GPU yet (issue 10's GPU proof).
 
 mod device;
 mod dtype;
