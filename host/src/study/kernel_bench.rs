@@ -329,6 +329,8 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         variants.push(("tensor cores (+ staged decode)".into(), 0, AttnKernel::TensorCore));
     }
     let (small_d, big_d) = (k.upload(&small)?, k.upload(&big)?);
+    let (small_v, big_v) = (small_d.as_view(), big_d.as_view());
+    let (tiles_v, qsl_v, ctx_v, tables_v) = (tiles_d.as_view(), qsl_d.as_view(), ctx_d.as_view(), tables_d.as_view());
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;
     let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut rows = Vec::new();
@@ -338,12 +340,12 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
             continue;
         }
         let meta = AttnMeta {
-            tiles: &tiles_d,
+            tiles: &tiles_v,
             num_tiles: tiles.len() / 2,
-            query_start_loc: &qsl_d,
+            query_start_loc: &qsl_v,
             num_tokens: n as u32,
-            context_lens: &ctx_d,
-            block_tables: &tables_d,
+            context_lens: &ctx_v,
+            block_tables: &tables_v,
         };
         let mut launch = || {
             if kind != AttnKernel::TensorCore {
@@ -361,7 +363,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
             }
             // Two launches, as the model runs a mixed step: decode rows, then chunks.
             if !small.is_empty() {
-                let m = AttnMeta { tiles: &small_d, num_tiles: small.len() / 2, ..meta };
+                let m = AttnMeta { tiles: &small_v, num_tiles: small.len() / 2, ..meta };
                 k.paged_attention_with::<T>(
                     AttnKernel::Staged,
                     &shape,
@@ -374,7 +376,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
                     &mut partials,
                 )?;
             }
-            let m = AttnMeta { tiles: &big_d, num_tiles: big.len() / 2, ..meta };
+            let m = AttnMeta { tiles: &big_v, num_tiles: big.len() / 2, ..meta };
             k.paged_attention_mma::<T>(&shape, m, &q, &kc, &vc, &mut out)
         };
         for _ in 0..3 {

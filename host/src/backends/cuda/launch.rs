@@ -1,7 +1,7 @@
 //! Launch wrappers: same arguments as the kernels, grids as `kernels-gpu` documents them.
 
 use super::{CudaError, DevElem, Kernels};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
 use weave_kernels_gpu::{HeadDim, Kernel, BLOCK_THREADS};
 
@@ -42,12 +42,12 @@ impl AttnKernel {
 #[derive(Debug, Clone, Copy)]
 pub struct AttnMeta<'a> {
     /// `(sequence, first query index)` of each tile.
-    pub tiles: &'a CudaSlice<u32>,
+    pub tiles: &'a CudaView<'a, u32>,
     pub num_tiles: usize,
-    pub query_start_loc: &'a CudaSlice<u32>,
+    pub query_start_loc: &'a CudaView<'a, u32>,
     pub num_tokens: u32,
-    pub context_lens: &'a CudaSlice<u32>,
-    pub block_tables: &'a CudaSlice<u32>,
+    pub context_lens: &'a CudaView<'a, u32>,
+    pub block_tables: &'a CudaView<'a, u32>,
 }
 
 /// One thread block of [`BLOCK_THREADS`] per row, with the shared memory `k` needs.
@@ -63,7 +63,7 @@ impl Kernels {
         v: &CudaSlice<T::Bits>,
         k_cache: &mut CudaSlice<T::Bits>,
         v_cache: &mut CudaSlice<T::Bits>,
-        slots: &CudaSlice<u32>,
+        slots: &CudaView<'_, u32>,
         num_tokens: usize,
         row: u32,
     ) -> Result<(), CudaError> {
@@ -97,6 +97,8 @@ impl Kernels {
         let num_tokens = *query_start_loc.last().unwrap_or(&0);
         let tq = shape.tokens_per_tile();
         let qsl_d = self.upload(query_start_loc)?;
+        let qsl_v = qsl_d.as_view();
+        let (context_lens, block_tables) = (&context_lens.as_view(), &block_tables.as_view());
         if kind == AttnKernel::TensorCore && AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
             // Chunks on tensor cores, decode rows on the staged kernel (split only when there
             // is no chunk: the reduce rewrites every row).
@@ -110,10 +112,11 @@ impl Kernels {
                     1
                 })?;
                 let tiles_d = self.upload(&small)?;
+                let tiles_v = tiles_d.as_view();
                 let meta = AttnMeta {
-                    tiles: &tiles_d,
+                    tiles: &tiles_v,
                     num_tiles: small.len() / 2,
-                    query_start_loc: &qsl_d,
+                    query_start_loc: &qsl_v,
                     num_tokens,
                     context_lens,
                     block_tables,
@@ -132,10 +135,11 @@ impl Kernels {
             }
             if !big.is_empty() {
                 let tiles_d = self.upload(&big)?;
+                let tiles_v = tiles_d.as_view();
                 let meta = AttnMeta {
-                    tiles: &tiles_d,
+                    tiles: &tiles_v,
                     num_tiles: big.len() / 2,
-                    query_start_loc: &qsl_d,
+                    query_start_loc: &qsl_v,
                     num_tokens,
                     context_lens,
                     block_tables,
@@ -147,6 +151,7 @@ impl Kernels {
         let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
         fill_tiles(query_start_loc, tq, &mut tiles);
         let tiles_d = self.upload(&tiles)?;
+        let tiles_v = tiles_d.as_view();
         let splits = shape.num_splits(max_seq_len);
         let mut partials = self.zeros::<f32>(if splits > 1 {
             splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
@@ -155,9 +160,9 @@ impl Kernels {
         })?;
         let tiles_n = tiles.len() / 2;
         let meta = AttnMeta {
-            tiles: &tiles_d,
+            tiles: &tiles_v,
             num_tiles: tiles_n,
-            query_start_loc: &qsl_d,
+            query_start_loc: &qsl_v,
             num_tokens,
             context_lens,
             block_tables,
@@ -338,7 +343,7 @@ impl Kernels {
         &self,
         q: &mut CudaSlice<T::Bits>,
         k: &mut CudaSlice<T::Bits>,
-        positions: &CudaSlice<u32>,
+        positions: &CudaView<'_, u32>,
         cos_sin: &CudaSlice<f32>,
         num_tokens: usize,
         dims: (u32, u32, u32, u32),
@@ -375,7 +380,7 @@ impl Kernels {
         &self,
         out: &mut CudaSlice<T::Bits>,
         table: &CudaSlice<T::Bits>,
-        ids: &CudaSlice<u32>,
+        ids: &CudaView<'_, u32>,
         num_tokens: usize,
         hidden: u32,
     ) -> Result<(), CudaError> {

@@ -8,7 +8,8 @@
 //! - Everything else through weave's PTX kernels: embedding (also the gather of the sampled
 //!   rows), RMSNorm, rotary, the KV write, the mixed paged attention, SiLU-and-mul, argmax.
 //! - A workspace allocated once for `max_num_batched_tokens` rows; the step's metadata goes up
-//!   in one copy per array at the start of the step, and only the sampled ids come back:
+//!   in one copy from a page-locked buffer (every array packed into one device buffer), and
+//!   only the sampled ids come back:
 //!   greedy steps take the argmax kernel; temperature, top-k, top-p and per-request seeds the
 //!   `sample_f32` kernel (`weave_kernels_gpu::sample`), which also gives each token's logprob.
 //!   Only a request that asks for top alternatives has its logits row copied to the host.
@@ -175,21 +176,66 @@ pub fn pad_decode(b: &ScheduledBatch, size: usize, stride: usize) -> ScheduledBa
 /// The step's metadata on the device, each array sized for the largest step.
 #[derive(Debug)]
 struct Meta {
-    ids: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<u32>,
-    tables: CudaSlice<u32>,
-    context_lens: CudaSlice<u32>,
-    qsl: CudaSlice<u32>,
-    tiles: CudaSlice<u32>,
-    /// The tensor-core kernel's tiles (prefill chunks), when it runs.
-    tiles_mma: CudaSlice<u32>,
-    logits_indices: CudaSlice<u32>,
+    /// Every metadata array of the step, packed in the order of [`MetaArray`], written by one
+    /// copy a step. A graph's padded steps of one size have one layout, so its kernels'
+    /// pointers stay valid from replay to replay.
+    all: CudaSlice<u32>,
+    /// The host side of that copy, page-locked so that the copy is asynchronous (it is
+    /// rewritten only after the step that read it has synchronized).
+    staging: cudarc::driver::PinnedHostSlice<u32>,
+    /// `(offset, len)` of each array in `all` for the current step.
+    at: [(usize, usize); MetaArray::COUNT],
     /// The sampled token of each row (argmax or the device sampler's draw).
     argmax: CudaSlice<u32>,
     /// The sampler's parameters, `PARAM_WORDS` a row, and the sampled tokens' logprobs.
     sample_params: CudaSlice<u32>,
     logprob: CudaSlice<f32>,
+}
+
+/// A step's metadata arrays, in their order in `Meta::all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetaArray {
+    Ids,
+    Positions,
+    Slots,
+    Tables,
+    ContextLens,
+    Qsl,
+    Tiles,
+    /// The tensor-core kernel's tiles (prefill chunks), when it runs.
+    TilesMma,
+    LogitsIndices,
+}
+
+impl MetaArray {
+    const COUNT: usize = 9;
+}
+
+/// Packs `arrays` back to back into `host` (an empty one keeps one slot, so that each has an
+/// address), writing each one's `(offset, len)` into `at`; returns the words used.
+fn pack_meta(
+    arrays: &[&[u32]; MetaArray::COUNT],
+    host: &mut [u32],
+    at: &mut [(usize, usize); MetaArray::COUNT],
+) -> Result<usize, CudaError> {
+    let mut off = 0;
+    for (i, a) in arrays.iter().enumerate() {
+        if off + a.len().max(1) > host.len() {
+            return Err(CudaError::Shape("step metadata larger than the backend was built for"));
+        }
+        host[off..off + a.len()].copy_from_slice(a);
+        at[i] = (off, a.len());
+        off += a.len().max(1);
+    }
+    Ok(off)
+}
+
+impl Meta {
+    /// Array `a` of the current step on the device.
+    fn view(&self, a: MetaArray) -> cudarc::driver::CudaView<'_, u32> {
+        let (off, len) = self.at[a as usize];
+        self.all.slice(off..off + len.max(1))
+    }
 }
 
 /// The model on one GPU.
@@ -305,16 +351,21 @@ impl CudaBackend {
             .map(|&b| k.zeros::<B16>(if b == Buf::Logits { 1 } else { n.max(s) * width(b) }))
             .collect::<Result<Vec<_>, _>>()?;
         let max_blocks_per_seq = limits.max_model_len.div_ceil(limits.block_size);
+        let rows = n.max(s);
+        // The largest each array gets, plus one slot each (an empty array keeps one).
+        let meta_cap = 3 * rows
+            + s * max_blocks_per_seq
+            + s
+            + (s + 1)
+            + 2 * (rows + s)
+            + 2 * (rows / weave_kernels_gpu::attention::MMA_TILE_TOKENS as usize + s + 1)
+            + s
+            + MetaArray::COUNT;
         let meta = Meta {
-            ids: k.zeros(n)?,
-            positions: k.zeros(n)?,
-            slots: k.zeros(n)?,
-            tables: k.zeros(s * max_blocks_per_seq)?,
-            context_lens: k.zeros(s)?,
-            qsl: k.zeros(s + 1)?,
-            tiles: k.zeros(2 * (n + s))?,
-            tiles_mma: k.zeros(2 * (n / weave_kernels_gpu::attention::MMA_TILE_TOKENS as usize + s + 1))?,
-            logits_indices: k.zeros(s)?,
+            all: k.zeros(meta_cap)?,
+            // SAFETY: the buffer is written before each copy reads it.
+            staging: unsafe { k.ctx.alloc_pinned::<u32>(meta_cap) }?,
+            at: [(0, 0); MetaArray::COUNT],
             argmax: k.zeros(s)?,
             sample_params: k.zeros(s * weave_kernels_gpu::sample::PARAM_WORDS)?,
             logprob: k.zeros(s)?,
@@ -516,19 +567,23 @@ impl CudaBackend {
                 self.shape.blocks_per_split = bps;
             }
         }
+        // One copy: the arrays packed into the pinned staging buffer, in `MetaArray` order.
         let st = self.k.stream.clone();
         let m = &mut self.meta;
-        st.memcpy_htod(&b.input_ids, &mut m.ids)?;
-        st.memcpy_htod(&b.positions, &mut m.positions)?;
-        st.memcpy_htod(&b.slot_mapping, &mut m.slots)?;
-        st.memcpy_htod(&b.block_tables, &mut m.tables)?;
-        st.memcpy_htod(&b.context_lens, &mut m.context_lens)?;
-        st.memcpy_htod(&b.query_start_loc, &mut m.qsl)?;
-        st.memcpy_htod(&tiles, &mut m.tiles)?;
-        if !tiles_mma.is_empty() {
-            st.memcpy_htod(&tiles_mma, &mut m.tiles_mma)?;
-        }
-        st.memcpy_htod(&b.logits_indices, &mut m.logits_indices)?;
+        let arrays: [&[u32]; MetaArray::COUNT] = [
+            &b.input_ids,
+            &b.positions,
+            &b.slot_mapping,
+            &b.block_tables,
+            &b.context_lens,
+            &b.query_start_loc,
+            &tiles,
+            &tiles_mma,
+            &b.logits_indices,
+        ];
+        let host = m.staging.as_mut_slice()?;
+        let off = pack_meta(&arrays, host, &mut m.at)?;
+        st.memcpy_htod(&host[..off], &mut m.all.slice_mut(0..off))?;
         for buf in Buf::ALL {
             self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
         }
@@ -709,7 +764,7 @@ impl LayerOps for CudaBackend {
 
     fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
         let n = b.num_tokens();
-        typed!(self.limits.dtype, T => self.k.embedding::<T>(&mut self.ws[out as usize], &self.embed, &self.meta.ids, n, self.cfg.hidden as u32))
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(&mut self.ws[out as usize], &self.embed, &self.meta.view(MetaArray::Ids), n, self.cfg.hidden as u32))
     }
 
     fn rms_norm(&mut self, x: Buf, w: Norm, out: Buf) -> Result<(), CudaError> {
@@ -771,7 +826,7 @@ impl LayerOps for CudaBackend {
         typed!(self.limits.dtype, T => self.k.rotary_embedding::<T>(
             qb,
             kb,
-            &self.meta.positions,
+            &self.meta.view(MetaArray::Positions),
             &self.cos_sin,
             b.num_tokens(),
             dims,
@@ -787,22 +842,25 @@ impl LayerOps for CudaBackend {
             &self.ws[v as usize],
             kc,
             vc,
-            &self.meta.slots,
+            &self.meta.view(MetaArray::Slots),
             b.num_tokens(),
             row,
         ))
     }
 
     fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), CudaError> {
+        let m = &self.meta;
+        let (tiles, tiles_mma) = (m.view(MetaArray::Tiles), m.view(MetaArray::TilesMma));
+        let (qsl, ctx, tables) = (m.view(MetaArray::Qsl), m.view(MetaArray::ContextLens), m.view(MetaArray::Tables));
         let meta = AttnMeta {
-            tiles: &self.meta.tiles,
+            tiles: &tiles,
             num_tiles: self.num_tiles,
-            query_start_loc: &self.meta.qsl,
+            query_start_loc: &qsl,
             num_tokens: b.num_tokens() as u32,
-            context_lens: &self.meta.context_lens,
-            block_tables: &self.meta.tables,
+            context_lens: &ctx,
+            block_tables: &tables,
         };
-        let meta_mma = AttnMeta { tiles: &self.meta.tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
+        let meta_mma = AttnMeta { tiles: &tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
         let kind = if self.attn_kernel == super::AttnKernel::TensorCore {
@@ -831,7 +889,7 @@ impl LayerOps for CudaBackend {
         let s = b.logits_indices.len();
         self.rows[out as usize] = s;
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
-        typed!(self.limits.dtype, T => self.k.embedding::<T>(o, xs, &self.meta.logits_indices, s, self.cfg.hidden as u32))
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(o, xs, &self.meta.view(MetaArray::LogitsIndices), s, self.cfg.hidden as u32))
     }
 }
 
@@ -908,6 +966,28 @@ mod tests {
             max_seq_len: 18,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn metadata_packs_back_to_back_in_one_buffer() {
+        let ids = [5u32, 6, 7];
+        let tables = [1u32, 2, 3, 4];
+        let arrays: [&[u32]; MetaArray::COUNT] =
+            [&ids, &[0, 1, 2], &[9, 9, 9], &tables, &[1, 2], &[0, 1, 3], &[0, 0], &[], &[0]];
+        let mut host = vec![u32::MAX; 32];
+        let mut at = [(0, 0); MetaArray::COUNT];
+        let used = pack_meta(&arrays, &mut host, &mut at).unwrap();
+        // The empty tensor-core tile list keeps one slot.
+        assert_eq!(used, 3 + 3 + 3 + 4 + 2 + 3 + 2 + 1 + 1);
+        for (a, &(off, len)) in arrays.iter().zip(&at) {
+            assert_eq!(&host[off..off + len], *a);
+        }
+        assert_eq!(at[MetaArray::Tables as usize], (9, 4));
+        // The same shapes give the same layout (what a replayed graph relies on).
+        let mut at2 = [(0, 0); MetaArray::COUNT];
+        pack_meta(&arrays, &mut host, &mut at2).unwrap();
+        assert_eq!(at, at2);
+        assert!(pack_meta(&arrays, &mut host[..10], &mut at2).is_err());
     }
 
     #[test]
