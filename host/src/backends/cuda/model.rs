@@ -1,7 +1,8 @@
 //! The CUDA model backend: `model::llama`'s pass on device buffers.
 //!
-//! - Weights in bf16 on the device, uploaded once: each matrix is widened on the host from
-//!   whatever the CPU model holds (GGUF quantized, f32, 16-bit or dummy) and narrowed to bf16.
+//! - Weights in bf16 (or f16, `--dtype float16`) on the device, uploaded once: each matrix is
+//!   widened on the host from whatever the CPU model holds (GGUF quantized, f32, 16-bit) and
+//!   narrowed; dummy weights are filled on the device itself.
 //! - GEMMs through cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate; the LM head writes f32
 //!   logits). The fused Q/K/V matrix is three GEMMs over its row blocks, straight into Q, K
 //!   and V, so no split kernel is needed.
@@ -13,6 +14,11 @@
 //!   greedy steps take the argmax kernel; temperature, top-k, top-p and per-request seeds the
 //!   `sample_f32` kernel (`weave_kernels_gpu::sample`), which also gives each token's logprob.
 //!   Only a request that asks for top alternatives has its logits row copied to the host.
+//!
+//! - Decode-only steps are padded to a few sizes and replayed from CUDA graphs captured on
+//!   first use (`--enforce-eager` turns them off); other steps run eagerly.
+//! - Per step: CUDA events give the device's busy time and the idle gap before the step;
+//!   NVTX ranges mark the phases when asked for.
 //!
 //! Status: builds and is type-checked on machines without a GPU; it has not run on one yet
 //! (issue 10's GPU proof).
