@@ -9,6 +9,7 @@
 #   kernels: issue 11's `weave bench kernels` (the roofline and PyTorch SDPA in the same run).
 #   tuning: issue 14's runs: `weave calibrate --profile --device cuda` and `weave experiment
 #           all --backend cuda` on a dummy llama-3-8b.
+#   sim-vs-real: issue 14's `weave experiment sim-vs-real --backend cuda` (another call).
 #   bench:  issue 10's speed proof: `weave bench generate --device cuda` (prompt 512, output
 #           128, concurrency 1/8/64/256, with the ceilings and the decode roofline) on SmolLM2
 #           and a dummy llama-3-8b, then transformers' generate on the same shapes.
@@ -31,6 +32,14 @@ if [ "${1:-all}" = tuning ]; then
   timeout 240 "$W" calibrate --profile --device cuda $L --max-tokens 8192 --max-seqs 256 --max-context 8192 \
     --repeats 3 --out "$OUT/h200-llama-3-8b.cost.json" --points "$OUT/h200-points.json" 2>&1 | tail -4 | tee "$OUT/calibrate.txt"
   timeout 480 "$W" experiment all --backend cuda $L --out "$OUT/experiments" 2>&1 | tail -60 | tee "$OUT/experiments.txt"
+  exit 0
+fi
+if [ "${1:-all}" = sim-vs-real ]; then
+  # Issue 14: the simulator (profiled, datasheet roofline, re-fitted roofline) against
+  # held-out runs of a dummy llama-3-8b on this GPU.
+  export WEAVE_PTX_DIR="$PWD/target/ptx"
+  timeout 560 "$W" experiment sim-vs-real --backend cuda --gpu h200 --load-format dummy --model-config llama-3-8b \
+    --out "$OUT/experiments" 2>&1 | tail -40 | tee "$OUT/sim-vs-real.txt"
   exit 0
 fi
 if [ "${1:-all}" = bench ]; then

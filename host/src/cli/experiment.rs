@@ -30,6 +30,33 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Args { name, sim, num_requests, quick, backend, out, run } = a;
+    if name == "sim-vs-real" && backend == "cuda" {
+        let (lm, _path, (_, desc)) = ModelArgs { device: "cuda".into(), ..run.clone() }.load("auto", true)?;
+        let sched = weave_scheduler::SchedulerConfig {
+            max_num_batched_tokens: 8192,
+            max_num_seqs: 256,
+            max_model_len: 8192.min(lm.model.cfg.context_length),
+            block_size: 16,
+            ..Default::default()
+        };
+        let mut be = weave::generate::cuda_backend_for(
+            &lm,
+            &sched,
+            run.gpu_memory_utilization,
+            run.enforce_eager,
+            run.profile_layers,
+            0,
+        )?;
+        eprintln!("sim-vs-real on {desc}: {}", be.describe());
+        let gpu = weave::study::sim::find_gpu(&sim.gpu).map_err(anyhow::Error::msg)?;
+        // The roofline's model: the dummy's shape, else --model-profile.
+        let shape = run.model_config.clone().unwrap_or_else(|| sim.model_profile.clone());
+        let model = weave::study::sim::find_model(&shape).map_err(anyhow::Error::msg)?;
+        let r = weave::study::experiments::sim_vs_real_gpu(&lm, &mut be, gpu, model, quick)?;
+        r.write(&out.join("cuda-sim-vs-real"))?;
+        print!("{}", weave::study::experiments::markdown(&r.table));
+        return Ok(());
+    }
     if name == "sim-vs-real" {
         rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
         let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
