@@ -727,38 +727,35 @@ unsafe fn fill_dummy<T: Elem>(out: *mut T, n: u64, seed: u64, scale: f32) {
 /// PTX's per-lane layout.
 #[inline(always)]
 unsafe fn mma_16816<T: Elem>(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+    macro_rules! mma {
+        ($ty:literal) => {
+            unsafe {
+                core::arch::asm!(
+                    concat!(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.",
+                        $ty,
+                        ".",
+                        $ty,
+                        ".f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};"
+                    ),
+                    d0 = inout(reg32) d[0],
+                    d1 = inout(reg32) d[1],
+                    d2 = inout(reg32) d[2],
+                    d3 = inout(reg32) d[3],
+                    a0 = in(reg32) a[0],
+                    a1 = in(reg32) a[1],
+                    a2 = in(reg32) a[2],
+                    a3 = in(reg32) a[3],
+                    b0 = in(reg32) b[0],
+                    b1 = in(reg32) b[1],
+                )
+            }
+        };
+    }
     if matches!(T::DTYPE, crate::kernel::Dtype::Bf16) {
-        unsafe {
-            core::arch::asm!(
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
-                d0 = inout(reg32) d[0],
-                d1 = inout(reg32) d[1],
-                d2 = inout(reg32) d[2],
-                d3 = inout(reg32) d[3],
-                a0 = in(reg32) a[0],
-                a1 = in(reg32) a[1],
-                a2 = in(reg32) a[2],
-                a3 = in(reg32) a[3],
-                b0 = in(reg32) b[0],
-                b1 = in(reg32) b[1],
-            )
-        }
+        mma!("bf16")
     } else {
-        unsafe {
-            core::arch::asm!(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
-                d0 = inout(reg32) d[0],
-                d1 = inout(reg32) d[1],
-                d2 = inout(reg32) d[2],
-                d3 = inout(reg32) d[3],
-                a0 = in(reg32) a[0],
-                a1 = in(reg32) a[1],
-                a2 = in(reg32) a[2],
-                a3 = in(reg32) a[3],
-                b0 = in(reg32) b[0],
-                b1 = in(reg32) b[1],
-            )
-        }
+        mma!("f16")
     }
 }
 

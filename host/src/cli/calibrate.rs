@@ -67,15 +67,7 @@ fn profile(a: Args) -> anyhow::Result<()> {
                 block_size: 16,
                 ..Default::default()
             };
-            let mut be = weave::generate::cuda_backend_for(
-                &lm,
-                &sched,
-                run.gpu_memory_utilization,
-                run.enforce_eager,
-                run.profile_layers,
-                0,
-            )?;
-            eprintln!("{}", be.describe());
+            let mut be = run.cuda_backend(&lm, &sched)?;
             weave::study::profile::profile_cuda(&mut be, &spec, &mut progress)?
         }
     };

@@ -39,15 +39,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             block_size: 16,
             ..Default::default()
         };
-        let mut be = weave::generate::cuda_backend_for(
-            &lm,
-            &sched,
-            run.gpu_memory_utilization,
-            run.enforce_eager,
-            run.profile_layers,
-            0,
-        )?;
-        eprintln!("sim-vs-real on {desc}: {}", be.describe());
+        let mut be = run.cuda_backend(&lm, &sched)?;
+        eprintln!("sim-vs-real on {desc}");
         let gpu = weave::study::sim::find_gpu(&sim.gpu).map_err(anyhow::Error::msg)?;
         // The roofline's model: the dummy's shape, else --model-profile.
         let shape = run.model_config.clone().unwrap_or_else(|| sim.model_profile.clone());
@@ -105,15 +98,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 block_size: 16,
                 ..Default::default()
             };
-            let backend = weave::generate::cuda_backend_for(
-                &lm,
-                &sched,
-                run.gpu_memory_utilization,
-                run.enforce_eager,
-                run.profile_layers,
-                0,
-            )?;
-            eprintln!("experiments on {desc}: {}", backend.describe());
+            let backend = run.cuda_backend(&lm, &sched)?;
+            eprintln!("experiments on {desc}");
             let kv = (backend.num_blocks() - 1) * 16;
             (Box::new(weave::study::experiments::CudaRunner { lm: &lm, backend }), kv, scale, "cuda-")
         }

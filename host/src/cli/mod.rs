@@ -210,6 +210,27 @@ impl ModelArgs {
     }
 }
 
+impl ModelArgs {
+    /// The CUDA backend for `sched`'s limits with this command's GPU settings, said in one line
+    /// on stderr (the device, the weights, the KV cache).
+    pub fn cuda_backend(
+        &self,
+        lm: &weave::generate::LoadedModel,
+        sched: &weave_scheduler::SchedulerConfig,
+    ) -> anyhow::Result<weave::backends::cuda::model::CudaBackend> {
+        let be = weave::generate::cuda_backend_for(
+            lm,
+            sched,
+            self.gpu_memory_utilization,
+            self.enforce_eager,
+            self.profile_layers,
+            0,
+        )?;
+        eprintln!("{}", be.describe());
+        Ok(be)
+    }
+}
+
 /// Loads the model for the commands that run one: weights at `precision`, the KV cache type
 /// from `--kv-cache-dtype`.
 pub fn load_model(

@@ -81,52 +81,35 @@ pub fn phase_table(steps: &[StepRecord]) -> Option<String> {
         return None;
     }
     let total: f64 = ph.iter().map(|(_, d)| d).sum();
-    let q = |v: &mut Vec<f64>, f: f64| {
+    // One row: a quantity's per-step values (ms) as mean, p50, p99, and its sum's share of
+    // `whole` seconds.
+    let line = |name: &str, mut v: Vec<f64>, whole: f64| {
+        let sum: f64 = v.iter().sum();
+        let mean = sum / v.len() as f64;
         v.sort_by(f64::total_cmp);
-        v[((v.len() - 1) as f64 * f).round() as usize]
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        format!(
+            "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
+            name,
+            mean,
+            q(0.5),
+            q(0.99),
+            100.0 * sum / 1e3 / whole.max(1e-12)
+        )
     };
     let mut out = format!("phases over {} steps (ms)\n", ph.len());
     out += &format!("  {:<9} {:>9} {:>9} {:>9} {:>7}\n", "phase", "mean", "p50", "p99", "share");
     for (i, name) in Phases::NAMES.iter().enumerate() {
-        let mut v: Vec<f64> = ph.iter().map(|(p, _)| p.values()[i] * 1e3).collect();
-        let sum: f64 = v.iter().sum();
-        out += &format!(
-            "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
-            name,
-            sum / v.len() as f64,
-            q(&mut v, 0.5),
-            q(&mut v, 0.99),
-            100.0 * sum / 1e3 / total
-        );
+        out += &line(name, ph.iter().map(|(p, _)| p.values()[i] * 1e3).collect(), total);
     }
-    let mut steps_ms: Vec<f64> = ph.iter().map(|(_, d)| d * 1e3).collect();
-    out += &format!(
-        "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
-        "step",
-        total * 1e3 / ph.len() as f64,
-        q(&mut steps_ms, 0.5),
-        q(&mut steps_ms, 0.99),
-        100.0
-    );
+    out += &line("step", ph.iter().map(|(_, d)| d * 1e3).collect(), total);
     if ph.iter().any(|(p, _)| p.gpu_busy > 0.0) {
         // The device's own clock: its busy time per step, and the gaps in which it waited on
         // the host, each as a share of the device timeline (busy + gaps).
         let timeline: f64 = ph.iter().map(|(p, _)| p.gpu_busy + p.gpu_gap).sum();
         out += "  on the GPU (CUDA events)\n";
-        for (name, f) in
-            [("gpu busy", (|p: &Phases| p.gpu_busy) as fn(&Phases) -> f64), ("gpu gap", |p: &Phases| p.gpu_gap)]
-        {
-            let mut v: Vec<f64> = ph.iter().map(|(p, _)| f(p) * 1e3).collect();
-            let sum: f64 = v.iter().sum();
-            out += &format!(
-                "  {:<9} {:>9.3} {:>9.3} {:>9.3} {:>6.1}%\n",
-                name,
-                sum / v.len() as f64,
-                q(&mut v, 0.5),
-                q(&mut v, 0.99),
-                100.0 * sum / 1e3 / timeline.max(1e-12)
-            );
-        }
+        out += &line("gpu busy", ph.iter().map(|(p, _)| p.gpu_busy * 1e3).collect(), timeline);
+        out += &line("gpu gap", ph.iter().map(|(p, _)| p.gpu_gap * 1e3).collect(), timeline);
     }
     Some(out)
 }

@@ -115,6 +115,24 @@ pub fn weights(cfg: &ModelConfig, tied: bool, dtype: Materialize, seed: u64) -> 
     }
 }
 
+/// A model shape small enough for unit tests: hidden 64, 4 heads over 2 KV heads of 16,
+/// vocabulary 300.
+#[cfg(test)]
+pub(crate) fn tiny_profile(layers: usize) -> crate::model::profiles::ModelProfile {
+    serde_json::from_str(&format!(
+        r#"{{"name":"tiny","layers":{layers},"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}}"#
+    ))
+    .unwrap()
+}
+
+/// [`tiny_profile`] with f32 dummy weights from `seed`, its rotary table to `max_pos`.
+#[cfg(test)]
+pub(crate) fn tiny_model(layers: usize, seed: u64, max_pos: usize) -> crate::backends::cpu::CpuModel {
+    let cfg = tiny_profile(layers).config();
+    let w = weights(&cfg, false, Materialize::Host(DummyDtype::F32), seed);
+    crate::backends::cpu::CpuModel::new(cfg, w, max_pos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,10 +141,7 @@ mod tests {
     use std::sync::Arc;
 
     fn tiny() -> ModelProfile {
-        serde_json::from_str(
-            r#"{"name":"tiny","layers":3,"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}"#,
-        )
-        .unwrap()
+        tiny_profile(3)
     }
 
     fn logits(dtype: DummyDtype, seed: u64) -> Vec<f32> {

@@ -328,7 +328,8 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     if !big.is_empty() && AttnKernel::mma_ok(T::DTYPE, bs) {
         variants.push(("tensor cores (+ staged decode)".into(), 0, AttnKernel::TensorCore));
     }
-    let (small_d, big_d) = (k.upload(&small)?, k.upload(&big)?);
+    let up = |v: &[u32]| k.upload(if v.is_empty() { &[0, 0] } else { v });
+    let (small_d, big_d) = (up(&small)?, up(&big)?);
     let (small_v, big_v) = (small_d.as_view(), big_d.as_view());
     let (tiles_v, qsl_v, ctx_v, tables_v) = (tiles_d.as_view(), qsl_d.as_view(), ctx_d.as_view(), tables_d.as_view());
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;

@@ -128,18 +128,7 @@ mod tests {
     /// the steps against the engine's greedy tokens on the real model).
     #[test]
     fn a_trace_repeats_on_a_fresh_backend() {
-        let cfg = serde_json::from_str::<crate::model::profiles::ModelProfile>(
-            r#"{"name":"tiny","layers":2,"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}"#,
-        )
-        .unwrap()
-        .config();
-        let w = crate::model::dummy::weights(
-            &cfg,
-            false,
-            crate::model::dummy::Materialize::Host(crate::model::dummy::DummyDtype::F32),
-            9,
-        );
-        let model = std::sync::Arc::new(crate::backends::cpu::CpuModel::new(cfg, w, 128));
+        let model = std::sync::Arc::new(crate::model::dummy::tiny_model(2, 9, 128));
         let run = || {
             let mut be = crate::backends::cpu::CpuBackend::new(model.clone(), 16, 16, 1, 0);
             greedy_trace(&mut be, "cpu", &[3, 1, 4, 1, 5, 9, 2, 6], 20, 16).unwrap()

@@ -77,7 +77,7 @@ impl Kernels {
     }
 
     /// Paged attention over a packed batch, with the split-KV reduce when `blocks_per_split > 0`.
-    /// Builds and uploads the tile list and the query offsets (see [`Self::paged_attention_tiled`]
+    /// Builds and uploads the tile list and the query offsets (see [`Self::paged_attention_with`]
     /// for a caller that keeps them on the device across layers).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention<T: DevElem>(
@@ -99,94 +99,44 @@ impl Kernels {
         let qsl_d = self.upload(query_start_loc)?;
         let qsl_v = qsl_d.as_view();
         let (context_lens, block_tables) = (&context_lens.as_view(), &block_tables.as_view());
-        if kind == AttnKernel::TensorCore && AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
-            // Chunks on tensor cores, decode rows on the staged kernel (split only when there
-            // is no chunk: the reduce rewrites every row).
-            let (small, big) = weave_kernels_gpu::attention::split_tiles(query_start_loc, tq);
-            let shape = if big.is_empty() { *shape } else { AttnShape { blocks_per_split: 0, ..*shape } };
-            if !small.is_empty() {
-                let splits = shape.num_splits(max_seq_len);
-                let mut partials = self.zeros::<f32>(if splits > 1 {
-                    splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
-                } else {
-                    1
-                })?;
-                let tiles_d = self.upload(&small)?;
-                let tiles_v = tiles_d.as_view();
-                let meta = AttnMeta {
-                    tiles: &tiles_v,
-                    num_tiles: small.len() / 2,
-                    query_start_loc: &qsl_v,
-                    num_tokens,
-                    context_lens,
-                    block_tables,
-                };
-                self.paged_attention_with::<T>(
-                    AttnKernel::Staged,
-                    &shape,
-                    meta,
-                    max_seq_len,
-                    q,
-                    k_cache,
-                    v_cache,
-                    out,
-                    &mut partials,
-                )?;
-            }
-            if !big.is_empty() {
-                let tiles_d = self.upload(&big)?;
-                let tiles_v = tiles_d.as_view();
-                let meta = AttnMeta {
-                    tiles: &tiles_v,
-                    num_tiles: big.len() / 2,
-                    query_start_loc: &qsl_v,
-                    num_tokens,
-                    context_lens,
-                    block_tables,
-                };
-                self.paged_attention_mma::<T>(&shape, meta, q, k_cache, v_cache, out)?;
-            }
-            return Ok(());
-        }
-        let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
-        fill_tiles(query_start_loc, tq, &mut tiles);
-        let tiles_d = self.upload(&tiles)?;
-        let tiles_v = tiles_d.as_view();
-        let splits = shape.num_splits(max_seq_len);
-        let mut partials = self.zeros::<f32>(if splits > 1 {
-            splits as usize * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
+        // Tiles for the CUDA-core kernel and, with `TensorCore`, for the tensor-core one: chunks
+        // there, decode rows on the staged kernel (split only when there is no chunk: the
+        // reduce rewrites every row).
+        let (small, big) = if kind == AttnKernel::TensorCore && AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
+            weave_kernels_gpu::attention::split_tiles(query_start_loc, tq)
         } else {
-            1
-        })?;
-        let tiles_n = tiles.len() / 2;
-        let meta = AttnMeta {
-            tiles: &tiles_v,
-            num_tiles: tiles_n,
+            let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
+            fill_tiles(query_start_loc, tq, &mut tiles);
+            (tiles, Vec::new())
+        };
+        let kind = if kind == AttnKernel::TensorCore { AttnKernel::Staged } else { kind };
+        let shape = if big.is_empty() { *shape } else { AttnShape { blocks_per_split: 0, ..*shape } };
+        // An empty list still uploads one (unused) tile: no zero-sized device buffers.
+        let up = |v: &[u32]| self.upload(if v.is_empty() { &[0, 0] } else { v });
+        let (small_d, big_d) = (up(&small)?, up(&big)?);
+        let (small_v, big_v) = (small_d.as_view(), big_d.as_view());
+        let meta = |tiles, n: usize| AttnMeta {
+            tiles,
+            num_tiles: n / 2,
             query_start_loc: &qsl_v,
             num_tokens,
             context_lens,
             block_tables,
         };
-        self.paged_attention_with::<T>(kind, shape, meta, max_seq_len, q, k_cache, v_cache, out, &mut partials)
-    }
-
-    /// [`Self::paged_attention`] with the batch's tiles (`fill_tiles` for
-    /// `shape.tokens_per_tile()`) and query offsets already on the device, and a `partials`
-    /// workspace of at least `splits * num_tokens * num_q_heads * partial_stride()` floats
-    /// when there is more than one split.
-    #[allow(clippy::too_many_arguments)]
-    pub fn paged_attention_tiled<T: DevElem>(
-        &self,
-        shape: &AttnShape,
-        meta: AttnMeta<'_>,
-        max_seq_len: u32,
-        q: &CudaSlice<T::Bits>,
-        k_cache: &CudaSlice<T::Bits>,
-        v_cache: &CudaSlice<T::Bits>,
-        out: &mut CudaSlice<T::Bits>,
-        partials: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        self.paged_attention_with::<T>(AttnKernel::Staged, shape, meta, max_seq_len, q, k_cache, v_cache, out, partials)
+        if !small.is_empty() {
+            let splits = shape.num_splits(max_seq_len) as usize;
+            let mut partials = self.zeros::<f32>(if splits > 1 {
+                splits * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
+            } else {
+                1
+            })?;
+            let m = meta(&small_v, small.len());
+            self.paged_attention_with::<T>(kind, &shape, m, max_seq_len, q, k_cache, v_cache, out, &mut partials)?;
+        }
+        if !big.is_empty() {
+            self.paged_attention_mma::<T>(&shape, meta(&big_v, big.len()), q, k_cache, v_cache, out)?;
+        }
+        Ok(())
     }
 
     /// Tensor-core attention for the tiles of `meta` (`MMA_TILE_TOKENS` tokens each, from
@@ -229,8 +179,11 @@ impl Kernels {
         Ok(())
     }
 
-    /// [`Self::paged_attention_tiled`] with kernel `kind` (f32 caches always take the staged
-    /// one; `TensorCore` here means the staged kernel too: its tiles are the caller's, see
+    /// Paged attention with kernel `kind` for the batch's tiles (`fill_tiles` for
+    /// `shape.tokens_per_tile()`) and query offsets already on the device, and a `partials`
+    /// workspace of at least `splits * num_tokens * num_q_heads * partial_stride()` floats
+    /// when there is more than one split. f32 caches always take the staged kernel;
+    /// `TensorCore` here means the staged kernel too (its chunk tiles go to
     /// [`Self::paged_attention_mma`]).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_with<T: DevElem>(

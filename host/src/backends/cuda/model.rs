@@ -952,7 +952,7 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::cpu::{CpuBackend, CpuModel};
+    use crate::backends::cpu::CpuBackend;
     use std::sync::Arc;
 
     fn decode_batch() -> ScheduledBatch {
@@ -1021,18 +1021,7 @@ mod tests {
     /// fills the three sequences' KV.
     #[test]
     fn padding_a_decode_step_leaves_its_rows_unchanged() {
-        let cfg = serde_json::from_str::<crate::model::profiles::ModelProfile>(
-            r#"{"name":"tiny","layers":2,"hidden":64,"heads":4,"kv_heads":2,"head_dim":16,"intermediate":96,"vocab":300,"dtype_bytes":2}"#,
-        )
-        .unwrap()
-        .config();
-        let w = crate::model::dummy::weights(
-            &cfg,
-            false,
-            crate::model::dummy::Materialize::Host(crate::model::dummy::DummyDtype::F32),
-            4,
-        );
-        let mut be = CpuBackend::new(Arc::new(CpuModel::new(cfg, w, 64)), 8, 16, 1, 0);
+        let mut be = CpuBackend::new(Arc::new(crate::model::dummy::tiny_model(2, 4, 64)), 8, 16, 1, 0);
         let lens = [5u32, 9, 17];
         let mut ids = Vec::new();
         let mut pos = Vec::new();
