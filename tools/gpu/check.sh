@@ -106,6 +106,8 @@ for p in ["The", "def"]:
         line += f"{part}/{len(a['tokens'])}; at step {part} the CPU's top-2 gap is {l1 - l2:.4f} ({t1} vs {t2}), the GPU took {b['tokens'][part]}"
     print(line)
 PY
+# The third reference: transformers on the same GGUF (skipped where gguf is not installed).
+timeout 180 python3 tools/gpu/hf_logits.py "$M" "$OUT"/logits-cuda-*.json "$OUT"/logits-cpu-*.json 2>&1 | tail -6 | tee "$OUT/hf-logits.txt"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]

@@ -36,6 +36,8 @@ impl LogitsSource for crate::backends::cuda::model::CudaBackend {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
     pub device: String,
+    /// The prompt's token ids, as run.
+    pub prompt_ids: Vec<u32>,
     /// The greedy token of each step.
     pub tokens: Vec<u32>,
     /// Each step's two largest logits: `(id, logit)`, best first.
@@ -92,7 +94,7 @@ pub fn greedy_trace(
 ) -> anyhow::Result<Trace> {
     anyhow::ensure!(!prompt.is_empty(), "the prompt has no tokens");
     let vocab = src.vocab_size();
-    let mut t = Trace { device: device.into(), ..Default::default() };
+    let mut t = Trace { device: device.into(), prompt_ids: prompt.to_vec(), ..Default::default() };
     let mut new = prompt.to_vec();
     let mut ctx = 0;
     for step in 0..steps {

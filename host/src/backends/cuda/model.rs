@@ -382,28 +382,13 @@ impl CudaBackend {
             weave_kernels_gpu::attention::split_rows_bound(s as u32, shape.num_kv_heads, k.num_sms) as usize;
         let partials = k.zeros::<f32>(partial_rows * shape.num_q_heads as usize * shape.partial_stride())?;
         let blas = CudaBlas::new(k.stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
-        // What is left for the KV cache: vLLM's rule, without its profiling pass (the
-        // workspace above is already the step's peak, as no op allocates).
-        k.sync()?;
-        let (free, total) = k.ctx.mem_get_info()?;
-        let used = total - free;
-        let budget = (total as f64 * limits.gpu_memory_utilization) as usize;
-        let per_block = limits.block_size * kv_bytes_per_token(&c);
-        let num_blocks = budget.saturating_sub(used) / per_block;
-        if num_blocks < 2 {
-            return Err(CudaError::Memory(format!(
-                "no room for the KV cache: weights and workspace use {:.1} GiB of {:.1} GiB, and --gpu-memory-utilization {} allows {:.1} GiB",
-                used as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64,
-                limits.gpu_memory_utilization,
-                budget as f64 / (1u64 << 30) as f64
-            )));
-        }
-        let per_layer = num_blocks * limits.block_size * c.kv_dim();
+        // One block a layer for the profiling pass below; the real cache replaces it.
+        let one_block = limits.block_size * c.kv_dim();
         let kv = (0..c.num_layers)
-            .map(|_| Ok((k.zeros::<B16>(per_layer)?, k.zeros::<B16>(per_layer)?)))
+            .map(|_| Ok((k.zeros::<B16>(one_block)?, k.zeros::<B16>(one_block)?)))
             .collect::<Result<Vec<_>, CudaError>>()?;
-        Ok(CudaBackend {
+        let num_blocks = 1;
+        let mut be = CudaBackend {
             cos_sin: k.upload(cos_sin)?,
             final_norm: k.upload(&w.final_norm)?,
             embed: embed.w,
@@ -436,7 +421,46 @@ impl CudaBackend {
             meta_ready: false,
             last_end: None,
             attn_kernel: super::AttnKernel::from_env(),
-        })
+        };
+        // vLLM's rule: one forward pass at the largest step first, so that whatever the
+        // step's launches allocate (cuBLAS's workspaces) is counted; then the KV cache gets
+        // what `gpu_memory_utilization` leaves. A failed pass is reported, not fatal: the
+        // workspace above is most of the peak, as no op of weave's allocates.
+        if let Err(e) = be.profile_pass() {
+            eprintln!("weave: the memory profiling pass failed ({e}); sizing the KV cache from the allocations alone");
+        }
+        be.kv.clear();
+        be.k.sync()?;
+        let (free, total) = be.k.ctx.mem_get_info()?;
+        let used = total - free;
+        let budget = (total as f64 * limits.gpu_memory_utilization) as usize;
+        let per_block = limits.block_size * kv_bytes_per_token(&be.cfg);
+        let num_blocks = budget.saturating_sub(used) / per_block;
+        if num_blocks < 2 {
+            return Err(CudaError::Memory(format!(
+                "no room for the KV cache: weights and workspace use {:.1} GiB of {:.1} GiB, and --gpu-memory-utilization {} allows {:.1} GiB",
+                used as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64,
+                limits.gpu_memory_utilization,
+                budget as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let per_layer = num_blocks * limits.block_size * be.cfg.kv_dim();
+        be.kv = (0..be.cfg.num_layers)
+            .map(|_| Ok((be.k.zeros::<B16>(per_layer)?, be.k.zeros::<B16>(per_layer)?)))
+            .collect::<Result<Vec<_>, CudaError>>()?;
+        be.num_blocks = num_blocks;
+        Ok(be)
+    }
+
+    /// One eager forward pass at `max_num_batched_tokens` tokens (sequences of up to 256
+    /// tokens from position 0, as many as `max_num_seqs` allows, each sampled): the largest
+    /// step's launches, so that their allocations show in the free memory after it. The KV
+    /// cache is one block a layer then: every table entry is the null block, and no token is
+    /// written (slot `u32::MAX`).
+    fn profile_pass(&mut self) -> Result<(), CudaError> {
+        let b = profile_batch(&self.limits, self.cfg.context_length)?;
+        self.logits_of(&b).map(|_| ())
     }
 
     /// The device's copy bandwidth and GEMM rate, measured now.
@@ -749,6 +773,38 @@ impl CudaBackend {
     }
 }
 
+/// The profiling pass's step for `l` (see `CudaBackend::profile_pass`).
+pub fn profile_batch(l: &CudaLimits, context_length: usize) -> Result<ScheduledBatch, CudaError> {
+    let n = l.max_num_batched_tokens.max(1);
+    let per = 256.min(l.max_model_len).max(n.div_ceil(l.max_num_seqs.max(1)));
+    if per > l.max_model_len.min(context_length) {
+        return Err(CudaError::Shape("max_num_batched_tokens over max_num_seqs sequences of max_model_len"));
+    }
+    let seqs = n.div_ceil(per);
+    let mut qsl = vec![0u32];
+    for i in 0..seqs {
+        qsl.push(((i + 1) * per).min(n) as u32);
+    }
+    let lens: Vec<u32> = qsl.windows(2).map(|w| w[1] - w[0]).collect();
+    let mbps = per.div_ceil(l.block_size);
+    Ok(ScheduledBatch {
+        input_ids: vec![0; n],
+        positions: lens.iter().flat_map(|&m| 0..m).collect(),
+        query_start_loc: qsl.clone(),
+        seq_lens: lens.clone(),
+        context_lens: vec![0; seqs],
+        block_tables: vec![0; seqs * mbps],
+        max_blocks_per_seq: mbps,
+        block_size: l.block_size,
+        slot_mapping: vec![u32::MAX; n],
+        logits_indices: qsl[1..].iter().map(|&e| e - 1).collect(),
+        num_prefill_tokens: n,
+        max_query_len: per as u32,
+        max_seq_len: per as u32,
+        ..Default::default()
+    })
+}
+
 /// Bytes of bf16 K and V a token takes over all of `c`'s layers.
 fn kv_bytes_per_token(c: &ModelConfig) -> usize {
     2 * c.num_layers * c.kv_dim() * 2
@@ -1003,6 +1059,33 @@ mod tests {
         assert_eq!(graph_sizes(24), [1, 2, 4, 8, 16, 24]);
         assert_eq!(graph_sizes(30), [1, 2, 4, 8, 16, 24, 30]);
         assert!(graph_sizes(0).is_empty());
+    }
+
+    /// The memory profiling pass's step is a valid batch at the largest size: the CPU backend
+    /// runs it (one block of KV, every read from the null block, nothing written).
+    #[test]
+    fn the_profiling_step_runs_at_the_largest_size() {
+        let limits = CudaLimits {
+            max_num_batched_tokens: 600,
+            max_num_seqs: 4,
+            max_model_len: 60,
+            block_size: 16,
+            gpu_memory_utilization: 0.9,
+            enforce_eager: false,
+            profile_layers: false,
+            dtype: Dtype::Bf16,
+        };
+        // 600 tokens over at most 4 sequences needs 150 a sequence: over max_model_len.
+        assert!(profile_batch(&limits, 128).is_err());
+        let limits = CudaLimits { max_model_len: 200, ..limits };
+        let b = profile_batch(&limits, 256).unwrap();
+        // Sequences of 200 (256 capped by max_model_len): three.
+        assert_eq!((b.num_tokens(), b.query_start_loc.len() - 1), (600, 3));
+        assert!(b.slot_mapping.iter().all(|&x| x == u32::MAX) && b.block_tables.iter().all(|&x| x == 0));
+        let mut be = CpuBackend::new(Arc::new(crate::model::dummy::tiny_model(1, 2, 256)), 1, 16, 1, 0);
+        let logits = be.forward(&b);
+        assert_eq!(logits.len(), 3 * 300);
+        assert!(logits.iter().all(|x| x.is_finite()));
     }
 
     #[test]
