@@ -163,6 +163,16 @@ pub fn chrome_trace(steps: &[StepRecord]) -> serde_json::Value {
                 ev.push(serde_json::json!({"name": name, "ph": "X", "ts": t, "dur": d * 1e6, "pid": 1, "tid": 1}));
                 t += d * 1e6;
             }
+            if p.gpu_busy > 0.0 {
+                // The device on a track of its own: busy from the end of scheduling (its first
+                // work is the step's upload), and before that the gap in which it waited on the
+                // host. Placed on the host's clock, so approximate to the launch latency.
+                let busy_at = ts + p.schedule * 1e6;
+                ev.push(serde_json::json!({"name": "gpu waits on host", "ph": "X", "ts": busy_at - p.gpu_gap * 1e6,
+                    "dur": p.gpu_gap * 1e6, "pid": 1, "tid": 2}));
+                ev.push(serde_json::json!({"name": "gpu busy", "ph": "X", "ts": busy_at, "dur": p.gpu_busy * 1e6,
+                    "pid": 1, "tid": 2}));
+            }
         }
         ev.push(serde_json::json!({"name": "tokens", "ph": "C", "ts": ts, "pid": 1,
             "args": {"prefill": s.prefill_tokens, "decode": s.decode_tokens}}));
@@ -213,7 +223,15 @@ mod tests {
         assert_eq!(crate::engine::steplog::phase_table(&ok), None, "no phases, no table");
         // A GPU step: 0.75 s busy, 0.25 s waiting on the host.
         let gpu = phased.replace("\"update\":0.1}", "\"update\":0.1,\"gpu_busy\":0.75,\"gpu_gap\":0.25}");
-        let table = crate::engine::steplog::phase_table(&parse_log(&gpu, "x").unwrap()).unwrap();
+        let gpu_steps = parse_log(&gpu, "x").unwrap();
+        let t = chrome_trace(&gpu_steps);
+        let ev = t["traceEvents"].as_array().unwrap();
+        let busy = ev.iter().find(|e| e["name"] == "gpu busy").expect("a GPU track");
+        assert_eq!(
+            (busy["tid"].as_u64(), busy["ts"].as_f64(), busy["dur"].as_f64()),
+            (Some(2), Some(0.1e6), Some(0.75e6))
+        );
+        let table = crate::engine::steplog::phase_table(&gpu_steps).unwrap();
         let gap = table.lines().find(|l| l.trim_start().starts_with("gpu gap")).expect(&table);
         assert!(gap.contains("250.000") && gap.ends_with("25.0%"), "{table}");
     }
