@@ -473,7 +473,7 @@ impl CudaBackend {
         self.limits.max_model_len
     }
 
-    /// Bytes of KV cache a token takes (bf16 K and V in every layer).
+    /// Bytes of KV cache a token takes (16-bit K and V in every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
         kv_bytes_per_token(&self.cfg)
     }
@@ -557,9 +557,10 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Checks `b` against the backend's limits and sends its metadata to the device: one copy
-    /// per array, before the step's kernels (and outside a graph capture). Picks the split-KV
-    /// choice for a decode-only step.
+    /// Checks `b` against the backend's limits and sends its metadata to the device in one
+    /// copy from the page-locked staging buffer, before the step's kernels (and outside a
+    /// graph capture). Picks the attention tiles, and the split-KV choice for a decode-only
+    /// step.
     fn upload_meta(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
         let (n, s) = (b.num_tokens(), b.logits_indices.len());
         let l = &self.limits;
