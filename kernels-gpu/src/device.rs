@@ -720,6 +720,176 @@ unsafe fn fill_dummy<T: Elem>(out: *mut T, n: u64, seed: u64, scale: f32) {
     }
 }
 
+// ---------------------------------------------------------------- decode attention
+
+/// Paged attention for decode rows (sequences that bring one token), bandwidth-first: a thread
+/// block is one sequence, one query head and one split; its four warps take the split's KV
+/// blocks in turn. Within a warp, `LPT = d / 8` lanes share a key row and each holds 8
+/// contiguous values of it (one 16-byte load), so a warp step reads `32 / LPT` whole rows of K
+/// and of V coalesced; the row's dot is summed over those lanes by shuffles, the softmax is
+/// online over the warp, and each lane accumulates its 8 output values. The warps' states are
+/// merged through shared memory at the end. 16-bit caches only (the loads are 8 values wide).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_decode<T: Elem, const LPT: u32>(
+    out: *mut T,
+    partials: *mut f32,
+    q: *const T,
+    kc: *const T,
+    vc: *const T,
+    tiles: *const u32,
+    qsl: *const u32,
+    ctx_lens: *const u32,
+    block_tables: *const u32,
+    a: AttnArgs,
+) {
+    let d = LPT * 8;
+    let tpw = 32 / LPT; // key rows a warp reads per step
+    let (warp, lane) = (tid() / 32, tid() % 32);
+    let (row_in_step, part) = (lane / LPT, lane % LPT); // which row of the step, which 8 values
+    let (tile, head, split) = (bx(), by(), bz());
+    unsafe {
+        let seq = *tiles.add(2 * tile as usize);
+        let token = *qsl.add(seq as usize);
+        let ctx = *ctx_lens.add(seq as usize);
+        let visible = ctx + 1;
+        let kv_head = udiv(head, udiv(a.nq, a.nkv));
+        let (first, end) = split_blocks(split, a.bps, a.bs, visible);
+        let unpack = |w: [u32; 4], out: &mut [f32; 8]| {
+            for e in 0..8 {
+                // SAFETY: T is a 16-bit storage type here.
+                let h: T = core::mem::transmute_copy(&((w[e / 2] >> (16 * (e % 2))) as u16));
+                out[e] = h.to_f32();
+            }
+        };
+        // This lane's 8 query values, pre-scaled.
+        let mut qv = [0f32; 8];
+        unpack(ld_v4(q.add(((token * a.nq + head) * d + part * 8) as usize) as *const u32), &mut qv);
+        for x in qv.iter_mut() {
+            *x *= a.scale;
+        }
+        let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+        let mut acc = [0f32; 8];
+        let table = block_tables.add((seq * a.max_bps) as usize);
+        let mut j = first + warp;
+        while j < end {
+            let phys = *table.add(j as usize);
+            let mut t0 = 0;
+            while t0 < a.bs {
+                let t = t0 + row_in_step;
+                let key = j * a.bs + t;
+                let valid = t < a.bs && key < visible;
+                let (mut kf, mut vf) = ([0f32; 8], [0f32; 8]);
+                if valid {
+                    let o = (((phys * a.bs + t) * a.nkv + kv_head) * d + part * 8) as usize;
+                    unpack(ld_v4(kc.add(o) as *const u32), &mut kf);
+                    unpack(ld_v4(vc.add(o) as *const u32), &mut vf);
+                }
+                let mut dot = 0f32;
+                for e in 0..8 {
+                    dot += qv[e] * kf[e];
+                }
+                // The row's lanes are LPT consecutive lanes: xor over the low bits sums them.
+                let mut o = LPT / 2;
+                while o > 0 {
+                    dot += shfl_bfly_f32(FULL, dot, o, 0x1f);
+                    o >>= 1;
+                }
+                let s = if valid { dot } else { f32::NEG_INFINITY };
+                // The step's max over its rows (lanes LPT apart), then the online update.
+                let mut smax = s;
+                let mut o = 16;
+                while o >= LPT {
+                    smax = max(smax, shfl_bfly_f32(FULL, smax, o, 0x1f));
+                    o >>= 1;
+                }
+                if smax != f32::NEG_INFINITY {
+                    let m_new = max(m, smax);
+                    let alpha = if m == f32::NEG_INFINITY { 0.0 } else { exp(m - m_new) };
+                    let p = if valid { exp(s - m_new) } else { 0.0 };
+                    // Each row's p counted once: its lanes share it, so sum over rows only.
+                    let mut psum = p;
+                    let mut o = 16;
+                    while o >= LPT {
+                        psum += shfl_bfly_f32(FULL, psum, o, 0x1f);
+                        o >>= 1;
+                    }
+                    l = l * alpha + psum;
+                    for e in 0..8 {
+                        acc[e] = acc[e] * alpha + p * vf[e];
+                    }
+                    m = m_new;
+                }
+                t0 += tpw;
+            }
+            j += WARPS;
+        }
+        // Rows of a step sat in different lanes: add the accumulators of lanes holding the
+        // same 8 values (same `part`), which share m.
+        let mut o = 16;
+        while o >= LPT {
+            for e in 0..8 {
+                acc[e] += shfl_bfly_f32(FULL, acc[e], o, 0x1f);
+            }
+            o >>= 1;
+        }
+        // Merge the four warps: each leaves (m, l) and its d values in shared memory.
+        let sm = smem();
+        let stride = d + 2;
+        let mine = sm.add((warp * stride) as usize);
+        if lane == 0 {
+            *mine = m;
+            *mine.add(1) = l;
+        }
+        if lane < LPT {
+            for e in 0..8 {
+                *mine.add((2 + lane * 8) as usize + e) = acc[e];
+            }
+        }
+        _syncthreads();
+        if warp == 0 {
+            let mut gm = f32::NEG_INFINITY;
+            for w in 0..WARPS {
+                gm = max(gm, *sm.add((w * stride) as usize));
+            }
+            let mut gl = 0f32;
+            let mut ga = [0f32; 8];
+            for w in 0..WARPS {
+                let st = sm.add((w * stride) as usize);
+                let wl = *st.add(1);
+                if wl == 0.0 {
+                    continue;
+                }
+                let f = exp(*st - gm);
+                gl += wl * f;
+                if lane < LPT {
+                    for e in 0..8 {
+                        ga[e] += *st.add((2 + lane * 8) as usize + e) * f;
+                    }
+                }
+            }
+            if lane < LPT {
+                if a.num_splits == 1 {
+                    let inv = if gl > 0.0 { 1.0 / gl } else { 0.0 };
+                    let base = ((token * a.nq + head) * d + lane * 8) as usize;
+                    for e in 0..8 {
+                        *out.add(base + e) = T::from_f32(ga[e] * inv);
+                    }
+                } else {
+                    let po = partials.add((((split * a.num_tokens + token) * a.nq + head) * stride) as usize);
+                    if lane == 0 {
+                        *po = gm;
+                        *po.add(1) = gl;
+                    }
+                    for e in 0..8 {
+                        *po.add((2 + lane * 8) as usize + e) = ga[e];
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- tensor-core attention
 
 /// `d += a * b` on tensor cores: one m16n8k16 MMA, 16-bit inputs (f16 or bf16 by `T`), f32
@@ -1180,3 +1350,58 @@ mma_kernels!(F16, 4, 8, paged_attention_mma_f16_d64);
 mma_kernels!(F16, 8, 16, paged_attention_mma_f16_d128);
 mma_kernels!(Bf16, 4, 8, paged_attention_mma_bf16_d64);
 mma_kernels!(Bf16, 8, 16, paged_attention_mma_bf16_d128);
+
+macro_rules! decode_kernels {
+    ($t:ty, $lpt:literal, $name:ident) => {
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(
+            out: *mut $t,
+            partials: *mut f32,
+            q: *const $t,
+            k_cache: *const $t,
+            v_cache: *const $t,
+            tiles: *const u32,
+            query_start_loc: *const u32,
+            context_lens: *const u32,
+            block_tables: *const u32,
+            num_tokens: u32,
+            num_q_heads: u32,
+            num_kv_heads: u32,
+            block_size: u32,
+            max_blocks_per_seq: u32,
+            blocks_per_split: u32,
+            num_splits: u32,
+            scale: f32,
+        ) {
+            let a = AttnArgs {
+                num_tokens,
+                nq: num_q_heads,
+                nkv: num_kv_heads,
+                bs: block_size,
+                max_bps: max_blocks_per_seq,
+                bps: blocks_per_split,
+                num_splits,
+                scale,
+            };
+            unsafe {
+                paged_decode::<$t, $lpt>(
+                    out,
+                    partials,
+                    q,
+                    k_cache,
+                    v_cache,
+                    tiles,
+                    query_start_loc,
+                    context_lens,
+                    block_tables,
+                    a,
+                )
+            }
+        }
+    };
+}
+
+decode_kernels!(F16, 8, paged_decode_f16_d64);
+decode_kernels!(F16, 16, paged_decode_f16_d128);
+decode_kernels!(Bf16, 8, paged_decode_bf16_d64);
+decode_kernels!(Bf16, 16, paged_decode_bf16_d128);

@@ -57,6 +57,8 @@ pub enum Kernel {
     PagedAttentionPipelined(Dtype, HeadDim),
     /// Tensor-core attention (mma.sync m16n8k16) for the rows of prefill chunks, 16-bit only.
     PagedAttentionMma(Dtype, HeadDim),
+    /// Decode rows, one query head a thread block, 16-byte loads of whole key rows.
+    PagedDecode(Dtype, HeadDim),
     AttentionReduce(Dtype, HeadDim),
     RmsNorm(Dtype),
     FusedAddRmsNorm(Dtype),
@@ -97,6 +99,11 @@ impl Kernel {
             PagedAttentionMma(Bf16, D64) => "paged_attention_mma_bf16_d64",
             PagedAttentionMma(Bf16, D128) => "paged_attention_mma_bf16_d128",
             PagedAttentionMma(F32, _) => "paged_attention_mma_unsupported_f32",
+            PagedDecode(F16, D64) => "paged_decode_f16_d64",
+            PagedDecode(F16, D128) => "paged_decode_f16_d128",
+            PagedDecode(Bf16, D64) => "paged_decode_bf16_d64",
+            PagedDecode(Bf16, D128) => "paged_decode_bf16_d128",
+            PagedDecode(F32, _) => "paged_decode_unsupported_f32",
             AttentionReduce(F32, D64) => "attention_reduce_f32_d64",
             AttentionReduce(F32, D128) => "attention_reduce_f32_d128",
             AttentionReduce(F16, D64) => "attention_reduce_f16_d64",
@@ -134,6 +141,8 @@ impl Kernel {
             }
             // K staged row-major (d + 8 values a row) and V transposed (24 a row), 16 keys.
             Kernel::PagedAttentionMma(_, d) => (16 * (d.get() + 8) + d.get() * 24) * 2,
+            // Each warp's (m, l) and d values, merged at the end.
+            Kernel::PagedDecode(_, d) => (crate::BLOCK_THREADS / 32) * (d.get() + 2) * 4,
             // Block reductions: a value and an index per warp.
             Kernel::RmsNorm(_) | Kernel::FusedAddRmsNorm(_) | Kernel::ArgmaxF32 | Kernel::SampleF32 => {
                 2 * (crate::BLOCK_THREADS / 32) * 4
@@ -151,7 +160,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 43] = {
+pub const KERNELS: [Kernel; 47] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -173,6 +182,10 @@ pub const KERNELS: [Kernel; 43] = {
         PagedAttentionMma(F16, D128),
         PagedAttentionMma(Bf16, D64),
         PagedAttentionMma(Bf16, D128),
+        PagedDecode(F16, D64),
+        PagedDecode(F16, D128),
+        PagedDecode(Bf16, D64),
+        PagedDecode(Bf16, D128),
         AttentionReduce(F32, D64),
         AttentionReduce(F32, D128),
         AttentionReduce(F16, D64),
@@ -217,6 +230,7 @@ mod tests {
                 Kernel::PagedAttention(t, d) => format!("paged_attention_{}_d{}", t.name(), d.get()),
                 Kernel::PagedAttentionPipelined(t, d) => format!("paged_attention_pipelined_{}_d{}", t.name(), d.get()),
                 Kernel::PagedAttentionMma(t, d) => format!("paged_attention_mma_{}_d{}", t.name(), d.get()),
+                Kernel::PagedDecode(t, d) => format!("paged_decode_{}_d{}", t.name(), d.get()),
                 Kernel::AttentionReduce(t, d) => format!("attention_reduce_{}_d{}", t.name(), d.get()),
                 Kernel::RmsNorm(t) => format!("rms_norm_{}", t.name()),
                 Kernel::FusedAddRmsNorm(t) => format!("fused_add_rms_norm_{}", t.name()),

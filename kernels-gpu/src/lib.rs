@@ -15,6 +15,7 @@
 //! | `paged_attention_T_dD` | tiles × KV heads × splits, 128 (4 warps) | ≤16 query rows (tile tokens × GQA group) against one split's KV blocks | K+V of the visible context once per tile and KV head |
 //! | `paged_attention_pipelined_T_dD` (16-bit `T`) | as `paged_attention` | the same, with the next KV block held in registers (16-byte loads) during the current block's math, staging sized by the block size | as `paged_attention` |
 //! | `paged_attention_mma_T_dD` (16-bit `T`) | chunk tiles × q heads, 128 (4 warps) | 64 query tokens of one head on tensor cores (mma.sync m16n8k16; FlashAttention-2's loop, 16 keys a step) | K+V of the visible context once per tile and q head |
+//! | `paged_decode_T_dD` (16-bit `T`) | decode tiles × q heads × splits, 128 (4 warps) | one decode row of one head: warps take KV blocks in turn, `d/8` lanes a key row (one 16-byte load each of K and V), shuffles sum the dot, online softmax per warp, warps merged in shared memory | K+V of the context once per q head (L2 serves the group) |
 //! | `attention_reduce_T_dD` | tokens × q heads × 32 | merge the splits' (m, l, acc) rows | splits × (D+2) × 4 B |
 //! | `rms_norm_T`, `fused_add_rms_norm_T` | tokens × 128 | one hidden row: sum of squares (warp shuffles + shared), scale | 2–4 × hidden × sizeof(T) |
 //! | `rotary_embedding_T` | tokens × 128 | rotate every (q and k) head's pairs using the cos/sin cache row | (Hq+Hkv)·D × 2 × sizeof(T) |

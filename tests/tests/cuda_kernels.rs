@@ -71,7 +71,7 @@ fn attention_prop<T: DevElem>(tol: f64) {
     let r = runner.run(&common::case(), |c| {
         // Every kernel on every case (f32 caches, and the tensor-core kernel at block sizes
         // that are not multiples of 16, run the staged one).
-        for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore] {
+        for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast] {
             let err = attention_case::<T>(k, &c, kind);
             prop_assert!(err < tol, "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})", T::NAME);
         }
@@ -97,9 +97,40 @@ fn tensor_core_attention_on_long_chunks() {
             blocks_per_split: 0,
             seed: 5,
         };
-        let e16 = attention_case::<F16>(k, &c, AttnKernel::TensorCore);
-        let e_bf = attention_case::<Bf16>(k, &c, AttnKernel::TensorCore);
-        assert!(e16 < 2e-3 && e_bf < 1.6e-2, "block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}");
+        for kind in [AttnKernel::TensorCore, AttnKernel::Fast] {
+            let e16 = attention_case::<F16>(k, &c, kind);
+            let e_bf = attention_case::<Bf16>(k, &c, kind);
+            assert!(
+                e16 < 2e-3 && e_bf < 1.6e-2,
+                "{kind:?}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+            );
+        }
+    }
+}
+
+/// The decode kernel alone and split (decode-only batches split their KV), contexts from one
+/// key to several blocks, against the host.
+#[test]
+fn decode_kernel_split_and_unsplit() {
+    let Some(k) = gpu() else { return };
+    for (block_size, head_dim, group, bps) in
+        [(16u32, 128u32, 4u32, 0u32), (16, 128, 4, 2), (32, 64, 3, 1), (16, 64, 8, 3)]
+    {
+        let c = common::Case {
+            seqs: vec![(0, 1), (15, 1), (16, 1), (200, 1), (77, 1)],
+            block_size,
+            head_dim,
+            num_kv_heads: 2,
+            group,
+            blocks_per_split: bps,
+            seed: 11,
+        };
+        let e16 = attention_case::<F16>(k, &c, AttnKernel::Fast);
+        let e_bf = attention_case::<Bf16>(k, &c, AttnKernel::Fast);
+        assert!(
+            e16 < 2e-3 && e_bf < 1.6e-2,
+            "split {bps}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+        );
     }
 }
 

@@ -73,6 +73,7 @@ run cuda-f16 $G --device cuda --temperature 0 --dtype float16
 # The new attention kernels in the model (both still opt-in): the same greedy tokens?
 WEAVE_ATTN_KERNEL=pipelined run cuda-pipelined $G --device cuda --temperature 0
 WEAVE_ATTN_KERNEL=tensorcore run cuda-tensorcore $G --device cuda --temperature 0
+WEAVE_ATTN_KERNEL=fast run cuda-fast $G --device cuda --temperature 0
 timeout 120 "$W" generate --model "$M" --device cuda --prompt "The capital of France is" --max-tokens 32 --temperature 0 --json > "$OUT/cuda-alone.jsonl" 2>"$OUT/cuda-alone.err"
 # Seeded sampling on the device: two runs must agree token for token.
 run cuda-seed-a $G --device cuda --temperature 0.8 --top-p 0.9 --top-k 50 --seed 7
@@ -127,7 +128,7 @@ def compare(ref, other):
         note = "  (seeded sampling: the CPU and the GPU draw differently)" if k == "sampled" and "cpu" in ref and "cuda" in other else ""
         print(f"{other:14} vs {ref:10} {k:10} equal for {same}/{len(x)}{note}")
         if len(b) == 1: break
-for o in ["cuda", "cuda-eager", "cuda-chunked", "cuda-alone", "cuda-f16", "cuda-pipelined", "cuda-tensorcore"]:
+for o in ["cuda", "cuda-eager", "cuda-chunked", "cuda-alone", "cuda-f16", "cuda-pipelined", "cuda-tensorcore", "cuda-fast"]:
     compare("cpu", o)
 compare("cuda", "cuda-chunked")
 compare("cuda-seed-a", "cuda-seed-b")

@@ -328,6 +328,17 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     if !big.is_empty() && AttnKernel::mma_ok(T::DTYPE, bs) {
         variants.push(("tensor cores (+ staged decode)".into(), 0, AttnKernel::TensorCore));
     }
+    if AttnKernel::mma_ok(T::DTYPE, bs) {
+        // Tensor cores for chunks and the decode kernel for decode rows, with its own split
+        // choice (thread blocks per query head).
+        let bps = if s.decode_only() {
+            choose_blocks_per_split(s.seqs.len() as u32, nq, lay.max_blocks_per_seq, k.num_sms)
+        } else {
+            0
+        };
+        let name = if bps > 0 { format!("fast, split {bps}") } else { "fast, no split".into() };
+        variants.push((name, bps, AttnKernel::Fast));
+    }
     let up = |v: &[u32]| k.upload(if v.is_empty() { &[0, 0] } else { v });
     let (small_d, big_d) = (up(&small)?, up(&big)?);
     let (small_v, big_v) = (small_d.as_view(), big_d.as_view());

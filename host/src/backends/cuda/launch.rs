@@ -19,6 +19,9 @@ pub enum AttnKernel {
     /// tensor cores (`paged_attention_mma_*`, tiles of `MMA_TILE_TOKENS` tokens), decode rows
     /// on the staged kernel.
     TensorCore,
+    /// As `TensorCore`, with decode rows on the decode kernel (`paged_decode_*`: one query
+    /// head a thread block, whole key rows in 16-byte loads).
+    Fast,
 }
 
 impl AttnKernel {
@@ -28,7 +31,25 @@ impl AttnKernel {
         match std::env::var("WEAVE_ATTN_KERNEL").as_deref() {
             Ok("pipelined") => AttnKernel::Pipelined,
             Ok("tensorcore") => AttnKernel::TensorCore,
+            Ok("fast") => AttnKernel::Fast,
             _ => AttnKernel::Staged,
+        }
+    }
+
+    /// Whether the batch's tiles split into decode rows and chunk rows (`TensorCore`, `Fast`)
+    /// for `dtype` at `block_size`.
+    pub fn splits_tiles(self, dtype: weave_kernels_gpu::Dtype, block_size: u32) -> bool {
+        matches!(self, AttnKernel::TensorCore | AttnKernel::Fast) && AttnKernel::mma_ok(dtype, block_size)
+    }
+
+    /// The kernel a split batch's decode rows take.
+    pub fn decode_rows(self) -> AttnKernel {
+        if self == AttnKernel::Fast {
+            AttnKernel::Fast
+        } else if self == AttnKernel::TensorCore {
+            AttnKernel::Staged
+        } else {
+            self
         }
     }
 
@@ -102,14 +123,14 @@ impl Kernels {
         // Tiles for the CUDA-core kernel and, with `TensorCore`, for the tensor-core one: chunks
         // there, decode rows on the staged kernel (split only when there is no chunk: the
         // reduce rewrites every row).
-        let (small, big) = if kind == AttnKernel::TensorCore && AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
+        let (small, big) = if kind.splits_tiles(T::DTYPE, shape.block_size) {
             weave_kernels_gpu::attention::split_tiles(query_start_loc, tq)
         } else {
             let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
             fill_tiles(query_start_loc, tq, &mut tiles);
             (tiles, Vec::new())
         };
-        let kind = if kind == AttnKernel::TensorCore { AttnKernel::Staged } else { kind };
+        let kind = kind.decode_rows();
         let shape = if big.is_empty() { *shape } else { AttnShape { blocks_per_split: 0, ..*shape } };
         // An empty list still uploads one (unused) tile: no zero-sized device buffers.
         let up = |v: &[u32]| self.upload(if v.is_empty() { &[0, 0] } else { v });
@@ -183,7 +204,8 @@ impl Kernels {
     /// `shape.tokens_per_tile()`) and query offsets already on the device, and a `partials`
     /// workspace of at least `splits * num_tokens * num_q_heads * partial_stride()` floats
     /// when there is more than one split. f32 caches always take the staged kernel;
-    /// `TensorCore` here means the staged kernel too (its chunk tiles go to
+    /// `TensorCore` here means the staged kernel too, and `Fast` the decode kernel, whose
+    /// tiles must all be one-token sequences (their chunk tiles go to
     /// [`Self::paged_attention_mma`]).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_with<T: DevElem>(
@@ -203,8 +225,13 @@ impl Kernels {
         let num_tokens = meta.num_tokens;
         let splits = shape.num_splits(max_seq_len);
         let hd = HeadDim::of(d).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
-        let pipelined = kind == AttnKernel::Pipelined && T::DTYPE != weave_kernels_gpu::Dtype::F32;
-        let kernel = if pipelined {
+        let half = T::DTYPE != weave_kernels_gpu::Dtype::F32;
+        let pipelined = kind == AttnKernel::Pipelined && half;
+        // The decode kernel takes only tiles of one-token sequences (`split_tiles`' first list).
+        let decode = kind == AttnKernel::Fast && half;
+        let kernel = if decode {
+            Kernel::PagedDecode(T::DTYPE, hd)
+        } else if pipelined {
             Kernel::PagedAttentionPipelined(T::DTYPE, hd)
         } else {
             Kernel::PagedAttention(T::DTYPE, hd)
@@ -229,7 +256,8 @@ impl Kernels {
             .arg(&splits)
             .arg(&shape.scale);
         let cfg = LaunchConfig {
-            grid_dim: (meta.num_tiles as u32, shape.num_kv_heads, splits),
+            // The decode kernel is one query head a thread block, the others one KV head.
+            grid_dim: (meta.num_tiles as u32, if decode { shape.num_q_heads } else { shape.num_kv_heads }, splits),
             block_dim: (BLOCK_THREADS, 1, 1),
             shared_mem_bytes: if pipelined {
                 weave_kernels_gpu::attention_smem_bytes_for(d, shape.block_size)

@@ -569,9 +569,7 @@ impl CudaBackend {
         }
         let tq = self.shape.tokens_per_tile();
         // The tensor-core kernel takes the chunks' rows, the CUDA-core one the decode rows.
-        let (tiles, tiles_mma) = if self.attn_kernel == super::AttnKernel::TensorCore
-            && super::AttnKernel::mma_ok(self.limits.dtype, self.shape.block_size)
-        {
+        let (tiles, tiles_mma) = if self.attn_kernel.splits_tiles(self.limits.dtype, self.shape.block_size) {
             weave_kernels_gpu::attention::split_tiles(&b.query_start_loc, tq)
         } else {
             let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
@@ -587,12 +585,16 @@ impl CudaBackend {
         self.shape.blocks_per_split = 0;
         if is_decode_only(b) {
             let max_blocks = b.max_seq_len.div_ceil(self.shape.block_size);
-            let bps = weave_kernels_gpu::attention::choose_blocks_per_split(
-                n as u32,
-                self.shape.num_kv_heads,
-                max_blocks,
-                self.k.num_sms,
-            );
+            // The decode kernel's thread blocks are per query head, the others' per KV head.
+            let heads = if self.attn_kernel.splits_tiles(self.limits.dtype, self.shape.block_size)
+                && self.attn_kernel.decode_rows() == super::AttnKernel::Fast
+            {
+                self.shape.num_q_heads
+            } else {
+                self.shape.num_kv_heads
+            };
+            let bps =
+                weave_kernels_gpu::attention::choose_blocks_per_split(n as u32, heads, max_blocks, self.k.num_sms);
             let trial = AttnShape { blocks_per_split: bps, ..self.shape };
             if trial.num_splits(b.max_seq_len) as usize * n <= self.partial_rows {
                 self.shape.blocks_per_split = bps;
@@ -926,11 +928,7 @@ impl LayerOps for CudaBackend {
         let meta_mma = AttnMeta { tiles: &tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
-        let kind = if self.attn_kernel == super::AttnKernel::TensorCore {
-            super::AttnKernel::Staged
-        } else {
-            self.attn_kernel
-        };
+        let kind = self.attn_kernel.decode_rows();
         if self.num_tiles > 0 {
             typed!(self.limits.dtype, T => self.k.paged_attention_with::<T>(kind, &self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))?;
         }
