@@ -1198,7 +1198,7 @@ typed_kernels!(
 );
 
 macro_rules! attention_kernels {
-    (@attn $t:ty, $dl:literal, $pipe:literal, $attn:ident) => {
+    (@attn $t:ty, $f:path, $attn:ident) => {
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $attn(
             out: *mut $t,
@@ -1230,7 +1230,7 @@ macro_rules! attention_kernels {
                 scale,
             };
             unsafe {
-                paged_attention::<$t, $dl, $pipe>(
+                $f(
                     out,
                     partials,
                     q,
@@ -1246,7 +1246,7 @@ macro_rules! attention_kernels {
         }
     };
     ($t:ty, $dl:literal, $attn:ident, $reduce:ident) => {
-        attention_kernels!(@attn $t, $dl, false, $attn);
+        attention_kernels!(@attn $t, paged_attention::<$t, $dl, false>, $attn);
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $reduce(
             out: *mut $t,
@@ -1266,10 +1266,10 @@ attention_kernels!(F16, 2, paged_attention_f16_d64, attention_reduce_f16_d64);
 attention_kernels!(F16, 4, paged_attention_f16_d128, attention_reduce_f16_d128);
 attention_kernels!(Bf16, 2, paged_attention_bf16_d64, attention_reduce_bf16_d64);
 attention_kernels!(Bf16, 4, paged_attention_bf16_d128, attention_reduce_bf16_d128);
-attention_kernels!(@attn F16, 2, true, paged_attention_pipelined_f16_d64);
-attention_kernels!(@attn F16, 4, true, paged_attention_pipelined_f16_d128);
-attention_kernels!(@attn Bf16, 2, true, paged_attention_pipelined_bf16_d64);
-attention_kernels!(@attn Bf16, 4, true, paged_attention_pipelined_bf16_d128);
+attention_kernels!(@attn F16, paged_attention::<F16, 2, true>, paged_attention_pipelined_f16_d64);
+attention_kernels!(@attn F16, paged_attention::<F16, 4, true>, paged_attention_pipelined_f16_d128);
+attention_kernels!(@attn Bf16, paged_attention::<Bf16, 2, true>, paged_attention_pipelined_bf16_d64);
+attention_kernels!(@attn Bf16, paged_attention::<Bf16, 4, true>, paged_attention_pipelined_bf16_d128);
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn argmax_f32(out: *mut u32, logits: *const f32, vocab: u32) {
@@ -1351,57 +1351,8 @@ mma_kernels!(F16, 8, 16, paged_attention_mma_f16_d128);
 mma_kernels!(Bf16, 4, 8, paged_attention_mma_bf16_d64);
 mma_kernels!(Bf16, 8, 16, paged_attention_mma_bf16_d128);
 
-macro_rules! decode_kernels {
-    ($t:ty, $lpt:literal, $name:ident) => {
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $name(
-            out: *mut $t,
-            partials: *mut f32,
-            q: *const $t,
-            k_cache: *const $t,
-            v_cache: *const $t,
-            tiles: *const u32,
-            query_start_loc: *const u32,
-            context_lens: *const u32,
-            block_tables: *const u32,
-            num_tokens: u32,
-            num_q_heads: u32,
-            num_kv_heads: u32,
-            block_size: u32,
-            max_blocks_per_seq: u32,
-            blocks_per_split: u32,
-            num_splits: u32,
-            scale: f32,
-        ) {
-            let a = AttnArgs {
-                num_tokens,
-                nq: num_q_heads,
-                nkv: num_kv_heads,
-                bs: block_size,
-                max_bps: max_blocks_per_seq,
-                bps: blocks_per_split,
-                num_splits,
-                scale,
-            };
-            unsafe {
-                paged_decode::<$t, $lpt>(
-                    out,
-                    partials,
-                    q,
-                    k_cache,
-                    v_cache,
-                    tiles,
-                    query_start_loc,
-                    context_lens,
-                    block_tables,
-                    a,
-                )
-            }
-        }
-    };
-}
-
-decode_kernels!(F16, 8, paged_decode_f16_d64);
-decode_kernels!(F16, 16, paged_decode_f16_d128);
-decode_kernels!(Bf16, 8, paged_decode_bf16_d64);
-decode_kernels!(Bf16, 16, paged_decode_bf16_d128);
+// The decode kernel takes the same parameters (one query head a thread block; see the launcher).
+attention_kernels!(@attn F16, paged_decode::<F16, 8>, paged_decode_f16_d64);
+attention_kernels!(@attn F16, paged_decode::<F16, 16>, paged_decode_f16_d128);
+attention_kernels!(@attn Bf16, paged_decode::<Bf16, 8>, paged_decode_bf16_d64);
+attention_kernels!(@attn Bf16, paged_decode::<Bf16, 16>, paged_decode_bf16_d128);
