@@ -288,10 +288,16 @@ fn serve_drains_and_exits_0_on_sigterm() {
     // Long enough to be running when the signal lands (48 tokens finished first once the CPU
     // backend got faster), short enough to drain well within the 30 s allowed.
     let mut stream = post(r#"{"prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": true, "stream": true}"#);
-    // Wait for the first token, so that the request is running when the signal comes.
-    let mut first = [0u8; 256];
-    let n = stream.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    // Wait for the first token's event, not just the headers (they can come before the
+    // engine has taken the request), so that the request is running when the signal comes.
+    let mut head = String::new();
+    let mut buf = [0u8; 256];
+    while !head.contains("data: ") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before its first token: {head}");
+        head += &String::from_utf8_lossy(&buf[..n]);
+    }
+    assert!(head.contains("200 OK"), "{head}");
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let mut rest = String::new();
