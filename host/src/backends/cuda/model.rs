@@ -276,8 +276,6 @@ pub struct CudaBackend {
     /// Captured decode steps by padded size; `graph_sizes` is empty when eager.
     graphs: Graphs,
     graph_sizes: Vec<usize>,
-    /// The step's metadata is on the device already: `begin` uploads nothing.
-    meta_ready: bool,
     /// The previous step's last event, for the idle gap before the next step.
     last_end: Option<cudarc::driver::CudaEvent>,
     /// The attention kernel the steps use (`WEAVE_ATTN_KERNEL`).
@@ -418,7 +416,6 @@ impl CudaBackend {
             } else {
                 graph_sizes(limits.max_num_seqs.min(limits.max_num_batched_tokens).min(512))
             },
-            meta_ready: false,
             last_end: None,
             attn_kernel: super::AttnKernel::from_env(),
         };
@@ -460,7 +457,8 @@ impl CudaBackend {
     /// written (slot `u32::MAX`).
     fn profile_pass(&mut self) -> Result<(), CudaError> {
         let b = profile_batch(&self.limits, self.cfg.context_length)?;
-        self.logits_of(&b).map(|_| ())
+        self.forward_eager(&b)?;
+        self.k.sync()
     }
 
     /// The device's copy bandwidth and GEMM rate, measured now.
@@ -640,21 +638,14 @@ impl CudaBackend {
     /// first time its padded size comes), eagerly otherwise. The logits of `b`'s sampled rows
     /// are rows `0..` of `self.logits` either way. Returns the time the metadata upload took.
     fn run_forward(&mut self, b: &ScheduledBatch) -> Result<f64, CudaError> {
-        // Checked on the real batch: a padded one's `max_seq_len` is the table's reach, and
-        // its padding rows sit at position 0.
-        if b.max_seq_len as usize > self.limits.max_model_len.min(self.cfg.context_length) {
-            return Err(CudaError::Shape("position beyond the rotary table"));
-        }
+        self.check_positions(b)?;
         let t = std::time::Instant::now();
         let Some(size) = self.graph_size(b) else {
             let range = crate::engine::nvtx::range(c"prepare");
             self.upload_meta(b)?;
             drop(range);
             let prepare = t.elapsed().as_secs_f64();
-            self.meta_ready = true;
-            let r = llama::forward(self, self.cfg.num_layers, b);
-            self.meta_ready = false;
-            return r.map(|_| prepare);
+            return llama::forward(self, self.cfg.num_layers, b).map(|_| prepare);
         };
         let padded = pad_decode(b, size, self.max_blocks_fixed());
         let range = crate::engine::nvtx::range(c"prepare");
@@ -672,10 +663,7 @@ impl CudaBackend {
                     eprintln!("weave: CUDA graphs off after a failed capture at batch size {size}: {e}");
                     self.graph_sizes.clear();
                     self.graphs.0.clear();
-                    self.meta_ready = true;
-                    let r = llama::forward(self, self.cfg.num_layers, &padded);
-                    self.meta_ready = false;
-                    return r.map(|_| prepare);
+                    return llama::forward(self, self.cfg.num_layers, &padded).map(|_| prepare);
                 }
             }
         }
@@ -688,9 +676,7 @@ impl CudaBackend {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let st = self.k.stream.clone();
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        self.meta_ready = true;
         let r = llama::forward(self, self.cfg.num_layers, b);
-        self.meta_ready = false;
         // End the capture whatever happened, so that the stream is usable again.
         let g = st.end_capture(CUgraphInstantiate_flags(0));
         r?;
@@ -712,17 +698,26 @@ impl CudaBackend {
     /// The logits of `b`'s sampled rows (`[rows][vocab]`), from an eager pass: for comparing
     /// backends (`weave logits`), not for serving, which never copies logits back.
     pub fn logits_of(&mut self, b: &ScheduledBatch) -> Result<Vec<f32>, CudaError> {
+        self.forward_eager(b)?;
+        let n = b.logits_indices.len() * self.cfg.vocab_size;
+        Ok(self.k.stream.clone_dtoh(&self.logits.slice(..n))?)
+    }
+
+    /// An eager pass of `b` (no graph), its logits left on the device.
+    fn forward_eager(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
         self.k.ctx.bind_to_thread()?;
+        self.check_positions(b)?;
+        self.upload_meta(b)?;
+        llama::forward(self, self.cfg.num_layers, b)
+    }
+
+    /// Whether `b`'s positions are inside the rotary table. Checked on the real batch: a
+    /// padded one's `max_seq_len` is its tables' reach, and its padding rows sit at position 0.
+    fn check_positions(&self, b: &ScheduledBatch) -> Result<(), CudaError> {
         if b.max_seq_len as usize > self.limits.max_model_len.min(self.cfg.context_length) {
             return Err(CudaError::Shape("position beyond the rotary table"));
         }
-        self.upload_meta(b)?;
-        self.meta_ready = true;
-        let r = llama::forward(self, self.cfg.num_layers, b);
-        self.meta_ready = false;
-        r?;
-        let n = b.logits_indices.len() * self.cfg.vocab_size;
-        Ok(self.k.stream.clone_dtoh(&self.logits.slice(..n))?)
+        Ok(())
     }
 
     /// Graphs captured so far, by padded batch size.
@@ -820,11 +815,10 @@ impl LayerOps for CudaBackend {
         self.limits.profile_layers
     }
 
-    fn begin(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
-        if self.meta_ready {
-            return Ok(());
-        }
-        self.upload_meta(b)
+    fn begin(&mut self, _b: &ScheduledBatch) -> Result<(), CudaError> {
+        // Every caller of the pass has uploaded the step's metadata already (`upload_meta`):
+        // a graph capture must not record the copy, so it never happens here.
+        Ok(())
     }
 
     fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
