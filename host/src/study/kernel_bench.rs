@@ -280,7 +280,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     gemm_tflops: f64,
 ) -> Result<Vec<Row>, crate::backends::cuda::CudaError> {
     use crate::backends::cuda::{AttnKernel, AttnMeta};
-    use weave_kernels_gpu::attention::{choose_blocks_per_split, count_tiles, fill_tiles, AttnShape, MAX_SPLITS};
+    use weave_kernels_gpu::attention::{choose_blocks_per_split, AttnShape, MAX_SPLITS};
     let bs = 16u32;
     let lay = layout(s, bs, 7);
     let (nq, nkv, d) = (s.num_q_heads, s.num_kv_heads, s.head_dim);
@@ -304,9 +304,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         scale: 1.0 / (d as f32).sqrt(),
     };
     let tq = base.tokens_per_tile();
-    let mut tiles = vec![0u32; 2 * count_tiles(&lay.query_start_loc, tq)];
-    fill_tiles(&lay.query_start_loc, tq, &mut tiles);
-    let (tiles_d, qsl_d) = (k.upload(&tiles)?, k.upload(&lay.query_start_loc)?);
+    let qsl_d = k.upload(&lay.query_start_loc)?;
     let (ctx_d, tables_d) = (k.upload(&lay.context_lens)?, k.upload(&lay.block_tables)?);
     let max_seq_len = s.max_seq_len();
     let mut splits = vec![("no split".to_string(), 0u32)];
@@ -324,8 +322,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
                 .map(|(kind, kn)| (format!("{kn}, {name}"), *bps, kind))
         })
         .collect();
-    let (small, big) = weave_kernels_gpu::attention::split_tiles(&lay.query_start_loc, tq);
-    if !big.is_empty() && AttnKernel::mma_ok(T::DTYPE, bs) {
+    if !s.decode_only() && AttnKernel::mma_ok(T::DTYPE, bs) {
         variants.push(("tensor cores (+ staged decode)".into(), 0, AttnKernel::TensorCore));
     }
     if AttnKernel::mma_ok(T::DTYPE, bs) {
@@ -339,10 +336,7 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         let name = if bps > 0 { format!("fast, split {bps}") } else { "fast, no split".into() };
         variants.push((name, bps, AttnKernel::Fast));
     }
-    let up = |v: &[u32]| k.upload(if v.is_empty() { &[0, 0] } else { v });
-    let (small_d, big_d) = (up(&small)?, up(&big)?);
-    let (small_v, big_v) = (small_d.as_view(), big_d.as_view());
-    let (tiles_v, qsl_v, ctx_v, tables_v) = (tiles_d.as_view(), qsl_d.as_view(), ctx_d.as_view(), tables_d.as_view());
+    let (qsl_v, ctx_v, tables_v) = (qsl_d.as_view(), ctx_d.as_view(), tables_d.as_view());
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;
     let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut rows = Vec::new();
@@ -351,45 +345,33 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         if shape.num_splits(max_seq_len) > MAX_SPLITS {
             continue;
         }
-        let meta = AttnMeta {
-            tiles: &tiles_v,
-            num_tiles: tiles.len() / 2,
+        // The variant's tiles, as the model builds them (decode rows apart with tensor cores).
+        let (small, big) = kind.tiles(T::DTYPE, bs, &lay.query_start_loc, tq);
+        let up = |v: &[u32]| k.upload(if v.is_empty() { &[0, 0] } else { v });
+        let (small_d, big_d) = (up(&small)?, up(&big)?);
+        let (small_v, big_v) = (small_d.as_view(), big_d.as_view());
+        let meta = |tiles, len: usize| AttnMeta {
+            tiles,
+            num_tiles: len / 2,
             query_start_loc: &qsl_v,
             num_tokens: n as u32,
             context_lens: &ctx_v,
             block_tables: &tables_v,
         };
+        let (small_m, big_m) = (meta(&small_v, small.len()), meta(&big_v, big.len()));
         let mut launch = || {
-            if kind != AttnKernel::TensorCore {
-                return k.paged_attention_with::<T>(
-                    kind,
-                    &shape,
-                    meta,
-                    max_seq_len,
-                    &q,
-                    &kc,
-                    &vc,
-                    &mut out,
-                    &mut partials,
-                );
-            }
-            // Two launches, as the model runs a mixed step: decode rows, then chunks.
-            if !small.is_empty() {
-                let m = AttnMeta { tiles: &small_v, num_tiles: small.len() / 2, ..meta };
-                k.paged_attention_with::<T>(
-                    AttnKernel::Staged,
-                    &shape,
-                    m,
-                    max_seq_len,
-                    &q,
-                    &kc,
-                    &vc,
-                    &mut out,
-                    &mut partials,
-                )?;
-            }
-            let m = AttnMeta { tiles: &big_v, num_tiles: big.len() / 2, ..meta };
-            k.paged_attention_mma::<T>(&shape, m, &q, &kc, &vc, &mut out)
+            k.paged_attention_split::<T>(
+                kind,
+                &shape,
+                small_m,
+                big_m,
+                max_seq_len,
+                &q,
+                &kc,
+                &vc,
+                &mut out,
+                &mut partials,
+            )
         };
         for _ in 0..3 {
             launch()?;

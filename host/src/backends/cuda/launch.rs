@@ -53,6 +53,25 @@ impl AttnKernel {
         }
     }
 
+    /// The batch's tiles for this choice: the CUDA-core kernel's (`fill_tiles` for
+    /// `tokens_per_tile`; with `TensorCore` or `Fast`, decode rows only) and the tensor-core
+    /// kernel's (chunks, `MMA_TILE_TOKENS` tokens a tile; empty unless the tiles split).
+    pub fn tiles(
+        self,
+        dtype: weave_kernels_gpu::Dtype,
+        block_size: u32,
+        query_start_loc: &[u32],
+        tokens_per_tile: u32,
+    ) -> (Vec<u32>, Vec<u32>) {
+        if self.splits_tiles(dtype, block_size) {
+            weave_kernels_gpu::attention::split_tiles(query_start_loc, tokens_per_tile)
+        } else {
+            let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tokens_per_tile)];
+            fill_tiles(query_start_loc, tokens_per_tile, &mut tiles);
+            (tiles, Vec::new())
+        }
+    }
+
     /// Whether the tensor-core kernel serves `T` at `block_size`.
     pub fn mma_ok(dtype: weave_kernels_gpu::Dtype, block_size: u32) -> bool {
         dtype != weave_kernels_gpu::Dtype::F32 && block_size.is_multiple_of(16)
@@ -120,18 +139,7 @@ impl Kernels {
         let qsl_d = self.upload(query_start_loc)?;
         let qsl_v = qsl_d.as_view();
         let (context_lens, block_tables) = (&context_lens.as_view(), &block_tables.as_view());
-        // Tiles for the CUDA-core kernel and, with `TensorCore`, for the tensor-core one: chunks
-        // there, decode rows on the staged kernel (split only when there is no chunk: the
-        // reduce rewrites every row).
-        let (small, big) = if kind.splits_tiles(T::DTYPE, shape.block_size) {
-            weave_kernels_gpu::attention::split_tiles(query_start_loc, tq)
-        } else {
-            let mut tiles = vec![0u32; 2 * count_tiles(query_start_loc, tq)];
-            fill_tiles(query_start_loc, tq, &mut tiles);
-            (tiles, Vec::new())
-        };
-        let kind = kind.decode_rows();
-        let shape = if big.is_empty() { *shape } else { AttnShape { blocks_per_split: 0, ..*shape } };
+        let (small, big) = kind.tiles(T::DTYPE, shape.block_size, query_start_loc, tq);
         // An empty list still uploads one (unused) tile: no zero-sized device buffers.
         let up = |v: &[u32]| self.upload(if v.is_empty() { &[0, 0] } else { v });
         let (small_d, big_d) = (up(&small)?, up(&big)?);
@@ -144,18 +152,51 @@ impl Kernels {
             context_lens,
             block_tables,
         };
-        if !small.is_empty() {
-            let splits = shape.num_splits(max_seq_len) as usize;
-            let mut partials = self.zeros::<f32>(if splits > 1 {
-                splits * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
-            } else {
-                1
-            })?;
-            let m = meta(&small_v, small.len());
-            self.paged_attention_with::<T>(kind, &shape, m, max_seq_len, q, k_cache, v_cache, out, &mut partials)?;
+        let splits = if big.is_empty() { shape.num_splits(max_seq_len) as usize } else { 1 };
+        let mut partials = self.zeros::<f32>(if splits > 1 {
+            splits * num_tokens as usize * shape.num_q_heads as usize * shape.partial_stride()
+        } else {
+            1
+        })?;
+        let (small_m, big_m) = (meta(&small_v, small.len()), meta(&big_v, big.len()));
+        self.paged_attention_split::<T>(
+            kind,
+            shape,
+            small_m,
+            big_m,
+            max_seq_len,
+            q,
+            k_cache,
+            v_cache,
+            out,
+            &mut partials,
+        )
+    }
+
+    /// Paged attention over tiles from [`AttnKernel::tiles`]: `small`'s on the CUDA-core kernel
+    /// `kind` picks for them, `big`'s on tensor cores (either may have no tiles). The split
+    /// applies only when there is no chunk tile: the reduce rewrites every row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_split<T: DevElem>(
+        &self,
+        kind: AttnKernel,
+        shape: &AttnShape,
+        small: AttnMeta<'_>,
+        big: AttnMeta<'_>,
+        max_seq_len: u32,
+        q: &CudaSlice<T::Bits>,
+        k_cache: &CudaSlice<T::Bits>,
+        v_cache: &CudaSlice<T::Bits>,
+        out: &mut CudaSlice<T::Bits>,
+        partials: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let shape = if big.num_tiles > 0 { AttnShape { blocks_per_split: 0, ..*shape } } else { *shape };
+        if small.num_tiles > 0 {
+            let kind = kind.decode_rows();
+            self.paged_attention_with::<T>(kind, &shape, small, max_seq_len, q, k_cache, v_cache, out, partials)?;
         }
-        if !big.is_empty() {
-            self.paged_attention_mma::<T>(&shape, meta(&big_v, big.len()), q, k_cache, v_cache, out)?;
+        if big.num_tiles > 0 {
+            self.paged_attention_mma::<T>(&shape, big, q, k_cache, v_cache, out)?;
         }
         Ok(())
     }

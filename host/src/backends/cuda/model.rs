@@ -33,7 +33,7 @@ use crate::model::weights::Linear;
 use crate::sampling::{Samplers, SamplingParams};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
+use weave_kernels_gpu::attention::AttnShape;
 use weave_kernels_gpu::{Bf16, Dtype, Elem};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
@@ -566,14 +566,9 @@ impl CudaBackend {
             return Err(CudaError::Shape("step larger than the backend was built for"));
         }
         let tq = self.shape.tokens_per_tile();
-        // The tensor-core kernel takes the chunks' rows, the CUDA-core one the decode rows.
-        let (tiles, tiles_mma) = if self.attn_kernel.splits_tiles(self.limits.dtype, self.shape.block_size) {
-            weave_kernels_gpu::attention::split_tiles(&b.query_start_loc, tq)
-        } else {
-            let mut tiles = vec![0u32; 2 * count_tiles(&b.query_start_loc, tq)];
-            fill_tiles(&b.query_start_loc, tq, &mut tiles);
-            (tiles, Vec::new())
-        };
+        // With the tensor-core kernel, it takes the chunks' rows and a CUDA-core one the rest.
+        let (tiles, tiles_mma) =
+            self.attn_kernel.tiles(self.limits.dtype, self.shape.block_size, &b.query_start_loc, tq);
         self.num_tiles = tiles.len() / 2;
         self.num_tiles_mma = tiles_mma.len() / 2;
         self.max_seq_len = b.max_seq_len;
@@ -922,14 +917,8 @@ impl LayerOps for CudaBackend {
         let meta_mma = AttnMeta { tiles: &tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
-        let kind = self.attn_kernel.decode_rows();
-        if self.num_tiles > 0 {
-            typed!(self.limits.dtype, T => self.k.paged_attention_with::<T>(kind, &self.shape, meta, self.max_seq_len, qs, kc, vc, o, &mut self.partials))?;
-        }
-        if self.num_tiles_mma > 0 {
-            typed!(self.limits.dtype, T => self.k.paged_attention_mma::<T>(&self.shape, meta_mma, qs, kc, vc, o))?;
-        }
-        Ok(())
+        let (kind, shape, p) = (self.attn_kernel, &self.shape, &mut self.partials);
+        typed!(self.limits.dtype, T => self.k.paged_attention_split::<T>(kind, shape, meta, meta_mma, self.max_seq_len, qs, kc, vc, o, p))
     }
 
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), CudaError> {
