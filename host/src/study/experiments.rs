@@ -131,7 +131,7 @@ impl Runner for CpuRunner<'_> {
         items: &[WorkItem],
     ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
         let r = run_cpu(self.lm, cfg, items, self.threads)?;
-        let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+        let m = real_metrics(&r);
         Ok((m, r))
     }
 }
@@ -152,9 +152,19 @@ impl Runner for CudaRunner<'_> {
     ) -> anyhow::Result<(Metrics, crate::engine::RunReport)> {
         let cfg = SchedulerConfig { num_gpu_blocks: cfg.num_gpu_blocks.min(self.backend.num_blocks()), ..cfg.clone() };
         let r = run_real(self.lm, &cfg, items, &mut self.backend)?;
-        let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
+        let m = real_metrics(&r);
         Ok((m, r))
     }
+}
+
+/// A real run's metrics under the experiments' SLOs.
+fn real_metrics(r: &crate::engine::RunReport) -> Metrics {
+    crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1)
+}
+
+/// Mean step time of a run, seconds.
+fn mean_step_s(steps: &[crate::engine::steplog::StepRecord]) -> f64 {
+    steps.iter().map(|s| s.duration).sum::<f64>() / steps.len().max(1) as f64
 }
 
 fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
@@ -597,8 +607,6 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
             },
         ),
     ];
-    let mean =
-        |v: &[crate::engine::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
     let mut rows = Vec::new();
     let mut logs = Vec::new();
     let mut profiles = Vec::new();
@@ -616,8 +624,8 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         for _ in 0..repeats {
             let r = run_cpu(lm, &cfg(budget), &items, threads)?;
             profiler.round(&mut |b| timer.time(b), &mut |_, _| {})?;
-            let m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
-            reals.push((mean(&r.steps), m, r.steps));
+            let m = real_metrics(&r);
+            reals.push((mean_step_s(&r.steps), m, r.steps));
         }
         reals.sort_by(|a, b| a.1.ttft.mean.total_cmp(&b.1.ttft.mean));
         let (_, real_m, real_steps) = &reals[reals.len() / 2];
@@ -642,7 +650,7 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
                 real_steps.iter().map(|s| ((cost.record_time(s) - s.duration) / s.duration).abs()).collect();
             let step_mape = crate::study::bench::median(&errs);
             let (sim_m, sim) = simulate(&cfg(budget), cost, &items, true, SLO)?;
-            let ss = mean(&sim.steps);
+            let ss = mean_step_s(&sim.steps);
             logs.push((format!("{key}-sim-{kind}"), sim.steps));
             let step_err = (ss - rs) / rs;
             let ttft_err = (sim_m.ttft.mean - real_m.ttft.mean) / real_m.ttft.mean;
@@ -825,21 +833,19 @@ pub fn sim_vs_real_gpu(
             },
         ),
     ];
-    let mean =
-        |v: &[crate::engine::steplog::StepRecord]| v.iter().map(|s| s.duration).sum::<f64>() / v.len().max(1) as f64;
     let (mut rows, mut logs) = (Vec::new(), Vec::new());
     for (key, (label, budget, w)) in ["a", "b", "c"].into_iter().zip(held) {
         let items = w.items();
         let r = run_real(lm, &cfg(budget), &items, &mut *backend)?;
-        let real_m = crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1);
-        let rs = mean(&r.steps);
+        let real_m = real_metrics(&r);
+        let rs = mean_step_s(&r.steps);
         logs.push((format!("{key}-real"), r.steps));
         let mut row_real = row(format!("{label} (real)"), budget as f64, real_m.clone());
         row_real.extra.insert("mean_step_s".into(), rs.into());
         rows.push(row_real);
         let mut one = |kind: &str, sim: anyhow::Result<(Metrics, crate::engine::RunReport)>| -> anyhow::Result<()> {
             let (sim_m, sim) = sim?;
-            let ss = mean(&sim.steps);
+            let ss = mean_step_s(&sim.steps);
             let err = |a: f64, b: f64| if b > 0.0 { (a - b) / b } else { 0.0 };
             let (step_err, ttft_err, itl_err) =
                 (err(ss, rs), err(sim_m.ttft.mean, real_m.ttft.mean), err(sim_m.itl.p99, real_m.itl.p99));
