@@ -56,6 +56,7 @@ fn config() -> ServeConfig {
         device: Default::default(),
         gpu_memory_utilization: 0.9,
         enforce_eager: false,
+        metrics_prefix: "weave".into(),
     }
 }
 
@@ -594,5 +595,154 @@ async fn shutdown_drains_running_requests_and_refuses_new_ones() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "the running request finished: {text}");
     let finishes = text.matches("\"finish_reason\":\"length\"").count();
     assert_eq!(finishes, 1, "{text}");
+    s.shutdown().await;
+}
+
+/// What vLLM's router asks of a worker: `/get_load`, the two render endpoints (the token ids
+/// the real call would run, checked as it checks them), and the fields it adds to bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_worker_contract() {
+    let Some(s) = Server::start(config()).await else { return };
+    let (code, load) = s.get("/get_load").await;
+    assert_eq!(code, 200);
+    assert_eq!(serde_json::from_str::<Value>(&load).unwrap()["load"], 0);
+
+    // Completions render: one entry per prompt, the ids /tokenize gives.
+    let (_, t) = s.post("/tokenize", json!({"prompt": "hello world"})).await;
+    let (code, r) = s.post("/v1/completions/render", json!({"model": "smol", "prompt": "hello world"})).await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r.as_array().unwrap().len(), 1);
+    assert_eq!(r[0]["token_ids"], t["tokens"]);
+    assert_eq!(r[0]["model"], "smol");
+    let (_, r2) = s.post("/v1/completions/render", json!({"prompt": ["a b", "c d e"], "max_tokens": 5})).await;
+    assert_eq!(r2.as_array().unwrap().len(), 2);
+    assert_eq!(r2[1]["sampling_params"]["max_tokens"], 5);
+    // The same checks as the real call.
+    let (code, e) = s.post("/v1/completions/render", json!({"prompt": "x", "temperature": -1})).await;
+    assert_eq!((code, e["error"]["param"].as_str()), (400, Some("temperature")), "{e}");
+
+    // Chat render: the conversation after the chat template, as the real call counts it.
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]);
+    let (_, tm) = s.post("/tokenize", json!({"messages": messages})).await;
+    let (code, cr) = s.post("/v1/chat/completions/render", json!({"messages": messages})).await;
+    assert_eq!(code, 200, "{cr}");
+    assert_eq!(cr["token_ids"], tm["tokens"]);
+    // A body as the router rebuilds it: every field it adds is accepted.
+    let chat_body = json!({
+        "model": "smol", "messages": messages, "max_tokens": 4, "temperature": 0.0, "stream": false,
+        "logprobs": false, "no_stop_trim": false, "ignore_eos": false, "continue_final_message": false,
+        "skip_special_tokens": true, "separate_reasoning": true, "stream_reasoning": true,
+        "return_hidden_states": false, "include_reasoning": true,
+    });
+    let (code, c) = s.post("/v1/chat/completions", chat_body).await;
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(c["usage"]["prompt_tokens"], cr["token_ids"].as_array().unwrap().len());
+    let (code, c) = s
+        .post(
+            "/v1/completions",
+            json!({"model": "smol", "prompt": "The sky is", "max_tokens": 4, "temperature": 0.0, "echo": false,
+                   "no_stop_trim": false, "ignore_eos": true, "skip_special_tokens": true,
+                   "return_hidden_states": false, "stream": false}),
+        )
+        .await;
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(c["usage"]["completion_tokens"], 4, "ignore_eos is honoured");
+    // Without the generation prompt, the rendering stops after the last message.
+    let (_, no_gen) = s.post("/tokenize", json!({"messages": messages, "add_generation_prompt": false})).await;
+    assert!(no_gen["count"].as_u64().unwrap() < tm["count"].as_u64().unwrap(), "{no_gen} vs {tm}");
+    // What weave cannot honour is refused by name.
+    let (code, e) = s.post("/v1/chat/completions", json!({"messages": messages, "continue_final_message": true})).await;
+    assert_eq!((code, e["error"]["param"].as_str()), (400, Some("continue_final_message")), "{e}");
+
+    // The load counts a request while it runs.
+    let http = s.http.clone();
+    let url = format!("{}/v1/completions", s.url);
+    let long = tokio::spawn(async move {
+        http.post(url).json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true})).send().await
+    });
+    let t0 = Instant::now();
+    let mut seen = 0;
+    while t0.elapsed() < Duration::from_secs(30) && seen == 0 {
+        let (_, l) = s.get("/get_load").await;
+        seen = serde_json::from_str::<Value>(&l).unwrap()["load"].as_u64().unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen, 1, "a running request shows in /get_load");
+    long.await.unwrap().unwrap();
+
+    // sglang-router's info endpoints and vLLM's /version.
+    for path in ["/get_server_info", "/server_info"] {
+        let (code, i) = s.get(path).await;
+        let i: Value = serde_json::from_str(&i).unwrap();
+        assert_eq!((code, &i["block_size"], &i["max_model_len"]), (200, &json!(16), &json!(1024)), "{path}: {i}");
+    }
+    for path in ["/get_model_info", "/model_info"] {
+        let (code, i) = s.get(path).await;
+        assert_eq!(code, 200);
+        assert_eq!(serde_json::from_str::<Value>(&i).unwrap()["is_generation"], true, "{path}");
+    }
+    assert_eq!(s.get("/version").await.0, 200);
+    s.shutdown().await;
+}
+
+/// `echo` (which vLLM's router always sends) puts the prompt's text before the completion,
+/// streamed or not; with logprobs it is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_prepends_the_prompt() {
+    let Some(s) = Server::start(config()).await else { return };
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0.0});
+    let (_, plain) = s.post("/v1/completions", body.clone()).await;
+    let mut echo = body.clone();
+    echo["echo"] = json!(true);
+    let (code, e) = s.post("/v1/completions", echo.clone()).await;
+    assert_eq!(code, 200, "{e}");
+    let want = format!("The capital of France is{}", plain["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(e["choices"][0]["text"], want);
+    echo["stream"] = json!(true);
+    let text: String = chunks(&s.stream("/v1/completions", echo.clone()).await)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(text, want);
+    echo["stream"] = json!(false);
+    echo["logprobs"] = json!(1);
+    let (code, err) = s.post("/v1/completions", echo).await;
+    assert_eq!((code, err["error"]["param"].as_str()), (400, Some("echo")), "{err}");
+    s.shutdown().await;
+}
+
+/// `--metrics-prefix vllm`: the gauges the Kubernetes inference gateway scrapes, under
+/// vLLM's exact names, with the KV usage a 0..1 fraction that moves with a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_metric_names_for_the_gateway() {
+    let Some(s) = Server::start(ServeConfig { metrics_prefix: "vllm".into(), ..config() }).await else { return };
+    let (_, text) = s.get("/metrics").await;
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+        "vllm:lora_requests_info",
+        "vllm:prefix_cache_hits_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from\n{text}");
+    }
+    assert!(!text.contains("weave:"), "{text}");
+    let info = text.lines().find(|l| l.starts_with("vllm:cache_config_info{")).unwrap();
+    assert!(info.contains("block_size=\"16\"") && info.contains("num_gpu_blocks=\"1025\""), "{info}");
+    // KV usage while a long request runs is a fraction in (0, 1).
+    let http = s.http.clone();
+    let url = format!("{}/v1/completions", s.url);
+    let long = tokio::spawn(async move {
+        http.post(url).json(&json!({"prompt": "Once upon a time", "max_tokens": 150, "ignore_eos": true})).send().await
+    });
+    let t0 = Instant::now();
+    let mut usage = 0.0;
+    while t0.elapsed() < Duration::from_secs(30) && usage == 0.0 {
+        usage = s.metric("vllm:kv_cache_usage_perc").await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(usage > 0.0 && usage < 1.0, "kv_cache_usage_perc {usage}");
+    long.await.unwrap().unwrap();
     s.shutdown().await;
 }

@@ -26,6 +26,10 @@ pub struct Args {
     /// Seed for requests that bring none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Metric names at /metrics are PREFIX:name; `vllm` gives vLLM's exact names, which the
+    /// Kubernetes inference gateway and llm-d read without configuration.
+    #[arg(long, default_value = "weave")]
+    pub metrics_prefix: String,
     #[command(flatten)]
     pub sched: SchedArgs,
     #[command(flatten)]
@@ -38,6 +42,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.shutdown_timeout >= 0.0, "--shutdown-timeout must be >= 0, got {}", a.shutdown_timeout);
     anyhow::ensure!(a.max_waiting >= 1, "--max-waiting must be at least 1");
+    weave::serve::metrics::check_prefix(&a.metrics_prefix)?;
     let (lm, _path, (exec, device)) = a.run.load(&a.sched.kv_cache_dtype, true)?;
     let cfg = weave::serve::ServeConfig {
         sched: a.sched.config(&lm.model)?,
@@ -49,6 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         device: exec,
         gpu_memory_utilization: a.run.gpu_memory_utilization,
         enforce_eager: a.run.enforce_eager,
+        metrics_prefix: a.metrics_prefix,
     };
     let log = StepLog::open(a.step_log.as_deref())?;
     let (app, sched, gpu) = weave::serve::start(&lm, &cfg, log)?;

@@ -25,6 +25,12 @@ impl ChatTemplate {
     /// The prompt text for a conversation of `(role, content)` messages, ending where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[(String, String)]) -> Result<String, String> {
+        self.render_with(messages, true)
+    }
+
+    /// As [`render`](Self::render); without `add_generation_prompt` it stops after the last
+    /// message.
+    pub fn render_with(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         env.add_template("chat", &self.source).map_err(|e| format!("chat template does not parse: {e}"))?;
         let t = env.get_template("chat").map_err(|e| e.to_string())?;
@@ -32,7 +38,7 @@ impl ChatTemplate {
             messages.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
         t.render(minijinja::context! {
             messages => messages,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.clone(),
             eos_token => self.eos.clone(),
         })

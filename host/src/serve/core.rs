@@ -498,6 +498,7 @@ impl<B: Backend> Core<B> {
         m.waiting.set((sched.num_waiting() + self.stats.queued.load(Ordering::SeqCst)) as i64);
         let total = sched.block_manager().num_usable_blocks().max(1);
         m.kv_usage.set(sched.kv_blocks_used() as f64 / total as f64);
+        m.lora_info.set(super::metrics::unix_now_f64());
     }
 }
 

@@ -4,6 +4,13 @@
 //! sequences to the engine thread and waits only for its own tokens. Every way a request can
 //! end early (client gone, stream dropped, a sibling rejected) drops its `AbortOnDrop`,
 //! which aborts whatever of it is still in the engine.
+//!
+//! Beside the OpenAI routes, a replica answers what routers ask of their workers: vLLM's
+//! router reads `/get_load` (power-of-two) and `/v1/completions/render` or
+//! `/v1/chat/completions/render` (cache-aware: the prompt's token ids after the chat
+//! template), and sglang-router `/get_server_info` and `/get_model_info`. The fields the
+//! routers add to request bodies (`echo`, `ignore_eos`, `skip_special_tokens`,
+//! `no_stop_trim`, `continue_final_message`, ...) are accepted; those weave can honour are.
 
 use super::core::{Admit, EngineHandle, SeqEvent, SubmitError};
 use super::metrics::Metrics;
@@ -28,7 +35,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use weave_scheduler::{FinishReason, NewRequest, RequestId};
+use weave_scheduler::{FinishReason, NewRequest, RequestId, SchedulerConfig};
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -38,6 +45,10 @@ pub struct App {
     pub chat: Option<ChatTemplate>,
     pub model_name: String,
     pub max_model_len: usize,
+    /// The scheduler's configuration, for the info endpoints.
+    pub sched: SchedulerConfig,
+    /// Where the model runs (`cpu`, `cuda`).
+    pub device: &'static str,
     pub metrics: Arc<Metrics>,
     /// Unix time the server started (the model's `created`).
     pub created: u64,
@@ -55,6 +66,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        // What routers ask of a worker.
+        .route("/v1/completions/render", post(completions_render))
+        .route("/v1/chat/completions/render", post(chat_render))
+        .route("/get_load", get(get_load))
+        .route("/load", get(load))
+        .route("/version", get(version))
+        .route("/get_server_info", get(server_info))
+        .route("/server_info", get(server_info))
+        .route("/get_model_info", get(model_info))
+        .route("/model_info", get(model_info))
         .with_state(app)
 }
 
@@ -184,6 +205,8 @@ struct Plan {
     ignore_eos: bool,
     stream: bool,
     include_usage: bool,
+    /// Completions' `echo`: each choice's text starts with its prompt's.
+    echo: bool,
     /// The prompt field's name, for errors ("prompt" or "messages").
     prompt_param: &'static str,
 }
@@ -210,8 +233,9 @@ impl App {
         self.tokenizer.encode(text).map_err(|e| ApiError::bad(param, format!("{param}: {e}")))
     }
 
-    /// The conversation rendered through the model's chat template.
-    fn render_chat(&self, messages: &[Message]) -> ApiResult<String> {
+    /// The conversation rendered through the model's chat template, ending with the
+    /// assistant's turn opened when `add_generation_prompt`.
+    fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> ApiResult<String> {
         if messages.is_empty() {
             return Err(ApiError::bad("messages", "messages: at least one message is needed"));
         }
@@ -250,7 +274,7 @@ impl App {
         let Some(t) = &self.chat else {
             return Err(ApiError::bad("messages", "this model has no chat template; use /v1/completions"));
         };
-        t.render(&turns).map_err(|e| ApiError::bad("messages", format!("messages: {e}")))
+        t.render_with(&turns, add_generation_prompt).map_err(|e| ApiError::bad("messages", format!("messages: {e}")))
     }
 
     /// The fields both endpoints share, checked; `prompts` as already tokenized.
@@ -337,6 +361,7 @@ impl App {
             ignore_eos,
             stream,
             include_usage,
+            echo: false,
             prompt_param,
         })
     }
@@ -525,16 +550,14 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
-    let v = parse_body(&body)?;
-    app.check_model(&v)?;
-    if field::<bool>(&v, "echo")?.unwrap_or(false) {
-        return Err(ApiError::bad("echo", "echo is not supported"));
-    }
-    if field::<String>(&v, "suffix")?.is_some_and(|s| !s.is_empty()) {
+/// A completions request, checked.
+fn completion_plan(app: &App, v: &Value) -> ApiResult<Plan> {
+    app.check_model(v)?;
+    let echo = field::<bool>(v, "echo")?.unwrap_or(false);
+    if field::<String>(v, "suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad("suffix", "suffix is not supported"));
     }
-    let prompts = match field::<Prompt>(&v, "prompt")? {
+    let prompts = match field::<Prompt>(v, "prompt")? {
         None => return Err(ApiError::bad("prompt", "prompt is required")),
         Some(Prompt::Text(s)) => vec![app.encode(&s, "prompt")?],
         Some(Prompt::Tokens(t)) => vec![t],
@@ -547,26 +570,50 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Resp
     for p in &prompts {
         app.check_tokens(p, "prompt")?;
     }
-    let logprobs = field::<i64>(&v, "logprobs")?;
+    let logprobs = field::<i64>(v, "logprobs")?;
     if let Some(k) = logprobs {
         if !(0..=MAX_LOGPROBS as i64).contains(&k) {
             return Err(ApiError::bad("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}")));
         }
+        if echo {
+            return Err(ApiError::bad(
+                "echo",
+                "echo with logprobs would need the prompt's logprobs, which weave does not compute; drop one of them",
+            ));
+        }
     }
-    let mut plan = app.plan(&v, prompts, "prompt")?;
+    let mut plan = app.plan(v, prompts, "prompt")?;
     plan.sampling.logprobs = logprobs.map(|k| k as usize);
+    plan.echo = echo;
+    Ok(plan)
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let plan = completion_plan(&app, &parse_body(&body)?)?;
     respond(app, plan, Kind::Completion).await
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
-    let v = parse_body(&body)?;
-    app.check_model(&v)?;
+/// A chat request's prompt tokens (through the chat template), checked.
+fn chat_prompt(app: &App, v: &Value) -> ApiResult<Vec<u32>> {
     let messages =
-        field::<Vec<Message>>(&v, "messages")?.ok_or_else(|| ApiError::bad("messages", "messages is required"))?;
-    let text = app.render_chat(&messages)?;
-    let prompt = app.encode(&text, "messages")?;
-    let want = field::<bool>(&v, "logprobs")?.unwrap_or(false);
-    let top = field::<i64>(&v, "top_logprobs")?;
+        field::<Vec<Message>>(v, "messages")?.ok_or_else(|| ApiError::bad("messages", "messages is required"))?;
+    if field::<bool>(v, "continue_final_message")?.unwrap_or(false) {
+        return Err(ApiError::bad(
+            "continue_final_message",
+            "continue_final_message is not supported: the chat template always closes the last message",
+        ));
+    }
+    let add_generation_prompt = field::<bool>(v, "add_generation_prompt")?.unwrap_or(true);
+    let text = app.render_chat(&messages, add_generation_prompt)?;
+    app.encode(&text, "messages")
+}
+
+/// A chat request, checked.
+fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
+    app.check_model(v)?;
+    let prompt = chat_prompt(app, v)?;
+    let want = field::<bool>(v, "logprobs")?.unwrap_or(false);
+    let top = field::<i64>(v, "top_logprobs")?;
     if let Some(k) = top {
         if !(0..=MAX_LOGPROBS as i64).contains(&k) {
             return Err(ApiError::bad(
@@ -578,9 +625,55 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
             return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
         }
     }
-    let mut plan = app.plan(&v, vec![prompt], "messages")?;
+    let mut plan = app.plan(v, vec![prompt], "messages")?;
     plan.sampling.logprobs = want.then(|| top.unwrap_or(0) as usize);
+    Ok(plan)
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let plan = chat_plan(&app, &parse_body(&body)?)?;
     respond(app, plan, Kind::Chat).await
+}
+
+/// One prompt as vLLM's render endpoints give it (a `GenerateRequest`): the token ids the
+/// engine would run, and the sampling parameters checked as the real call checks them.
+fn rendered(app: &App, plan: &Plan, prompt: &[u32], id: String) -> Value {
+    let s = &plan.sampling;
+    json!({
+        "request_id": id,
+        "token_ids": prompt,
+        "features": null,
+        "sampling_params": {
+            "n": plan.n,
+            "max_tokens": plan.max_tokens.unwrap_or(app.max_model_len - prompt.len()),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "seed": s.seed,
+            "stop": plan.stop,
+            "stop_token_ids": plan.stop_token_ids,
+            "ignore_eos": plan.ignore_eos,
+            "logprobs": s.logprobs,
+        },
+        "model": app.model_name,
+        "stream": plan.stream,
+    })
+}
+
+/// `POST /v1/completions/render`: each prompt's token ids (a list, one entry per prompt).
+async fn completions_render(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let plan = completion_plan(&app, &parse_body(&body)?)?;
+    let no = app.next_request.fetch_add(1, Ordering::Relaxed);
+    let out: Vec<Value> =
+        plan.prompts.iter().enumerate().map(|(i, p)| rendered(&app, &plan, p, format!("cmpl-{no}-{i}"))).collect();
+    Ok(Json(Value::Array(out)))
+}
+
+/// `POST /v1/chat/completions/render`: the conversation's token ids after the chat template.
+async fn chat_render(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let plan = chat_plan(&app, &parse_body(&body)?)?;
+    let no = app.next_request.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(rendered(&app, &plan, &plan.prompts[0], format!("chatcmpl-{no}"))))
 }
 
 async fn respond(app: Arc<App>, plan: Plan, kind: Kind) -> ApiResult<Response> {
@@ -589,10 +682,19 @@ async fn respond(app: Arc<App>, plan: Plan, kind: Kind) -> ApiResult<Response> {
     let id = format!("{}-{req_no}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
     let created = unix_now();
     let want_logprobs = plan.sampling.logprobs.is_some();
+    // With `echo`, each choice's text starts with its prompt's (choice i is of prompt i / n).
+    let echoes: Vec<String> = if plan.echo {
+        plan.prompts.iter().flat_map(|p| std::iter::repeat_n(app.tokenizer.decode(p), plan.n)).collect()
+    } else {
+        Vec::new()
+    };
     if plan.stream {
-        return Ok(stream_response(app, run, id, created, kind, want_logprobs, plan.include_usage));
+        return Ok(stream_response(app, run, id, created, kind, want_logprobs, plan.include_usage, echoes));
     }
-    let (choices, usage) = collect(run).await?;
+    let (mut choices, usage) = collect(run).await?;
+    for (c, e) in choices.iter_mut().zip(&echoes) {
+        c.text.insert_str(0, e);
+    }
     let tok = &app.tokenizer;
     let choices: Vec<Value> = choices
         .iter()
@@ -722,6 +824,7 @@ impl StreamState {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn stream_response(
     app: Arc<App>,
     run: Running,
@@ -730,6 +833,7 @@ fn stream_response(
     kind: Kind,
     want_logprobs: bool,
     include_usage: bool,
+    echoes: Vec<String>,
 ) -> Response {
     let n = run.rxs.len();
     let events = stream::select_all(
@@ -759,7 +863,12 @@ fn stream_response(
             })
             .collect()
     } else {
-        Vec::new()
+        // Completions with `echo` open with each choice's prompt text.
+        echoes
+            .iter()
+            .enumerate()
+            .map(|(i, e)| st.chunk(vec![json!({"index": i, "text": e, "logprobs": null, "finish_reason": null})]))
+            .collect()
     };
     // Dropping this stream (the client left) drops `st.guard`, which aborts what is left.
     let body = stream::unfold(st, |mut st| async move {
@@ -815,10 +924,7 @@ async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Va
     app.check_model(&v)?;
     let tokens = match (field::<String>(&v, "prompt")?, field::<Vec<Message>>(&v, "messages")?) {
         (Some(p), None) => app.encode(&p, "prompt")?,
-        (None, Some(m)) => {
-            let text = app.render_chat(&m)?;
-            app.encode(&text, "messages")?
-        }
+        (None, Some(_)) => chat_prompt(&app, &v)?,
         (Some(_), Some(_)) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
         (None, None) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
     };
@@ -831,4 +937,60 @@ async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<
     let tokens = field::<Vec<u32>>(&v, "tokens")?.ok_or_else(|| ApiError::bad("tokens", "tokens is required"))?;
     app.check_tokens(&tokens, "tokens")?;
     Ok(Json(json!({"prompt": app.tokenizer.decode(&tokens)})))
+}
+
+/// Sequences in the engine: running, waiting, and handed over but not yet taken in.
+fn in_flight(app: &App) -> usize {
+    let st = &app.engine.stats;
+    st.running.load(Ordering::SeqCst) + st.waiting.load(Ordering::SeqCst) + st.queued.load(Ordering::SeqCst)
+}
+
+/// vLLM's router (power-of-two) reads a worker's load here.
+async fn get_load(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"load": in_flight(&app)}))
+}
+
+/// vLLM's own load endpoint.
+async fn load(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"server_load": in_flight(&app)}))
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION"), "engine": "weave"}))
+}
+
+/// sglang-router's worker info: the model and the engine's limits.
+async fn server_info(State(app): State<Arc<App>>) -> Json<Value> {
+    let s = &app.sched;
+    Json(json!({
+        "model_path": app.model_name,
+        "served_model_name": app.model_name,
+        "tokenizer_path": app.model_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "engine": "weave",
+        "device": app.device,
+        "max_model_len": app.max_model_len,
+        "context_length": app.max_model_len,
+        "max_num_seqs": s.max_num_seqs,
+        "max_running_requests": s.max_num_seqs,
+        "max_num_batched_tokens": s.max_num_batched_tokens,
+        "chunked_prefill_size": if s.enable_chunked_prefill { s.max_num_batched_tokens as i64 } else { -1 },
+        "block_size": s.block_size,
+        "page_size": s.block_size,
+        "num_gpu_blocks": s.num_gpu_blocks,
+        "enable_prefix_caching": s.enable_prefix_caching,
+        "disable_radix_cache": !s.enable_prefix_caching,
+        "dp_size": 1,
+        "tp_size": 1,
+    }))
+}
+
+/// sglang-router's model info.
+async fn model_info(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({
+        "model_path": app.model_name,
+        "tokenizer_path": app.model_name,
+        "is_generation": true,
+        "max_model_len": app.max_model_len,
+    }))
 }

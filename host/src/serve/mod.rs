@@ -5,7 +5,11 @@
 //!   unbounded one of aborts; each sequence's tokens go back on its own channel;
 //! - [`http`]: axum routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 //!   `/health`, `/metrics`, `/tokenize`, `/detokenize`), request checking, SSE streams;
-//! - [`openai`]: the wire types; [`metrics`]: Prometheus metrics under vLLM's names;
+//! - [`openai`]: the wire types; [`metrics`]: Prometheus metrics under vLLM's names (with a
+//!   `weave:` prefix, or vLLM's own with `--metrics-prefix vllm`);
+//! - the worker contract of vLLM's router (`/get_load`, `/v1/completions/render`,
+//!   `/v1/chat/completions/render`, `/tokenize` with `messages`) and sglang-router's small
+//!   info endpoints, so that replicas run behind either (see docs/SCALING.md);
 //! - [`bench`](mod@bench): the serving benchmark client.
 //!
 //! Serving drives the same engine as every other command: the scheduler and the backend do
@@ -45,6 +49,9 @@ pub struct ServeConfig {
     pub device: crate::backends::cuda::ExecDevice,
     pub gpu_memory_utilization: f64,
     pub enforce_eager: bool,
+    /// Metric names are `{metrics_prefix}:...`: `weave` by default, `vllm` for vLLM's exact
+    /// names (what the Kubernetes inference gateway and llm-d scrape).
+    pub metrics_prefix: String,
 }
 
 /// The model's name as served, by default: its file name without `.gguf`.
@@ -101,7 +108,16 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
     let mut engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
     // A server runs for days: its step records go to the log, never into memory.
     engine.keep_steps = step_log.is_open();
-    let metrics = Arc::new(metrics::Metrics::new(&cfg.model_name));
+    let cache = metrics::CacheInfo {
+        block_size: cfg.sched.block_size,
+        num_gpu_blocks: cfg.sched.num_gpu_blocks,
+        cache_dtype: match cfg.device {
+            crate::backends::cuda::ExecDevice::Cpu => lm.model.kv_dtype.name().to_string(),
+            crate::backends::cuda::ExecDevice::Cuda => "auto".to_string(),
+        },
+        enable_prefix_caching: cfg.sched.enable_prefix_caching,
+    };
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.model_name, &cfg.metrics_prefix, &cache)?);
     let tokenizer = Arc::new(lm.tokenizer.clone());
     let handle = core::EngineHandle::spawn(engine, tokenizer.clone(), metrics.clone(), step_log, cfg.max_waiting)?;
     Ok(Arc::new(http::App {
@@ -110,6 +126,11 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
         chat: lm.chat.clone(),
         model_name: cfg.model_name.clone(),
         max_model_len: cfg.sched.max_model_len,
+        sched: cfg.sched.clone(),
+        device: match cfg.device {
+            crate::backends::cuda::ExecDevice::Cpu => "cpu",
+            crate::backends::cuda::ExecDevice::Cuda => "cuda",
+        },
         metrics,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         max_n: cfg.max_n,
