@@ -36,7 +36,8 @@ pub struct BenchServeConfig {
     pub random_output_len: usize,
     /// Lengths are drawn uniformly within ± this fraction.
     pub random_range_ratio: f64,
-    /// JSONL with `prompt` and `max_tokens` (or `output_len`) per line, instead of random.
+    /// JSONL with `prompt` (or, for the chat endpoint, `messages`) and `max_tokens` (or
+    /// `output_len`) per line, instead of random prompts.
     pub dataset: Option<PathBuf>,
     /// SLOs in milliseconds: (`ttft` | `tpot` | `e2el`, limit).
     pub goodput: Vec<(String, f64)>,
@@ -52,6 +53,8 @@ pub struct BenchServeConfig {
 #[derive(Debug, Clone)]
 pub struct BenchPrompt {
     pub prompt: String,
+    /// A whole conversation (chat endpoint only), sent instead of `prompt` as one user turn.
+    pub messages: Option<Value>,
     pub max_tokens: usize,
     /// Seconds after the start.
     pub send_at: f64,
@@ -171,6 +174,7 @@ pub fn prompts(cfg: &BenchServeConfig) -> anyhow::Result<Vec<BenchPrompt>> {
         }
     };
     let rate = if cfg.request_rate > 0.0 { cfg.request_rate } else { f64::INFINITY };
+    let chat = cfg.endpoint.contains("chat");
     if cfg.burstiness.is_nan() || cfg.burstiness <= 0.0 {
         bail!("--burstiness must be positive, got {}", cfg.burstiness);
     }
@@ -191,16 +195,31 @@ pub fn prompts(cfg: &BenchServeConfig) -> anyhow::Result<Vec<BenchPrompt>> {
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let v: Value = serde_json::from_str(line)
                 .with_context(|| format!("{}: line {}: not valid JSON", path.display(), i + 1))?;
-            let prompt = v
-                .get("prompt")
-                .and_then(Value::as_str)
-                .with_context(|| format!("{}: line {}: needs a string field \"prompt\"", path.display(), i + 1))?;
+            let messages = match v.get("messages") {
+                None => None,
+                Some(m @ Value::Array(_)) if chat => Some(m.clone()),
+                Some(Value::Array(_)) => bail!(
+                    "{}: line {}: has \"messages\", which only --endpoint /v1/chat/completions sends",
+                    path.display(),
+                    i + 1
+                ),
+                Some(_) => bail!("{}: line {}: \"messages\" must be a list", path.display(), i + 1),
+            };
+            let prompt = match (v.get("prompt").and_then(Value::as_str), &messages) {
+                (Some(p), _) => p,
+                (None, Some(_)) => "",
+                (None, None) => bail!(
+                    "{}: line {}: needs a string field \"prompt\" (or a list \"messages\" for chat)",
+                    path.display(),
+                    i + 1
+                ),
+            };
             let max_tokens = v
                 .get("max_tokens")
                 .or_else(|| v.get("output_len"))
                 .and_then(Value::as_u64)
                 .map_or(cfg.random_output_len, |x| x as usize);
-            rows.push((prompt.to_string(), max_tokens));
+            rows.push((prompt.to_string(), messages, max_tokens));
         }
         if rows.is_empty() {
             bail!("--dataset {} holds no prompts", path.display());
@@ -208,8 +227,8 @@ pub fn prompts(cfg: &BenchServeConfig) -> anyhow::Result<Vec<BenchPrompt>> {
         // Cycle through the file to make num_prompts requests.
         return Ok((0..cfg.num_prompts)
             .map(|i| {
-                let (p, m) = &rows[i % rows.len()];
-                BenchPrompt { prompt: p.clone(), max_tokens: *m, send_at: send_at(i) }
+                let (p, msgs, m) = &rows[i % rows.len()];
+                BenchPrompt { prompt: p.clone(), messages: msgs.clone(), max_tokens: *m, send_at: send_at(i) }
             })
             .collect());
     }
@@ -221,7 +240,7 @@ pub fn prompts(cfg: &BenchServeConfig) -> anyhow::Result<Vec<BenchPrompt>> {
             // Random words: no two prompts share a prefix beyond chance.
             let words: Vec<&str> =
                 (0..it.prompt_len).map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]).collect();
-            BenchPrompt { prompt: words.join(" "), max_tokens: it.output_len, send_at: send_at(i) }
+            BenchPrompt { prompt: words.join(" "), messages: None, max_tokens: it.output_len, send_at: send_at(i) }
         })
         .collect())
 }
@@ -259,7 +278,9 @@ pub async fn send_one(
         "stream_options": {"include_usage": true},
         "ignore_eos": ignore_eos,
     });
-    if chat {
+    if let (true, Some(m)) = (chat, &p.messages) {
+        body["messages"] = m.clone();
+    } else if chat {
         body["messages"] = json!([{"role": "user", "content": p.prompt}]);
     } else {
         body["prompt"] = json!(p.prompt);
@@ -523,6 +544,28 @@ mod tests {
             timeout: Duration::from_secs(1),
             progress: false,
         }
+    }
+
+    /// A dataset line may carry a whole conversation for the chat endpoint, and only there.
+    #[test]
+    fn dataset_messages_go_to_chat_only() {
+        let dir = std::env::temp_dir().join(format!("weave-bench-ds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ds.jsonl");
+        std::fs::write(
+            &path,
+            "{\"messages\": [{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 7}\n{\"prompt\": \"plain\"}\n",
+        )
+        .unwrap();
+        let chat = BenchServeConfig { endpoint: "/v1/chat/completions".into(), dataset: Some(path.clone()), ..cfg() };
+        let ps = prompts(&chat).unwrap();
+        assert_eq!(ps[0].messages.as_ref().unwrap()[0]["content"], "S");
+        assert_eq!(ps[0].max_tokens, 7);
+        assert!(ps[1].messages.is_none());
+        assert_eq!(ps[1].prompt, "plain");
+        let err = prompts(&BenchServeConfig { dataset: Some(path.clone()), ..cfg() }).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("/v1/chat/completions"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
