@@ -124,6 +124,8 @@ class Fleet:
             "--policy", policy, "--worker-startup-check-interval", "1",
             "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
             "--health-success-threshold", "1", "--log-level", log_level,
+            # The router's own metrics, on a port of this test's (not the default 29000).
+            "--prometheus-host", HOST, "--prometheus-port", str(a.router_port + 1000),
         ]
         path = os.path.join(self.workdir, f"router-{tag}.log")
         self.router_log = path
