@@ -14,6 +14,11 @@
 //!   no thread wrote is an error (CUDA's initcheck), and two threads touching one word between
 //!   two barriers, one of them writing, is a race (racecheck), unless they are lanes of one warp
 //!   and a warp collective came between them; every access is bounds-checked;
+//! - tensor-core and copy operations as the PTX ISA defines them: [`mma_m16n8k16`] (f16/bf16
+//!   in, f32 accumulators) and [`ldmatrix`] (x1/x2/x4, `.trans`) as warp collectives over the
+//!   documented fragment layouts, so a kernel that puts a value in the wrong register gets
+//!   wrong numbers; [`cp_async`] whose data lands in shared memory only at its
+//!   [`cp_async_wait`]; 16-byte read-only loads ([`ld_v4`]);
 //! - global memory through [`ld`]/[`st`]: every access must fall inside one of the buffers
 //!   the launch registered, aligned for its type (memcheck).
 //!
@@ -25,8 +30,8 @@
 //! kernels reach it through kernels-gpu's `gpu` facade on the host only (not ported yet), and
 //! on nvptx they use the hardware's intrinsics.
 //!
-//! Not here yet: `mma.sync`, `ldmatrix` and `cp.async` (each a warp collective over this same
-//! machinery, with the PTX ISA's fragment layouts), and the kernels' port to the facade.
+//! Not here yet: the kernels' port to the facade (issue 19's next step), and a conformance
+//! kernel that checks this model of the hardware on a real GPU.
 
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
@@ -205,6 +210,13 @@ enum Park {
     Warp(WarpReq),
 }
 
+/// A 16-bit floating-point type of `mma.sync`'s inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmaType {
+    F16,
+    Bf16,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WarpKind {
     ShflBfly,
@@ -212,18 +224,30 @@ enum WarpKind {
     ShflUp,
     ShflDown,
     Sync,
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32`.
+    Mma(MmaType),
+    /// `ldmatrix.sync.aligned.m8n8.x{n}{.trans}.shared.b16`.
+    LdMatrix {
+        num: u32,
+        trans: bool,
+    },
 }
 
+/// A warp collective a lane waits at. Its operands are in the block's per-lane registers
+/// (`BlockEmu::io`), where the result goes too.
 #[derive(Debug, Clone, Copy)]
 struct WarpReq {
     kind: WarpKind,
     mask: u32,
-    value: u32,
     arg: u32,
     site: &'static Location<'static>,
 }
 
-/// One shared word's access record, for the race check.
+/// The race check's unit of shared memory: two bytes, the smallest access weave's kernels
+/// make (so two threads writing the two halves of one word do not conflict, as on the GPU).
+const UNIT: usize = 2;
+
+/// One shared unit's access record, for the race check.
 #[derive(Debug, Clone, Copy)]
 struct Shadow {
     written: bool,
@@ -255,11 +279,22 @@ impl Shadow {
     };
 }
 
+/// An asynchronous copy issued and not yet landed.
+#[derive(Debug, Clone)]
+struct AsyncCopy {
+    /// Commit group; `u32::MAX` while uncommitted.
+    group: u32,
+    dst: usize,
+    data: [u8; 16],
+    len: usize,
+    site: &'static Location<'static>,
+}
+
 /// The block being run on this OS thread.
 struct BlockEmu {
     launch: *const Launch,
     block: Dim3,
-    smem: Vec<u32>,
+    smem: Vec<u8>,
     shadow: Vec<Shadow>,
     /// Barriers released so far in this block.
     epoch: u32,
@@ -267,6 +302,11 @@ struct BlockEmu {
     warp_epoch: Vec<u32>,
     /// Each thread's yielder, set when its coroutine starts.
     yielders: Vec<*const Yielder<u32, Park>>,
+    /// Each thread's operand and result registers for warp collectives.
+    io: Vec<[u32; 16]>,
+    /// Each thread's `cp.async` copies in flight, and its next commit group.
+    copies: Vec<Vec<AsyncCopy>>,
+    next_group: Vec<u32>,
 }
 
 thread_local! {
@@ -300,11 +340,11 @@ fn fail(kind: ErrorKind, detail: String) -> ! {
     panic::panic_any(err)
 }
 
-fn park(p: Park) -> u32 {
+fn park(p: Park) {
     let y = with_emu(|e| e.yielders[CUR.get() as usize]);
     // SAFETY: the yielder belongs to the running coroutine (set when it started, on this OS
     // thread) and lives as long as it does; no `EMU` borrow is held across the switch.
-    unsafe { (*y).suspend(p) }
+    unsafe { (*y).suspend(p) };
 }
 
 /// This thread's index in its block.
@@ -332,8 +372,9 @@ pub fn sync_threads() {
     park(Park::Barrier(Location::caller()));
 }
 
+/// Parks this lane at a warp collective with `operands` in its registers; its results.
 #[track_caller]
-fn warp_op(kind: WarpKind, mask: u32, value: u32, arg: u32) -> u32 {
+fn warp_op(kind: WarpKind, mask: u32, arg: u32, operands: &[u32]) -> [u32; 16] {
     let lane = lane_id();
     if mask & (1 << lane) == 0 {
         fail(
@@ -344,28 +385,31 @@ fn warp_op(kind: WarpKind, mask: u32, value: u32, arg: u32) -> u32 {
             ),
         );
     }
-    park(Park::Warp(WarpReq { kind, mask, value, arg, site: Location::caller() }))
+    let t = CUR.get() as usize;
+    with_emu(|e| e.io[t][..operands.len()].copy_from_slice(operands));
+    park(Park::Warp(WarpReq { kind, mask, arg, site: Location::caller() }));
+    with_emu(|e| e.io[t])
 }
 
 /// `shfl.sync.bfly.b32`: the value of lane `lane ^ lane_mask`.
 #[track_caller]
 pub fn shfl_xor(mask: u32, value: u32, lane_mask: u32) -> u32 {
-    warp_op(WarpKind::ShflBfly, mask, value, lane_mask)
+    warp_op(WarpKind::ShflBfly, mask, lane_mask, &[value])[0]
 }
 /// `shfl.sync.idx.b32`: the value of lane `src & 31`.
 #[track_caller]
 pub fn shfl_idx(mask: u32, value: u32, src: u32) -> u32 {
-    warp_op(WarpKind::ShflIdx, mask, value, src)
+    warp_op(WarpKind::ShflIdx, mask, src, &[value])[0]
 }
 /// `shfl.sync.up.b32`: the value of lane `lane - delta`, or the lane's own below 0.
 #[track_caller]
 pub fn shfl_up(mask: u32, value: u32, delta: u32) -> u32 {
-    warp_op(WarpKind::ShflUp, mask, value, delta)
+    warp_op(WarpKind::ShflUp, mask, delta, &[value])[0]
 }
 /// `shfl.sync.down.b32`: the value of lane `lane + delta`, or the lane's own past 31.
 #[track_caller]
 pub fn shfl_down(mask: u32, value: u32, delta: u32) -> u32 {
-    warp_op(WarpKind::ShflDown, mask, value, delta)
+    warp_op(WarpKind::ShflDown, mask, delta, &[value])[0]
 }
 #[track_caller]
 pub fn shfl_xor_f32(mask: u32, value: f32, lane_mask: u32) -> f32 {
@@ -378,124 +422,217 @@ pub fn shfl_idx_f32(mask: u32, value: f32, src: u32) -> f32 {
 /// `__syncwarp(mask)`.
 #[track_caller]
 pub fn sync_warp(mask: u32) {
-    warp_op(WarpKind::Sync, mask, 0, 0);
+    warp_op(WarpKind::Sync, mask, 0, &[]);
 }
 
-/// Reads shared word `word` (dynamic shared memory, 32-bit words).
+/// `mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 d, a, b, c`: the whole warp computes
+/// D (16x8, f32) = A (16x16) * B (16x8) + C. Each lane passes and gets its fragments in the
+/// layouts of the PTX ISA, section "Matrix Fragments for mma.m16n8k16 with floating point
+/// type" (9.7.14.5.8 in ISA 8.x): with `g = lane / 4` and `t = lane % 4`,
+/// - `a[r]` holds A's row `g + 8 (r & 1)`, columns `2t + 8 (r >> 1)` and `+1` (low half first);
+/// - `b[r]` holds B's column `g`, rows `2t + 8r` and `+1`;
+/// - `c[i]` and the result's `[i]` are row `g + 8 (i >> 1)`, column `2t + (i & 1)`.
 #[track_caller]
-pub fn smem_ld(word: usize) -> u32 {
-    let site = Location::caller();
-    let t = CUR.get();
+pub fn mma_m16n8k16(ty: MmaType, a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let ops = [a[0], a[1], a[2], a[3], b[0], b[1], c[0].to_bits(), c[1].to_bits(), c[2].to_bits(), c[3].to_bits()];
+    let r = warp_op(WarpKind::Mma(ty), u32::MAX, 0, &ops);
+    [f32::from_bits(r[0]), f32::from_bits(r[1]), f32::from_bits(r[2]), f32::from_bits(r[3])]
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x{num}{.trans}.shared.b16`: `num` (1, 2 or 4) 8x8 matrices of
+/// 16-bit values from shared memory, lane `8i + r` giving the byte offset of matrix `i`'s row
+/// `r` (16 bytes, 16-byte aligned). Lane `l` gets in its register `i` matrix `i`'s row `l / 4`,
+/// columns `2 (l % 4)` and `+1` (PTX ISA, "Warp-level matrix load instruction: ldmatrix");
+/// with `trans`, column `l / 4`, rows `2 (l % 4)` and `+1`. Registers past `num` are 0.
+#[track_caller]
+pub fn ldmatrix(num: u32, trans: bool, row_offset: usize) -> [u32; 4] {
+    assert!(matches!(num, 1 | 2 | 4), "ldmatrix takes 1, 2 or 4 matrices, not {num}");
+    let r = warp_op(WarpKind::LdMatrix { num, trans }, u32::MAX, 0, &[row_offset as u32]);
+    [r[0], r[1], r[2], r[3]]
+}
+
+/// Checks (and records, for the race check) thread `t`'s access of `size` shared bytes at
+/// byte `off`.
+fn smem_check(
+    e: &mut BlockEmu,
+    t: u32,
+    off: usize,
+    size: usize,
+    write: bool,
+    site: &'static Location<'static>,
+) -> Result<(), (ErrorKind, String)> {
+    let l = launch_of(e);
+    let what = if write { "write" } else { "read" };
+    if off + size > e.smem.len() {
+        return Err((
+            ErrorKind::OutOfBounds,
+            format!(
+                "shared {what} of bytes [{off}, {}) at {site}, past the launch's {} bytes",
+                off + size,
+                l.smem_bytes
+            ),
+        ));
+    }
+    if size % UNIT != 0 || off % size.min(16) != 0 {
+        return Err((
+            ErrorKind::Misaligned,
+            format!("shared {what} of {size} bytes at byte {off} ({site}) is not aligned to its size"),
+        ));
+    }
+    let (checks, epoch, wepoch) = (l.checks, e.epoch, e.warp_epoch[(t / WARP) as usize]);
+    let who = |tid: u32| format!("thread {}", l.block.at(tid as usize));
+    let at = |x: Option<&'static Location<'static>>| x.map_or("?".to_string(), |x| x.to_string());
+    for u in off / UNIT..(off + size) / UNIT {
+        let s = &mut e.shadow[u];
+        let bytes = format!("bytes [{}, {})", u * UNIT, u * UNIT + UNIT);
+        if !write && checks.uninit_reads && !s.written {
+            return Err((ErrorKind::UninitRead, format!("shared {bytes} read at {site} before any thread wrote them")));
+        }
+        if checks.races {
+            let wrote_other = s.w_epoch == epoch && s.w_tid != t && !synced(s.w_tid, s.w_wepoch, t, wepoch);
+            if wrote_other {
+                let kind = if write { "write-after-write" } else { "read-after-write" };
+                return Err((
+                    ErrorKind::SharedRace,
+                    format!(
+                        "{kind} race on shared {bytes}: {} wrote them at {} and {} {what}s them at {site} with no barrier between",
+                        who(s.w_tid),
+                        at(s.w_site),
+                        who(t)
+                    ),
+                ));
+            }
+            let read_other = s.r_epoch == epoch && s.r_tid != t;
+            if write && read_other && (s.r_tid == u32::MAX || !synced(s.r_tid, s.r_wepoch, t, wepoch)) {
+                let readers = if s.r_tid == u32::MAX { "several threads".to_string() } else { who(s.r_tid) };
+                return Err((
+                    ErrorKind::SharedRace,
+                    format!(
+                        "write-after-read race on shared {bytes}: {readers} read them (last at {}) and {} writes them at {site} with no barrier between",
+                        at(s.r_site),
+                        who(t)
+                    ),
+                ));
+            }
+        }
+        if write {
+            *s = Shadow { written: true, w_tid: t, w_epoch: epoch, w_wepoch: wepoch, w_site: Some(site), ..*s };
+        } else {
+            if s.r_epoch != epoch {
+                (s.r_tid, s.r_epoch) = (t, epoch);
+            } else if s.r_tid != t {
+                s.r_tid = u32::MAX;
+            }
+            (s.r_wepoch, s.r_site) = (wepoch, Some(site));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `T` (2, 4, 8 or 16 bytes, aligned to its size) at byte `off` of the dynamic
+/// shared memory.
+#[track_caller]
+pub fn smem_read<T: Copy>(off: usize) -> T {
+    let (site, t, size) = (Location::caller(), CUR.get(), std::mem::size_of::<T>());
     let r = with_emu(|e| {
-        let l = launch_of(e);
-        if word >= e.smem.len() {
-            return Err((
-                ErrorKind::OutOfBounds,
-                format!(
-                    "shared read of word {word} (byte {}) at {site}, past the launch's {} bytes",
-                    word * 4,
-                    l.smem_bytes
-                ),
-            ));
-        }
-        let (checks, epoch, wepoch) = (l.checks, e.epoch, e.warp_epoch[(t / WARP) as usize]);
-        let s = &mut e.shadow[word];
-        if checks.uninit_reads && !s.written {
-            return Err((
-                ErrorKind::UninitRead,
-                format!("shared word {word} (byte {}) read at {site} before any thread wrote it", word * 4),
-            ));
-        }
-        if checks.races && s.w_epoch == epoch && s.w_tid != t && !synced(s.w_tid, s.w_wepoch, t, wepoch) {
-            return Err((
-                ErrorKind::SharedRace,
-                format!(
-                    "read-after-write race on shared word {word} (byte {}): thread {} wrote it at {} and thread {} reads it at {site} with no barrier between",
-                    word * 4,
-                    l.block.at(s.w_tid as usize),
-                    s.w_site.map_or("?".into(), |x| x.to_string()),
-                    l.block.at(t as usize)
-                ),
-            ));
-        }
-        if s.r_epoch != epoch {
-            (s.r_tid, s.r_epoch) = (t, epoch);
-        } else if s.r_tid != t {
-            s.r_tid = u32::MAX;
-        }
-        (s.r_wepoch, s.r_site) = (wepoch, Some(site));
-        Ok(e.smem[word])
+        smem_check(e, t, off, size, false, site)?;
+        // SAFETY: `off + size` is inside `smem` (checked); any bit pattern is a valid `T`
+        // for the plain numeric types kernels keep in shared memory.
+        Ok(unsafe { (e.smem.as_ptr().add(off) as *const T).read_unaligned() })
     });
     r.unwrap_or_else(|(k, d)| fail(k, d))
 }
 
-/// Writes shared word `word`.
+/// Writes a `T` at byte `off` of the dynamic shared memory.
 #[track_caller]
-pub fn smem_st(word: usize, value: u32) {
-    let site = Location::caller();
-    let t = CUR.get();
+pub fn smem_write<T: Copy>(off: usize, value: T) {
+    let (site, t, size) = (Location::caller(), CUR.get(), std::mem::size_of::<T>());
     let r = with_emu(|e| {
-        let l = launch_of(e);
-        if word >= e.smem.len() {
-            return Err((
-                ErrorKind::OutOfBounds,
-                format!(
-                    "shared write of word {word} (byte {}) at {site}, past the launch's {} bytes",
-                    word * 4,
-                    l.smem_bytes
-                ),
-            ));
-        }
-        let (checks, epoch, wepoch) = (l.checks, e.epoch, e.warp_epoch[(t / WARP) as usize]);
-        let s = &mut e.shadow[word];
-        if checks.races {
-            if s.w_epoch == epoch && s.w_tid != t && !synced(s.w_tid, s.w_wepoch, t, wepoch) {
-                return Err((
-                    ErrorKind::SharedRace,
-                    format!(
-                        "write-after-write race on shared word {word} (byte {}): thread {} wrote it at {} and thread {} writes it at {site} with no barrier between",
-                        word * 4,
-                        l.block.at(s.w_tid as usize),
-                        s.w_site.map_or("?".into(), |x| x.to_string()),
-                        l.block.at(t as usize)
-                    ),
-                ));
-            }
-            let other_reader = s.r_epoch == epoch && s.r_tid != t;
-            if other_reader && (s.r_tid == u32::MAX || !synced(s.r_tid, s.r_wepoch, t, wepoch)) {
-                let who = if s.r_tid == u32::MAX {
-                    "several threads".to_string()
-                } else {
-                    format!("thread {}", l.block.at(s.r_tid as usize))
-                };
-                return Err((
-                    ErrorKind::SharedRace,
-                    format!(
-                        "write-after-read race on shared word {word} (byte {}): {who} read it (last at {}) and thread {} writes it at {site} with no barrier between",
-                        word * 4,
-                        s.r_site.map_or("?".into(), |x| x.to_string()),
-                        l.block.at(t as usize)
-                    ),
-                ));
-            }
-        }
-        *s = Shadow { written: true, w_tid: t, w_epoch: epoch, w_wepoch: wepoch, w_site: Some(site), ..*s };
-        e.smem[word] = value;
+        smem_check(e, t, off, size, true, site)?;
+        // SAFETY: inside `smem` (checked).
+        unsafe { (e.smem.as_mut_ptr().add(off) as *mut T).write_unaligned(value) };
         Ok(())
     });
     r.unwrap_or_else(|(k, d)| fail(k, d))
 }
 
+/// Reads shared word `word` (32 bits at byte `4 word`).
+#[track_caller]
+pub fn smem_ld(word: usize) -> u32 {
+    smem_read::<u32>(word * 4)
+}
+/// Writes shared word `word`.
+#[track_caller]
+pub fn smem_st(word: usize, value: u32) {
+    smem_write::<u32>(word * 4, value)
+}
 #[track_caller]
 pub fn smem_ld_f32(word: usize) -> f32 {
-    f32::from_bits(smem_ld(word))
+    smem_read::<f32>(word * 4)
 }
 #[track_caller]
 pub fn smem_st_f32(word: usize, value: f32) {
-    smem_st(word, value.to_bits())
+    smem_write::<f32>(word * 4, value)
 }
 
-/// Whether two accesses of one word by lanes of one warp are ordered by a warp collective.
+/// `cp.async.ca.shared.global` of `len` (4, 8 or 16) bytes from global `src` to shared byte
+/// `dst`. The source is read (and bounds-checked) now; the shared bytes change only when a
+/// [`cp_async_wait`] lands the copy's group, so a kernel that reads them before waiting
+/// reads what was there (or poison).
+///
+/// # Safety
+/// As [`ld`].
+#[track_caller]
+pub unsafe fn cp_async(dst: usize, src: *const u8, len: usize) {
+    assert!(matches!(len, 4 | 8 | 16), "cp.async copies 4, 8 or 16 bytes, not {len}");
+    check_global(src as usize, len, len, "cp.async read");
+    let mut data = [0u8; 16];
+    // SAFETY: inside a registered buffer (checked).
+    unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), len) };
+    let (t, site) = (CUR.get() as usize, Location::caller());
+    with_emu(|e| e.copies[t].push(AsyncCopy { group: u32::MAX, dst, data, len, site }));
+}
+
+/// `cp.async.commit_group`: the copies issued since the last commit form a group.
+pub fn cp_async_commit() {
+    let t = CUR.get() as usize;
+    with_emu(|e| {
+        let g = e.next_group[t];
+        e.next_group[t] += 1;
+        for c in e.copies[t].iter_mut().filter(|c| c.group == u32::MAX) {
+            c.group = g;
+        }
+    });
+}
+
+/// `cp.async.wait_group n`: lands every committed group but the newest `n`, as this thread's
+/// writes now.
+#[track_caller]
+pub fn cp_async_wait(n: u32) {
+    let t = CUR.get();
+    let r = with_emu(|e| {
+        let newest = e.next_group[t as usize];
+        let land_below = newest.saturating_sub(n);
+        let copies = std::mem::take(&mut e.copies[t as usize]);
+        let (land, keep): (Vec<_>, Vec<_>) = copies.into_iter().partition(|c| c.group < land_below);
+        e.copies[t as usize] = keep;
+        for c in land {
+            smem_check(e, t, c.dst, c.len, true, c.site)?;
+            e.smem[c.dst..c.dst + c.len].copy_from_slice(&c.data[..c.len]);
+        }
+        Ok(())
+    });
+    r.unwrap_or_else(|(k, d)| fail(k, d))
+}
+
+/// `cp.async.wait_all`: commits and lands everything.
+#[track_caller]
+pub fn cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait(0);
+}
+
+/// Whether two accesses by lanes of one warp are ordered by a warp collective between them.
 fn synced(a_tid: u32, a_wepoch: u32, b_tid: u32, b_wepoch: u32) -> bool {
     a_tid / WARP == b_tid / WARP && b_wepoch > a_wepoch
 }
@@ -552,6 +689,17 @@ pub unsafe fn st<T: Copy>(p: *mut T, v: T) {
     check_global(p as usize, std::mem::size_of::<T>(), std::mem::align_of::<T>(), "write");
     // SAFETY: inside a registered buffer and aligned (checked above).
     unsafe { p.write(v) }
+}
+
+/// `ld.global.nc.v4.u32`: 16 bytes, 16-byte aligned, through the read-only path.
+///
+/// # Safety
+/// As [`ld`].
+#[track_caller]
+pub unsafe fn ld_v4(p: *const u32) -> [u32; 4] {
+    check_global(p as usize, 16, 16, "16-byte read");
+    // SAFETY: inside a registered buffer and aligned (checked above).
+    unsafe { (p as *const [u32; 4]).read() }
 }
 
 // ------------------------------------------------------------------ the scheduler
@@ -635,16 +783,19 @@ fn run_block<F: Fn() + Sync>(
 ) -> Result<(), EmuError> {
     let n = l.block.count();
     let nwarps = n.div_ceil(WARP as usize);
-    let words = l.smem_bytes.div_ceil(4);
+    let bytes = l.smem_bytes.div_ceil(4) * 4;
     EMU.with(|e| {
         *e.borrow_mut() = Some(BlockEmu {
             launch: l as *const Launch,
             block,
-            smem: vec![POISON; words],
-            shadow: vec![Shadow::FRESH; words],
+            smem: POISON.to_le_bytes().iter().copied().cycle().take(bytes).collect(),
+            shadow: vec![Shadow::FRESH; bytes / UNIT],
             epoch: 0,
             warp_epoch: vec![0; nwarps],
             yielders: vec![std::ptr::null(); n],
+            io: vec![[0; 16]; n],
+            copies: vec![Vec::new(); n],
+            next_group: vec![0; n],
         })
     });
     let _guard = EmuGuard;
@@ -679,7 +830,6 @@ fn run_block<F: Fn() + Sync>(
         (0..n).collect()
     };
     let mut state = vec![State::Runnable; n];
-    let mut input = vec![0u32; n];
     loop {
         let mut progressed = false;
         for &t in &order {
@@ -688,7 +838,7 @@ fn run_block<F: Fn() + Sync>(
             }
             CUR.set(t as u32);
             let co = cos[t].as_mut().expect("a runnable thread has its coroutine");
-            let r = panic::catch_unwind(AssertUnwindSafe(|| co.resume(input[t])));
+            let r = panic::catch_unwind(AssertUnwindSafe(|| co.resume(0)));
             st.switches += 1;
             progressed = true;
             match r {
@@ -750,15 +900,15 @@ fn run_block<F: Fn() + Sync>(
                 if waiting {
                     continue;
                 }
-                resolve(&members, w, req, &state, &mut input).map_err(|d| err(ErrorKind::WarpMask, Some(t), d))?;
+                with_emu(|e| {
+                    resolve(e, &members, w, req, &state)?;
+                    e.warp_epoch[w] += 1;
+                    Ok(())
+                })
+                .map_err(|(k, d)| err(k, Some(t), d))?;
                 for &m in &members {
                     state[m] = State::Runnable;
                 }
-                EMU.with(|e| {
-                    if let Some(e) = e.borrow_mut().as_mut() {
-                        e.warp_epoch[w] += 1;
-                    }
-                });
                 st.warp_ops += 1;
                 progressed = true;
             }
@@ -805,40 +955,129 @@ fn run_block<F: Fn() + Sync>(
     }
 }
 
-/// Computes a warp collective's result for each member lane (PTX ISA, `shfl.sync`: the source
-/// lane must be in the member mask).
-fn resolve(members: &[usize], w: usize, req: WarpReq, state: &[State], input: &mut [u32]) -> Result<(), String> {
-    let value_of = |lane: u32| -> Option<u32> {
-        match state.get(w * 32 + lane as usize) {
-            Some(State::Parked(Park::Warp(o))) if req.mask & (1 << lane) != 0 => Some(o.value),
-            _ => None,
-        }
-    };
-    for &m in members {
-        let lane = (m % 32) as u32;
-        let State::Parked(Park::Warp(mine)) = state[m] else { unreachable!("members are parked at the operation") };
-        let src = match req.kind {
-            WarpKind::Sync => {
-                input[m] = 0;
-                continue;
+/// Computes a warp collective's results into its members' registers.
+// The fragment loops index by lane, register and row as the PTX ISA's layout formulas do.
+#[allow(clippy::needless_range_loop)]
+fn resolve(
+    e: &mut BlockEmu,
+    members: &[usize],
+    w: usize,
+    req: WarpReq,
+    state: &[State],
+) -> Result<(), (ErrorKind, String)> {
+    let base = w * 32;
+    let bad = |d: String| (ErrorKind::WarpMask, d);
+    match req.kind {
+        WarpKind::Sync => {}
+        WarpKind::ShflBfly | WarpKind::ShflIdx | WarpKind::ShflUp | WarpKind::ShflDown => {
+            // PTX ISA, shfl.sync: the source lane must be in the member mask.
+            let vals: Vec<u32> = members.iter().map(|&m| e.io[m][0]).collect();
+            let value_of = |lane: u32| members.iter().position(|&m| m == base + lane as usize).map(|i| vals[i]);
+            for &m in members {
+                let lane = (m % 32) as u32;
+                let State::Parked(Park::Warp(mine)) = state[m] else { unreachable!("members are parked") };
+                let src = match req.kind {
+                    WarpKind::ShflBfly => lane ^ (mine.arg & 31),
+                    WarpKind::ShflIdx => mine.arg & 31,
+                    WarpKind::ShflUp => lane.checked_sub(mine.arg).unwrap_or(lane),
+                    _ => {
+                        if lane + mine.arg > 31 {
+                            lane
+                        } else {
+                            lane + mine.arg
+                        }
+                    }
+                };
+                e.io[m][0] = value_of(src).ok_or_else(|| {
+                    bad(format!(
+                        "lane {lane} reads lane {src} in the shuffle at {}, which is not in the member mask {:#010x}",
+                        req.site, req.mask
+                    ))
+                })?;
             }
-            WarpKind::ShflBfly => lane ^ (mine.arg & 31),
-            WarpKind::ShflIdx => mine.arg & 31,
-            WarpKind::ShflUp => lane.checked_sub(mine.arg).unwrap_or(lane),
-            WarpKind::ShflDown => {
-                if lane + mine.arg > 31 {
-                    lane
-                } else {
-                    lane + mine.arg
+        }
+        WarpKind::Mma(ty) => {
+            if members.len() != 32 {
+                return Err(bad(format!("mma.sync.aligned at {} needs all 32 lanes of the warp", req.site)));
+            }
+            let half = |x: u32| match ty {
+                MmaType::F16 => half::f16::from_bits(x as u16).to_f32(),
+                MmaType::Bf16 => half::bf16::from_bits(x as u16).to_f32(),
+            };
+            let (mut a, mut b, mut c) = ([[0f32; 16]; 16], [[0f32; 8]; 16], [[0f32; 8]; 16]);
+            for lane in 0..32 {
+                let (g, t, io) = (lane / 4, lane % 4, e.io[base + lane]);
+                for r in 0..4 {
+                    let (row, col) = (g + 8 * (r & 1), 2 * t + 8 * (r >> 1));
+                    a[row][col] = half(io[r]);
+                    a[row][col + 1] = half(io[r] >> 16);
+                }
+                for r in 0..2 {
+                    let k = 2 * t + 8 * r;
+                    b[k][g] = half(io[4 + r]);
+                    b[k + 1][g] = half(io[4 + r] >> 16);
+                }
+                for i in 0..4 {
+                    c[g + 8 * (i >> 1)][2 * t + (i & 1)] = f32::from_bits(io[6 + i]);
                 }
             }
-        };
-        input[m] = value_of(src).ok_or_else(|| {
-            format!(
-                "lane {lane} reads lane {src} in the shuffle at {}, which is not in the member mask {:#010x}",
-                req.site, req.mask
-            )
-        })?;
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                for i in 0..4 {
+                    let (row, col) = (g + 8 * (i >> 1), 2 * t + (i & 1));
+                    // 16-bit products are exact in f32; the hardware's order of the sum is
+                    // not specified, so k order here.
+                    let mut acc = c[row][col];
+                    for (k, bk) in b.iter().enumerate() {
+                        acc += a[row][k] * bk[col];
+                    }
+                    e.io[base + lane][i] = acc.to_bits();
+                }
+            }
+        }
+        WarpKind::LdMatrix { num, trans } => {
+            let need = 8 * num as usize;
+            if (0..need).any(|l| !members.contains(&(base + l))) {
+                return Err(bad(format!(
+                    "ldmatrix.x{num} at {} needs lanes 0..{need} to give row addresses",
+                    req.site
+                )));
+            }
+            let mut m = [[[0u16; 8]; 8]; 4];
+            for i in 0..num as usize {
+                for r in 0..8 {
+                    let lane = base + 8 * i + r;
+                    let off = e.io[lane][0] as usize;
+                    if off % 16 != 0 {
+                        return Err((
+                            ErrorKind::Misaligned,
+                            format!(
+                                "ldmatrix at {}: lane {} gives row address {off}, not 16-byte aligned",
+                                req.site,
+                                8 * i + r
+                            ),
+                        ));
+                    }
+                    smem_check(e, lane as u32, off, 16, false, req.site)?;
+                    for (cidx, v) in m[i][r].iter_mut().enumerate() {
+                        *v = u16::from_le_bytes([e.smem[off + 2 * cidx], e.smem[off + 2 * cidx + 1]]);
+                    }
+                }
+            }
+            for &mm in members {
+                let l = mm % 32;
+                let (q, p) = (l / 4, 2 * (l % 4));
+                for i in 0..4 {
+                    e.io[mm][i] = if i >= num as usize {
+                        0
+                    } else if trans {
+                        m[i][p][q] as u32 | (m[i][p + 1][q] as u32) << 16
+                    } else {
+                        m[i][q][p] as u32 | (m[i][q][p + 1] as u32) << 16
+                    };
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -262,7 +262,7 @@ fn shared_memory_starts_poisoned() {
     })
     .unwrap_err();
     assert_eq!((e.kind, e.thread), (ErrorKind::UninitRead, Some(Dim3::x(9).into_first())), "{e}");
-    assert!(e.detail.contains("word 3 (byte 12)"), "{e}");
+    assert!(e.detail.contains("bytes [12, 14)"), "{e}");
     // With the check off, the read gives the poison: a NaN that spoils any sum it enters.
     let l = l.checks(Checks { uninit_reads: false, ..Checks::default() });
     launch(&l, || {
@@ -375,6 +375,188 @@ fn throughput_of_barriers_and_shuffles() {
         lane_barriers / secs,
         st.switches as f64 / secs
     );
+}
+
+/// 16-bit values as the bits of `ty`.
+fn bits(ty: MmaType, x: f32) -> u16 {
+    match ty {
+        MmaType::F16 => half::f16::from_f32(x).to_bits(),
+        MmaType::Bf16 => half::bf16::from_f32(x).to_bits(),
+    }
+}
+fn val(ty: MmaType, b: u16) -> f32 {
+    match ty {
+        MmaType::F16 => half::f16::from_bits(b).to_f32(),
+        MmaType::Bf16 => half::bf16::from_bits(b).to_f32(),
+    }
+}
+
+/// Small pseudo-random values, exact in both 16-bit types.
+fn sample(i: usize) -> f32 {
+    ((i * 37 + 11) % 29) as f32 / 8.0 - 1.75
+}
+
+/// D = A B + C through one emulated `mma.sync`, the fragments built by the test from the PTX
+/// ISA's layout (written here independently of the emulator), optionally with two A
+/// registers swapped as a kernel bug would.
+fn mma_through_emulator(ty: MmaType, swap_a12: bool) -> (Vec<f32>, Vec<f32>) {
+    let a: Vec<u16> = (0..256).map(|i| bits(ty, sample(i))).collect(); // 16x16 row-major
+    let b: Vec<u16> = (0..128).map(|i| bits(ty, sample(i + 300))).collect(); // 16x8, b[k * 8 + n]
+    let c: Vec<f32> = (0..128).map(|i| sample(i + 700)).collect(); // 16x8 row-major
+    let mut d = vec![0f32; 128];
+    let (pa, pb, pc, pd) =
+        (P(a.as_ptr() as *mut u16), P(b.as_ptr() as *mut u16), P(c.as_ptr() as *mut f32), P(d.as_mut_ptr()));
+    let l = Launch::new("mma", Dim3::x(1), Dim3::x(32)).buffer("a", &a).buffer("b", &b).buffer("c", &c).buffer("d", &d);
+    launch(&l, || {
+        let (g, t) = ((lane_id() / 4) as usize, (lane_id() % 4) as usize);
+        let at = |r: usize, col: usize| unsafe { ld(pa.get().add(r * 16 + col)) as u32 };
+        let bt = |k: usize, n: usize| unsafe { ld(pb.get().add(k * 8 + n)) as u32 };
+        // A: a0a1 row g cols 2t,2t+1; a2a3 row g+8; a4a5 row g cols +8; a6a7 row g+8 cols +8.
+        let mut fa = [0u32; 4];
+        for (r, f) in fa.iter_mut().enumerate() {
+            let (row, col) = (g + if r % 2 == 1 { 8 } else { 0 }, 2 * t + if r >= 2 { 8 } else { 0 });
+            *f = at(row, col) | at(row, col + 1) << 16;
+        }
+        if swap_a12 {
+            fa.swap(1, 2);
+        }
+        // B: b0b1 rows 2t,2t+1 of column g; b2b3 rows 2t+8,2t+9.
+        let fb = [bt(2 * t, g) | bt(2 * t + 1, g) << 16, bt(2 * t + 8, g) | bt(2 * t + 9, g) << 16];
+        // C/D: c0c1 row g cols 2t,2t+1; c2c3 row g+8.
+        let idx = |i: usize| (g + 8 * (i / 2)) * 8 + 2 * t + i % 2;
+        let fc = [0, 1, 2, 3].map(|i| unsafe { ld(pc.get().add(idx(i))) });
+        let fd = mma_m16n8k16(ty, fa, fb, fc);
+        for (i, v) in fd.iter().enumerate() {
+            unsafe { st(pd.get().add(idx(i)), *v) };
+        }
+    })
+    .unwrap();
+    let mut want = vec![0f32; 128];
+    for r in 0..16 {
+        for n in 0..8 {
+            let s: f64 = (0..16).map(|k| val(ty, a[r * 16 + k]) as f64 * val(ty, b[k * 8 + n]) as f64).sum();
+            want[r * 8 + n] = (s + c[r * 8 + n] as f64) as f32;
+        }
+    }
+    (d, want)
+}
+
+#[test]
+fn mma_follows_the_ptx_fragment_layouts() {
+    for ty in [MmaType::F16, MmaType::Bf16] {
+        let (d, want) = mma_through_emulator(ty, false);
+        for (i, (x, y)) in d.iter().zip(&want).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{ty:?} [{i}]: {x} vs {y}");
+        }
+        // A kernel that swaps two fragment registers gets wrong numbers, not a lucky pass.
+        let (d, want) = mma_through_emulator(ty, true);
+        let wrong = d.iter().zip(&want).filter(|(x, y)| (*x - *y).abs() > 1e-3).count();
+        assert!(wrong > 64, "{ty:?}: swapped registers changed only {wrong} of 128 results");
+    }
+}
+
+#[test]
+fn mma_needs_the_whole_warp() {
+    let l = Launch::new("mma_half", Dim3::x(1), Dim3::x(32));
+    let e = launch(&l, || {
+        if lane_id() < 16 {
+            let _ = mma_m16n8k16(MmaType::F16, [0; 4], [0; 2], [0.0; 4]);
+        }
+    })
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::WarpMask, "{e}");
+}
+
+/// `ldmatrix.x4` over a row-major 16x16 tile in shared memory gives exactly mma's A fragment
+/// (lanes 0-15 give rows 0-15 at column 0, lanes 16-31 the same rows at column 8); `.trans`
+/// gives the transposed 8x8 blocks.
+#[test]
+fn ldmatrix_loads_fragments() {
+    let tile: Vec<u16> = (0..256).map(|i| i as u16).collect();
+    let mut out = vec![0u32; 32 * 8];
+    let (pt, po) = (P(tile.as_ptr() as *mut u16), P(out.as_mut_ptr()));
+    let l = Launch::new("ldmatrix", Dim3::x(1), Dim3::x(32)).smem(512).buffer("tile", &tile).buffer("out", &out);
+    launch(&l, || {
+        let lane = lane_id() as usize;
+        for k in 0..8 {
+            let i = lane * 8 + k;
+            smem_write::<u16>(2 * i, unsafe { ld(pt.get().add(i)) });
+        }
+        sync_threads();
+        let (row, col) = (lane % 16, 8 * (lane / 16));
+        let r = ldmatrix(4, false, 2 * (row * 16 + col));
+        let rt = ldmatrix(4, true, 2 * (row * 16 + col));
+        for i in 0..4 {
+            unsafe { st(po.get().add(lane * 8 + i), r[i]) };
+            unsafe { st(po.get().add(lane * 8 + 4 + i), rt[i]) };
+        }
+    })
+    .unwrap();
+    let el = |r: usize, c: usize| (r * 16 + c) as u32;
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for reg in 0..4 {
+            let (row, col) = (g + 8 * (reg % 2), 2 * t + 8 * (reg / 2));
+            assert_eq!(out[lane * 8 + reg], el(row, col) | el(row, col + 1) << 16, "lane {lane} reg {reg}");
+            // .trans: matrix `reg` (rows 8 (reg % 2).., cols 8 (reg / 2)..) read by columns.
+            let (r0, c0) = (8 * (reg % 2), 8 * (reg / 2));
+            let want = el(r0 + 2 * t, c0 + g) | el(r0 + 2 * t + 1, c0 + g) << 16;
+            assert_eq!(out[lane * 8 + 4 + reg], want, "lane {lane} trans reg {reg}");
+        }
+    }
+}
+
+#[test]
+fn cp_async_lands_only_at_the_wait() {
+    let src: Vec<u32> = (0..64).map(|i| 1000 + i).collect();
+    let ps = P(src.as_ptr() as *mut u32);
+    let l = Launch::new("cp_async", Dim3::x(1), Dim3::x(16)).smem(256).buffer("src", &src);
+    // Reading before the wait is reading memory no copy has reached yet.
+    let e = launch(&l, || {
+        let t = thread_idx().x as usize;
+        unsafe { cp_async(16 * t, ps.get().add(4 * t) as *const u8, 16) };
+        cp_async_commit();
+        let _ = smem_read::<u32>(16 * t);
+    })
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::UninitRead, "{e}");
+    // Two groups: wait_group 1 lands the older only.
+    launch(&l, || {
+        let t = thread_idx().x as usize;
+        unsafe { cp_async(16 * t, ps.get().add(4 * t) as *const u8, 8) };
+        cp_async_commit();
+        unsafe { cp_async(16 * t + 8, ps.get().add(4 * t + 2) as *const u8, 8) };
+        cp_async_commit();
+        cp_async_wait(1);
+        assert_eq!(smem_read::<u32>(16 * t), 1000 + 4 * t as u32);
+        cp_async_wait(0);
+        assert_eq!(smem_read::<[u32; 2]>(16 * t + 8), [1002 + 4 * t as u32, 1003 + 4 * t as u32]);
+    })
+    .unwrap();
+}
+
+#[test]
+fn halves_of_one_word_are_separate_for_the_race_check() {
+    // 64 threads write adjacent 16-bit values (two per word) in one interval: no conflict on
+    // the GPU, none here.
+    let l = Launch::new("halves", Dim3::x(1), Dim3::x(64)).smem(128);
+    launch(&l, || {
+        let t = thread_idx().x;
+        smem_write::<u16>(2 * t as usize, t as u16);
+        sync_threads();
+        if t % 2 == 0 {
+            assert_eq!(smem_ld((t / 2) as usize), t | (t + 1) << 16);
+        }
+    })
+    .unwrap();
+    // A 16-byte load must be 16-byte aligned.
+    let data = vec![0u32; 8];
+    let p = P(data.as_ptr() as *mut u32);
+    let e = launch(&Launch::new("v4", Dim3::x(1), Dim3::x(1)).buffer("data", &data), || {
+        let _ = unsafe { ld_v4(p.get().add(1)) };
+    })
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Misaligned, "{e}");
 }
 
 trait First {
