@@ -4,7 +4,7 @@
 use crate::attention::{split_blocks, MAX_BLOCK_SIZE, MMA_TILE_TOKENS, ROWS_PER_TILE};
 use crate::elem::{Bf16, Elem, F16};
 use crate::fmath::{exp, ln, max, silu};
-use crate::ops::{argmax_pick, rms_inv, rope_pair, RopeLayout};
+use crate::ops::{argmax_pick, rope_pair, RopeLayout};
 use crate::sample::{bisect_key, dummy_value, ord_key, race_score, uniform_open, weight, RowParams, PARAM_WORDS};
 use crate::{udiv, urem};
 use core::arch::nvptx::*;
@@ -457,51 +457,8 @@ unsafe fn attention_reduce<T: Elem, const DL: usize>(
     }
 }
 
-// ---------------------------------------------------------------- norms, rope, mlp, sampling
-
-#[inline(always)]
-unsafe fn rms_norm<T: Elem>(out: *mut T, x: *const T, w: *const f32, n: u32, eps: f32) {
-    let base = (bx() * n) as usize;
-    let mut ss = 0.0;
-    let mut i = tid();
-    while i < n {
-        let v = unsafe { (*x.add(base + i as usize)).to_f32() };
-        ss += v * v;
-        i += THREADS;
-    }
-    unsafe { write_normalized(out, x, w, base, n, rms_inv(block_sum(ss), n as usize, eps)) }
-}
-
-#[inline(always)]
-unsafe fn fused_add_rms_norm<T: Elem>(x: *mut T, residual: *mut T, w: *const f32, n: u32, eps: f32) {
-    let base = (bx() * n) as usize;
-    let mut ss = 0.0;
-    let mut i = tid();
-    while i < n {
-        unsafe {
-            let r = (*residual.add(base + i as usize)).to_f32() + (*x.add(base + i as usize)).to_f32();
-            let rt = T::from_f32(r);
-            *residual.add(base + i as usize) = rt;
-            let r = rt.to_f32(); // normalise what was stored, as the host does
-            ss += r * r;
-        }
-        i += THREADS;
-    }
-    unsafe { write_normalized(x, residual, w, base, n, rms_inv(block_sum(ss), n as usize, eps)) }
-}
-
-/// `out[i] = src[i] * inv * w[i]` over one row, strided across the block.
-#[inline(always)]
-unsafe fn write_normalized<T: Elem>(out: *mut T, src: *const T, w: *const f32, base: usize, n: u32, inv: f32) {
-    let mut i = tid();
-    while i < n {
-        unsafe {
-            let v = (*src.add(base + i as usize)).to_f32();
-            *out.add(base + i as usize) = T::from_f32(v * inv * *w.add(i as usize));
-        }
-        i += THREADS;
-    }
-}
+// ---------------------------------------------------------------- rope, mlp, sampling
+// (the norms are in kernels/norm.rs, over the gpu seam)
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -1124,7 +1081,7 @@ unsafe fn paged_attention_mma<T: Elem, const KS: usize, const NT: usize>(
 // ---------------------------------------------------------------- exported entry points
 
 macro_rules! typed_kernels {
-    ($t:ty, $cache:ident, $rms:ident, $frms:ident, $rope:ident, $silu:ident, $emb:ident) => {
+    ($t:ty, $cache:ident, $rope:ident, $silu:ident, $emb:ident) => {
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $cache(
             k: *const $t,
@@ -1135,14 +1092,6 @@ macro_rules! typed_kernels {
             row: u32,
         ) {
             unsafe { reshape_and_cache::<$t>(k, v, kc, vc, slots, row) }
-        }
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $rms(out: *mut $t, x: *const $t, w: *const f32, n: u32, eps: f32) {
-            unsafe { rms_norm::<$t>(out, x, w, n, eps) }
-        }
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $frms(x: *mut $t, residual: *mut $t, w: *const f32, n: u32, eps: f32) {
-            unsafe { fused_add_rms_norm::<$t>(x, residual, w, n, eps) }
         }
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $rope(
@@ -1169,33 +1118,9 @@ macro_rules! typed_kernels {
     };
 }
 
-typed_kernels!(
-    f32,
-    reshape_and_cache_f32,
-    rms_norm_f32,
-    fused_add_rms_norm_f32,
-    rotary_embedding_f32,
-    silu_and_mul_f32,
-    embedding_f32
-);
-typed_kernels!(
-    F16,
-    reshape_and_cache_f16,
-    rms_norm_f16,
-    fused_add_rms_norm_f16,
-    rotary_embedding_f16,
-    silu_and_mul_f16,
-    embedding_f16
-);
-typed_kernels!(
-    Bf16,
-    reshape_and_cache_bf16,
-    rms_norm_bf16,
-    fused_add_rms_norm_bf16,
-    rotary_embedding_bf16,
-    silu_and_mul_bf16,
-    embedding_bf16
-);
+typed_kernels!(f32, reshape_and_cache_f32, rotary_embedding_f32, silu_and_mul_f32, embedding_f32);
+typed_kernels!(F16, reshape_and_cache_f16, rotary_embedding_f16, silu_and_mul_f16, embedding_f16);
+typed_kernels!(Bf16, reshape_and_cache_bf16, rotary_embedding_bf16, silu_and_mul_bf16, embedding_bf16);
 
 macro_rules! attention_kernels {
     (@attn $t:ty, $f:path, $attn:ident) => {

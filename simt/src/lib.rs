@@ -27,11 +27,11 @@
 //! kernel, the block, the thread, the address or site, and both accesses of a race.
 //!
 //! **Must not**: know weave's kernels, allocate device memory, or be needed on the GPU: the
-//! kernels reach it through kernels-gpu's `gpu` facade on the host only (not ported yet), and
-//! on nvptx they use the hardware's intrinsics.
+//! kernels reach it through kernels-gpu's `gpu` seam on the host only, and on nvptx they use
+//! the hardware's intrinsics.
 //!
-//! Not here yet: the kernels' port to the facade (issue 19's next step), and a conformance
-//! kernel that checks this model of the hardware on a real GPU.
+//! Kernels reach it through kernels-gpu's `gpu` seam (the norm family so far); a conformance
+//! kernel that checks this model of the hardware on a real GPU is still to come.
 
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
