@@ -44,8 +44,7 @@ pub struct App {
     pub tokenizer: Arc<WeaveTokenizer>,
     pub chat: Option<ChatTemplate>,
     pub model_name: String,
-    pub max_model_len: usize,
-    /// The scheduler's configuration, for the info endpoints.
+    /// The scheduler's configuration (`max_model_len`, and the limits the info endpoints give).
     pub sched: SchedulerConfig,
     /// Where the model runs (`cpu`, `cuda`).
     pub device: &'static str,
@@ -212,6 +211,15 @@ struct Plan {
 }
 
 impl App {
+    pub fn max_model_len(&self) -> usize {
+        self.sched.max_model_len
+    }
+
+    /// A sequence's output budget: what the request asked, else what the context leaves.
+    fn max_tokens_for(&self, plan: &Plan, prompt_len: usize) -> usize {
+        plan.max_tokens.unwrap_or(self.max_model_len() - prompt_len)
+    }
+
     fn check_model(&self, v: &Value) -> ApiResult<()> {
         match field::<String>(v, "model")? {
             Some(m) if m != self.model_name => Err(ApiError::model_not_found(&m)),
@@ -319,24 +327,24 @@ impl App {
             if p.is_empty() {
                 return Err(ApiError::bad(prompt_param, format!("{name} is empty")));
             }
-            if p.len() >= self.max_model_len {
+            if p.len() >= self.max_model_len() {
                 return Err(ApiError::bad(
                     prompt_param,
                     format!(
                         "{name} has {} tokens, but this model's maximum context length is {} tokens (and at least one must be left for the completion)",
                         p.len(),
-                        self.max_model_len
+                        self.max_model_len()
                     ),
                 )
                 .code("context_length_exceeded"));
             }
             if let Some(m) = max_tokens {
-                if p.len() + m > self.max_model_len {
+                if p.len() + m > self.max_model_len() {
                     return Err(ApiError::bad(
                         "max_tokens",
                         format!(
                             "this model's maximum context length is {} tokens, but {} were asked for ({} in {name}, {m} in the completion); lower max_tokens",
-                            self.max_model_len,
+                            self.max_model_len(),
                             p.len() + m,
                             p.len()
                         ),
@@ -403,7 +411,7 @@ async fn start(app: &Arc<App>, plan: &Plan, kind: &str, req_no: u64) -> ApiResul
     for (pi, prompt) in plan.prompts.iter().enumerate() {
         for j in 0..plan.n {
             let id = app.engine.next_id();
-            let max_tokens = plan.max_tokens.unwrap_or(app.max_model_len - prompt.len());
+            let max_tokens = app.max_tokens_for(plan, prompt.len());
             let mut req = NewRequest::new(id, prompt.clone(), max_tokens);
             req.ignore_eos = plan.ignore_eos;
             req.eos_token_id = tok.eos;
@@ -645,7 +653,7 @@ fn rendered(app: &App, plan: &Plan, prompt: &[u32], id: String) -> Value {
         "features": null,
         "sampling_params": {
             "n": plan.n,
-            "max_tokens": plan.max_tokens.unwrap_or(app.max_model_len - prompt.len()),
+            "max_tokens": app.max_tokens_for(plan, prompt.len()),
             "temperature": s.temperature,
             "top_p": s.top_p,
             "top_k": s.top_k,
@@ -898,7 +906,7 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
             "created": app.created,
             "owned_by": "weave",
             "root": app.model_name,
-            "max_model_len": app.max_model_len,
+            "max_model_len": app.max_model_len(),
         }],
     }))
 }
@@ -922,13 +930,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
     let v = parse_body(&body)?;
     app.check_model(&v)?;
-    let tokens = match (field::<String>(&v, "prompt")?, field::<Vec<Message>>(&v, "messages")?) {
-        (Some(p), None) => app.encode(&p, "prompt")?,
-        (None, Some(_)) => chat_prompt(&app, &v)?,
-        (Some(_), Some(_)) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
-        (None, None) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
+    // `messages` is parsed (and a bad one named) once, by `chat_prompt`.
+    let has_messages = v.get("messages").is_some_and(|m| !m.is_null());
+    let tokens = match (field::<String>(&v, "prompt")?, has_messages) {
+        (Some(p), false) => app.encode(&p, "prompt")?,
+        (None, true) => chat_prompt(&app, &v)?,
+        (Some(_), true) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
+        (None, false) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
     };
-    Ok(Json(json!({"count": tokens.len(), "max_model_len": app.max_model_len, "tokens": tokens})))
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": app.max_model_len(), "tokens": tokens})))
 }
 
 async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Value>> {
@@ -969,8 +979,8 @@ async fn server_info(State(app): State<Arc<App>>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "engine": "weave",
         "device": app.device,
-        "max_model_len": app.max_model_len,
-        "context_length": app.max_model_len,
+        "max_model_len": app.max_model_len(),
+        "context_length": app.max_model_len(),
         "max_num_seqs": s.max_num_seqs,
         "max_running_requests": s.max_num_seqs,
         "max_num_batched_tokens": s.max_num_batched_tokens,
@@ -991,6 +1001,6 @@ async fn model_info(State(app): State<Arc<App>>) -> Json<Value> {
         "model_path": app.model_name,
         "tokenizer_path": app.model_name,
         "is_generation": true,
-        "max_model_len": app.max_model_len,
+        "max_model_len": app.max_model_len(),
     }))
 }

@@ -125,7 +125,6 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
         tokenizer,
         chat: lm.chat.clone(),
         model_name: cfg.model_name.clone(),
-        max_model_len: cfg.sched.max_model_len,
         sched: cfg.sched.clone(),
         device: match cfg.device {
             crate::backends::cuda::ExecDevice::Cpu => "cpu",
