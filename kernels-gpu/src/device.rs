@@ -4,6 +4,7 @@
 use crate::attention::{split_blocks, MAX_BLOCK_SIZE, MMA_TILE_TOKENS, ROWS_PER_TILE};
 use crate::elem::{Bf16, Elem, F16};
 use crate::fmath::{exp, ln, max, silu};
+use crate::kernels::reduce::{block_sum, warp_sum};
 use crate::ops::{argmax_pick, rope_pair, RopeLayout};
 use crate::sample::{bisect_key, dummy_value, ord_key, race_score, uniform_open, weight, RowParams, PARAM_WORDS};
 use crate::{udiv, urem};
@@ -50,16 +51,6 @@ fn bz() -> u32 {
 }
 
 #[inline(always)]
-fn warp_sum(mut v: f32) -> f32 {
-    let mut o = 16;
-    while o > 0 {
-        v += unsafe { shfl_bfly_f32(FULL, v, o, 0x1f) };
-        o >>= 1;
-    }
-    v
-}
-
-#[inline(always)]
 fn warp_max(mut v: f32) -> f32 {
     let mut o = 16;
     while o > 0 {
@@ -67,22 +58,6 @@ fn warp_max(mut v: f32) -> f32 {
         o >>= 1;
     }
     v
-}
-
-/// Sum over the thread block (`THREADS` threads); every thread gets the result.
-#[inline(always)]
-unsafe fn block_sum(v: f32) -> f32 {
-    let s = unsafe { smem() };
-    let w = warp_sum(v);
-    if tid() % 32 == 0 {
-        unsafe { *s.add((tid() / 32) as usize) = w };
-    }
-    unsafe { _syncthreads() };
-    let mut t = 0.0;
-    for i in 0..WARPS as usize {
-        t += unsafe { *s.add(i) };
-    }
-    t
 }
 
 // ---------------------------------------------------------------- KV-cache write

@@ -106,5 +106,5 @@ fn norm_kernels_under_the_emulators_switches() {
     assert!(max <= 1e-6, "lane order changed the result by {max}");
     let e = run(launch("rms_norm_f32", rows).smem(8)).unwrap_err();
     assert_eq!(e.kind, weave_simt::ErrorKind::OutOfBounds, "{e}");
-    assert!(e.detail.contains("norm.rs"), "the error names the kernel's line: {e}");
+    assert!(e.detail.contains("kernels/reduce.rs"), "the error names the line of the shared write: {e}");
 }

@@ -2,3 +2,4 @@
 //! GPU (PTX entry points) and for the host (the same bodies under the SIMT emulator).
 
 pub mod norm;
+pub(crate) mod reduce;

@@ -1,39 +1,12 @@
 //! RMSNorm, plain and fused with the residual add: one thread block (128 threads) a token's
 //! hidden row; the sum of squares by warp shuffles and one shared word per warp.
 
+use super::reduce::block_sum;
 use crate::elem::{Bf16, Elem, F16};
-use crate::gpu::{self, Global, Shared, FULL};
+use crate::gpu::{self, Global};
 use crate::ops::rms_inv;
 
 const THREADS: u32 = crate::BLOCK_THREADS;
-const WARPS: u32 = THREADS / 32;
-
-#[inline(always)]
-fn warp_sum(mut v: f32) -> f32 {
-    let mut o = 16;
-    while o > 0 {
-        v += gpu::shfl_xor_f32(FULL, v, o);
-        o >>= 1;
-    }
-    v
-}
-
-/// Sum over the thread block; every thread gets the result.
-#[inline(always)]
-unsafe fn block_sum(v: f32) -> f32 {
-    let s = Shared::<f32>::base();
-    let w = warp_sum(v);
-    let t = gpu::tid();
-    if t % 32 == 0 {
-        unsafe { s.add((t / 32) as usize).write(w) };
-    }
-    gpu::sync_threads();
-    let mut total = 0.0;
-    for i in 0..WARPS as usize {
-        total += unsafe { s.add(i).read() };
-    }
-    total
-}
 
 #[inline(always)]
 unsafe fn rms_norm<T: Elem + Copy>(out: Global<T>, x: Global<T>, w: Global<f32>, n: u32, eps: f32) {
