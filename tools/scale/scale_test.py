@@ -148,6 +148,14 @@ class Fleet:
                 time.sleep(0.5)
         raise RuntimeError("the router passed no request within 60 s")
 
+    def up(self, policy, tag, log_level="info"):
+        """Fresh replicas on every port, all healthy, then the router in front of them."""
+        for p in self.args.ports:
+            self.start_replica(p, tag)
+        for p in self.args.ports:
+            wait_healthy(self.replica_url(p), self.replicas[p])
+        self.start_router(policy, tag, log_level)
+
     def stop(self):
         procs = ([self.router] if self.router else []) + list(self.replicas.values())
         for p in procs:
@@ -271,12 +279,8 @@ def fleet_cache(fleet_ports, fleet):
 def run_policy(args, workdir, policy, dataset):
     fleet = Fleet(args, workdir)
     try:
-        for p in args.ports:
-            fleet.start_replica(p, policy)
-        for p in args.ports:
-            wait_healthy(fleet.replica_url(p), fleet.replicas[p])
         # At debug level the router says when a worker's render reply was unusable.
-        fleet.start_router(policy, policy, log_level="debug" if policy == "cache_aware" else "info")
+        fleet.up(policy, policy, log_level="debug" if policy == "cache_aware" else "info")
         h0, q0, s0 = fleet_cache(args.ports, fleet)
         scraper = None
         if policy == "cache_aware":
@@ -322,11 +326,7 @@ def run_failover(args, workdir, dataset, stream=True):
     fleet = Fleet(args, workdir)
     victim = args.ports[-1]
     try:
-        for p in args.ports:
-            fleet.start_replica(p, tag)
-        for p in args.ports:
-            wait_healthy(fleet.replica_url(p), fleet.replicas[p])
-        fleet.start_router(args.failover_policy, tag)
+        fleet.up(args.failover_policy, tag)
         result = {}
         if stream:
             load = lambda: bench(args, dataset, args.num_failover, args.failover_rate, args.seed + 1,  # noqa: E731
@@ -368,11 +368,7 @@ def run_drain(args, workdir, dataset):
     fleet = Fleet(args, workdir)
     victim = args.ports[1]
     try:
-        for p in args.ports:
-            fleet.start_replica(p, "drain")
-        for p in args.ports:
-            wait_healthy(fleet.replica_url(p), fleet.replicas[p])
-        fleet.start_router(args.failover_policy, "drain")
+        fleet.up(args.failover_policy, "drain")
         result = {}
         t = threading.Thread(target=lambda: result.update(
             bench(args, dataset, args.num_failover, args.failover_rate, args.seed + 3,
