@@ -7,9 +7,11 @@
 //! [`kernel!`](macro@crate::kernel) gives a kernel its PTX entry point and, on the host, a module of
 //! the same name with `launch(&Launch, args...)`.
 //!
-//! Ported so far: the norm family ([`crate::kernels::norm`]). The other kernels still live in
-//! `device.rs` (nvptx only) until their port.
+//! Every kernel is written over it ([`crate::kernels`]); nothing else in the crate uses an
+//! intrinsic or inline PTX.
 
+use crate::elem::Elem;
+use crate::kernel::Dtype;
 use core::marker::PhantomData;
 
 #[cfg(target_arch = "nvptx64")]
@@ -19,7 +21,14 @@ mod imp {
     unsafe extern "C" {
         #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
         fn shfl_bfly_f32(mask: u32, v: f32, lane_mask: u32, clamp: u32) -> f32;
+        #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
+        fn shfl_bfly_i32(mask: u32, v: i32, lane_mask: u32, clamp: u32) -> i32;
+        #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
+        fn shfl_idx(mask: u32, v: f32, lane: u32, clamp: u32) -> f32;
     }
+
+    // The block's dynamic shared memory, sized by each launch.
+    core::arch::global_asm!(".extern .shared .align 16 .b8 WEAVE_SMEM[];");
 
     #[inline(always)]
     pub fn tid() -> u32 {
@@ -30,6 +39,18 @@ mod imp {
         unsafe { _block_idx_x() as u32 }
     }
     #[inline(always)]
+    pub fn by() -> u32 {
+        unsafe { _block_idx_y() as u32 }
+    }
+    #[inline(always)]
+    pub fn bz() -> u32 {
+        unsafe { _block_idx_z() as u32 }
+    }
+    #[inline(always)]
+    pub fn grid_dim_x() -> u32 {
+        unsafe { _grid_dim_x() as u32 }
+    }
+    #[inline(always)]
     pub fn sync_threads() {
         unsafe { _syncthreads() }
     }
@@ -37,12 +58,70 @@ mod imp {
     pub fn shfl_xor_f32(mask: u32, v: f32, lane_mask: u32) -> f32 {
         unsafe { shfl_bfly_f32(mask, v, lane_mask, 0x1f) }
     }
-    /// Generic address of the dynamic shared memory (`WEAVE_SMEM`, declared in device.rs).
+    #[inline(always)]
+    pub fn shfl_xor_u32(mask: u32, v: u32, lane_mask: u32) -> u32 {
+        unsafe { shfl_bfly_i32(mask, v as i32, lane_mask, 0x1f) as u32 }
+    }
+    #[inline(always)]
+    pub fn shfl_idx_f32(mask: u32, v: f32, src: u32) -> f32 {
+        unsafe { shfl_idx(mask, v, src, 0x1f) }
+    }
+    /// Generic address of the dynamic shared memory.
     #[inline(always)]
     pub fn smem_base() -> *mut u8 {
         let p: u64;
         unsafe { core::arch::asm!("cvta.shared.u64 {p}, WEAVE_SMEM;", p = out(reg64) p) };
         p as *mut u8
+    }
+    /// `ld.global.nc.v4.u32`.
+    #[inline(always)]
+    pub unsafe fn ld_nc_v4(p: *const u32) -> [u32; 4] {
+        let (a, b, c, d): (u32, u32, u32, u32);
+        unsafe {
+            core::arch::asm!(
+                "{{ .reg .u64 g; cvta.to.global.u64 g, {p}; ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [g]; }}",
+                p = in(reg64) p as u64,
+                a = out(reg32) a,
+                b = out(reg32) b,
+                c = out(reg32) c,
+                d = out(reg32) d,
+            )
+        };
+        [a, b, c, d]
+    }
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{..}.f32`, in place on `d`.
+    #[inline(always)]
+    pub fn mma_m16n8k16(bf16: bool, d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        macro_rules! mma {
+            ($ty:literal) => {
+                unsafe {
+                    core::arch::asm!(
+                        concat!(
+                            "mma.sync.aligned.m16n8k16.row.col.f32.",
+                            $ty,
+                            ".",
+                            $ty,
+                            ".f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};"
+                        ),
+                        d0 = inout(reg32) d[0],
+                        d1 = inout(reg32) d[1],
+                        d2 = inout(reg32) d[2],
+                        d3 = inout(reg32) d[3],
+                        a0 = in(reg32) a[0],
+                        a1 = in(reg32) a[1],
+                        a2 = in(reg32) a[2],
+                        a3 = in(reg32) a[3],
+                        b0 = in(reg32) b[0],
+                        b1 = in(reg32) b[1],
+                    )
+                }
+            };
+        }
+        if bf16 {
+            mma!("bf16")
+        } else {
+            mma!("f16")
+        }
     }
 }
 
@@ -54,6 +133,15 @@ mod imp {
     pub fn bx() -> u32 {
         weave_simt::block_idx().x
     }
+    pub fn by() -> u32 {
+        weave_simt::block_idx().y
+    }
+    pub fn bz() -> u32 {
+        weave_simt::block_idx().z
+    }
+    pub fn grid_dim_x() -> u32 {
+        weave_simt::grid_dim().x
+    }
     #[track_caller]
     pub fn sync_threads() {
         weave_simt::sync_threads()
@@ -62,12 +150,40 @@ mod imp {
     pub fn shfl_xor_f32(mask: u32, v: f32, lane_mask: u32) -> f32 {
         weave_simt::shfl_xor_f32(mask, v, lane_mask)
     }
+    #[track_caller]
+    pub fn shfl_xor_u32(mask: u32, v: u32, lane_mask: u32) -> u32 {
+        weave_simt::shfl_xor(mask, v, lane_mask)
+    }
+    #[track_caller]
+    pub fn shfl_idx_f32(mask: u32, v: f32, src: u32) -> f32 {
+        weave_simt::shfl_idx_f32(mask, v, src)
+    }
+    /// # Safety
+    /// As `weave_simt::ld_v4` (checked against the launch's buffers).
+    #[track_caller]
+    pub unsafe fn ld_nc_v4(p: *const u32) -> [u32; 4] {
+        unsafe { weave_simt::ld_v4(p) }
+    }
+    #[track_caller]
+    pub fn mma_m16n8k16(bf16: bool, d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        let ty = if bf16 { weave_simt::MmaType::Bf16 } else { weave_simt::MmaType::F16 };
+        *d = weave_simt::mma_m16n8k16(ty, a, b, *d);
+    }
 }
 
 pub use imp::*;
 
 /// All 32 lanes.
 pub const FULL: u32 = 0xffff_ffff;
+
+/// `d += a * b` on tensor cores: one m16n8k16 MMA, 16-bit inputs (f16 or bf16 by `T`), f32
+/// accumulators. `a` holds the 16x16 row-major fragment, `b` the 16x8 column-major one, in
+/// PTX's per-lane layout (the emulator's `mma_m16n8k16` documents it). All 32 lanes take part.
+#[inline(always)]
+#[track_caller]
+pub fn mma_16816<T: Elem>(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+    imp::mma_m16n8k16(matches!(T::DTYPE, Dtype::Bf16), d, a, b)
+}
 
 /// A pointer to global memory. On nvptx a bare pointer; on the host each access is checked
 /// against the launch's buffers.
@@ -95,6 +211,21 @@ impl<T: Copy> Global<T> {
     #[inline(always)]
     pub unsafe fn add(self, n: usize) -> Global<T> {
         Global(unsafe { self.0.add(n) })
+    }
+    /// The same address as a pointer to `U` (a wider or narrower view of the buffer).
+    #[inline(always)]
+    pub fn cast<U>(self) -> Global<U> {
+        Global(self.0 as *mut U)
+    }
+    /// 16 bytes through the read-only (non-coherent) path: for data no thread of the launch
+    /// writes, such as the KV cache during attention.
+    ///
+    /// # Safety
+    /// 16-byte aligned and inside the buffer.
+    #[inline(always)]
+    #[track_caller]
+    pub unsafe fn ld_nc_v4(self) -> [u32; 4] {
+        unsafe { imp::ld_nc_v4(self.0 as *const u32) }
     }
     /// # Safety
     /// The pointer is valid to read on the device.
@@ -150,6 +281,14 @@ impl<T: Copy> Shared<T> {
         #[cfg(not(target_arch = "nvptx64"))]
         return Shared { off: 0, _t: PhantomData };
     }
+    /// The same address as `U`s.
+    #[inline(always)]
+    pub fn cast<U>(self) -> Shared<U> {
+        #[cfg(target_arch = "nvptx64")]
+        return Shared { p: self.p as *mut U, _t: PhantomData };
+        #[cfg(not(target_arch = "nvptx64"))]
+        return Shared { off: self.off, _t: PhantomData };
+    }
     /// `n` elements on.
     ///
     /// # Safety
@@ -189,6 +328,8 @@ impl<T: Copy> Shared<T> {
 /// point `name` on nvptx and, on the host, `name::launch(&weave_simt::Launch, args...)`,
 /// which runs the same body under the emulator. Arguments are raw pointers and scalars, as a
 /// kernel's parameters are.
+/// The body runs in an unsafe context, as an `unsafe extern "ptx-kernel" fn`'s does: a kernel
+/// is device code over raw pointers.
 #[macro_export]
 macro_rules! kernel {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) { $($body:tt)* }) => {
@@ -206,7 +347,7 @@ macro_rules! kernel {
             #[allow(unused_imports)]
             use super::*;
             /// Runs the kernel under the SIMT emulator: every thread of every block of `l`.
-            #[allow(clippy::too_many_arguments)]
+            #[allow(clippy::too_many_arguments, clippy::macro_metavars_in_unsafe)]
             pub fn launch(l: &weave_simt::Launch, $($a: $t),*) -> Result<weave_simt::Stats, weave_simt::EmuError> {
                 #[derive(Clone, Copy)]
                 struct Args { $($a: $t),* }

@@ -1,7 +1,7 @@
 //! Every kernel by type: the one table from which the PTX check (`cargo xtask build-ptx`),
 //! the host's loader and its launch wrappers take their names, so a kernel is spelled once
-//! here and once where `device.rs` defines it (a test holds the two together through the
-//! PTX's entries).
+//! here and once where its family's file in `kernels/` defines it (a test holds the two
+//! together through the PTX's entries).
 
 /// A kernel's storage type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

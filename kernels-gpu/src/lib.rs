@@ -8,10 +8,9 @@
 //! links `std` (for `exp`/`sqrt`, and the host drivers in [`attention`]); on nvptx it is pure `core`.
 //! The one exception: on the host, [`gpu`] runs kernels under `weave-simt`, the SIMT emulator.
 //!
-//! **One kernel source, two machines** (issue 19, in progress): kernels in [`kernels`] are
+//! **One kernel source, two machines**: every kernel in [`kernels`] (a family a file) is
 //! written over the [`gpu`] seam, so the same body is a PTX entry point and, on the host,
-//! `name::launch(&Launch, ...)` under the emulator (tests/tests/emu_kernels.rs). Ported: the
-//! norm family. The rest are still in `device.rs`, nvptx only, until their port.
+//! `name::launch(&Launch, ...)` under the emulator (tests/tests/emu_kernels.rs).
 //!
 //! # Kernels (see [`KERNELS`], the typed table; `T` is `f32`, `f16` or `bf16`)
 //!
@@ -71,8 +70,6 @@ pub mod ops;
 pub mod sample;
 pub mod softmax;
 
-#[cfg(target_arch = "nvptx64")]
-mod device;
 /// The target seam the ported kernels are written over.
 pub mod gpu;
 pub mod kernels;
