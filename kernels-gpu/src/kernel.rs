@@ -159,6 +159,61 @@ impl Kernel {
     }
 }
 
+/// The shape of one launch: grid, threads a block, bytes of dynamic shared memory. The CUDA
+/// backend's launchers and the emulator's take their launches from here, so both machines run
+/// a kernel with the same grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem: u32,
+}
+
+/// Host only, as [`Kernel::index`]: the device has no use for them.
+#[cfg(not(target_arch = "nvptx64"))]
+impl Kernel {
+    /// One thread block of `BLOCK_THREADS` a row (the row kernels, norms, argmax, sampling).
+    pub const fn rows(self, n: u32) -> LaunchDims {
+        LaunchDims { grid: (n, 1, 1), block: crate::BLOCK_THREADS, smem: self.dynamic_smem() }
+    }
+
+    /// The grid-stride fill of `n` values: enough blocks to fill a large GPU (132 SMs x 16),
+    /// not one per element.
+    pub const fn fill(n: u64) -> LaunchDims {
+        let blocks = n.div_ceil(crate::BLOCK_THREADS as u64);
+        let blocks = if blocks > 132 * 16 {
+            132 * 16
+        } else if blocks == 0 {
+            1
+        } else {
+            blocks
+        };
+        LaunchDims { grid: (blocks as u32, 1, 1), block: crate::BLOCK_THREADS, smem: 0 }
+    }
+
+    /// An attention kernel over `num_tiles` tiles and `splits` KV splits: the staged and
+    /// pipelined kernels take a KV head a thread block, the decode and tensor-core ones a
+    /// query head (the tensor-core kernel never splits); the pipelined kernel's staging is
+    /// sized by the block size. `AttentionReduce` takes `num_tiles` as the token count: one
+    /// warp a (token, query head).
+    pub fn attention(self, shape: &crate::AttnShape, num_tiles: u32, splits: u32) -> LaunchDims {
+        let block = crate::BLOCK_THREADS;
+        let (grid, block, smem) = match self {
+            Kernel::PagedAttention(..) => ((num_tiles, shape.num_kv_heads, splits), block, self.dynamic_smem()),
+            Kernel::PagedAttentionPipelined(..) => (
+                (num_tiles, shape.num_kv_heads, splits),
+                block,
+                crate::attention_smem_bytes_for(shape.head_dim, shape.block_size),
+            ),
+            Kernel::PagedDecode(..) => ((num_tiles, shape.num_q_heads, splits), block, self.dynamic_smem()),
+            Kernel::PagedAttentionMma(..) => ((num_tiles, shape.num_q_heads, 1), block, self.dynamic_smem()),
+            Kernel::AttentionReduce(..) => ((num_tiles, shape.num_q_heads, 1), 32, 0),
+            other => panic!("{} is not an attention kernel", other.name()),
+        };
+        LaunchDims { grid, block, smem }
+    }
+}
+
 /// Every kernel the PTX must contain.
 pub const KERNELS: [Kernel; 47] = {
     use Dtype::*;

@@ -127,7 +127,7 @@ pub fn dot_f32_elem<T: Elem>(q: &[f32], k: &[T]) -> f32 {
     s
 }
 
-pub use kernel::{Dtype, HeadDim, Kernel, KERNELS};
+pub use kernel::{Dtype, HeadDim, Kernel, LaunchDims, KERNELS};
 
 /// Threads per block of every kernel except `attention_reduce` (one warp).
 pub const BLOCK_THREADS: u32 = 128;

@@ -482,11 +482,15 @@ fn smem_check(
     let (checks, epoch, wepoch) = (l.checks, e.epoch, e.warp_epoch[(t / WARP) as usize]);
     let who = |tid: u32| format!("thread {}", l.block.at(tid as usize));
     let at = |x: Option<&'static Location<'static>>| x.map_or("?".to_string(), |x| x.to_string());
+    // Formatted only for an error: this loop runs on every shared access.
+    let bytes = |u: usize| format!("bytes [{}, {})", u * UNIT, u * UNIT + UNIT);
     for u in off / UNIT..(off + size) / UNIT {
         let s = &mut e.shadow[u];
-        let bytes = format!("bytes [{}, {})", u * UNIT, u * UNIT + UNIT);
         if !write && checks.uninit_reads && !s.written {
-            return Err((ErrorKind::UninitRead, format!("shared {bytes} read at {site} before any thread wrote them")));
+            return Err((
+                ErrorKind::UninitRead,
+                format!("shared {} read at {site} before any thread wrote them", bytes(u)),
+            ));
         }
         if checks.races {
             let wrote_other = s.w_epoch == epoch && s.w_tid != t && !synced(s.w_tid, s.w_wepoch, t, wepoch);
@@ -495,7 +499,8 @@ fn smem_check(
                 return Err((
                     ErrorKind::SharedRace,
                     format!(
-                        "{kind} race on shared {bytes}: {} wrote them at {} and {} {what}s them at {site} with no barrier between",
+                        "{kind} race on shared {}: {} wrote them at {} and {} {what}s them at {site} with no barrier between",
+                        bytes(u),
                         who(s.w_tid),
                         at(s.w_site),
                         who(t)
@@ -508,7 +513,8 @@ fn smem_check(
                 return Err((
                     ErrorKind::SharedRace,
                     format!(
-                        "write-after-read race on shared {bytes}: {readers} read them (last at {}) and {} writes them at {site} with no barrier between",
+                        "write-after-read race on shared {}: {readers} read them (last at {}) and {} writes them at {site} with no barrier between",
+                        bytes(u),
                         at(s.r_site),
                         who(t)
                     ),

@@ -1,14 +1,20 @@
-//! weave's GPU kernels on the CPU, under the SIMT emulator (weave-simt): each ported family
-//! against a plain f64 reference, at the tolerances the GPU tests use, with every barrier,
-//! shuffle mask, shared-memory access and global access checked. Runs on any machine.
+//! Every GPU kernel on the CPU, under the SIMT emulator (weave-simt): each family against the
+//! references and tolerances `cuda_kernels.rs` uses on a GPU, launched with the grids and
+//! shared memory the CUDA backend gives them (`Kernel::rows`, `Kernel::attention`), with every
+//! barrier, shuffle mask, shared-memory access and global access checked. Runs on any machine.
 //!
-//! Ported so far: the norm family (kernels-gpu's `kernels::norm`). The other families join as
-//! they move onto the `gpu` seam (issue 19).
+//! Attention is launched here the way `backends::cuda::launch` sequences it (tiles, split-KV
+//! and its reduce, the tensor-core kernel for chunk tiles); the CUDA backend's own launchers
+//! on the emulator are issue 19's fourth part.
 
 mod common;
 
-use weave_kernels_gpu::kernels::norm;
-use weave_kernels_gpu::{Bf16, Elem, BLOCK_THREADS, F16};
+use proptest::prelude::*;
+use weave::backends::cuda::AttnKernel;
+use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
+use weave_kernels_gpu::kernels::{attention, decode, mma, norm, rows, sampling};
+use weave_kernels_gpu::ops::{self, RopeLayout};
+use weave_kernels_gpu::{Bf16, Dtype, Elem, HeadDim, Kernel, LaunchDims, BLOCK_THREADS, F16};
 use weave_simt::{Dim3, EmuError, Launch, Stats};
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
@@ -107,4 +113,517 @@ fn norm_kernels_under_the_emulators_switches() {
     let e = run(launch("rms_norm_f32", rows).smem(8)).unwrap_err();
     assert_eq!(e.kind, weave_simt::ErrorKind::OutOfBounds, "{e}");
     assert!(e.detail.contains("kernels/reduce.rs"), "the error names the line of the shared write: {e}");
+}
+
+// ------------------------------------------------------------------ launches and types
+
+/// The emulator's launch for a kernel with the backend's shape.
+fn emu(k: Kernel, d: LaunchDims) -> Launch {
+    Launch::new(k.name(), Dim3::new(d.grid.0, d.grid.1, d.grid.2), Dim3::x(d.block)).smem(d.smem as usize)
+}
+
+type R = Result<Stats, EmuError>;
+type CacheFn<T> = fn(&Launch, *const T, *const T, *mut T, *mut T, *const u32, u32) -> R;
+type RopeFn<T> = fn(&Launch, *mut T, *mut T, *const u32, *const f32, u32, u32, u32, u32, u32) -> R;
+type SiluFn<T> = fn(&Launch, *mut T, *const T, u32) -> R;
+type EmbFn<T> = fn(&Launch, *mut T, *const T, *const u32, u32) -> R;
+type FillFn<T> = fn(&Launch, *mut T, u64, u64, f32) -> R;
+#[rustfmt::skip]
+type AttnFn<T> = fn(&Launch, *mut T, *mut f32, *const T, *const T, *const T, *const u32, *const u32, *const u32,
+    *const u32, u32, u32, u32, u32, u32, u32, u32, f32) -> R;
+#[rustfmt::skip]
+type MmaFn<T> = fn(&Launch, *mut T, *const T, *const T, *const T, *const u32, *const u32, *const u32, *const u32,
+    u32, u32, u32, u32, u32, f32) -> R;
+type ReduceFn<T> = fn(&Launch, *mut T, *const f32, u32, u32, u32) -> R;
+
+/// Each storage type's emulated entry points, by kind and head size (`None`: the kernel has no
+/// such variant, as `Kernel::name` says).
+trait EmuElem: Elem {
+    const CACHE: CacheFn<Self>;
+    const ROPE: RopeFn<Self>;
+    const SILU: SiluFn<Self>;
+    const EMB: EmbFn<Self>;
+    const FILL: FillFn<Self>;
+    fn staged(d: HeadDim) -> AttnFn<Self>;
+    fn reduce(d: HeadDim) -> ReduceFn<Self>;
+    fn pipelined(d: HeadDim) -> Option<AttnFn<Self>>;
+    fn decode(d: HeadDim) -> Option<AttnFn<Self>>;
+    fn mma(d: HeadDim) -> Option<MmaFn<Self>>;
+}
+
+impl EmuElem for f32 {
+    const CACHE: CacheFn<f32> = rows::reshape_and_cache_f32::launch;
+    const ROPE: RopeFn<f32> = rows::rotary_embedding_f32::launch;
+    const SILU: SiluFn<f32> = rows::silu_and_mul_f32::launch;
+    const EMB: EmbFn<f32> = rows::embedding_f32::launch;
+    const FILL: FillFn<f32> = rows::fill_dummy_f32::launch;
+    fn staged(d: HeadDim) -> AttnFn<f32> {
+        match d {
+            HeadDim::D64 => attention::paged_attention_f32_d64::launch,
+            HeadDim::D128 => attention::paged_attention_f32_d128::launch,
+        }
+    }
+    fn reduce(d: HeadDim) -> ReduceFn<f32> {
+        match d {
+            HeadDim::D64 => attention::attention_reduce_f32_d64::launch,
+            HeadDim::D128 => attention::attention_reduce_f32_d128::launch,
+        }
+    }
+    fn pipelined(_: HeadDim) -> Option<AttnFn<f32>> {
+        None
+    }
+    fn decode(_: HeadDim) -> Option<AttnFn<f32>> {
+        None
+    }
+    fn mma(_: HeadDim) -> Option<MmaFn<f32>> {
+        None
+    }
+}
+
+macro_rules! half_impl {
+    ($t:ty, $cache:path, $rope:path, $silu:path, $emb:path, $fill:path,
+     [$s64:path, $s128:path], [$r64:path, $r128:path], [$p64:path, $p128:path],
+     [$d64:path, $d128:path], [$m64:path, $m128:path]) => {
+        impl EmuElem for $t {
+            const CACHE: CacheFn<$t> = $cache;
+            const ROPE: RopeFn<$t> = $rope;
+            const SILU: SiluFn<$t> = $silu;
+            const EMB: EmbFn<$t> = $emb;
+            const FILL: FillFn<$t> = $fill;
+            fn staged(d: HeadDim) -> AttnFn<$t> {
+                if d == HeadDim::D64 {
+                    $s64
+                } else {
+                    $s128
+                }
+            }
+            fn reduce(d: HeadDim) -> ReduceFn<$t> {
+                if d == HeadDim::D64 {
+                    $r64
+                } else {
+                    $r128
+                }
+            }
+            fn pipelined(d: HeadDim) -> Option<AttnFn<$t>> {
+                Some(if d == HeadDim::D64 { $p64 } else { $p128 })
+            }
+            fn decode(d: HeadDim) -> Option<AttnFn<$t>> {
+                Some(if d == HeadDim::D64 { $d64 } else { $d128 })
+            }
+            fn mma(d: HeadDim) -> Option<MmaFn<$t>> {
+                Some(if d == HeadDim::D64 { $m64 } else { $m128 })
+            }
+        }
+    };
+}
+
+half_impl!(
+    F16,
+    rows::reshape_and_cache_f16::launch,
+    rows::rotary_embedding_f16::launch,
+    rows::silu_and_mul_f16::launch,
+    rows::embedding_f16::launch,
+    rows::fill_dummy_f16::launch,
+    [attention::paged_attention_f16_d64::launch, attention::paged_attention_f16_d128::launch],
+    [attention::attention_reduce_f16_d64::launch, attention::attention_reduce_f16_d128::launch],
+    [attention::paged_attention_pipelined_f16_d64::launch, attention::paged_attention_pipelined_f16_d128::launch],
+    [decode::paged_decode_f16_d64::launch, decode::paged_decode_f16_d128::launch],
+    [mma::paged_attention_mma_f16_d64::launch, mma::paged_attention_mma_f16_d128::launch]
+);
+half_impl!(
+    Bf16,
+    rows::reshape_and_cache_bf16::launch,
+    rows::rotary_embedding_bf16::launch,
+    rows::silu_and_mul_bf16::launch,
+    rows::embedding_bf16::launch,
+    rows::fill_dummy_bf16::launch,
+    [attention::paged_attention_bf16_d64::launch, attention::paged_attention_bf16_d128::launch],
+    [attention::attention_reduce_bf16_d64::launch, attention::attention_reduce_bf16_d128::launch],
+    [attention::paged_attention_pipelined_bf16_d64::launch, attention::paged_attention_pipelined_bf16_d128::launch],
+    [decode::paged_decode_bf16_d64::launch, decode::paged_decode_bf16_d128::launch],
+    [mma::paged_attention_mma_bf16_d64::launch, mma::paged_attention_mma_bf16_d128::launch]
+);
+
+fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x.to_f32() as f64 - y.to_f32() as f64).abs()).fold(0.0, f64::max)
+}
+
+fn conv<T: Elem>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+// ------------------------------------------------------------------ row kernels
+
+fn row_kernels<T: EmuElem>(tol: f64) {
+    let (nrows, n) = (7usize, 576usize);
+    let t = T::DTYPE;
+    // SiLU and multiply.
+    let gu: Vec<T> = conv(&rnd(nrows * 2 * n, 3));
+    let mut out = vec![T::default(); nrows * n];
+    let l = emu(Kernel::SiluAndMul(t), Kernel::SiluAndMul(t).rows(nrows as u32)).buffer("out", &out).buffer("x", &gu);
+    T::SILU(&l, out.as_mut_ptr(), gu.as_ptr(), n as u32).unwrap();
+    let want: Vec<T> = gu
+        .chunks(2 * n)
+        .flat_map(|g| {
+            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+            let mut of = vec![0f32; n];
+            ops::silu_and_mul_row(&gf, &mut of);
+            conv::<T>(&of)
+        })
+        .collect();
+    assert!(max_abs(&out, &want) < tol, "silu_and_mul_{}: {}", T::NAME, max_abs(&out, &want));
+    // Embedding gather, bit for bit.
+    let table: Vec<T> = conv(&rnd(50 * n, 4));
+    let ids = vec![3u32, 49, 0, 3, 17, 8, 22];
+    let mut out = vec![T::default(); nrows * n];
+    let k = Kernel::Embedding(t);
+    let l = emu(k, k.rows(nrows as u32)).buffer("out", &out).buffer("table", &table).buffer("ids", &ids);
+    T::EMB(&l, out.as_mut_ptr(), table.as_ptr(), ids.as_ptr(), n as u32).unwrap();
+    let want: Vec<T> = ids.iter().flat_map(|&i| table[i as usize * n..(i as usize + 1) * n].to_vec()).collect();
+    assert_eq!(max_abs(&out, &want), 0.0, "embedding_{}", T::NAME);
+    // Rotary, both layouts: q with 9 heads, k with 3, head dim 64; positions up to 4095.
+    let (nq, nk, hd) = (9usize, 3usize, 64usize);
+    let positions: Vec<u32> = vec![0, 1, 2, 100, 4095, 7, 9];
+    let mut cs = vec![0f32; 4096 * hd];
+    for (p, r) in cs.chunks_mut(hd).enumerate() {
+        ops::fill_cos_sin_row(p, hd, 10000.0, r);
+    }
+    for layout in [RopeLayout::Interleaved, RopeLayout::Neox] {
+        let q: Vec<T> = conv(&rnd(nrows * nq * hd, 5));
+        let kk: Vec<T> = conv(&rnd(nrows * nk * hd, 6));
+        let (mut qd, mut kd) = (q.clone(), kk.clone());
+        let kr = Kernel::RotaryEmbedding(t);
+        let l = emu(kr, kr.rows(nrows as u32))
+            .buffer("q", &qd)
+            .buffer("k", &kd)
+            .buffer("positions", &positions)
+            .buffer("cos_sin", &cs);
+        let dims = (nq as u32, nk as u32, hd as u32, hd as u32);
+        T::ROPE(
+            &l,
+            qd.as_mut_ptr(),
+            kd.as_mut_ptr(),
+            positions.as_ptr(),
+            cs.as_ptr(),
+            dims.0,
+            dims.1,
+            dims.2,
+            dims.3,
+            layout as u32,
+        )
+        .unwrap();
+        let rot = |v: &[T], heads: usize| -> Vec<T> {
+            let mut f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            for (tk, tok) in f.chunks_mut(heads * hd).enumerate() {
+                let p = positions[tk] as usize;
+                for h in tok.chunks_mut(hd) {
+                    ops::rope_head(h, &cs[p * hd..(p + 1) * hd], hd, layout);
+                }
+            }
+            conv::<T>(&f)
+        };
+        let (eq, ek) = (max_abs(&qd, &rot(&q, nq)), max_abs(&kd, &rot(&kk, nk)));
+        assert!(eq < tol && ek < tol, "rotary_embedding_{} {layout:?}: q {eq}, k {ek}", T::NAME);
+    }
+    // The dummy-weight fill, bit for bit, past one grid's worth of blocks (grid-stride).
+    let n_fill = 128 * 132 * 16 + 1001;
+    let mut f = vec![T::default(); n_fill];
+    let l = emu(Kernel::FillDummy(t), Kernel::fill(n_fill as u64)).buffer("out", &f);
+    T::FILL(&l, f.as_mut_ptr(), n_fill as u64, 77, 0.03).unwrap();
+    for i in (0..n_fill).step_by(97).chain([n_fill - 1]) {
+        let v = T::from_f32(weave_kernels_gpu::sample::dummy_value(77, i as u64, 0.03));
+        assert_eq!(f[i].to_f32().to_bits(), v.to_f32().to_bits(), "fill_dummy_{} element {i}", T::NAME);
+    }
+}
+
+#[test]
+fn row_kernels_f32() {
+    row_kernels::<f32>(1e-4);
+}
+
+#[test]
+fn row_kernels_f16() {
+    row_kernels::<F16>(4e-3);
+}
+
+#[test]
+fn row_kernels_bf16() {
+    row_kernels::<Bf16>(3e-2);
+}
+
+// ------------------------------------------------------------------ sampling
+
+#[test]
+fn argmax_over_a_vocabulary() {
+    let (nrows, vocab) = (5usize, 4099usize);
+    let mut logits = rnd(nrows * vocab, 9);
+    logits[3 * vocab + 4000] = 5.0;
+    logits[4 * vocab + 7] = 5.0;
+    logits[4 * vocab + 9] = 5.0; // a tie: the lower index wins
+    let mut out = vec![0u32; nrows];
+    let l = emu(Kernel::ArgmaxF32, Kernel::ArgmaxF32.rows(nrows as u32)).buffer("out", &out).buffer("logits", &logits);
+    sampling::argmax_f32::launch(&l, out.as_mut_ptr(), logits.as_ptr(), vocab as u32).unwrap();
+    let want: Vec<u32> = logits.chunks(vocab).map(ops::argmax_row).collect();
+    assert_eq!(out, want);
+    assert_eq!(out[4], 7);
+}
+
+#[test]
+fn device_sampling_matches_its_host_definition() {
+    use weave_kernels_gpu::sample::{sample_row, RowParams};
+    let vocab = 1500usize;
+    let mut params = Vec::new();
+    for (i, (t, top_k, top_p)) in [
+        (0.0f32, 0u32, 1.0f32),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (0.7, 0, 0.9),
+        (1.3, 200, 0.5),
+        (1.0, 1, 1.0),
+        (0.5, 0, 0.02),
+        (2.0, 1400, 0.999),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for c in 0..2u32 {
+            params.push(RowParams { temperature: t, top_k, top_p, seed: 1000 + i as u64, counter: c });
+        }
+    }
+    let nrows = params.len();
+    let logits: Vec<f32> = (0..nrows)
+        .flat_map(|r| rnd(vocab, 100 + r as u64).into_iter().map(move |x| x * (1.0 + r as f32 % 7.0)))
+        .collect();
+    let words: Vec<u32> = params.iter().flat_map(|p| p.to_words()).collect();
+    let (mut toks, mut lps) = (vec![0u32; nrows], vec![0f32; nrows]);
+    let l = emu(Kernel::SampleF32, Kernel::SampleF32.rows(nrows as u32))
+        .buffer("out", &toks)
+        .buffer("out_logprob", &lps)
+        .buffer("logits", &logits)
+        .buffer("params", &words);
+    sampling::sample_f32::launch(
+        &l,
+        toks.as_mut_ptr(),
+        lps.as_mut_ptr(),
+        logits.as_ptr(),
+        words.as_ptr(),
+        vocab as u32,
+    )
+    .unwrap();
+    let mut differ = 0;
+    for (r, p) in params.iter().enumerate() {
+        let (want, want_lp) = sample_row(&logits[r * vocab..(r + 1) * vocab], p);
+        // The block sums run in another order than the host's: as on a GPU, a draw may land on
+        // another token only where two scores are within rounding; never a greedy row.
+        if toks[r] != want {
+            assert!(!p.greedy(), "row {r}: greedy {} != {want}", toks[r]);
+            differ += 1;
+        } else {
+            assert!((lps[r] - want_lp).abs() < 1e-3, "row {r}: logprob {} vs {want_lp}", lps[r]);
+        }
+    }
+    assert!(differ <= nrows / 16, "{differ} of {nrows} rows drew another token than the host definition");
+}
+
+// ------------------------------------------------------------------ attention
+
+/// The batch's KV write (bit for bit against the host's) and its attention with `kind`, as
+/// the CUDA backend sequences the launches; returns the largest difference from the host.
+fn attention_case<T: EmuElem>(c: &common::Case, kind: AttnKernel) -> f64 {
+    let b = common::build::<T>(c);
+    let shape = b.shape;
+    let t = T::DTYPE;
+    let hd = HeadDim::of(shape.head_dim).unwrap();
+    let num_tokens = *b.qsl.last().unwrap();
+    // KV write.
+    let (mut kc, mut vc) = (b.kc_before.clone(), b.vc_before.clone());
+    let row = shape.num_kv_heads * shape.head_dim;
+    let k = Kernel::ReshapeAndCache(t);
+    let l = emu(k, k.rows(b.slots.len() as u32))
+        .buffer("k", &b.k_new)
+        .buffer("v", &b.v_new)
+        .buffer("k_cache", &kc)
+        .buffer("v_cache", &vc)
+        .buffer("slots", &b.slots);
+    T::CACHE(&l, b.k_new.as_ptr(), b.v_new.as_ptr(), kc.as_mut_ptr(), vc.as_mut_ptr(), b.slots.as_ptr(), row).unwrap();
+    let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&kc) == bits(&b.kc) && bits(&vc) == bits(&b.vc),
+        "reshape_and_cache_{} differs from the host",
+        T::NAME
+    );
+
+    // Attention: the tiles for `kind`, CUDA-core tiles (split unless there are chunk tiles),
+    // then tensor-core tiles.
+    let (small, big) = kind.tiles(t, shape.block_size, &b.qsl, shape.tokens_per_tile());
+    let shape = if big.is_empty() { shape } else { weave_kernels_gpu::AttnShape { blocks_per_split: 0, ..shape } };
+    let splits = shape.num_splits(b.max_seq_len);
+    let nq = shape.num_q_heads;
+    let mut partials = vec![0f32; (splits * num_tokens * nq) as usize * shape.partial_stride()];
+    let mut out = vec![T::default(); b.q.len()];
+    let base = |name: &str, k: Kernel, d: LaunchDims, tiles: &[u32], out: &[T], partials: &[f32]| {
+        let _ = name;
+        emu(k, d)
+            .buffer("out", out)
+            .buffer("partials", partials)
+            .buffer("q", &b.q)
+            .buffer("k_cache", &kc)
+            .buffer("v_cache", &vc)
+            .buffer("tiles", tiles)
+            .buffer("query_start_loc", &b.qsl)
+            .buffer("context_lens", &b.ctx)
+            .buffer("block_tables", &b.tables)
+    };
+    if !small.is_empty() {
+        let half = t != Dtype::F32;
+        let rows_kind = kind.decode_rows(t, shape.block_size);
+        let (kernel, f) = match (rows_kind, half) {
+            (AttnKernel::Fast, true) => (Kernel::PagedDecode(t, hd), T::decode(hd).unwrap()),
+            (AttnKernel::Pipelined, true) => (Kernel::PagedAttentionPipelined(t, hd), T::pipelined(hd).unwrap()),
+            _ => (Kernel::PagedAttention(t, hd), T::staged(hd)),
+        };
+        let d = kernel.attention(&shape, small.len() as u32 / 2, splits);
+        let l = base(kernel.name(), kernel, d, &small, &out, &partials);
+        f(
+            &l,
+            out.as_mut_ptr(),
+            partials.as_mut_ptr(),
+            b.q.as_ptr(),
+            kc.as_ptr(),
+            vc.as_ptr(),
+            small.as_ptr(),
+            b.qsl.as_ptr(),
+            b.ctx.as_ptr(),
+            b.tables.as_ptr(),
+            num_tokens,
+            nq,
+            shape.num_kv_heads,
+            shape.block_size,
+            shape.max_blocks_per_seq,
+            shape.blocks_per_split,
+            splits,
+            shape.scale,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        if splits > 1 {
+            let r = Kernel::AttentionReduce(t, hd);
+            let l = emu(r, r.attention(&shape, num_tokens, 1)).buffer("out", &out).buffer("partials", &partials);
+            T::reduce(hd)(&l, out.as_mut_ptr(), partials.as_ptr(), num_tokens, nq, splits)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    if !big.is_empty() {
+        let kernel = Kernel::PagedAttentionMma(t, hd);
+        let d = kernel.attention(&shape, big.len() as u32 / 2, 1);
+        let l = base(kernel.name(), kernel, d, &big, &out, &partials);
+        T::mma(hd).unwrap()(
+            &l,
+            out.as_mut_ptr(),
+            b.q.as_ptr(),
+            kc.as_ptr(),
+            vc.as_ptr(),
+            big.as_ptr(),
+            b.qsl.as_ptr(),
+            b.ctx.as_ptr(),
+            b.tables.as_ptr(),
+            num_tokens,
+            nq,
+            shape.num_kv_heads,
+            shape.block_size,
+            shape.max_blocks_per_seq,
+            shape.scale,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut want = vec![T::default(); b.q.len()];
+    let mut hp =
+        vec![
+            0f32;
+            b.shape.num_splits(b.max_seq_len) as usize * num_tokens as usize * nq as usize * b.shape.partial_stride()
+        ];
+    let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
+    paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut want, &mut hp);
+    max_abs(&out, &want)
+}
+
+const KINDS: [AttnKernel; 4] = [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast];
+
+/// Random mixed batches from `common::case()`, every kernel choice on each.
+fn attention_prop<T: EmuElem>(cases: u32, tol: f64) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
+    let r = runner.run(&common::case(), |c| {
+        for kind in KINDS {
+            let err = attention_case::<T>(&c, kind);
+            prop_assert!(err < tol, "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})", T::NAME);
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn attention_f32() {
+    attention_prop::<f32>(10, 1e-4);
+}
+
+#[test]
+fn attention_f16() {
+    attention_prop::<F16>(10, 2e-3);
+}
+
+#[test]
+fn attention_bf16() {
+    attention_prop::<Bf16>(10, 1.6e-2);
+}
+
+/// The tensor-core kernel on chunks longer than its 64-token tiles, mid-block starts, GQA
+/// groups of 3, 4 and 8, block sizes 16 and 32, beside decode rows.
+#[test]
+fn tensor_core_attention_on_long_chunks() {
+    for (block_size, head_dim, group) in [(16u32, 128u32, 4u32), (32, 64, 3), (16, 64, 8), (32, 128, 1)] {
+        let c = common::Case {
+            seqs: vec![(0, 100), (37, 70), (70, 1), (16, 65)],
+            block_size,
+            head_dim,
+            num_kv_heads: 1,
+            group,
+            blocks_per_split: 0,
+            seed: 5,
+        };
+        for kind in [AttnKernel::TensorCore, AttnKernel::Fast] {
+            let e16 = attention_case::<F16>(&c, kind);
+            let e_bf = attention_case::<Bf16>(&c, kind);
+            assert!(
+                e16 < 2e-3 && e_bf < 1.6e-2,
+                "{kind:?}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+            );
+        }
+    }
+}
+
+/// The decode kernel alone and split (decode-only batches split their KV), contexts from one
+/// key to several blocks.
+#[test]
+fn decode_kernel_split_and_unsplit() {
+    for (block_size, head_dim, group, bps) in
+        [(16u32, 128u32, 4u32, 0u32), (16, 128, 4, 2), (32, 64, 3, 1), (16, 64, 8, 3)]
+    {
+        let c = common::Case {
+            seqs: vec![(0, 1), (15, 1), (16, 1), (200, 1), (77, 1)],
+            block_size,
+            head_dim,
+            num_kv_heads: 2,
+            group,
+            blocks_per_split: bps,
+            seed: 11,
+        };
+        let e16 = attention_case::<F16>(&c, AttnKernel::Fast);
+        let e_bf = attention_case::<Bf16>(&c, AttnKernel::Fast);
+        assert!(
+            e16 < 2e-3 && e_bf < 1.6e-2,
+            "split {bps}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use super::{CudaError, DevElem, Kernels};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
-use weave_kernels_gpu::{HeadDim, Kernel, BLOCK_THREADS};
+use weave_kernels_gpu::{HeadDim, Kernel, LaunchDims};
 
 /// Which paged attention kernel a launch uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,14 +42,15 @@ impl AttnKernel {
         matches!(self, AttnKernel::TensorCore | AttnKernel::Fast) && AttnKernel::mma_ok(dtype, block_size)
     }
 
-    /// The kernel a split batch's decode rows take.
-    pub fn decode_rows(self) -> AttnKernel {
-        if self == AttnKernel::Fast {
-            AttnKernel::Fast
-        } else if self == AttnKernel::TensorCore {
-            AttnKernel::Staged
-        } else {
-            self
+    /// The kernel the CUDA-core tiles ([`Self::tiles`]' first list) take for `dtype` at
+    /// `block_size`. The decode kernel only where the tiles split, since it takes one-token
+    /// sequences alone: where they do not (f32, or a block size the tensor-core kernel cannot
+    /// walk), `Fast`'s tiles hold chunks too and go to the staged kernel, as `TensorCore`'s do.
+    pub fn decode_rows(self, dtype: weave_kernels_gpu::Dtype, block_size: u32) -> AttnKernel {
+        match self {
+            AttnKernel::Fast if self.splits_tiles(dtype, block_size) => AttnKernel::Fast,
+            AttnKernel::Fast | AttnKernel::TensorCore => AttnKernel::Staged,
+            other => other,
         }
     }
 
@@ -90,9 +91,14 @@ pub struct AttnMeta<'a> {
     pub block_tables: &'a CudaView<'a, u32>,
 }
 
-/// One thread block of [`BLOCK_THREADS`] per row, with the shared memory `k` needs.
+/// cudarc's form of a launch shape from `kernels-gpu` (which the emulator's launches share).
+fn cfg(d: LaunchDims) -> LaunchConfig {
+    LaunchConfig { grid_dim: d.grid, block_dim: (d.block, 1, 1), shared_mem_bytes: d.smem }
+}
+
+/// One thread block of `BLOCK_THREADS` per row, with the shared memory `k` needs.
 fn rows(k: Kernel, n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: k.dynamic_smem() }
+    cfg(k.rows(n as u32))
 }
 
 impl Kernels {
@@ -192,7 +198,7 @@ impl Kernels {
     ) -> Result<(), CudaError> {
         let shape = if big.num_tiles > 0 { AttnShape { blocks_per_split: 0, ..*shape } } else { *shape };
         if small.num_tiles > 0 {
-            let kind = kind.decode_rows();
+            let kind = kind.decode_rows(T::DTYPE, shape.block_size);
             self.paged_attention_with::<T>(kind, &shape, small, max_seq_len, q, k_cache, v_cache, out, partials)?;
         }
         if big.num_tiles > 0 {
@@ -230,11 +236,7 @@ impl Kernels {
             .arg(&shape.block_size)
             .arg(&shape.max_blocks_per_seq)
             .arg(&shape.scale);
-        let cfg = LaunchConfig {
-            grid_dim: (meta.num_tiles as u32, shape.num_q_heads, 1),
-            block_dim: (BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: kernel.dynamic_smem(),
-        };
+        let cfg = cfg(kernel.attention(shape, meta.num_tiles as u32, 1));
         // SAFETY: shapes checked; the tiles cover `MMA_TILE_TOKENS` tokens of chunks whose
         // blocks the tables hold; buffers sized by the caller as AttnShape documents.
         unsafe { b.launch(cfg) }?;
@@ -296,29 +298,16 @@ impl Kernels {
             .arg(&shape.blocks_per_split)
             .arg(&splits)
             .arg(&shape.scale);
-        let cfg = LaunchConfig {
-            // The decode kernel is one query head a thread block, the others one KV head.
-            grid_dim: (meta.num_tiles as u32, if decode { shape.num_q_heads } else { shape.num_kv_heads }, splits),
-            block_dim: (BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: if pipelined {
-                weave_kernels_gpu::attention_smem_bytes_for(d, shape.block_size)
-            } else {
-                kernel.dynamic_smem()
-            },
-        };
+        // The decode kernel is one query head a thread block, the others one KV head.
+        let dims = cfg(kernel.attention(shape, meta.num_tiles as u32, splits));
         // SAFETY: shapes checked; buffers sized by the caller as AttnShape documents.
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(dims) }?;
         if splits > 1 {
-            let f = self.function(Kernel::AttentionReduce(T::DTYPE, hd));
-            let mut b = self.stream.launch_builder(f);
+            let reduce = Kernel::AttentionReduce(T::DTYPE, hd);
+            let mut b = self.stream.launch_builder(self.function(reduce));
             b.arg(out).arg(&*partials).arg(&num_tokens).arg(&shape.num_q_heads).arg(&splits);
-            let cfg = LaunchConfig {
-                grid_dim: (num_tokens, shape.num_q_heads, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: `partials` was filled for these dimensions by the launch above.
-            unsafe { b.launch(cfg) }?;
+            unsafe { b.launch(cfg(reduce.attention(shape, num_tokens, 1))) }?;
         }
         Ok(())
     }
@@ -458,12 +447,8 @@ impl Kernels {
         let n = out.len() as u64;
         let mut b = self.stream.launch_builder(self.function(kind));
         b.arg(&mut *out).arg(&n).arg(&seed).arg(&scale);
-        // Grid-stride: enough blocks to fill the device, not one per element.
-        let blocks = n.div_ceil(BLOCK_THREADS as u64).min(132 * 16) as u32;
-        let cfg =
-            LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (BLOCK_THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the kernel writes `out.len()` elements.
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg(Kernel::fill(n))) }?;
         Ok(())
     }
 }

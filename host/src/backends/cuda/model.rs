@@ -579,13 +579,12 @@ impl CudaBackend {
         if is_decode_only(b) {
             let max_blocks = b.max_seq_len.div_ceil(self.shape.block_size);
             // The decode kernel's thread blocks are per query head, the others' per KV head.
-            let heads = if self.attn_kernel.splits_tiles(self.limits.dtype, self.shape.block_size)
-                && self.attn_kernel.decode_rows() == super::AttnKernel::Fast
-            {
-                self.shape.num_q_heads
-            } else {
-                self.shape.num_kv_heads
-            };
+            let heads =
+                if self.attn_kernel.decode_rows(self.limits.dtype, self.shape.block_size) == super::AttnKernel::Fast {
+                    self.shape.num_q_heads
+                } else {
+                    self.shape.num_kv_heads
+                };
             let bps =
                 weave_kernels_gpu::attention::choose_blocks_per_split(n as u32, heads, max_blocks, self.k.num_sms);
             let trial = AttnShape { blocks_per_split: bps, ..self.shape };
