@@ -337,7 +337,9 @@ fn fail(kind: ErrorKind, detail: String) -> ! {
         thread: Some(launch_of(e).block.at(CUR.get() as usize)),
         detail,
     });
-    panic::panic_any(err)
+    // An unwind without the panic hook: the error reaches the launch's result, and the test
+    // output shows it once, not also as a thread's panic message.
+    panic::resume_unwind(Box::new(err))
 }
 
 fn park(p: Park) {
