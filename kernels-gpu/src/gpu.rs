@@ -89,6 +89,59 @@ mod imp {
         };
         [a, b, c, d]
     }
+    /// The shared window's 32-bit address of a generic pointer into shared memory.
+    #[inline(always)]
+    fn shared_addr(p: *const u8) -> u32 {
+        let a: u32;
+        unsafe {
+            core::arch::asm!(
+                "{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; cvt.u32.u64 {a}, s; }}",
+                p = in(reg64) p as u64,
+                a = out(reg32) a,
+            )
+        };
+        a
+    }
+    /// `ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16`.
+    #[inline(always)]
+    pub unsafe fn ldmatrix_x4_at(row: *const u8, trans: bool) -> [u32; 4] {
+        let (a, b, c, d): (u32, u32, u32, u32);
+        let s = shared_addr(row);
+        unsafe {
+            if trans {
+                core::arch::asm!(
+                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{a}, {b}, {c}, {d}}}, [{s}];",
+                    s = in(reg32) s, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                )
+            } else {
+                core::arch::asm!(
+                    "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{s}];",
+                    s = in(reg32) s, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                )
+            }
+        };
+        [a, b, c, d]
+    }
+    /// `cp.async.cg.shared.global` of 16 bytes.
+    #[inline(always)]
+    pub unsafe fn cp_async_16_at(dst: *mut u8, src: *const u8) {
+        let s = shared_addr(dst);
+        unsafe {
+            core::arch::asm!(
+                "{{ .reg .u64 g; cvta.to.global.u64 g, {src}; cp.async.cg.shared.global [{s}], [g], 16; }}",
+                s = in(reg32) s,
+                src = in(reg64) src as u64,
+            )
+        };
+    }
+    #[inline(always)]
+    pub fn cp_async_commit() {
+        unsafe { core::arch::asm!("cp.async.commit_group;") };
+    }
+    #[inline(always)]
+    pub fn cp_async_wait_all() {
+        unsafe { core::arch::asm!("cp.async.wait_all;") };
+    }
     /// `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{..}.f32`, in place on `d`.
     #[inline(always)]
     pub fn mma_m16n8k16(bf16: bool, d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
@@ -164,6 +217,26 @@ mod imp {
     pub unsafe fn ld_nc_v4(p: *const u32) -> [u32; 4] {
         unsafe { weave_simt::ld_v4(p) }
     }
+    /// # Safety
+    /// None on the host (the emulator checks the offsets); unsafe as on the device.
+    #[track_caller]
+    pub unsafe fn ldmatrix_x4_at(off: usize, trans: bool) -> [u32; 4] {
+        weave_simt::ldmatrix(4, trans, off)
+    }
+    /// # Safety
+    /// As `weave_simt::cp_async` (the source is checked against the launch's buffers).
+    #[track_caller]
+    pub unsafe fn cp_async_16_at(dst: usize, src: *const u8) {
+        unsafe { weave_simt::cp_async(dst, src, 16) }
+    }
+    #[track_caller]
+    pub fn cp_async_commit() {
+        weave_simt::cp_async_commit()
+    }
+    #[track_caller]
+    pub fn cp_async_wait_all() {
+        weave_simt::cp_async_wait_all()
+    }
     #[track_caller]
     pub fn mma_m16n8k16(bf16: bool, d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
         let ty = if bf16 { weave_simt::MmaType::Bf16 } else { weave_simt::MmaType::F16 };
@@ -183,6 +256,41 @@ pub const FULL: u32 = 0xffff_ffff;
 #[track_caller]
 pub fn mma_16816<T: Elem>(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
     imp::mma_m16n8k16(matches!(T::DTYPE, Dtype::Bf16), d, a, b)
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16`: four 8x8 matrices of 16-bit values
+/// from shared memory; lane `8i + r` gives (in `row`) matrix `i`'s row `r`, 16 bytes, 16-byte
+/// aligned. Lane `l` gets in register `i` matrix `i`'s row `l / 4`, columns `2 (l % 4)` and
+/// `+1`; with `trans`, column `l / 4`, rows `2 (l % 4)` and `+1`. All 32 lanes take part.
+///
+/// # Safety
+/// `row` is inside the launch's shared memory, written and ordered by a barrier.
+#[inline(always)]
+#[track_caller]
+pub unsafe fn ldmatrix_x4<T>(row: Shared<T>, trans: bool) -> [u32; 4] {
+    #[cfg(target_arch = "nvptx64")]
+    return unsafe { imp::ldmatrix_x4_at(row.p as *const u8, trans) };
+    #[cfg(not(target_arch = "nvptx64"))]
+    return unsafe { imp::ldmatrix_x4_at(row.off, trans) };
+}
+
+/// `cp.async.cg.shared.global`: 16 bytes from global to shared memory, asynchronously; they
+/// land at [`cp_async_wait_all`] (the emulator holds them back until then, so a read before
+/// the wait shows).
+///
+/// # Safety
+/// Both 16-byte aligned and inside their memories; no thread touches `dst` before the wait.
+#[inline(always)]
+#[track_caller]
+pub unsafe fn cp_async_16<T, U>(dst: Shared<T>, src: Global<U>) {
+    #[cfg(target_arch = "nvptx64")]
+    unsafe {
+        imp::cp_async_16_at(dst.p as *mut u8, src.0 as *const u8)
+    };
+    #[cfg(not(target_arch = "nvptx64"))]
+    unsafe {
+        imp::cp_async_16_at(dst.off, src.0 as *const u8)
+    };
 }
 
 /// A pointer to global memory. On nvptx a bare pointer; on the host each access is checked

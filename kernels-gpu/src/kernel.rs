@@ -70,6 +70,9 @@ pub enum Kernel {
     SampleF32,
     /// Dummy weights (`crate::sample::dummy_value`), grid-stride.
     FillDummy(Dtype),
+    /// Every primitive of the `gpu` seam on known inputs, to compare a GPU with the emulator
+    /// (`crate::kernels::conformance`).
+    GpuConformance,
 }
 
 impl Kernel {
@@ -130,6 +133,7 @@ impl Kernel {
             FillDummy(F32) => "fill_dummy_f32",
             FillDummy(F16) => "fill_dummy_f16",
             FillDummy(Bf16) => "fill_dummy_bf16",
+            GpuConformance => "gpu_conformance",
         }
     }
 
@@ -147,6 +151,7 @@ impl Kernel {
             Kernel::RmsNorm(_) | Kernel::FusedAddRmsNorm(_) | Kernel::ArgmaxF32 | Kernel::SampleF32 => {
                 2 * (crate::BLOCK_THREADS / 32) * 4
             }
+            Kernel::GpuConformance => crate::kernels::conformance::SMEM_BYTES,
             _ => 0,
         }
     }
@@ -215,7 +220,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 47] = {
+pub const KERNELS: [Kernel; 48] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -267,6 +272,7 @@ pub const KERNELS: [Kernel; 47] = {
         FillDummy(F32),
         FillDummy(F16),
         FillDummy(Bf16),
+        GpuConformance,
     ]
 };
 
@@ -295,6 +301,7 @@ mod tests {
                 Kernel::ArgmaxF32 => "argmax_f32".into(),
                 Kernel::SampleF32 => "sample_f32".into(),
                 Kernel::FillDummy(t) => format!("fill_dummy_{}", t.name()),
+                Kernel::GpuConformance => "gpu_conformance".into(),
             };
             assert_eq!(k.name(), want);
             assert!(KERNELS[..i].iter().all(|o| o.name() != k.name()), "{} twice", k.name());

@@ -352,3 +352,30 @@ fn skip(reason: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }
+
+/// The conformance kernel on the GPU against the same kernel on the emulator: every `gpu`
+/// primitive bit for bit (the MMAs within rounding). Run first on a GPU (`tools/gpu/check.sh`):
+/// it proves the emulator's model of the hardware that every emulated test relies on.
+#[test]
+fn gpu_primitives_match_the_emulator() {
+    use weave_kernels_gpu::kernels::conformance::{self as cf, GRID, NTHREADS, OUT_WORDS};
+    use weave_kernels_gpu::Kernel;
+    let Some(k) = gpu() else { return };
+    for seed in [7u64, 8, 9] {
+        let inp = cf::input(seed);
+        let mut out = k.zeros::<u32>(NTHREADS * OUT_WORDS).unwrap();
+        k.gpu_conformance(&k.upload(&inp).unwrap(), &mut out).unwrap();
+        let got = k.download(&out).unwrap();
+        let mut want = vec![0u32; NTHREADS * OUT_WORDS];
+        let d = Kernel::GpuConformance.rows(GRID);
+        let l = weave_simt::Launch::new("gpu_conformance", weave_simt::Dim3::x(d.grid.0), weave_simt::Dim3::x(d.block))
+            .smem(d.smem as usize)
+            .buffer("inp", &inp)
+            .buffer("out", &want);
+        cf::gpu_conformance::launch(&l, inp.as_ptr(), want.as_mut_ptr()).unwrap();
+        if let Err(e) = cf::compare(&got, &want) {
+            panic!("seed {seed}: the GPU and the emulator differ: {e}");
+        }
+    }
+    eprintln!("gpu_conformance: the GPU and the emulator agree on every primitive (3 seeds)");
+}

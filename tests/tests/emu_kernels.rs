@@ -627,3 +627,103 @@ fn decode_kernel_split_and_unsplit() {
         );
     }
 }
+
+// ------------------------------------------------------------------ the conformance kernel
+
+/// The conformance kernel under the emulator against the PTX ISA's definitions of each
+/// primitive, computed here from the inputs alone (a GPU run compares its output with the
+/// emulator's: `cuda_kernels.rs`, first in `tools/gpu/check.sh`).
+#[test]
+fn conformance_kernel_follows_the_ptx_definitions() {
+    use weave_kernels_gpu::kernels::conformance::{self as cf, region, slot, GRID, NTHREADS, OUT_WORDS};
+    let inp = cf::input(7);
+    let run = |checks: weave_simt::Checks| {
+        let mut out = vec![0u32; NTHREADS * OUT_WORDS];
+        let k = Kernel::GpuConformance;
+        let l = emu(k, k.rows(GRID)).buffer("inp", &inp).buffer("out", &out).checks(checks);
+        cf::gpu_conformance::launch(&l, inp.as_ptr(), out.as_mut_ptr()).unwrap_or_else(|e| panic!("{e}"));
+        out
+    };
+    let out = run(Default::default());
+    // Lane order changes nothing, bit for bit.
+    let rev = run(weave_simt::Checks { reverse_lanes: true, ..Default::default() });
+    assert_eq!(cf::compare(&out, &rev), Ok(()));
+    let at = |t: usize, s: usize| out[t * OUT_WORDS + s];
+    let h16 = |w: u32, hi: bool| if hi { w >> 16 } else { w & 0xffff };
+    for gt in 0..NTHREADS {
+        let (t, bx) = (gt % 128, gt / 128);
+        let (lane, warp) = (t % 32, t / 32);
+        let wbase = gt - lane; // the warp's first thread in the launch
+        assert_eq!(at(gt, slot::INDEX), t as u32 | (bx as u32) << 8 | GRID << 16);
+        for (k, m) in [1usize, 2, 4, 8, 16].into_iter().enumerate() {
+            assert_eq!(at(gt, slot::XOR + k), inp[region::INTS + wbase + (lane ^ m)], "shfl.bfly {m} thread {gt}");
+        }
+        assert_eq!(at(gt, slot::XOR_F32), inp[region::FLOATS + wbase + (lane ^ 1)]);
+        assert_eq!(at(gt, slot::XOR_F32 + 1), inp[region::FLOATS + wbase + (lane ^ 16)]);
+        let src = inp[region::LANES + gt] as usize % 32;
+        assert_eq!(at(gt, slot::IDX), inp[region::FLOATS + wbase + src], "shfl.idx thread {gt}");
+        let peer = 128 * bx + (7 * t + 3) % 128;
+        assert_eq!(at(gt, slot::SHARED), inp[region::INTS + peer] ^ 0x5a5a_5a5a);
+        for k in 0..4 {
+            assert_eq!(at(gt, slot::V4 + k), inp[region::V4 + 4 * (t % 64) + k]);
+        }
+        // ldmatrix: the block's 128 INTS words as 32 rows of 16 bytes (4 words); lane `8i + r`
+        // points at row (5 (8i + r) + warp) % 32, which is matrix i's row r.
+        let row_of = |i: usize, r: usize| (5 * (8 * i + r) + warp) % 32;
+        let half_at = |row: usize, col: usize| h16(inp[region::INTS + 128 * bx + 4 * row + col / 2], col % 2 == 1);
+        for i in 0..4 {
+            // Register i: matrix i's row lane / 4, columns 2 (lane % 4) and + 1.
+            let r = row_of(i, lane / 4);
+            let want = half_at(r, 2 * (lane % 4)) | half_at(r, 2 * (lane % 4) + 1) << 16;
+            assert_eq!(at(gt, slot::LDMATRIX + i), want, "ldmatrix thread {gt} register {i}");
+            // .trans: column lane / 4, rows 2 (lane % 4) and + 1.
+            let (r0, r1) = (row_of(i, 2 * (lane % 4)), row_of(i, 2 * (lane % 4) + 1));
+            let want = half_at(r0, lane / 4) | half_at(r1, lane / 4) << 16;
+            assert_eq!(at(gt, slot::LDMATRIX_T + i), want, "ldmatrix.trans thread {gt} register {i}");
+        }
+        assert_eq!(at(gt, slot::ASYNC), inp[region::ASYNC + 4 * ((t + 1) % 128) + t % 4], "cp.async thread {gt}");
+    }
+    // mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"):
+    // with g = lane / 4 and c = lane % 4, a[r] holds A's row g + 8 (r & 1), columns
+    // 2c + 8 (r >> 1) and + 1; b[r] holds B's column g, rows 2c + 8r and + 1; c[i] and d[i]
+    // are row g + 8 (i >> 1), column 2c + (i & 1).
+    for (a_reg, b_reg, d_slot, wide) in [
+        (region::A16, region::B16, slot::MMA_F16, (|h: u32| F16(h as u16).to_f32()) as fn(u32) -> f32),
+        (region::ABF, region::BBF, slot::MMA_BF16, |h: u32| Bf16(h as u16).to_f32()),
+    ] {
+        for w0 in (0..NTHREADS).step_by(32) {
+            let (mut a, mut b, mut c) = ([[0f32; 16]; 16], [[0f32; 8]; 16], [[0f32; 8]; 16]);
+            for lane in 0..32 {
+                let (g, q) = (lane / 4, lane % 4);
+                for r in 0..4 {
+                    let w = inp[a_reg + 4 * (w0 + lane) + r];
+                    let (row, col) = (g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
+                    a[row][col] = wide(h16(w, false));
+                    a[row][col + 1] = wide(h16(w, true));
+                }
+                for r in 0..2 {
+                    let w = inp[b_reg + 2 * (w0 + lane) + r];
+                    b[2 * q + 8 * r][g] = wide(h16(w, false));
+                    b[2 * q + 8 * r + 1][g] = wide(h16(w, true));
+                }
+                for i in 0..4 {
+                    c[g + 8 * (i >> 1)][2 * q + (i & 1)] = f32::from_bits(inp[region::C + 4 * (w0 + lane) + i]);
+                }
+            }
+            for lane in 0..32 {
+                let (g, q) = (lane / 4, lane % 4);
+                for i in 0..4 {
+                    let (row, col) = (g + 8 * (i >> 1), 2 * q + (i & 1));
+                    let want: f64 =
+                        c[row][col] as f64 + (0..16).map(|k| a[row][k] as f64 * b[k][col] as f64).sum::<f64>();
+                    let got = f32::from_bits(out[(w0 + lane) * OUT_WORDS + d_slot + i]) as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "mma warp {} lane {lane} d[{i}]: {got} vs {want}",
+                        w0 / 32
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see tools/gpu/prepare.sh). Logs go to $OUT.
 #   part1:  keeps the first half of the model in /tmp for the next call.
-#   all:    the kernel tests (sampling and dummy fill among them), then the CUDA backend
+#   all:    the conformance kernel (the GPU against the SIMT emulator, every primitive), the
+#           kernel tests (sampling and dummy fill among them), then the CUDA backend
 #           against the CPU backend on the same prompts (greedy tokens, first divergence) with
 #           graphs, eagerly, with chunked prefill and alone (batch invariance); seeded
 #           sampling twice; dummy smollm2 on both backends; and a first timing of SmolLM2 and
@@ -59,6 +60,8 @@ cat /tmp/model.part-aa target/gpu2/model.part-ab > "$M"
 [ "$(sha256sum "$M" | cut -d' ' -f1)" = "$(cat target/gpu2/model.sha256)" ] || { echo "model parts do not match their hash"; exit 1; }
 export WEAVE_PTX_DIR="$PWD/target/ptx"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+# First: does the emulator model this GPU? (the conformance kernel, bit for bit)
+echo "== conformance"; "$K" gpu_primitives_match_the_emulator --nocapture 2>&1 | tail -8 | tee "$OUT/conformance.txt"
 echo "== kernel tests"; "$K" 2>&1 | tail -5 | tee "$OUT/kernels.txt"
 G="generate --model $M --prompts-file examples/prompts.jsonl --max-tokens 32 --json --profile"
 run() { local name=$1; shift; timeout 240 "$W" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"; echo "$name: rc $?"; }

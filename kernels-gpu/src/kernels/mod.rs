@@ -7,6 +7,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod attention;
+pub mod conformance;
 pub mod decode;
 pub mod mma;
 pub mod norm;

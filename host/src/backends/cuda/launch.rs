@@ -451,4 +451,19 @@ impl Kernels {
         unsafe { b.launch(cfg(Kernel::fill(n))) }?;
         Ok(())
     }
+
+    /// The conformance kernel (`weave_kernels_gpu::kernels::conformance`): every `gpu`
+    /// primitive on `inp` (its `input()`), each thread's results in `out`.
+    pub fn gpu_conformance(&self, inp: &CudaSlice<u32>, out: &mut CudaSlice<u32>) -> Result<(), CudaError> {
+        use weave_kernels_gpu::kernels::conformance::{region, GRID, NTHREADS, OUT_WORDS};
+        if inp.len() < region::END || out.len() < NTHREADS * OUT_WORDS {
+            return Err(CudaError::Shape("gpu_conformance: buffers smaller than its regions"));
+        }
+        let kind = Kernel::GpuConformance;
+        let mut b = self.stream.launch_builder(self.function(kind));
+        b.arg(inp).arg(out);
+        // SAFETY: both buffers hold what the kernel's regions and slots index (checked above).
+        unsafe { b.launch(cfg(kind.rows(GRID))) }?;
+        Ok(())
+    }
 }
