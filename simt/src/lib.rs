@@ -659,15 +659,26 @@ fn check_global(addr: usize, size: usize, align: usize, what: &str) {
         if l.buffers.iter().any(|b| addr >= b.start && addr + size <= b.start + b.len) {
             return Ok(());
         }
-        let near = l
-            .buffers
-            .iter()
-            .map(|b| {
-                let off = addr as i128 - b.start as i128;
-                format!("{} is [{:#x}, {:#x}), the access at offset {off}", b.name, b.start, b.start + b.len)
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        // The nearest buffer (by distance from its ends): the one an off-by-one or a stale
+        // index most likely meant.
+        let dist = |b: &Buffer| {
+            if addr < b.start {
+                b.start - addr
+            } else {
+                (addr + size).saturating_sub(b.start + b.len)
+            }
+        };
+        let near = match l.buffers.iter().min_by_key(|b| dist(b)) {
+            Some(b) => format!(
+                "nearest: {} is [{:#x}, {:#x}), {} bytes, the access at offset {}",
+                b.name,
+                b.start,
+                b.start + b.len,
+                b.len,
+                addr as i128 - b.start as i128
+            ),
+            None => "the launch registered no buffer".to_string(),
+        };
         Err((
             ErrorKind::OutOfBounds,
             format!("global {what} of {size} bytes at {addr:#x} ({site}) is in none of the launch's buffers ({near})"),

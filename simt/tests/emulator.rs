@@ -295,7 +295,7 @@ fn accesses_are_bounds_and_alignment_checked() {
     })
     .unwrap_err();
     assert_eq!((e.kind, e.thread), (ErrorKind::OutOfBounds, Some(Dim3::x(32).into_first())), "{e}");
-    assert!(e.detail.contains("data is [") && e.detail.contains("offset 128"), "{e}");
+    assert!(e.detail.contains("nearest: data is [") && e.detail.contains("the access at offset 128"), "{e}");
     let e = launch(&Launch::new("misaligned", Dim3::x(1), Dim3::x(1)).buffer("data", &data), || {
         let _ = unsafe { ld((p.get() as *const u8).add(2) as *const u32) };
     })

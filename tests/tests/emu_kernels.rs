@@ -430,6 +430,11 @@ fn device_sampling_matches_its_host_definition() {
 /// The batch's KV write (bit for bit against the host's) and its attention with `kind`, as
 /// the CUDA backend sequences the launches; returns the largest difference from the host.
 fn attention_case<T: EmuElem>(c: &common::Case, kind: AttnKernel) -> f64 {
+    attention_case_with::<T>(c, kind, weave_simt::Checks::default())
+}
+
+/// [`attention_case`] with the emulator's `checks` (e.g. lanes run last to first).
+fn attention_case_with<T: EmuElem>(c: &common::Case, kind: AttnKernel, checks: weave_simt::Checks) -> f64 {
     let b = common::build::<T>(c);
     let shape = b.shape;
     let t = T::DTYPE;
@@ -464,6 +469,7 @@ fn attention_case<T: EmuElem>(c: &common::Case, kind: AttnKernel) -> f64 {
     let base = |name: &str, k: Kernel, d: LaunchDims, tiles: &[u32], out: &[T], partials: &[f32]| {
         let _ = name;
         emu(k, d)
+            .checks(checks)
             .buffer("out", out)
             .buffer("partials", partials)
             .buffer("q", &b.q)
@@ -507,7 +513,10 @@ fn attention_case<T: EmuElem>(c: &common::Case, kind: AttnKernel) -> f64 {
         .unwrap_or_else(|e| panic!("{e}"));
         if splits > 1 {
             let r = Kernel::AttentionReduce(t, hd);
-            let l = emu(r, r.attention(&shape, num_tokens, 1)).buffer("out", &out).buffer("partials", &partials);
+            let l = emu(r, r.attention(&shape, num_tokens, 1))
+                .checks(checks)
+                .buffer("out", &out)
+                .buffer("partials", &partials);
             T::reduce(hd)(&l, out.as_mut_ptr(), partials.as_ptr(), num_tokens, nq, splits)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
@@ -724,6 +733,28 @@ fn conformance_kernel_follows_the_ptx_definitions() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Every attention kernel with each warp's lanes run last to first: none leans on an order of
+/// lanes the hardware does not promise (a split batch, so the reduce runs too).
+#[test]
+fn attention_kernels_do_not_depend_on_lane_order() {
+    let rev = weave_simt::Checks { reverse_lanes: true, ..Default::default() };
+    for bps in [0u32, 1] {
+        let c = common::Case {
+            seqs: if bps == 0 { vec![(0, 70), (20, 9), (33, 1)] } else { vec![(40, 1), (17, 1)] },
+            block_size: 16,
+            head_dim: 64,
+            num_kv_heads: 2,
+            group: 3,
+            blocks_per_split: bps,
+            seed: 21,
+        };
+        for kind in KINDS {
+            let (e32, e16) = (attention_case_with::<f32>(&c, kind, rev), attention_case_with::<F16>(&c, kind, rev));
+            assert!(e32 < 1e-4 && e16 < 2e-3, "{kind:?} split {bps}, lanes reversed: f32 {e32}, f16 {e16}");
         }
     }
 }
