@@ -432,6 +432,80 @@ impl<T: Copy> Shared<T> {
     }
 }
 
+/// One kernel argument as a launch passes it, whatever the machine: a device address, or a
+/// scalar of the parameter's width. The CUDA backend pushes these to the driver; the emulator
+/// turns them back into the kernel's parameter types ([`KernelArg`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// A kernel parameter type, from its [`Arg`] (host only: the emulator's side of a launch).
+#[cfg(not(target_arch = "nvptx64"))]
+pub trait KernelArg: Sized {
+    /// What the parameter takes, for errors.
+    const WHAT: &'static str;
+    fn from_arg(a: Arg) -> Option<Self>;
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
+mod kernel_args {
+    use super::{Arg, KernelArg};
+    impl<T> KernelArg for *const T {
+        const WHAT: &'static str = "a pointer";
+        fn from_arg(a: Arg) -> Option<Self> {
+            if let Arg::Ptr(p) = a {
+                Some(p as usize as *const T)
+            } else {
+                None
+            }
+        }
+    }
+    impl<T> KernelArg for *mut T {
+        const WHAT: &'static str = "a pointer";
+        fn from_arg(a: Arg) -> Option<Self> {
+            if let Arg::Ptr(p) = a {
+                Some(p as usize as *mut T)
+            } else {
+                None
+            }
+        }
+    }
+    impl KernelArg for u32 {
+        const WHAT: &'static str = "a u32";
+        fn from_arg(a: Arg) -> Option<Self> {
+            if let Arg::U32(v) = a {
+                Some(v)
+            } else {
+                None
+            }
+        }
+    }
+    impl KernelArg for u64 {
+        const WHAT: &'static str = "a u64";
+        fn from_arg(a: Arg) -> Option<Self> {
+            if let Arg::U64(v) = a {
+                Some(v)
+            } else {
+                None
+            }
+        }
+    }
+    impl KernelArg for f32 {
+        const WHAT: &'static str = "an f32";
+        fn from_arg(a: Arg) -> Option<Self> {
+            if let Arg::F32(v) = a {
+                Some(v)
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// One kernel, written once: `kernel!(fn name(arg: Type, ...) { body })` gives the PTX entry
 /// point `name` on nvptx and, on the host, `name::launch(&weave_simt::Launch, args...)`,
 /// which runs the same body under the emulator. Arguments are raw pointers and scalars, as a
@@ -474,6 +548,38 @@ macro_rules! kernel {
                     let Args { $($a),* } = args.get();
                     unsafe { $($body)* }
                 })
+            }
+
+            /// The PTX entry's name.
+            pub const NAME: &str = stringify!($name);
+
+            /// [`launch`] from the arguments as a launch passes them ([`crate::gpu::Arg`]),
+            /// checked against the kernel's parameters: their number and each one's kind.
+            pub fn launch_args(l: &weave_simt::Launch, args: &[$crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError> {
+                let names: &[&str] = &[$(stringify!($a)),*];
+                let bad = |detail: ::std::string::String| weave_simt::EmuError {
+                    kind: weave_simt::ErrorKind::BadLaunch,
+                    kernel: l.kernel.clone(),
+                    block: weave_simt::Dim3::default(),
+                    thread: None,
+                    detail,
+                };
+                if args.len() != names.len() {
+                    return Err(bad(::std::format!("{} takes {} arguments ({}), the launch gives {}", NAME, names.len(), names.join(", "), args.len())));
+                }
+                let mut i = 0;
+                $(
+                    let $a = match <$t as $crate::gpu::KernelArg>::from_arg(args[i]) {
+                        Some(v) => v,
+                        None => return Err(bad(::std::format!(
+                            "{}'s parameter {} `{}` takes {}, the launch gives {:?}",
+                            NAME, i, stringify!($a), <$t as $crate::gpu::KernelArg>::WHAT, args[i]
+                        ))),
+                    };
+                    i += 1;
+                )*
+                let _ = i;
+                launch(l, $($a),*)
             }
         }
     };

@@ -219,6 +219,100 @@ impl Kernel {
     }
 }
 
+/// A kernel's emulated entry: its PTX name and `launch_args`.
+#[cfg(not(target_arch = "nvptx64"))]
+pub type EmuEntry =
+    (&'static str, fn(&weave_simt::Launch, &[crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError>);
+
+#[cfg(not(target_arch = "nvptx64"))]
+impl Kernel {
+    /// The kernel's body under the SIMT emulator, by type: what a device that emulates (the
+    /// CUDA backend's launchers over the emulator) calls where a GPU launches the PTX entry.
+    pub fn emu_entry(self) -> EmuEntry {
+        use crate::kernels::*;
+        use Dtype::*;
+        use HeadDim::*;
+        use Kernel::*;
+        macro_rules! e {
+            ($m:path) => {{
+                use $m as m;
+                (m::NAME, m::launch_args)
+            }};
+        }
+        match self {
+            ReshapeAndCache(F32) => e!(rows::reshape_and_cache_f32),
+            ReshapeAndCache(F16) => e!(rows::reshape_and_cache_f16),
+            ReshapeAndCache(Bf16) => e!(rows::reshape_and_cache_bf16),
+            PagedAttention(F32, D64) => e!(attention::paged_attention_f32_d64),
+            PagedAttention(F32, D128) => e!(attention::paged_attention_f32_d128),
+            PagedAttention(F16, D64) => e!(attention::paged_attention_f16_d64),
+            PagedAttention(F16, D128) => e!(attention::paged_attention_f16_d128),
+            PagedAttention(Bf16, D64) => e!(attention::paged_attention_bf16_d64),
+            PagedAttention(Bf16, D128) => e!(attention::paged_attention_bf16_d128),
+            PagedAttentionPipelined(F16, D64) => e!(attention::paged_attention_pipelined_f16_d64),
+            PagedAttentionPipelined(F16, D128) => e!(attention::paged_attention_pipelined_f16_d128),
+            PagedAttentionPipelined(Bf16, D64) => e!(attention::paged_attention_pipelined_bf16_d64),
+            PagedAttentionPipelined(Bf16, D128) => e!(attention::paged_attention_pipelined_bf16_d128),
+            PagedAttentionMma(F16, D64) => e!(mma::paged_attention_mma_f16_d64),
+            PagedAttentionMma(F16, D128) => e!(mma::paged_attention_mma_f16_d128),
+            PagedAttentionMma(Bf16, D64) => e!(mma::paged_attention_mma_bf16_d64),
+            PagedAttentionMma(Bf16, D128) => e!(mma::paged_attention_mma_bf16_d128),
+            PagedDecode(F16, D64) => e!(decode::paged_decode_f16_d64),
+            PagedDecode(F16, D128) => e!(decode::paged_decode_f16_d128),
+            PagedDecode(Bf16, D64) => e!(decode::paged_decode_bf16_d64),
+            PagedDecode(Bf16, D128) => e!(decode::paged_decode_bf16_d128),
+            // f32 caches take the staged kernel: these have no body (nor PTX entry).
+            PagedAttentionPipelined(F32, _) | PagedAttentionMma(F32, _) | PagedDecode(F32, _) => {
+                (self.name(), |l, _| {
+                    Err(weave_simt::EmuError {
+                        kind: weave_simt::ErrorKind::BadLaunch,
+                        kernel: l.kernel.clone(),
+                        block: weave_simt::Dim3::default(),
+                        thread: None,
+                        detail: "no f32 variant: f32 caches take the staged kernel".into(),
+                    })
+                })
+            }
+            AttentionReduce(F32, D64) => e!(attention::attention_reduce_f32_d64),
+            AttentionReduce(F32, D128) => e!(attention::attention_reduce_f32_d128),
+            AttentionReduce(F16, D64) => e!(attention::attention_reduce_f16_d64),
+            AttentionReduce(F16, D128) => e!(attention::attention_reduce_f16_d128),
+            AttentionReduce(Bf16, D64) => e!(attention::attention_reduce_bf16_d64),
+            AttentionReduce(Bf16, D128) => e!(attention::attention_reduce_bf16_d128),
+            RmsNorm(F32) => e!(norm::rms_norm_f32),
+            RmsNorm(F16) => e!(norm::rms_norm_f16),
+            RmsNorm(Bf16) => e!(norm::rms_norm_bf16),
+            FusedAddRmsNorm(F32) => e!(norm::fused_add_rms_norm_f32),
+            FusedAddRmsNorm(F16) => e!(norm::fused_add_rms_norm_f16),
+            FusedAddRmsNorm(Bf16) => e!(norm::fused_add_rms_norm_bf16),
+            RotaryEmbedding(F32) => e!(rows::rotary_embedding_f32),
+            RotaryEmbedding(F16) => e!(rows::rotary_embedding_f16),
+            RotaryEmbedding(Bf16) => e!(rows::rotary_embedding_bf16),
+            SiluAndMul(F32) => e!(rows::silu_and_mul_f32),
+            SiluAndMul(F16) => e!(rows::silu_and_mul_f16),
+            SiluAndMul(Bf16) => e!(rows::silu_and_mul_bf16),
+            Embedding(F32) => e!(rows::embedding_f32),
+            Embedding(F16) => e!(rows::embedding_f16),
+            Embedding(Bf16) => e!(rows::embedding_bf16),
+            ArgmaxF32 => e!(sampling::argmax_f32),
+            SampleF32 => e!(sampling::sample_f32),
+            FillDummy(F32) => e!(rows::fill_dummy_f32),
+            FillDummy(F16) => e!(rows::fill_dummy_f16),
+            FillDummy(Bf16) => e!(rows::fill_dummy_bf16),
+            GpuConformance => e!(conformance::gpu_conformance),
+        }
+    }
+
+    /// Runs the kernel under the emulator with `args` as a launch passes them.
+    pub fn emulate(
+        self,
+        l: &weave_simt::Launch,
+        args: &[crate::gpu::Arg],
+    ) -> Result<weave_simt::Stats, weave_simt::EmuError> {
+        (self.emu_entry().1)(l, args)
+    }
+}
+
 /// Every kernel the PTX must contain.
 pub const KERNELS: [Kernel; 48] = {
     use Dtype::*;
@@ -304,6 +398,8 @@ mod tests {
                 Kernel::GpuConformance => "gpu_conformance".into(),
             };
             assert_eq!(k.name(), want);
+            // The emulated body behind each entry is the kernel of that name.
+            assert_eq!(k.emu_entry().0, k.name());
             assert!(KERNELS[..i].iter().all(|o| o.name() != k.name()), "{} twice", k.name());
         }
         assert_eq!(HeadDim::of(96), None);

@@ -163,6 +163,8 @@ pub enum ErrorKind {
     Deadlock,
     /// The kernel panicked (an assertion in the kernel, an arithmetic overflow, ...).
     Panic,
+    /// The launch itself is wrong: its arguments do not match the kernel's parameters.
+    BadLaunch,
 }
 
 /// An error, naming where it happened.

@@ -758,3 +758,33 @@ fn attention_kernels_do_not_depend_on_lane_order() {
         }
     }
 }
+
+/// A kernel by type with its arguments as a launch passes them (`Kernel::emulate`, what a
+/// device seam over the emulator calls): the same result as the typed launch, and a launch
+/// whose arguments do not fit the kernel is refused, naming the parameter.
+#[test]
+fn kernels_launch_by_type_with_checked_arguments() {
+    use weave_kernels_gpu::gpu::Arg;
+    let (nrows, n) = (3usize, 300usize);
+    let x = rnd(nrows * n, 31);
+    let w = rnd(n, 32);
+    let k = Kernel::RmsNorm(Dtype::F32);
+    let (mut a, mut b) = (vec![0f32; nrows * n], vec![0f32; nrows * n]);
+    let l = |out: &[f32]| emu(k, k.rows(nrows as u32)).buffer("out", out).buffer("x", &x).buffer("w", &w);
+    norm::rms_norm_f32::launch(&l(&a), a.as_mut_ptr(), x.as_ptr(), w.as_ptr(), n as u32, 1e-5).unwrap();
+    let ptr = |p: *const f32| Arg::Ptr(p as u64);
+    // The output through a pointer from a mutable borrow: the kernel writes it.
+    let out = Arg::Ptr(b.as_mut_ptr() as u64);
+    let args = [out, ptr(x.as_ptr()), ptr(w.as_ptr()), Arg::U32(n as u32), Arg::F32(1e-5)];
+    k.emulate(&l(&b), &args).unwrap();
+    assert_eq!(a, b);
+    assert!(b.iter().any(|&v| v != 0.0));
+    // A u32 where the kernel takes an f32, and an argument short.
+    let mut wrong = args;
+    wrong[4] = Arg::U32(1);
+    let e = k.emulate(&l(&b), &wrong).unwrap_err();
+    assert_eq!(e.kind, weave_simt::ErrorKind::BadLaunch);
+    assert!(e.detail.contains("parameter 4 `eps` takes an f32"), "{e}");
+    let e = k.emulate(&l(&b), &args[..4]).unwrap_err();
+    assert!(e.detail.contains("rms_norm_f32 takes 5 arguments (out, x, w, n, eps), the launch gives 4"), "{e}");
+}
