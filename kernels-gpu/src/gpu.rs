@@ -454,56 +454,21 @@ pub trait KernelArg: Sized {
 #[cfg(not(target_arch = "nvptx64"))]
 mod kernel_args {
     use super::{Arg, KernelArg};
-    impl<T> KernelArg for *const T {
-        const WHAT: &'static str = "a pointer";
-        fn from_arg(a: Arg) -> Option<Self> {
-            if let Arg::Ptr(p) = a {
-                Some(p as usize as *const T)
-            } else {
-                None
+    macro_rules! kernel_arg {
+        ([$($g:ident)?] $t:ty, $variant:ident, $what:literal, |$v:ident| $conv:expr) => {
+            impl$(<$g>)? KernelArg for $t {
+                const WHAT: &'static str = $what;
+                fn from_arg(a: Arg) -> Option<Self> {
+                    if let Arg::$variant($v) = a { Some($conv) } else { None }
+                }
             }
-        }
+        };
     }
-    impl<T> KernelArg for *mut T {
-        const WHAT: &'static str = "a pointer";
-        fn from_arg(a: Arg) -> Option<Self> {
-            if let Arg::Ptr(p) = a {
-                Some(p as usize as *mut T)
-            } else {
-                None
-            }
-        }
-    }
-    impl KernelArg for u32 {
-        const WHAT: &'static str = "a u32";
-        fn from_arg(a: Arg) -> Option<Self> {
-            if let Arg::U32(v) = a {
-                Some(v)
-            } else {
-                None
-            }
-        }
-    }
-    impl KernelArg for u64 {
-        const WHAT: &'static str = "a u64";
-        fn from_arg(a: Arg) -> Option<Self> {
-            if let Arg::U64(v) = a {
-                Some(v)
-            } else {
-                None
-            }
-        }
-    }
-    impl KernelArg for f32 {
-        const WHAT: &'static str = "an f32";
-        fn from_arg(a: Arg) -> Option<Self> {
-            if let Arg::F32(v) = a {
-                Some(v)
-            } else {
-                None
-            }
-        }
-    }
+    kernel_arg!([T] *const T, Ptr, "a pointer", |p| p as usize as *const T);
+    kernel_arg!([T] *mut T, Ptr, "a pointer", |p| p as usize as *mut T);
+    kernel_arg!([] u32, U32, "a u32", |v| v);
+    kernel_arg!([] u64, U64, "a u64", |v| v);
+    kernel_arg!([] f32, F32, "an f32", |v| v);
 }
 
 /// One kernel, written once: `kernel!(fn name(arg: Type, ...) { body })` gives the PTX entry

@@ -147,6 +147,20 @@ pub fn bisect_key(floor: u32, mut ok: impl FnMut(u32) -> bool) -> u32 {
     tau.max(floor)
 }
 
+/// The top-p cut above the top-k one (`tau_k`): the largest key whose kept mass (`mass(c)`,
+/// the softmax weight of the logits with key `>= c`) is at least `top_p` of the mass at
+/// `tau_k`. `tau_k` itself when `top_p >= 1`. The host and the device share it; the device's
+/// `mass` is a block reduction, so every thread must call this together.
+#[inline(always)]
+pub fn top_p_key(tau_k: u32, top_p: f32, mut mass: impl FnMut(u32) -> f32) -> u32 {
+    if top_p < 1.0 {
+        let target = top_p * mass(tau_k);
+        bisect_key(tau_k, |c| mass(c) >= target)
+    } else {
+        tau_k
+    }
+}
+
 /// The token (and its logprob under the raw logits) that the device draws for `logits` with
 /// `p`: the reference definition the kernel is tested against. Sums are f32, as there.
 #[cfg(not(target_arch = "nvptx64"))]
@@ -170,12 +184,7 @@ pub fn sample_row(logits: &[f32], p: &RowParams) -> (u32, f32) {
         let mass = |c: u32| -> f32 {
             logits.iter().zip(&keys).filter(|(_, &k)| k >= c).map(|(&x, _)| weight(x, m, inv_t)).sum()
         };
-        let tau = if p.top_p < 1.0 {
-            let target = p.top_p * mass(tau_k);
-            bisect_key(tau_k, |c| mass(c) >= target)
-        } else {
-            tau_k
-        };
+        let tau = top_p_key(tau_k, p.top_p, mass);
         let mut win = (f32::NEG_INFINITY, u32::MAX);
         for (i, (&x, &k)) in logits.iter().zip(&keys).enumerate() {
             if k >= tau {

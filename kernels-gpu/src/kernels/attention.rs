@@ -41,6 +41,35 @@ pub(crate) struct AttnBufs<T> {
     pub block_tables: Global<u32>,
 }
 
+impl<T: Copy> AttnBufs<T> {
+    /// From an entry point's pointer parameters, in their order.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        out: *mut T,
+        partials: *mut f32,
+        q: *const T,
+        kc: *const T,
+        vc: *const T,
+        tiles: *const u32,
+        qsl: *const u32,
+        ctx_lens: *const u32,
+        block_tables: *const u32,
+    ) -> AttnBufs<T> {
+        AttnBufs {
+            out: Global::new(out),
+            partials: Global::new(partials),
+            q: Global::new(q),
+            kc: Global::new(kc),
+            vc: Global::new(vc),
+            tiles: Global::new(tiles),
+            qsl: Global::new(qsl),
+            ctx_lens: Global::new(ctx_lens),
+            block_tables: Global::new(block_tables),
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn paged_attention<T: Elem, const DL: usize, const PIPE: bool>(b: AttnBufs<T>, a: AttnArgs) {
     let d = (DL * 32) as u32;
@@ -368,17 +397,17 @@ macro_rules! attention_entry {
                 scale: f32,
             ) {
                 $f(
-                    $crate::kernels::attention::AttnBufs {
-                        out: Global::new(out),
-                        partials: Global::new(partials),
-                        q: Global::new(q),
-                        kc: Global::new(k_cache),
-                        vc: Global::new(v_cache),
-                        tiles: Global::new(tiles),
-                        qsl: Global::new(query_start_loc),
-                        ctx_lens: Global::new(context_lens),
-                        block_tables: Global::new(block_tables),
-                    },
+                    $crate::kernels::attention::AttnBufs::new(
+                        out,
+                        partials,
+                        q,
+                        k_cache,
+                        v_cache,
+                        tiles,
+                        query_start_loc,
+                        context_lens,
+                        block_tables,
+                    ),
                     $crate::kernels::attention::AttnArgs {
                         num_tokens,
                         nq: num_q_heads,

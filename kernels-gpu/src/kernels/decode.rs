@@ -10,7 +10,7 @@ use super::attention::{attention_entry, AttnArgs, AttnBufs};
 use crate::attention::split_blocks;
 use crate::elem::{Bf16, Elem, F16};
 use crate::fmath::{exp, max};
-use crate::gpu::{self, Global, Shared, FULL};
+use crate::gpu::{self, Shared, FULL};
 use crate::udiv;
 
 const WARPS: u32 = crate::BLOCK_THREADS / 32;

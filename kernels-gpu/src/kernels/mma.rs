@@ -12,7 +12,7 @@ use super::attention::{AttnArgs, AttnBufs};
 use crate::attention::MMA_TILE_TOKENS;
 use crate::elem::{Bf16, Elem, F16};
 use crate::fmath::{exp, max};
-use crate::gpu::{self, mma_16816, Global, Shared, FULL};
+use crate::gpu::{self, mma_16816, Shared, FULL};
 use crate::{udiv, urem};
 
 const THREADS: u32 = crate::BLOCK_THREADS;
@@ -211,17 +211,18 @@ macro_rules! mma_kernels {
                 scale: f32,
             ) {
                 paged_attention_mma::<$t, $ks, $nt>(
-                    AttnBufs {
-                        out: Global::new(out),
-                        partials: Global::new(core::ptr::null()),
-                        q: Global::new(q),
-                        kc: Global::new(k_cache),
-                        vc: Global::new(v_cache),
-                        tiles: Global::new(tiles),
-                        qsl: Global::new(query_start_loc),
-                        ctx_lens: Global::new(context_lens),
-                        block_tables: Global::new(block_tables),
-                    },
+                    // No split: the tensor-core kernel writes no partials.
+                    AttnBufs::new(
+                        out,
+                        core::ptr::null_mut(),
+                        q,
+                        k_cache,
+                        v_cache,
+                        tiles,
+                        query_start_loc,
+                        context_lens,
+                        block_tables,
+                    ),
                     AttnArgs {
                         num_tokens,
                         nq: num_q_heads,

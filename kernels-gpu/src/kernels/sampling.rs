@@ -6,7 +6,7 @@ use super::reduce::{block_argmax, block_sum_sync};
 use crate::fmath::{exp, ln};
 use crate::gpu::{self, Global};
 use crate::ops::argmax_pick;
-use crate::sample::{bisect_key, ord_key, race_score, uniform_open, weight, RowParams, PARAM_WORDS};
+use crate::sample::{bisect_key, ord_key, race_score, top_p_key, uniform_open, weight, RowParams, PARAM_WORDS};
 
 const THREADS: u32 = crate::BLOCK_THREADS;
 
@@ -80,12 +80,7 @@ unsafe fn sample(out: Global<u32>, out_logprob: Global<f32>, logits: Global<f32>
             }
             unsafe { block_sum_sync(acc) }
         };
-        let tau = if p.top_p < 1.0 {
-            let target = p.top_p * mass(tau_k);
-            bisect_key(tau_k, |c| mass(c) >= target)
-        } else {
-            tau_k
-        };
+        let tau = top_p_key(tau_k, p.top_p, mass);
         let mut win = (f32::NEG_INFINITY, u32::MAX);
         let mut i = tid;
         while i < vocab {
