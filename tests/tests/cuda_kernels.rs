@@ -9,7 +9,6 @@ mod common;
 use proptest::prelude::*;
 use std::sync::OnceLock;
 use weave::backends::cuda::{no_gpu_reason, AttnKernel, DevElem, Kernels};
-use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
 use weave_kernels_gpu::ops::{self, RopeLayout};
 use weave_kernels_gpu::{Bf16, Elem, F16};
 
@@ -25,14 +24,11 @@ fn gpu() -> Option<&'static Kernels> {
     }
 }
 
-fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x.to_f32() as f64 - y.to_f32() as f64).abs()).fold(0.0, f64::max)
-}
+use common::{max_abs, rnd};
 
 /// KV write and attention on the GPU; returns the attention's largest difference from the host.
 fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case, kind: AttnKernel) -> f64 {
     let b = common::build::<T>(c);
-    let num_tokens = *b.qsl.last().unwrap() as usize;
     let up = |v: &[T]| k.upload(&T::to_bits(v)).unwrap();
     let (mut kc, mut vc) = (up(&b.kc_before), up(&b.vc_before));
     let slots = k.upload(&b.slots).unwrap();
@@ -49,12 +45,7 @@ fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case, kind: AttnKernel) -
     k.paged_attention::<T>(kind, &b.shape, &b.qsl, &ctx, &tables, b.max_seq_len, &up(&b.q), &kc, &vc, &mut out)
         .unwrap();
     let got = T::from_bits(&k.download(&out).unwrap());
-    let mut want = vec![T::default(); b.q.len()];
-    let nq = b.shape.num_q_heads as usize;
-    let mut partials =
-        vec![0f32; b.shape.num_splits(b.max_seq_len) as usize * num_tokens * nq * b.shape.partial_stride()];
-    let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
-    paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut want, &mut partials);
+    let want = common::host_attention(&b);
     max_abs(&got, &want)
 }
 
@@ -150,11 +141,6 @@ fn attention_bf16() {
     attention_prop::<Bf16>(1.6e-2);
 }
 
-fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = common::Rng(seed | 1);
-    (0..n).map(|_| r.uniform() as f32).collect()
-}
-
 fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
     let (rows, n) = (7usize, 576usize);
     let conv = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
@@ -179,15 +165,7 @@ fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
     let mut out = k.zeros::<T::Bits>(rows * n).unwrap();
     k.silu_and_mul::<T>(&mut out, &up(&gu), rows, n as u32).unwrap();
     let got = T::from_bits(&k.download(&out).unwrap());
-    let want: Vec<T> = gu
-        .chunks(2 * n)
-        .flat_map(|g| {
-            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
-            let mut of = vec![0f32; n];
-            ops::silu_and_mul_row(&gf, &mut of);
-            conv(&of)
-        })
-        .collect();
+    let want: Vec<T> = common::silu_and_mul_ref(&gu, n);
     assert!(max_abs(&got, &want) < tol, "silu_and_mul_{}", T::NAME);
     // Embedding gather.
     let table = conv(&rnd(50 * n, 4));
@@ -218,16 +196,7 @@ fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
             layout,
         )
         .unwrap();
-        let rot = |v: &[T], heads: usize| -> Vec<T> {
-            let mut f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-            for (t, tok) in f.chunks_mut(heads * hd).enumerate() {
-                let p = positions[t] as usize;
-                for h in tok.chunks_mut(hd) {
-                    ops::rope_head(h, &cs[p * hd..(p + 1) * hd], hd, layout);
-                }
-            }
-            conv(&f)
-        };
+        let rot = |v: &[T], heads: usize| common::rope_ref(v, heads, hd, &positions, &cs, layout);
         let gq = T::from_bits(&k.download(&qd).unwrap());
         let gk = T::from_bits(&k.download(&kd).unwrap());
         assert!(
@@ -274,29 +243,12 @@ fn argmax_over_a_vocabulary() {
 
 #[test]
 fn device_sampling_matches_its_host_definition_and_repeats() {
-    use weave_kernels_gpu::sample::{sample_row, RowParams};
+    use weave_kernels_gpu::sample::sample_row;
     let Some(k) = gpu() else { return };
     let vocab = 49152usize;
     // Rows of every kind: greedy, temperature alone, top-k, top-p, both, top_k = 1, with a
     // spread that leaves nuclei from one token to thousands.
-    let mut params = Vec::new();
-    for (i, (t, top_k, top_p)) in [
-        (0.0f32, 0u32, 1.0f32),
-        (1.0, 0, 1.0),
-        (0.7, 50, 1.0),
-        (0.7, 0, 0.9),
-        (1.3, 200, 0.5),
-        (1.0, 1, 1.0),
-        (0.5, 0, 0.02),
-        (2.0, 40000, 0.999),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        for c in 0..8u32 {
-            params.push(RowParams { temperature: t, top_k, top_p, seed: 1000 + i as u64, counter: c });
-        }
-    }
+    let params = common::sampling_params(8, 40000);
     let rows = params.len();
     let logits: Vec<f32> = (0..rows)
         .flat_map(|r| rnd(vocab, 100 + r as u64).into_iter().map(move |x| x * (1.0 + r as f32 % 7.0)))

@@ -9,18 +9,14 @@
 
 mod common;
 
+use common::{max_abs, rnd};
 use proptest::prelude::*;
 use weave::backends::cuda::AttnKernel;
-use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
-use weave_kernels_gpu::kernels::{attention, decode, mma, norm, rows, sampling};
+use weave_kernels_gpu::gpu::Arg;
+use weave_kernels_gpu::kernels::{norm, sampling};
 use weave_kernels_gpu::ops::{self, RopeLayout};
 use weave_kernels_gpu::{Bf16, Dtype, Elem, HeadDim, Kernel, LaunchDims, BLOCK_THREADS, F16};
 use weave_simt::{Dim3, EmuError, Launch, Stats};
-
-fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = common::Rng(seed | 1);
-    (0..n).map(|_| r.uniform() as f32).collect()
-}
 
 /// One shared f32 per warp: what the norm kernels need, and no more (an access past it is an
 /// error).
@@ -115,137 +111,21 @@ fn norm_kernels_under_the_emulators_switches() {
     assert!(e.detail.contains("kernels/reduce.rs"), "the error names the line of the shared write: {e}");
 }
 
-// ------------------------------------------------------------------ launches and types
+// ------------------------------------------------------------------ launches
 
 /// The emulator's launch for a kernel with the backend's shape.
 fn emu(k: Kernel, d: LaunchDims) -> Launch {
     Launch::new(k.name(), Dim3::new(d.grid.0, d.grid.1, d.grid.2), Dim3::x(d.block)).smem(d.smem as usize)
 }
 
-type R = Result<Stats, EmuError>;
-type CacheFn<T> = fn(&Launch, *const T, *const T, *mut T, *mut T, *const u32, u32) -> R;
-type RopeFn<T> = fn(&Launch, *mut T, *mut T, *const u32, *const f32, u32, u32, u32, u32, u32) -> R;
-type SiluFn<T> = fn(&Launch, *mut T, *const T, u32) -> R;
-type EmbFn<T> = fn(&Launch, *mut T, *const T, *const u32, u32) -> R;
-type FillFn<T> = fn(&Launch, *mut T, u64, u64, f32) -> R;
-#[rustfmt::skip]
-type AttnFn<T> = fn(&Launch, *mut T, *mut f32, *const T, *const T, *const T, *const u32, *const u32, *const u32,
-    *const u32, u32, u32, u32, u32, u32, u32, u32, f32) -> R;
-#[rustfmt::skip]
-type MmaFn<T> = fn(&Launch, *mut T, *const T, *const T, *const T, *const u32, *const u32, *const u32, *const u32,
-    u32, u32, u32, u32, u32, f32) -> R;
-type ReduceFn<T> = fn(&Launch, *mut T, *const f32, u32, u32, u32) -> R;
-
-/// Each storage type's emulated entry points, by kind and head size (`None`: the kernel has no
-/// such variant, as `Kernel::name` says).
-trait EmuElem: Elem {
-    const CACHE: CacheFn<Self>;
-    const ROPE: RopeFn<Self>;
-    const SILU: SiluFn<Self>;
-    const EMB: EmbFn<Self>;
-    const FILL: FillFn<Self>;
-    fn staged(d: HeadDim) -> AttnFn<Self>;
-    fn reduce(d: HeadDim) -> ReduceFn<Self>;
-    fn pipelined(d: HeadDim) -> Option<AttnFn<Self>>;
-    fn decode(d: HeadDim) -> Option<AttnFn<Self>>;
-    fn mma(d: HeadDim) -> Option<MmaFn<Self>>;
+/// A buffer as a kernel argument (read only).
+fn ptr<T>(v: &[T]) -> Arg {
+    Arg::Ptr(v.as_ptr() as u64)
 }
 
-impl EmuElem for f32 {
-    const CACHE: CacheFn<f32> = rows::reshape_and_cache_f32::launch;
-    const ROPE: RopeFn<f32> = rows::rotary_embedding_f32::launch;
-    const SILU: SiluFn<f32> = rows::silu_and_mul_f32::launch;
-    const EMB: EmbFn<f32> = rows::embedding_f32::launch;
-    const FILL: FillFn<f32> = rows::fill_dummy_f32::launch;
-    fn staged(d: HeadDim) -> AttnFn<f32> {
-        match d {
-            HeadDim::D64 => attention::paged_attention_f32_d64::launch,
-            HeadDim::D128 => attention::paged_attention_f32_d128::launch,
-        }
-    }
-    fn reduce(d: HeadDim) -> ReduceFn<f32> {
-        match d {
-            HeadDim::D64 => attention::attention_reduce_f32_d64::launch,
-            HeadDim::D128 => attention::attention_reduce_f32_d128::launch,
-        }
-    }
-    fn pipelined(_: HeadDim) -> Option<AttnFn<f32>> {
-        None
-    }
-    fn decode(_: HeadDim) -> Option<AttnFn<f32>> {
-        None
-    }
-    fn mma(_: HeadDim) -> Option<MmaFn<f32>> {
-        None
-    }
-}
-
-macro_rules! half_impl {
-    ($t:ty, $cache:path, $rope:path, $silu:path, $emb:path, $fill:path,
-     [$s64:path, $s128:path], [$r64:path, $r128:path], [$p64:path, $p128:path],
-     [$d64:path, $d128:path], [$m64:path, $m128:path]) => {
-        impl EmuElem for $t {
-            const CACHE: CacheFn<$t> = $cache;
-            const ROPE: RopeFn<$t> = $rope;
-            const SILU: SiluFn<$t> = $silu;
-            const EMB: EmbFn<$t> = $emb;
-            const FILL: FillFn<$t> = $fill;
-            fn staged(d: HeadDim) -> AttnFn<$t> {
-                if d == HeadDim::D64 {
-                    $s64
-                } else {
-                    $s128
-                }
-            }
-            fn reduce(d: HeadDim) -> ReduceFn<$t> {
-                if d == HeadDim::D64 {
-                    $r64
-                } else {
-                    $r128
-                }
-            }
-            fn pipelined(d: HeadDim) -> Option<AttnFn<$t>> {
-                Some(if d == HeadDim::D64 { $p64 } else { $p128 })
-            }
-            fn decode(d: HeadDim) -> Option<AttnFn<$t>> {
-                Some(if d == HeadDim::D64 { $d64 } else { $d128 })
-            }
-            fn mma(d: HeadDim) -> Option<MmaFn<$t>> {
-                Some(if d == HeadDim::D64 { $m64 } else { $m128 })
-            }
-        }
-    };
-}
-
-half_impl!(
-    F16,
-    rows::reshape_and_cache_f16::launch,
-    rows::rotary_embedding_f16::launch,
-    rows::silu_and_mul_f16::launch,
-    rows::embedding_f16::launch,
-    rows::fill_dummy_f16::launch,
-    [attention::paged_attention_f16_d64::launch, attention::paged_attention_f16_d128::launch],
-    [attention::attention_reduce_f16_d64::launch, attention::attention_reduce_f16_d128::launch],
-    [attention::paged_attention_pipelined_f16_d64::launch, attention::paged_attention_pipelined_f16_d128::launch],
-    [decode::paged_decode_f16_d64::launch, decode::paged_decode_f16_d128::launch],
-    [mma::paged_attention_mma_f16_d64::launch, mma::paged_attention_mma_f16_d128::launch]
-);
-half_impl!(
-    Bf16,
-    rows::reshape_and_cache_bf16::launch,
-    rows::rotary_embedding_bf16::launch,
-    rows::silu_and_mul_bf16::launch,
-    rows::embedding_bf16::launch,
-    rows::fill_dummy_bf16::launch,
-    [attention::paged_attention_bf16_d64::launch, attention::paged_attention_bf16_d128::launch],
-    [attention::attention_reduce_bf16_d64::launch, attention::attention_reduce_bf16_d128::launch],
-    [attention::paged_attention_pipelined_bf16_d64::launch, attention::paged_attention_pipelined_bf16_d128::launch],
-    [decode::paged_decode_bf16_d64::launch, decode::paged_decode_bf16_d128::launch],
-    [mma::paged_attention_mma_bf16_d64::launch, mma::paged_attention_mma_bf16_d128::launch]
-);
-
-fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x.to_f32() as f64 - y.to_f32() as f64).abs()).fold(0.0, f64::max)
+/// A buffer the kernel writes, as a kernel argument.
+fn ptr_mut<T>(v: &mut [T]) -> Arg {
+    Arg::Ptr(v.as_mut_ptr() as u64)
 }
 
 fn conv<T: Elem>(v: &[f32]) -> Vec<T> {
@@ -254,23 +134,16 @@ fn conv<T: Elem>(v: &[f32]) -> Vec<T> {
 
 // ------------------------------------------------------------------ row kernels
 
-fn row_kernels<T: EmuElem>(tol: f64) {
+fn row_kernels<T: Elem>(tol: f64) {
     let (nrows, n) = (7usize, 576usize);
     let t = T::DTYPE;
     // SiLU and multiply.
     let gu: Vec<T> = conv(&rnd(nrows * 2 * n, 3));
     let mut out = vec![T::default(); nrows * n];
-    let l = emu(Kernel::SiluAndMul(t), Kernel::SiluAndMul(t).rows(nrows as u32)).buffer("out", &out).buffer("x", &gu);
-    T::SILU(&l, out.as_mut_ptr(), gu.as_ptr(), n as u32).unwrap();
-    let want: Vec<T> = gu
-        .chunks(2 * n)
-        .flat_map(|g| {
-            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
-            let mut of = vec![0f32; n];
-            ops::silu_and_mul_row(&gf, &mut of);
-            conv::<T>(&of)
-        })
-        .collect();
+    let k = Kernel::SiluAndMul(t);
+    let l = emu(k, k.rows(nrows as u32)).buffer("out", &out).buffer("x", &gu);
+    k.emulate(&l, &[ptr_mut(&mut out), ptr(&gu), Arg::U32(n as u32)]).unwrap();
+    let want = common::silu_and_mul_ref(&gu, n);
     assert!(max_abs(&out, &want) < tol, "silu_and_mul_{}: {}", T::NAME, max_abs(&out, &want));
     // Embedding gather, bit for bit.
     let table: Vec<T> = conv(&rnd(50 * n, 4));
@@ -278,7 +151,7 @@ fn row_kernels<T: EmuElem>(tol: f64) {
     let mut out = vec![T::default(); nrows * n];
     let k = Kernel::Embedding(t);
     let l = emu(k, k.rows(nrows as u32)).buffer("out", &out).buffer("table", &table).buffer("ids", &ids);
-    T::EMB(&l, out.as_mut_ptr(), table.as_ptr(), ids.as_ptr(), n as u32).unwrap();
+    k.emulate(&l, &[ptr_mut(&mut out), ptr(&table), ptr(&ids), Arg::U32(n as u32)]).unwrap();
     let want: Vec<T> = ids.iter().flat_map(|&i| table[i as usize * n..(i as usize + 1) * n].to_vec()).collect();
     assert_eq!(max_abs(&out, &want), 0.0, "embedding_{}", T::NAME);
     // Rotary, both layouts: q with 9 heads, k with 3, head dim 64; positions up to 4095.
@@ -292,36 +165,16 @@ fn row_kernels<T: EmuElem>(tol: f64) {
         let q: Vec<T> = conv(&rnd(nrows * nq * hd, 5));
         let kk: Vec<T> = conv(&rnd(nrows * nk * hd, 6));
         let (mut qd, mut kd) = (q.clone(), kk.clone());
-        let kr = Kernel::RotaryEmbedding(t);
-        let l = emu(kr, kr.rows(nrows as u32))
+        let k = Kernel::RotaryEmbedding(t);
+        let l = emu(k, k.rows(nrows as u32))
             .buffer("q", &qd)
             .buffer("k", &kd)
             .buffer("positions", &positions)
             .buffer("cos_sin", &cs);
-        let dims = (nq as u32, nk as u32, hd as u32, hd as u32);
-        T::ROPE(
-            &l,
-            qd.as_mut_ptr(),
-            kd.as_mut_ptr(),
-            positions.as_ptr(),
-            cs.as_ptr(),
-            dims.0,
-            dims.1,
-            dims.2,
-            dims.3,
-            layout as u32,
-        )
-        .unwrap();
-        let rot = |v: &[T], heads: usize| -> Vec<T> {
-            let mut f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-            for (tk, tok) in f.chunks_mut(heads * hd).enumerate() {
-                let p = positions[tk] as usize;
-                for h in tok.chunks_mut(hd) {
-                    ops::rope_head(h, &cs[p * hd..(p + 1) * hd], hd, layout);
-                }
-            }
-            conv::<T>(&f)
-        };
+        let dims = [nq, nk, hd, hd].map(|x| Arg::U32(x as u32));
+        let args = [ptr_mut(&mut qd), ptr_mut(&mut kd), ptr(&positions), ptr(&cs)];
+        k.emulate(&l, &[&args[..], &dims, &[Arg::U32(layout as u32)]].concat()).unwrap();
+        let rot = |v: &[T], heads: usize| common::rope_ref(v, heads, hd, &positions, &cs, layout);
         let (eq, ek) = (max_abs(&qd, &rot(&q, nq)), max_abs(&kd, &rot(&kk, nk)));
         assert!(eq < tol && ek < tol, "rotary_embedding_{} {layout:?}: q {eq}, k {ek}", T::NAME);
     }
@@ -329,7 +182,8 @@ fn row_kernels<T: EmuElem>(tol: f64) {
     let n_fill = 128 * 132 * 16 + 1001;
     let mut f = vec![T::default(); n_fill];
     let l = emu(Kernel::FillDummy(t), Kernel::fill(n_fill as u64)).buffer("out", &f);
-    T::FILL(&l, f.as_mut_ptr(), n_fill as u64, 77, 0.03).unwrap();
+    let args = [ptr_mut(&mut f), Arg::U64(n_fill as u64), Arg::U64(77), Arg::F32(0.03)];
+    Kernel::FillDummy(t).emulate(&l, &args).unwrap();
     for i in (0..n_fill).step_by(97).chain([n_fill - 1]) {
         let v = T::from_f32(weave_kernels_gpu::sample::dummy_value(77, i as u64, 0.03));
         assert_eq!(f[i].to_f32().to_bits(), v.to_f32().to_bits(), "fill_dummy_{} element {i}", T::NAME);
@@ -370,26 +224,9 @@ fn argmax_over_a_vocabulary() {
 
 #[test]
 fn device_sampling_matches_its_host_definition() {
-    use weave_kernels_gpu::sample::{sample_row, RowParams};
+    use weave_kernels_gpu::sample::sample_row;
     let vocab = 1500usize;
-    let mut params = Vec::new();
-    for (i, (t, top_k, top_p)) in [
-        (0.0f32, 0u32, 1.0f32),
-        (1.0, 0, 1.0),
-        (0.7, 50, 1.0),
-        (0.7, 0, 0.9),
-        (1.3, 200, 0.5),
-        (1.0, 1, 1.0),
-        (0.5, 0, 0.02),
-        (2.0, 1400, 0.999),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        for c in 0..2u32 {
-            params.push(RowParams { temperature: t, top_k, top_p, seed: 1000 + i as u64, counter: c });
-        }
-    }
+    let params = common::sampling_params(2, 1400);
     let nrows = params.len();
     let logits: Vec<f32> = (0..nrows)
         .flat_map(|r| rnd(vocab, 100 + r as u64).into_iter().map(move |x| x * (1.0 + r as f32 % 7.0)))
@@ -429,12 +266,12 @@ fn device_sampling_matches_its_host_definition() {
 
 /// The batch's KV write (bit for bit against the host's) and its attention with `kind`, as
 /// the CUDA backend sequences the launches; returns the largest difference from the host.
-fn attention_case<T: EmuElem>(c: &common::Case, kind: AttnKernel) -> f64 {
+fn attention_case<T: Elem>(c: &common::Case, kind: AttnKernel) -> f64 {
     attention_case_with::<T>(c, kind, weave_simt::Checks::default())
 }
 
 /// [`attention_case`] with the emulator's `checks` (e.g. lanes run last to first).
-fn attention_case_with<T: EmuElem>(c: &common::Case, kind: AttnKernel, checks: weave_simt::Checks) -> f64 {
+fn attention_case_with<T: Elem>(c: &common::Case, kind: AttnKernel, checks: weave_simt::Checks) -> f64 {
     let b = common::build::<T>(c);
     let shape = b.shape;
     let t = T::DTYPE;
@@ -450,7 +287,8 @@ fn attention_case_with<T: EmuElem>(c: &common::Case, kind: AttnKernel, checks: w
         .buffer("k_cache", &kc)
         .buffer("v_cache", &vc)
         .buffer("slots", &b.slots);
-    T::CACHE(&l, b.k_new.as_ptr(), b.v_new.as_ptr(), kc.as_mut_ptr(), vc.as_mut_ptr(), b.slots.as_ptr(), row).unwrap();
+    let args = [ptr(&b.k_new), ptr(&b.v_new), ptr_mut(&mut kc), ptr_mut(&mut vc), ptr(&b.slots), Arg::U32(row)];
+    k.emulate(&l, &args).unwrap();
     let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
     assert!(
         bits(&kc) == bits(&b.kc) && bits(&vc) == bits(&b.vc),
@@ -466,8 +304,7 @@ fn attention_case_with<T: EmuElem>(c: &common::Case, kind: AttnKernel, checks: w
     let nq = shape.num_q_heads;
     let mut partials = vec![0f32; (splits * num_tokens * nq) as usize * shape.partial_stride()];
     let mut out = vec![T::default(); b.q.len()];
-    let base = |name: &str, k: Kernel, d: LaunchDims, tiles: &[u32], out: &[T], partials: &[f32]| {
-        let _ = name;
+    let launch = |k: Kernel, d: LaunchDims, tiles: &[u32], out: &[T], partials: &[f32]| {
         emu(k, d)
             .checks(checks)
             .buffer("out", out)
@@ -480,85 +317,44 @@ fn attention_case_with<T: EmuElem>(c: &common::Case, kind: AttnKernel, checks: w
             .buffer("context_lens", &b.ctx)
             .buffer("block_tables", &b.tables)
     };
+    // The pointer parameters every attention kernel starts with, after `out` (and `partials`).
+    let inputs = |tiles: &[u32]| [ptr(&b.q), ptr(&kc), ptr(&vc), ptr(tiles), ptr(&b.qsl), ptr(&b.ctx), ptr(&b.tables)];
+    let sizes = [num_tokens, nq, shape.num_kv_heads, shape.block_size, shape.max_blocks_per_seq].map(Arg::U32);
     if !small.is_empty() {
         let half = t != Dtype::F32;
-        let rows_kind = kind.decode_rows(t, shape.block_size);
-        let (kernel, f) = match (rows_kind, half) {
-            (AttnKernel::Fast, true) => (Kernel::PagedDecode(t, hd), T::decode(hd).unwrap()),
-            (AttnKernel::Pipelined, true) => (Kernel::PagedAttentionPipelined(t, hd), T::pipelined(hd).unwrap()),
-            _ => (Kernel::PagedAttention(t, hd), T::staged(hd)),
+        let kernel = match (kind.decode_rows(t, shape.block_size), half) {
+            (AttnKernel::Fast, true) => Kernel::PagedDecode(t, hd),
+            (AttnKernel::Pipelined, true) => Kernel::PagedAttentionPipelined(t, hd),
+            _ => Kernel::PagedAttention(t, hd),
         };
-        let d = kernel.attention(&shape, small.len() as u32 / 2, splits);
-        let l = base(kernel.name(), kernel, d, &small, &out, &partials);
-        f(
-            &l,
-            out.as_mut_ptr(),
-            partials.as_mut_ptr(),
-            b.q.as_ptr(),
-            kc.as_ptr(),
-            vc.as_ptr(),
-            small.as_ptr(),
-            b.qsl.as_ptr(),
-            b.ctx.as_ptr(),
-            b.tables.as_ptr(),
-            num_tokens,
-            nq,
-            shape.num_kv_heads,
-            shape.block_size,
-            shape.max_blocks_per_seq,
-            shape.blocks_per_split,
-            splits,
-            shape.scale,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let l = launch(kernel, kernel.attention(&shape, small.len() as u32 / 2, splits), &small, &out, &partials);
+        let outs = [ptr_mut(&mut out), ptr_mut(&mut partials)];
+        let split = [Arg::U32(shape.blocks_per_split), Arg::U32(splits), Arg::F32(shape.scale)];
+        let args = [&outs[..], &inputs(&small), &sizes, &split].concat();
+        kernel.emulate(&l, &args).unwrap_or_else(|e| panic!("{e}"));
         if splits > 1 {
             let r = Kernel::AttentionReduce(t, hd);
             let l = emu(r, r.attention(&shape, num_tokens, 1))
                 .checks(checks)
                 .buffer("out", &out)
                 .buffer("partials", &partials);
-            T::reduce(hd)(&l, out.as_mut_ptr(), partials.as_ptr(), num_tokens, nq, splits)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let args = [ptr_mut(&mut out), ptr(&partials), Arg::U32(num_tokens), Arg::U32(nq), Arg::U32(splits)];
+            r.emulate(&l, &args).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     if !big.is_empty() {
         let kernel = Kernel::PagedAttentionMma(t, hd);
-        let d = kernel.attention(&shape, big.len() as u32 / 2, 1);
-        let l = base(kernel.name(), kernel, d, &big, &out, &partials);
-        T::mma(hd).unwrap()(
-            &l,
-            out.as_mut_ptr(),
-            b.q.as_ptr(),
-            kc.as_ptr(),
-            vc.as_ptr(),
-            big.as_ptr(),
-            b.qsl.as_ptr(),
-            b.ctx.as_ptr(),
-            b.tables.as_ptr(),
-            num_tokens,
-            nq,
-            shape.num_kv_heads,
-            shape.block_size,
-            shape.max_blocks_per_seq,
-            shape.scale,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let l = launch(kernel, kernel.attention(&shape, big.len() as u32 / 2, 1), &big, &out, &partials);
+        let args = [&[ptr_mut(&mut out)][..], &inputs(&big), &sizes, &[Arg::F32(shape.scale)]].concat();
+        kernel.emulate(&l, &args).unwrap_or_else(|e| panic!("{e}"));
     }
-    let mut want = vec![T::default(); b.q.len()];
-    let mut hp =
-        vec![
-            0f32;
-            b.shape.num_splits(b.max_seq_len) as usize * num_tokens as usize * nq as usize * b.shape.partial_stride()
-        ];
-    let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
-    paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut want, &mut hp);
-    max_abs(&out, &want)
+    max_abs(&out, &common::host_attention(&b))
 }
 
 const KINDS: [AttnKernel; 4] = [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast];
 
 /// Random mixed batches from `common::case()`, every kernel choice on each.
-fn attention_prop<T: EmuElem>(cases: u32, tol: f64) {
+fn attention_prop<T: Elem>(cases: u32, tol: f64) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
     let r = runner.run(&common::case(), |c| {
         for kind in KINDS {
@@ -764,7 +560,6 @@ fn attention_kernels_do_not_depend_on_lane_order() {
 /// whose arguments do not fit the kernel is refused, naming the parameter.
 #[test]
 fn kernels_launch_by_type_with_checked_arguments() {
-    use weave_kernels_gpu::gpu::Arg;
     let (nrows, n) = (3usize, 300usize);
     let x = rnd(nrows * n, 31);
     let w = rnd(n, 32);
@@ -772,10 +567,7 @@ fn kernels_launch_by_type_with_checked_arguments() {
     let (mut a, mut b) = (vec![0f32; nrows * n], vec![0f32; nrows * n]);
     let l = |out: &[f32]| emu(k, k.rows(nrows as u32)).buffer("out", out).buffer("x", &x).buffer("w", &w);
     norm::rms_norm_f32::launch(&l(&a), a.as_mut_ptr(), x.as_ptr(), w.as_ptr(), n as u32, 1e-5).unwrap();
-    let ptr = |p: *const f32| Arg::Ptr(p as u64);
-    // The output through a pointer from a mutable borrow: the kernel writes it.
-    let out = Arg::Ptr(b.as_mut_ptr() as u64);
-    let args = [out, ptr(x.as_ptr()), ptr(w.as_ptr()), Arg::U32(n as u32), Arg::F32(1e-5)];
+    let args = [ptr_mut(&mut b), ptr(&x), ptr(&w), Arg::U32(n as u32), Arg::F32(1e-5)];
     k.emulate(&l(&b), &args).unwrap();
     assert_eq!(a, b);
     assert!(b.iter().any(|&v| v != 0.0));

@@ -141,3 +141,83 @@ pub fn build<T: Elem>(c: &Case) -> Batch<T> {
     let max_seq_len = *lens.iter().max().unwrap() as u32;
     Batch { shape, qsl, ctx, tables, max_seq_len, q, k_new, v_new, slots, kc_before, vc_before, kc, vc }
 }
+
+/// `n` values uniform in [-1, 1) from `seed`.
+pub fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng(seed | 1);
+    (0..n).map(|_| r.uniform() as f32).collect()
+}
+
+/// The largest absolute difference, in f32.
+pub fn max_abs<T: Elem>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x.to_f32() as f64 - y.to_f32() as f64).abs()).fold(0.0, f64::max)
+}
+
+/// The batch's attention on the host (`paged_attention_host` over the caches after the KV
+/// write): what every device kernel is held to.
+pub fn host_attention<T: Elem>(b: &Batch<T>) -> Vec<T> {
+    use weave_kernels_gpu::attention::{paged_attention_host, BatchMeta};
+    let num_tokens = *b.qsl.last().unwrap() as usize;
+    let mut want = vec![T::default(); b.q.len()];
+    let splits = b.shape.num_splits(b.max_seq_len) as usize;
+    let mut partials = vec![0f32; splits * num_tokens * b.shape.num_q_heads as usize * b.shape.partial_stride()];
+    let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
+    paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut want, &mut partials);
+    want
+}
+
+/// `silu(gate) * up` of each row of `gu` (`[gate; up]`, `2 n` a row), narrowed to `T`.
+pub fn silu_and_mul_ref<T: Elem>(gu: &[T], n: usize) -> Vec<T> {
+    gu.chunks(2 * n)
+        .flat_map(|g| {
+            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+            let mut of = vec![0f32; n];
+            weave_kernels_gpu::ops::silu_and_mul_row(&gf, &mut of);
+            of.into_iter().map(T::from_f32)
+        })
+        .collect()
+}
+
+/// Rotary embedding of `v` (`heads` heads of `hd` a token, one token per position) on the
+/// host, with the cos/sin cache `cs` (`hd` a position).
+pub fn rope_ref<T: Elem>(
+    v: &[T],
+    heads: usize,
+    hd: usize,
+    positions: &[u32],
+    cs: &[f32],
+    layout: weave_kernels_gpu::ops::RopeLayout,
+) -> Vec<T> {
+    let mut f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+    for (t, tok) in f.chunks_mut(heads * hd).enumerate() {
+        let p = positions[t] as usize;
+        for h in tok.chunks_mut(hd) {
+            weave_kernels_gpu::ops::rope_head(h, &cs[p * hd..(p + 1) * hd], hd, layout);
+        }
+    }
+    f.into_iter().map(T::from_f32).collect()
+}
+
+/// The sampling rows both kernel tests draw: greedy, temperature alone, top-k, top-p, both,
+/// `top_k = 1`, a one-token nucleus, and a cut near the whole vocabulary (`big_k`); `per`
+/// rows of each, with their own counters.
+pub fn sampling_params(per: u32, big_k: u32) -> Vec<weave_kernels_gpu::sample::RowParams> {
+    use weave_kernels_gpu::sample::RowParams;
+    let kinds = [
+        (0.0f32, 0u32, 1.0f32),
+        (1.0, 0, 1.0),
+        (0.7, 50, 1.0),
+        (0.7, 0, 0.9),
+        (1.3, 200, 0.5),
+        (1.0, 1, 1.0),
+        (0.5, 0, 0.02),
+        (2.0, big_k, 0.999),
+    ];
+    let mut params = Vec::new();
+    for (i, (t, top_k, top_p)) in kinds.into_iter().enumerate() {
+        for c in 0..per {
+            params.push(RowParams { temperature: t, top_k, top_p, seed: 1000 + i as u64, counter: c });
+        }
+    }
+    params
+}
