@@ -250,7 +250,7 @@ pub fn make_backend(
             );
             Ok((Box::new(be), sched_cfg, None))
         }
-        crate::backends::cuda::ExecDevice::Cuda => {
+        crate::backends::cuda::ExecDevice::Cuda | crate::backends::cuda::ExecDevice::Emu => {
             let be = cuda_backend(lm, cfg)?;
             // The KV cache is what the device's memory holds, as in vLLM.
             sched_cfg.num_gpu_blocks = be.num_blocks();
@@ -260,13 +260,14 @@ pub fn make_backend(
     }
 }
 
-/// The CUDA backend for `cfg`'s limits, on device 0.
+/// The CUDA backend for `cfg`'s limits, on device 0 (or the emulator, `cfg.device`).
 pub fn cuda_backend(
     lm: &LoadedModel,
     cfg: &GenerateConfig,
 ) -> anyhow::Result<crate::backends::cuda::model::CudaBackend> {
     cuda_backend_for(
         lm,
+        cfg.device,
         &cfg.sched,
         cfg.gpu_memory_utilization,
         cfg.enforce_eager,
@@ -275,10 +276,11 @@ pub fn cuda_backend(
     )
 }
 
-/// The CUDA backend on device 0 for a scheduler config (its batch, sequence and length
-/// limits), with vLLM's memory and graph settings.
+/// The CUDA backend on `device` (GPU 0, or the emulator) for a scheduler config (its batch,
+/// sequence and length limits), with vLLM's memory and graph settings.
 pub fn cuda_backend_for(
     lm: &LoadedModel,
+    device: crate::backends::cuda::ExecDevice,
     s: &SchedulerConfig,
     gpu_memory_utilization: f64,
     enforce_eager: bool,
@@ -286,7 +288,7 @@ pub fn cuda_backend_for(
     seed: u64,
 ) -> anyhow::Result<crate::backends::cuda::model::CudaBackend> {
     use crate::backends::cuda::model::{CudaBackend, CudaLimits};
-    let k = crate::backends::cuda::Kernels::load(0)?;
+    let k = crate::backends::cuda::Kernels::open(device)?;
     let limits = CudaLimits {
         max_num_batched_tokens: s.max_num_batched_tokens,
         max_num_seqs: s.max_num_seqs,

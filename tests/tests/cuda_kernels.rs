@@ -33,7 +33,7 @@ fn attention_case<T: DevElem>(k: &Kernels, c: &common::Case, kind: AttnKernel) -
     let (mut kc, mut vc) = (up(&b.kc_before), up(&b.vc_before));
     let slots = k.upload(&b.slots).unwrap();
     let row = b.shape.num_kv_heads * b.shape.head_dim;
-    k.reshape_and_cache::<T>(&up(&b.k_new), &up(&b.v_new), &mut kc, &mut vc, &slots.as_view(), b.slots.len(), row)
+    k.reshape_and_cache::<T>(&up(&b.k_new), &up(&b.v_new), &mut kc, &mut vc, slots.as_view(), b.slots.len(), row)
         .unwrap();
     let bits = |v: &[T]| T::to_bits(v);
     let kc_host = k.download(&kc).unwrap();
@@ -171,7 +171,7 @@ fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
     let table = conv(&rnd(50 * n, 4));
     let ids = vec![3u32, 49, 0, 3, 17, 8, 22];
     let mut out = k.zeros::<T::Bits>(rows * n).unwrap();
-    k.embedding::<T>(&mut out, &up(&table), &k.upload(&ids).unwrap().as_view(), rows, n as u32).unwrap();
+    k.embedding::<T>(&mut out, &up(&table), k.upload(&ids).unwrap().as_view(), rows, n as u32).unwrap();
     let got = T::from_bits(&k.download(&out).unwrap());
     let want: Vec<T> = ids.iter().flat_map(|&i| table[i as usize * n..(i as usize + 1) * n].to_vec()).collect();
     assert_eq!(max_abs(&got, &want), 0.0, "embedding_{}", T::NAME);
@@ -189,7 +189,7 @@ fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
         k.rotary_embedding::<T>(
             &mut qd,
             &mut kd,
-            &k.upload(&positions).unwrap().as_view(),
+            k.upload(&positions).unwrap().as_view(),
             &k.upload(&cs).unwrap(),
             rows,
             (nq as u32, nk as u32, hd as u32, hd as u32),

@@ -38,11 +38,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !(exec == weave::backends::cuda::ExecDevice::Cuda && llama_batched_bench.is_some()),
         "--llama-batched-bench is the CPU baseline; on a GPU the baseline is PyTorch (tools/gpu/hf_baseline.py)"
     );
+    anyhow::ensure!(
+        exec != weave::backends::cuda::ExecDevice::Emu,
+        "--device emu: the emulator does not model time, so it has nothing to benchmark; use weave generate --device emu"
+    );
     eprintln!("device: {device}");
     // On a GPU: one backend for every run, and the device's ceilings measured first.
     let mut gpu = match exec {
         weave::backends::cuda::ExecDevice::Cpu => None,
-        weave::backends::cuda::ExecDevice::Cuda => {
+        weave::backends::cuda::ExecDevice::Cuda | weave::backends::cuda::ExecDevice::Emu => {
             let cmax = concurrency.iter().copied().max().unwrap_or(1);
             let cfg = weave::generate::GenerateConfig {
                 sched: weave_scheduler::SchedulerConfig {

@@ -55,8 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         anyhow::bail!("weave bench kernels needs a GPU: {why} (--dry-run prints the shapes without one)");
     }
     let k = weave::backends::cuda::Kernels::load(0)?;
-    let blas = cudarc::cublas::CudaBlas::new(k.stream.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e}"))?;
-    let ceil = weave::backends::cuda::roofline::measure(&k, &blas)?;
+    let ceil = weave::backends::cuda::roofline::measure(&k)?;
     eprintln!("{} ({}), {} SMs", k.name, k.arch, k.num_sms);
     let dtype = if a.dtype == "bfloat16" { weave_kernels_gpu::Dtype::Bf16 } else { weave_kernels_gpu::Dtype::F16 };
     let bar = indicatif::ProgressBar::new(shapes.len() as u64);
@@ -65,7 +64,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    drop((blas, k));
+    drop(k);
     if !a.no_torch {
         // PyTorch's shapes exclude the mixed batch: SDPA has no varlen paged form.
         let torch_shapes: Vec<_> = shapes.iter().filter(|s| s.kind != kernel_bench::Kind::Mixed).cloned().collect();

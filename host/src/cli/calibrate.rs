@@ -59,6 +59,9 @@ fn profile(a: Args) -> anyhow::Result<()> {
     };
     let (m, report) = match device {
         weave::backends::cuda::ExecDevice::Cpu => weave::study::profile::profile_cpu(&lm, &spec, &mut progress)?,
+        weave::backends::cuda::ExecDevice::Emu => {
+            anyhow::bail!("--device emu: the emulator does not model time, so there is nothing to calibrate")
+        }
         weave::backends::cuda::ExecDevice::Cuda => {
             let sched = weave_scheduler::SchedulerConfig {
                 max_num_batched_tokens: max_tokens,

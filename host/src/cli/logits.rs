@@ -46,7 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
             weave::study::logits::greedy_trace(&mut be, "cpu", &ids, a.steps, block_size)?
         }
-        weave::backends::cuda::ExecDevice::Cuda => {
+        weave::backends::cuda::ExecDevice::Cuda | weave::backends::cuda::ExecDevice::Emu => {
             let cfg = weave::generate::GenerateConfig {
                 sched: weave_scheduler::SchedulerConfig {
                     max_num_batched_tokens: ids.len().max(block_size),

@@ -96,7 +96,7 @@ pub struct ModelArgs {
     /// (dequantize at load: exact, 4x+ the memory).
     #[arg(long, default_value = "quant")]
     pub cpu_precision: weave::model::weights::Precision,
-    /// cpu, cuda or auto (the GPU when one works and the command has a CUDA path, which only
+    /// cpu, cuda, auto or emu (the CUDA backend on the SIMT emulator, slowly, for proving the GPU path without a GPU); auto takes the GPU when one works and the command has a CUDA path, which only
     /// `weave generate` has so far; auto says which it picked and why).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -220,6 +220,7 @@ impl ModelArgs {
     ) -> anyhow::Result<weave::backends::cuda::model::CudaBackend> {
         let be = weave::generate::cuda_backend_for(
             lm,
+            weave::backends::cuda::ExecDevice::Cuda,
             sched,
             self.gpu_memory_utilization,
             self.enforce_eager,

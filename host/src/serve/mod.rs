@@ -80,9 +80,10 @@ pub fn start(
             anyhow::ensure!(!lm.model.w.on_device_only(), "dummy weights left for the GPU cannot run on the CPU");
             Ok((start_cpu(lm, cfg, step_log)?, cfg.sched.clone(), None))
         }
-        crate::backends::cuda::ExecDevice::Cuda => {
+        crate::backends::cuda::ExecDevice::Cuda | crate::backends::cuda::ExecDevice::Emu => {
             let be = crate::generate::cuda_backend_for(
                 lm,
+                cfg.device,
                 &cfg.sched,
                 cfg.gpu_memory_utilization,
                 cfg.enforce_eager,
@@ -113,7 +114,7 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
         num_gpu_blocks: cfg.sched.num_gpu_blocks,
         cache_dtype: match cfg.device {
             crate::backends::cuda::ExecDevice::Cpu => lm.model.kv_dtype.name().to_string(),
-            crate::backends::cuda::ExecDevice::Cuda => "auto".to_string(),
+            crate::backends::cuda::ExecDevice::Cuda | crate::backends::cuda::ExecDevice::Emu => "auto".to_string(),
         },
         enable_prefix_caching: cfg.sched.enable_prefix_caching,
     };
@@ -129,6 +130,7 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
         device: match cfg.device {
             crate::backends::cuda::ExecDevice::Cpu => "cpu",
             crate::backends::cuda::ExecDevice::Cuda => "cuda",
+            crate::backends::cuda::ExecDevice::Emu => "emu",
         },
         metrics,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),

@@ -338,7 +338,6 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
     }
     let (qsl_v, ctx_v, tables_v) = (qsl_d.as_view(), ctx_d.as_view(), tables_d.as_view());
     let mut partials = k.zeros::<f32>(MAX_SPLITS as usize * n * nq as usize * (d as usize + 2))?;
-    let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut rows = Vec::new();
     for (name, bps, kind) in variants {
         let shape = AttnShape { blocks_per_split: bps, ..base };
@@ -353,12 +352,12 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         let meta = |tiles, len: usize| AttnMeta {
             tiles,
             num_tiles: len / 2,
-            query_start_loc: &qsl_v,
+            query_start_loc: qsl_v,
             num_tokens: n as u32,
-            context_lens: &ctx_v,
-            block_tables: &tables_v,
+            context_lens: ctx_v,
+            block_tables: tables_v,
         };
-        let (small_m, big_m) = (meta(&small_v, small.len()), meta(&big_v, big.len()));
+        let (small_m, big_m) = (meta(small_v, small.len()), meta(big_v, big.len()));
         let mut launch = || {
             k.paged_attention_split::<T>(
                 kind,
@@ -378,10 +377,10 @@ fn time_shape<T: crate::backends::cuda::DevElem>(
         }
         let mut ts = Vec::with_capacity(iters);
         for _ in 0..iters.max(1) {
-            let a = k.stream.record_event(timed)?;
+            let a = k.dev.record()?;
             launch()?;
-            let b = k.stream.record_event(timed)?;
-            ts.push(a.elapsed_ms(&b)? as f64 * 1e3);
+            let b = k.dev.record()?;
+            ts.push(k.dev.elapsed(&a, &b)? * 1e6);
         }
         ts.sort_by(f64::total_cmp);
         let us = ts[ts.len() / 2];

@@ -121,7 +121,7 @@ struct Scratch {
 /// `out[n][out_dim] (+)= x[n][in_dim] * w^T` for a row-major `w[out_dim][in_dim]`, through
 /// the gemm crate.
 #[allow(clippy::too_many_arguments)]
-fn gemm_xwt(
+pub(crate) fn gemm_xwt(
     x: &[f32],
     n: usize,
     w: &[f32],

@@ -22,6 +22,16 @@ pub enum ExecDevice {
     Cpu,
     /// The CUDA backend on device 0.
     Cuda,
+    /// The CUDA backend on the SIMT emulator: the same code and kernels as `Cuda`, on the CPU,
+    /// slowly and with every check on. For proving the GPU path without a GPU.
+    Emu,
+}
+
+impl ExecDevice {
+    /// Whether the command runs the CUDA backend (on a GPU or on the emulator).
+    pub fn is_cuda_backend(self) -> bool {
+        self != ExecDevice::Cpu
+    }
 }
 
 /// Resolves `--device` for a command: the device and a line saying which was picked and why.
@@ -32,13 +42,15 @@ pub fn choose_device(want: &str, cuda_ok: bool) -> Result<(ExecDevice, String), 
         "this command runs on the CPU backend only so far (the CUDA backend runs generate, bench generate, serve and logits)";
     match (want, no_gpu_reason()) {
         ("cpu", _) => Ok((ExecDevice::Cpu, "cpu".into())),
+        ("emu", _) if !cuda_ok => Err(format!("--device emu: {CPU_ONLY}")),
+        ("emu", _) => Ok((ExecDevice::Emu, "emu (the CUDA backend on the SIMT emulator)".into())),
         ("auto", Some(why)) => Ok((ExecDevice::Cpu, format!("cpu (auto: {why})"))),
         ("auto", None) if !cuda_ok => Ok((ExecDevice::Cpu, format!("cpu (auto: {CPU_ONLY})"))),
         ("auto", None) => Ok((ExecDevice::Cuda, "cuda (auto: a GPU is there)".into())),
         ("cuda", Some(why)) => Err(format!("--device cuda: {why}")),
         ("cuda", None) if !cuda_ok => Err(format!("--device cuda: {CPU_ONLY}")),
         ("cuda", None) => Ok((ExecDevice::Cuda, "cuda".into())),
-        (other, _) => Err(format!("unknown device {other:?}; use cpu, cuda or auto")),
+        (other, _) => Err(format!("unknown device {other:?}; use cpu, cuda, auto or emu")),
     }
 }
 
@@ -50,6 +62,9 @@ mod tests {
     fn cpu_is_always_there_and_bad_names_are_named() {
         assert_eq!(choose_device("cpu", true), Ok((ExecDevice::Cpu, "cpu".into())));
         assert!(choose_device("tpu", true).unwrap_err().contains("unknown device \"tpu\""));
+        // The emulator is there on every machine, for the commands with a CUDA path.
+        assert_eq!(choose_device("emu", true).map(|d| d.0), Ok(ExecDevice::Emu));
+        assert!(choose_device("emu", false).unwrap_err().contains("CPU backend only"));
         match no_gpu_reason() {
             // Without a GPU, auto says why it fell back and cuda fails with the reason.
             Some(why) => {

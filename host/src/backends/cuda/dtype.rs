@@ -1,11 +1,10 @@
 //! Device buffers hold the kernels' storage types bit for bit.
 
-use cudarc::driver::DeviceRepr;
 use weave_kernels_gpu::Elem;
 
 /// Device buffers hold the kernels' storage types bit for bit: f32 as is, f16 and bf16 as u16.
 pub trait DevElem: Elem {
-    type Bits: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default + Unpin;
+    type Bits: bytemuck::Pod + Default + Send;
     fn to_bits(v: &[Self]) -> Vec<Self::Bits>;
     fn from_bits(v: &[Self::Bits]) -> Vec<Self>;
 }

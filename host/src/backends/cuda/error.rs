@@ -16,6 +16,10 @@ pub enum CudaError {
     Blas(String),
     #[error("device memory: {0}")]
     Memory(String),
+    #[error("emulated kernel: {0}")]
+    Emulator(weave_simt::EmuError),
+    #[error("not on this device: {0}")]
+    Unsupported(&'static str),
     #[error("CUDA graph: {0}")]
     Graph(String),
 }

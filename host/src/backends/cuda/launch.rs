@@ -1,9 +1,10 @@
 //! Launch wrappers: same arguments as the kernels, grids as `kernels-gpu` documents them.
 
+use super::dev::{DBuf, DView};
 use super::{CudaError, DevElem, Kernels};
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use weave_kernels_gpu::attention::{count_tiles, fill_tiles, AttnShape};
-use weave_kernels_gpu::{HeadDim, Kernel, LaunchDims};
+use weave_kernels_gpu::gpu::Arg;
+use weave_kernels_gpu::{HeadDim, Kernel};
 
 /// Which paged attention kernel a launch uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,42 +84,74 @@ impl AttnKernel {
 #[derive(Debug, Clone, Copy)]
 pub struct AttnMeta<'a> {
     /// `(sequence, first query index)` of each tile.
-    pub tiles: &'a CudaView<'a, u32>,
+    pub tiles: DView<'a, u32>,
     pub num_tiles: usize,
-    pub query_start_loc: &'a CudaView<'a, u32>,
+    pub query_start_loc: DView<'a, u32>,
     pub num_tokens: u32,
-    pub context_lens: &'a CudaView<'a, u32>,
-    pub block_tables: &'a CudaView<'a, u32>,
+    pub context_lens: DView<'a, u32>,
+    pub block_tables: DView<'a, u32>,
 }
 
-/// cudarc's form of a launch shape from `kernels-gpu` (which the emulator's launches share).
-fn cfg(d: LaunchDims) -> LaunchConfig {
-    LaunchConfig { grid_dim: d.grid, block_dim: (d.block, 1, 1), shared_mem_bytes: d.smem }
+/// A launch argument: a buffer's device address, or a scalar.
+trait AsArg {
+    fn arg(&self) -> Arg;
+}
+impl<T: bytemuck::Pod> AsArg for DBuf<T> {
+    fn arg(&self) -> Arg {
+        Arg::Ptr(self.addr())
+    }
+}
+impl<T> AsArg for DView<'_, T> {
+    fn arg(&self) -> Arg {
+        Arg::Ptr(self.addr())
+    }
+}
+impl<A: AsArg + ?Sized> AsArg for &A {
+    fn arg(&self) -> Arg {
+        (**self).arg()
+    }
+}
+impl<A: AsArg + ?Sized> AsArg for &mut A {
+    fn arg(&self) -> Arg {
+        (**self).arg()
+    }
+}
+impl AsArg for u32 {
+    fn arg(&self) -> Arg {
+        Arg::U32(*self)
+    }
+}
+impl AsArg for u64 {
+    fn arg(&self) -> Arg {
+        Arg::U64(*self)
+    }
+}
+impl AsArg for f32 {
+    fn arg(&self) -> Arg {
+        Arg::F32(*self)
+    }
 }
 
-/// One thread block of `BLOCK_THREADS` per row, with the shared memory `k` needs.
-fn rows(k: Kernel, n: usize) -> LaunchConfig {
-    cfg(k.rows(n as u32))
+/// The arguments of a launch, in the kernel's parameter order.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { [$(AsArg::arg(&$a)),*] };
 }
 
 impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn reshape_and_cache<T: DevElem>(
         &self,
-        k: &CudaSlice<T::Bits>,
-        v: &CudaSlice<T::Bits>,
-        k_cache: &mut CudaSlice<T::Bits>,
-        v_cache: &mut CudaSlice<T::Bits>,
-        slots: &CudaView<'_, u32>,
+        k: &DBuf<T::Bits>,
+        v: &DBuf<T::Bits>,
+        k_cache: &mut DBuf<T::Bits>,
+        v_cache: &mut DBuf<T::Bits>,
+        slots: DView<'_, u32>,
         num_tokens: usize,
         row: u32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::ReshapeAndCache(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(slots).arg(&row);
-        // SAFETY: buffers sized by the caller for `num_tokens` rows and every slot in `slots`.
-        unsafe { b.launch(rows(kind, num_tokens)) }?;
+        // Buffers sized by the caller for `num_tokens` rows and every slot in `slots`.
+        self.dev.launch(kind, kind.rows(num_tokens as u32), &args![k, v, k_cache, v_cache, slots, row])?;
         Ok(())
     }
 
@@ -131,20 +164,20 @@ impl Kernels {
         kind: AttnKernel,
         shape: &AttnShape,
         query_start_loc: &[u32],
-        context_lens: &CudaSlice<u32>,
-        block_tables: &CudaSlice<u32>,
+        context_lens: &DBuf<u32>,
+        block_tables: &DBuf<u32>,
         max_seq_len: u32,
-        q: &CudaSlice<T::Bits>,
-        k_cache: &CudaSlice<T::Bits>,
-        v_cache: &CudaSlice<T::Bits>,
-        out: &mut CudaSlice<T::Bits>,
+        q: &DBuf<T::Bits>,
+        k_cache: &DBuf<T::Bits>,
+        v_cache: &DBuf<T::Bits>,
+        out: &mut DBuf<T::Bits>,
     ) -> Result<(), CudaError> {
         shape.check().map_err(CudaError::Shape)?;
         let num_tokens = *query_start_loc.last().unwrap_or(&0);
         let tq = shape.tokens_per_tile();
         let qsl_d = self.upload(query_start_loc)?;
         let qsl_v = qsl_d.as_view();
-        let (context_lens, block_tables) = (&context_lens.as_view(), &block_tables.as_view());
+        let (context_lens, block_tables) = (context_lens.as_view(), block_tables.as_view());
         let (small, big) = kind.tiles(T::DTYPE, shape.block_size, query_start_loc, tq);
         // An empty list still uploads one (unused) tile: no zero-sized device buffers.
         let up = |v: &[u32]| self.upload(if v.is_empty() { &[0, 0] } else { v });
@@ -153,7 +186,7 @@ impl Kernels {
         let meta = |tiles, n: usize| AttnMeta {
             tiles,
             num_tiles: n / 2,
-            query_start_loc: &qsl_v,
+            query_start_loc: qsl_v,
             num_tokens,
             context_lens,
             block_tables,
@@ -164,7 +197,7 @@ impl Kernels {
         } else {
             1
         })?;
-        let (small_m, big_m) = (meta(&small_v, small.len()), meta(&big_v, big.len()));
+        let (small_m, big_m) = (meta(small_v, small.len()), meta(big_v, big.len()));
         self.paged_attention_split::<T>(
             kind,
             shape,
@@ -190,11 +223,11 @@ impl Kernels {
         small: AttnMeta<'_>,
         big: AttnMeta<'_>,
         max_seq_len: u32,
-        q: &CudaSlice<T::Bits>,
-        k_cache: &CudaSlice<T::Bits>,
-        v_cache: &CudaSlice<T::Bits>,
-        out: &mut CudaSlice<T::Bits>,
-        partials: &mut CudaSlice<f32>,
+        q: &DBuf<T::Bits>,
+        k_cache: &DBuf<T::Bits>,
+        v_cache: &DBuf<T::Bits>,
+        out: &mut DBuf<T::Bits>,
+        partials: &mut DBuf<f32>,
     ) -> Result<(), CudaError> {
         let shape = if big.num_tiles > 0 { AttnShape { blocks_per_split: 0, ..*shape } } else { *shape };
         if small.num_tiles > 0 {
@@ -214,10 +247,10 @@ impl Kernels {
         &self,
         shape: &AttnShape,
         meta: AttnMeta<'_>,
-        q: &CudaSlice<T::Bits>,
-        k_cache: &CudaSlice<T::Bits>,
-        v_cache: &CudaSlice<T::Bits>,
-        out: &mut CudaSlice<T::Bits>,
+        q: &DBuf<T::Bits>,
+        k_cache: &DBuf<T::Bits>,
+        v_cache: &DBuf<T::Bits>,
+        out: &mut DBuf<T::Bits>,
     ) -> Result<(), CudaError> {
         shape.check().map_err(CudaError::Shape)?;
         if !AttnKernel::mma_ok(T::DTYPE, shape.block_size) {
@@ -227,19 +260,29 @@ impl Kernels {
         }
         let hd = HeadDim::of(shape.head_dim).ok_or(CudaError::Shape("head_dim must be 64 or 128"))?;
         let kernel = Kernel::PagedAttentionMma(T::DTYPE, hd);
-        let mut b = self.stream.launch_builder(self.function(kernel));
-        b.arg(&mut *out).arg(q).arg(k_cache).arg(v_cache).arg(meta.tiles).arg(meta.query_start_loc);
-        b.arg(meta.context_lens).arg(meta.block_tables);
-        b.arg(&meta.num_tokens)
-            .arg(&shape.num_q_heads)
-            .arg(&shape.num_kv_heads)
-            .arg(&shape.block_size)
-            .arg(&shape.max_blocks_per_seq)
-            .arg(&shape.scale);
-        let cfg = cfg(kernel.attention(shape, meta.num_tiles as u32, 1));
-        // SAFETY: shapes checked; the tiles cover `MMA_TILE_TOKENS` tokens of chunks whose
+        let cfg = kernel.attention(shape, meta.num_tiles as u32, 1);
+        // Shapes checked; the tiles cover `MMA_TILE_TOKENS` tokens of chunks whose
         // blocks the tables hold; buffers sized by the caller as AttnShape documents.
-        unsafe { b.launch(cfg) }?;
+        self.dev.launch(
+            kernel,
+            cfg,
+            &args![
+                out,
+                q,
+                k_cache,
+                v_cache,
+                meta.tiles,
+                meta.query_start_loc,
+                meta.context_lens,
+                meta.block_tables,
+                meta.num_tokens,
+                shape.num_q_heads,
+                shape.num_kv_heads,
+                shape.block_size,
+                shape.max_blocks_per_seq,
+                shape.scale
+            ],
+        )?;
         Ok(())
     }
 
@@ -257,11 +300,11 @@ impl Kernels {
         shape: &AttnShape,
         meta: AttnMeta<'_>,
         max_seq_len: u32,
-        q: &CudaSlice<T::Bits>,
-        k_cache: &CudaSlice<T::Bits>,
-        v_cache: &CudaSlice<T::Bits>,
-        out: &mut CudaSlice<T::Bits>,
-        partials: &mut CudaSlice<f32>,
+        q: &DBuf<T::Bits>,
+        k_cache: &DBuf<T::Bits>,
+        v_cache: &DBuf<T::Bits>,
+        out: &mut DBuf<T::Bits>,
+        partials: &mut DBuf<f32>,
     ) -> Result<(), CudaError> {
         shape.check().map_err(CudaError::Shape)?;
         let d = shape.head_dim;
@@ -279,144 +322,129 @@ impl Kernels {
         } else {
             Kernel::PagedAttention(T::DTYPE, hd)
         };
-        let f = self.function(kernel);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&mut *out)
-            .arg(&mut *partials)
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(meta.tiles)
-            .arg(meta.query_start_loc)
-            .arg(meta.context_lens)
-            .arg(meta.block_tables);
-        b.arg(&num_tokens)
-            .arg(&shape.num_q_heads)
-            .arg(&shape.num_kv_heads)
-            .arg(&shape.block_size)
-            .arg(&shape.max_blocks_per_seq)
-            .arg(&shape.blocks_per_split)
-            .arg(&splits)
-            .arg(&shape.scale);
         // The decode kernel is one query head a thread block, the others one KV head.
-        let dims = cfg(kernel.attention(shape, meta.num_tiles as u32, splits));
-        // SAFETY: shapes checked; buffers sized by the caller as AttnShape documents.
-        unsafe { b.launch(dims) }?;
+        let dims = kernel.attention(shape, meta.num_tiles as u32, splits);
+        // Shapes checked; buffers sized by the caller as AttnShape documents.
+        self.dev.launch(
+            kernel,
+            dims,
+            &args![
+                out,
+                partials,
+                q,
+                k_cache,
+                v_cache,
+                meta.tiles,
+                meta.query_start_loc,
+                meta.context_lens,
+                meta.block_tables,
+                num_tokens,
+                shape.num_q_heads,
+                shape.num_kv_heads,
+                shape.block_size,
+                shape.max_blocks_per_seq,
+                shape.blocks_per_split,
+                splits,
+                shape.scale
+            ],
+        )?;
         if splits > 1 {
             let reduce = Kernel::AttentionReduce(T::DTYPE, hd);
-            let mut b = self.stream.launch_builder(self.function(reduce));
-            b.arg(out).arg(&*partials).arg(&num_tokens).arg(&shape.num_q_heads).arg(&splits);
-            // SAFETY: `partials` was filled for these dimensions by the launch above.
-            unsafe { b.launch(cfg(reduce.attention(shape, num_tokens, 1))) }?;
+            // `partials` was filled for these dimensions by the launch above.
+            self.dev.launch(
+                reduce,
+                reduce.attention(shape, num_tokens, 1),
+                &args![out, partials, num_tokens, shape.num_q_heads, splits],
+            )?;
         }
         Ok(())
     }
 
     pub fn rms_norm<T: DevElem>(
         &self,
-        out: &mut CudaSlice<T::Bits>,
-        x: &CudaSlice<T::Bits>,
-        w: &CudaSlice<f32>,
+        out: &mut DBuf<T::Bits>,
+        x: &DBuf<T::Bits>,
+        w: &DBuf<f32>,
         n_rows: usize,
         n: u32,
         eps: f32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::RmsNorm(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(out).arg(x).arg(w).arg(&n).arg(&eps);
-        // SAFETY: `n_rows * n` elements in `out` and `x`, `n` weights.
-        unsafe { b.launch(rows(kind, n_rows)) }?;
+        // `n_rows * n` elements in `out` and `x`, `n` weights.
+        self.dev.launch(kind, kind.rows(n_rows as u32), &args![out, x, w, n, eps])?;
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn fused_add_rms_norm<T: DevElem>(
         &self,
-        x: &mut CudaSlice<T::Bits>,
-        residual: &mut CudaSlice<T::Bits>,
-        w: &CudaSlice<f32>,
+        x: &mut DBuf<T::Bits>,
+        residual: &mut DBuf<T::Bits>,
+        w: &DBuf<f32>,
         n_rows: usize,
         n: u32,
         eps: f32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::FusedAddRmsNorm(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(x).arg(residual).arg(w).arg(&n).arg(&eps);
-        // SAFETY: as for rms_norm.
-        unsafe { b.launch(rows(kind, n_rows)) }?;
+        // As for rms_norm.
+        self.dev.launch(kind, kind.rows(n_rows as u32), &args![x, residual, w, n, eps])?;
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn rotary_embedding<T: DevElem>(
         &self,
-        q: &mut CudaSlice<T::Bits>,
-        k: &mut CudaSlice<T::Bits>,
-        positions: &CudaView<'_, u32>,
-        cos_sin: &CudaSlice<f32>,
+        q: &mut DBuf<T::Bits>,
+        k: &mut DBuf<T::Bits>,
+        positions: DView<'_, u32>,
+        cos_sin: &DBuf<f32>,
         num_tokens: usize,
         dims: (u32, u32, u32, u32),
         layout: weave_kernels_gpu::ops::RopeLayout,
     ) -> Result<(), CudaError> {
         let (nq, nk, head_dim, rot_dim) = dims;
         let kind = Kernel::RotaryEmbedding(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
         let layout = layout as u32;
-        b.arg(q).arg(k).arg(positions).arg(cos_sin).arg(&nq).arg(&nk).arg(&head_dim).arg(&rot_dim).arg(&layout);
-        // SAFETY: q/k hold `num_tokens` rows of nq/nk heads; the cos/sin cache covers every position.
-        unsafe { b.launch(rows(kind, num_tokens)) }?;
+        // Q/K hold `num_tokens` rows of nq/nk heads; the cos/sin cache covers every position.
+        self.dev.launch(
+            kind,
+            kind.rows(num_tokens as u32),
+            &args![q, k, positions, cos_sin, nq, nk, head_dim, rot_dim, layout],
+        )?;
         Ok(())
     }
 
     pub fn silu_and_mul<T: DevElem>(
         &self,
-        out: &mut CudaSlice<T::Bits>,
-        x: &CudaSlice<T::Bits>,
+        out: &mut DBuf<T::Bits>,
+        x: &DBuf<T::Bits>,
         num_tokens: usize,
         inter: u32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::SiluAndMul(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(out).arg(x).arg(&inter);
-        // SAFETY: `x` holds 2 * inter per token, `out` inter per token.
-        unsafe { b.launch(rows(kind, num_tokens)) }?;
+        // `x` holds 2 * inter per token, `out` inter per token.
+        self.dev.launch(kind, kind.rows(num_tokens as u32), &args![out, x, inter])?;
         Ok(())
     }
 
     pub fn embedding<T: DevElem>(
         &self,
-        out: &mut CudaSlice<T::Bits>,
-        table: &CudaSlice<T::Bits>,
-        ids: &CudaView<'_, u32>,
+        out: &mut DBuf<T::Bits>,
+        table: &DBuf<T::Bits>,
+        ids: DView<'_, u32>,
         num_tokens: usize,
         hidden: u32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::Embedding(T::DTYPE);
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(out).arg(table).arg(ids).arg(&hidden);
-        // SAFETY: every id indexes a row of `table`.
-        unsafe { b.launch(rows(kind, num_tokens)) }?;
+        // Every id indexes a row of `table`.
+        self.dev.launch(kind, kind.rows(num_tokens as u32), &args![out, table, ids, hidden])?;
         Ok(())
     }
 
-    pub fn argmax(
-        &self,
-        out: &mut CudaSlice<u32>,
-        logits: &CudaSlice<f32>,
-        n_rows: usize,
-        vocab: u32,
-    ) -> Result<(), CudaError> {
+    pub fn argmax(&self, out: &mut DBuf<u32>, logits: &DBuf<f32>, n_rows: usize, vocab: u32) -> Result<(), CudaError> {
         let kind = Kernel::ArgmaxF32;
-        let f = self.function(kind);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(out).arg(logits).arg(&vocab);
-        // SAFETY: `logits` holds n_rows * vocab values, `out` n_rows.
-        unsafe { b.launch(rows(kind, n_rows)) }?;
+        // `logits` holds n_rows * vocab values, `out` n_rows.
+        self.dev.launch(kind, kind.rows(n_rows as u32), &args![out, logits, vocab])?;
         Ok(())
     }
 
@@ -425,45 +453,39 @@ impl Kernels {
     /// the tokens and their logprobs under the raw logits.
     pub fn sample(
         &self,
-        out: &mut CudaSlice<u32>,
-        out_logprob: &mut CudaSlice<f32>,
-        logits: &CudaSlice<f32>,
-        params: &CudaSlice<u32>,
+        out: &mut DBuf<u32>,
+        out_logprob: &mut DBuf<f32>,
+        logits: &DBuf<f32>,
+        params: &DBuf<u32>,
         n_rows: usize,
         vocab: u32,
     ) -> Result<(), CudaError> {
         let kind = Kernel::SampleF32;
-        let mut b = self.stream.launch_builder(self.function(kind));
-        b.arg(out).arg(out_logprob).arg(logits).arg(params).arg(&vocab);
-        // SAFETY: `logits` holds n_rows * vocab values, `params` n_rows rows, the outputs n_rows.
-        unsafe { b.launch(rows(kind, n_rows)) }?;
+        // `logits` holds n_rows * vocab values, `params` n_rows rows, the outputs n_rows.
+        self.dev.launch(kind, kind.rows(n_rows as u32), &args![out, out_logprob, logits, params, vocab])?;
         Ok(())
     }
 
     /// Fills `out` with the dummy-weight stream `seed` at `scale` (the values the CPU's dummy
     /// weights hold), on the device.
-    pub fn fill_dummy<T: DevElem>(&self, out: &mut CudaSlice<T::Bits>, seed: u64, scale: f32) -> Result<(), CudaError> {
+    pub fn fill_dummy<T: DevElem>(&self, out: &mut DBuf<T::Bits>, seed: u64, scale: f32) -> Result<(), CudaError> {
         let kind = Kernel::FillDummy(T::DTYPE);
         let n = out.len() as u64;
-        let mut b = self.stream.launch_builder(self.function(kind));
-        b.arg(&mut *out).arg(&n).arg(&seed).arg(&scale);
-        // SAFETY: the kernel writes `out.len()` elements.
-        unsafe { b.launch(cfg(Kernel::fill(n))) }?;
+        // The kernel writes `out.len()` elements.
+        self.dev.launch(kind, Kernel::fill(n), &args![out, n, seed, scale])?;
         Ok(())
     }
 
     /// The conformance kernel (`weave_kernels_gpu::kernels::conformance`): every `gpu`
     /// primitive on `inp` (its `input()`), each thread's results in `out`.
-    pub fn gpu_conformance(&self, inp: &CudaSlice<u32>, out: &mut CudaSlice<u32>) -> Result<(), CudaError> {
+    pub fn gpu_conformance(&self, inp: &DBuf<u32>, out: &mut DBuf<u32>) -> Result<(), CudaError> {
         use weave_kernels_gpu::kernels::conformance::{region, GRID, NTHREADS, OUT_WORDS};
         if inp.len() < region::END || out.len() < NTHREADS * OUT_WORDS {
             return Err(CudaError::Shape("gpu_conformance: buffers smaller than its regions"));
         }
         let kind = Kernel::GpuConformance;
-        let mut b = self.stream.launch_builder(self.function(kind));
-        b.arg(inp).arg(out);
-        // SAFETY: both buffers hold what the kernel's regions and slots index (checked above).
-        unsafe { b.launch(cfg(kind.rows(GRID))) }?;
+        // Both buffers hold what the kernel's regions and slots index (checked above).
+        self.dev.launch(kind, kind.rows(GRID), &args![inp, out])?;
         Ok(())
     }
 }

@@ -2,8 +2,12 @@
 //! builds and runs where there is none), load the PTX that `cargo xtask build-ptx` wrote, and
 //! launch weave's kernels with the grid each one expects. One file a job:
 //! - `error`: what can go wrong, as one typed error;
+//! - `dev`: the one seam between the backend and a device (memory, copies, a launch by
+//!   [`Kernel`], GEMM, events, graphs), implemented by `cudarc_dev` (a GPU: cudarc's driver
+//!   API and cuBLAS) and `emu` (the SIMT emulator, GEMMs on the CPU): `--device emu` runs the
+//!   whole backend in `cargo test`;
 //! - `device`: whether there is a usable GPU, and the CLI's `--device` choice;
-//! - `ptx`: where the PTX is looked for, loading it, its functions by [`Kernel`];
+//! - `ptx`: where the PTX is looked for, and `Kernels`, the kernels on a device;
 //! - `dtype`: the bridge between the kernels' element types and device buffers;
 //! - `launch`: one wrapper a kernel, with the grid `kernels-gpu` documents, and the choice of
 //!   attention kernel (`AttnKernel`);
@@ -17,17 +21,21 @@
 //! pipelined and tensor-core attention kernels and CUDA graphs build and are type-checked
 //! everywhere but have not run on a GPU yet (issue 10's GPU proof).
 
+mod cudarc_dev;
+pub mod dev;
 mod device;
 mod dtype;
+pub mod emu;
 mod error;
 mod launch;
 pub mod model;
 mod ptx;
 pub mod roofline;
 
+pub use dev::{DBuf, DView, Device};
 pub use device::{choose_device, no_gpu_reason, ExecDevice};
 pub use dtype::DevElem;
 pub use error::CudaError;
 pub use launch::{AttnKernel, AttnMeta};
-pub use ptx::{ptx_dirs, Kernels};
+pub use ptx::{ptx_dirs, Kernels, EMU_MEMORY};
 pub use weave_kernels_gpu::Kernel;

@@ -23,6 +23,7 @@
 //! Status: builds and is type-checked on machines without a GPU; it has not run on one yet
 //! (issue 10's GPU proof).
 
+use super::dev::{DBuf, DView, Event, Gemm, Graph};
 use super::{AttnMeta, CudaError, Kernels};
 use crate::backends::cpu::CpuModel;
 use crate::engine::steplog::Phases;
@@ -31,8 +32,6 @@ use crate::model::config::ModelConfig;
 use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
 use crate::model::weights::Linear;
 use crate::sampling::{Samplers, SamplingParams};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr};
 use weave_kernels_gpu::attention::AttnShape;
 use weave_kernels_gpu::{Bf16, Dtype, Elem};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
@@ -66,7 +65,7 @@ fn to_16(dtype: Dtype, x: &[f32]) -> Vec<B16> {
 /// A weight matrix `[out_dim][in_dim]` in bf16 on the device.
 #[derive(Debug)]
 struct DevLinear {
-    w: CudaSlice<B16>,
+    w: DBuf<B16>,
     out_dim: usize,
     in_dim: usize,
 }
@@ -104,10 +103,10 @@ impl DevLinear {
 
 #[derive(Debug)]
 struct DevLayer {
-    attn_norm: CudaSlice<f32>,
+    attn_norm: DBuf<f32>,
     qkv: DevLinear,
     wo: DevLinear,
-    ffn_norm: CudaSlice<f32>,
+    ffn_norm: DBuf<f32>,
     gate_up: DevLinear,
     down: DevLinear,
 }
@@ -185,17 +184,16 @@ struct Meta {
     /// Every metadata array of the step, packed in the order of [`MetaArray`], written by one
     /// copy a step. A graph's padded steps of one size have one layout, so its kernels'
     /// pointers stay valid from replay to replay.
-    all: CudaSlice<u32>,
-    /// The host side of that copy, page-locked so that the copy is asynchronous (it is
-    /// rewritten only after the step that read it has synchronized).
-    staging: cudarc::driver::PinnedHostSlice<u32>,
+    all: DBuf<u32>,
+    /// The host side of that copy, kept from step to step.
+    staging: Vec<u32>,
     /// `(offset, len)` of each array in `all` for the current step.
     at: [(usize, usize); MetaArray::COUNT],
     /// The sampled token of each row (argmax or the device sampler's draw).
-    argmax: CudaSlice<u32>,
+    argmax: DBuf<u32>,
     /// The sampler's parameters, `PARAM_WORDS` a row, and the sampled tokens' logprobs.
-    sample_params: CudaSlice<u32>,
-    logprob: CudaSlice<f32>,
+    sample_params: DBuf<u32>,
+    logprob: DBuf<f32>,
 }
 
 /// A step's metadata arrays, in their order in `Meta::all`.
@@ -238,7 +236,7 @@ fn pack_meta(
 
 impl Meta {
     /// Array `a` of the current step on the device.
-    fn view(&self, a: MetaArray) -> cudarc::driver::CudaView<'_, u32> {
+    fn view(&self, a: MetaArray) -> DView<'_, u32> {
         let (off, len) = self.at[a as usize];
         self.all.slice(off..off + len.max(1))
     }
@@ -248,22 +246,21 @@ impl Meta {
 #[derive(Debug)]
 pub struct CudaBackend {
     k: Kernels,
-    blas: CudaBlas,
     cfg: ModelConfig,
     limits: CudaLimits,
-    embed: CudaSlice<B16>,
+    embed: DBuf<B16>,
     layers: Vec<DevLayer>,
-    final_norm: CudaSlice<f32>,
+    final_norm: DBuf<f32>,
     /// `None` when tied to the embedding.
     lm_head: Option<DevLinear>,
-    cos_sin: CudaSlice<f32>,
-    kv: Vec<(CudaSlice<B16>, CudaSlice<B16>)>,
+    cos_sin: DBuf<f32>,
+    kv: Vec<(DBuf<B16>, DBuf<B16>)>,
     num_blocks: usize,
     shape: AttnShape,
     /// Activations by [`Buf`] (all but the logits), bf16.
-    ws: Vec<CudaSlice<B16>>,
-    logits: CudaSlice<f32>,
-    partials: CudaSlice<f32>,
+    ws: Vec<DBuf<B16>>,
+    logits: DBuf<f32>,
+    partials: DBuf<f32>,
     rows: [usize; Buf::ALL.len()],
     meta: Meta,
     num_tiles: usize,
@@ -277,14 +274,14 @@ pub struct CudaBackend {
     graphs: Graphs,
     graph_sizes: Vec<usize>,
     /// The previous step's last event, for the idle gap before the next step.
-    last_end: Option<cudarc::driver::CudaEvent>,
+    last_end: Option<Event>,
     /// The attention kernel the steps use (`WEAVE_ATTN_KERNEL`).
     attn_kernel: super::AttnKernel,
 }
 
 /// Captured graphs by padded batch size.
 #[derive(Default)]
-struct Graphs(std::collections::HashMap<usize, cudarc::driver::CudaGraph>);
+struct Graphs(std::collections::HashMap<usize, Box<dyn Graph>>);
 
 // SAFETY: a graph is launched only through `&mut CudaBackend`, so from one thread at a time,
 // and `CudaGraph::launch` binds the context to the calling thread first. The backend moves to
@@ -367,8 +364,7 @@ impl CudaBackend {
             + MetaArray::COUNT;
         let meta = Meta {
             all: k.zeros(meta_cap)?,
-            // SAFETY: the buffer is written before each copy reads it.
-            staging: unsafe { k.ctx.alloc_pinned::<u32>(meta_cap) }?,
+            staging: vec![0; meta_cap],
             at: [(0, 0); MetaArray::COUNT],
             argmax: k.zeros(s)?,
             sample_params: k.zeros(s * weave_kernels_gpu::sample::PARAM_WORDS)?,
@@ -379,7 +375,6 @@ impl CudaBackend {
         let partial_rows =
             weave_kernels_gpu::attention::split_rows_bound(s as u32, shape.num_kv_heads, k.num_sms) as usize;
         let partials = k.zeros::<f32>(partial_rows * shape.num_q_heads as usize * shape.partial_stride())?;
-        let blas = CudaBlas::new(k.stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
         // One block a layer for the profiling pass below; the real cache replaces it.
         let one_block = limits.block_size * c.kv_dim();
         let kv = (0..c.num_layers)
@@ -391,7 +386,6 @@ impl CudaBackend {
             final_norm: k.upload(&w.final_norm)?,
             embed: embed.w,
             k,
-            blas,
             cfg: c,
             limits,
             layers,
@@ -428,7 +422,7 @@ impl CudaBackend {
         }
         be.kv.clear();
         be.k.sync()?;
-        let (free, total) = be.k.ctx.mem_get_info()?;
+        let (free, total) = be.k.dev.mem_info()?;
         let used = total - free;
         let budget = (total as f64 * limits.gpu_memory_utilization) as usize;
         let per_block = limits.block_size * kv_bytes_per_token(&be.cfg);
@@ -463,7 +457,7 @@ impl CudaBackend {
 
     /// The device's copy bandwidth and GEMM rate, measured now.
     pub fn ceilings(&self) -> Result<super::roofline::Ceilings, CudaError> {
-        super::roofline::measure(&self.k, &self.blas)
+        super::roofline::measure(&self.k)
     }
 
     /// The longest request (prompt and output) the backend was built for.
@@ -505,10 +499,9 @@ impl CudaBackend {
         )
     }
 
-    /// `out (+)= x * w^T` for `n` rows, through cuBLAS: in cuBLAS's column-major terms,
-    /// `C (out x n) = W^T (W is in x out, column-major) * X (in x n)`. The pointers are device
-    /// addresses (an offset into `w` picks a block of its rows); `c_f32` writes f32 (the
-    /// logits).
+    /// `out (+)= x * w^T` for `n` rows (the device's GEMM: cuBLAS on a GPU). The pointers
+    /// are device addresses (an offset into `w` picks a block of its rows); `c_f32` writes f32
+    /// (the logits).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -521,36 +514,8 @@ impl CudaBackend {
         accumulate: bool,
         c_f32: bool,
     ) -> Result<(), CudaError> {
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
-        let t16 = if self.limits.dtype == Dtype::F16 { CUDA_R_16F } else { CUDA_R_16BF };
-        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        // SAFETY: the pointers come from live device buffers sized for these dimensions by
-        // the caller; alpha and beta are f32, as the f32 compute type requires.
-        unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                CUBLAS_OP_T,
-                CUBLAS_OP_N,
-                out_dim as i32,
-                n as i32,
-                in_dim as i32,
-                (&alpha) as *const f32 as *const _,
-                w as *const _,
-                t16,
-                in_dim as i32,
-                x as *const _,
-                t16,
-                in_dim as i32,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                if c_f32 { CUDA_R_32F } else { t16 },
-                out_dim as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| CudaError::Blas(e.to_string()))
+        let dtype = self.limits.dtype;
+        self.k.dev.gemm(&Gemm { x, w, c, n, out_dim, in_dim, accumulate, c_f32, dtype })
     }
 }
 
@@ -593,7 +558,6 @@ impl CudaBackend {
             }
         }
         // One copy: the arrays packed into the pinned staging buffer, in `MetaArray` order.
-        let st = self.k.stream.clone();
         let m = &mut self.meta;
         let arrays: [&[u32]; MetaArray::COUNT] = [
             &b.input_ids,
@@ -606,9 +570,8 @@ impl CudaBackend {
             &tiles_mma,
             &b.logits_indices,
         ];
-        let host = m.staging.as_mut_slice()?;
-        let off = pack_meta(&arrays, host, &mut m.at)?;
-        st.memcpy_htod(&host[..off], &mut m.all.slice_mut(0..off))?;
+        let off = pack_meta(&arrays, &mut m.staging, &mut m.at)?;
+        self.k.dev.write(&m.staging[..off], &m.all, 0)?;
         for buf in Buf::ALL {
             self.rows[buf as usize] = if matches!(buf, Buf::Sel | Buf::Logits) { s } else { n };
         }
@@ -646,6 +609,10 @@ impl CudaBackend {
         self.upload_meta(&padded)?;
         drop(range);
         let prepare = t.elapsed().as_secs_f64();
+        if !self.k.dev.graphs() {
+            // The emulator: the padded step a graph would replay, run eagerly.
+            return llama::forward(self, self.cfg.num_layers, &padded).map(|_| prepare);
+        }
         if !self.graphs.0.contains_key(&size) {
             match self.capture(&padded) {
                 Ok(g) => {
@@ -666,17 +633,13 @@ impl CudaBackend {
     }
 
     /// Records the forward pass of the (padded, uploaded) `b` into a graph.
-    fn capture(&mut self, b: &ScheduledBatch) -> Result<cudarc::driver::CudaGraph, CudaError> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        let st = self.k.stream.clone();
-        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    fn capture(&mut self, b: &ScheduledBatch) -> Result<Box<dyn Graph>, CudaError> {
+        self.k.dev.begin_capture()?;
         let r = llama::forward(self, self.cfg.num_layers, b);
         // End the capture whatever happened, so that the stream is usable again.
-        let g = st.end_capture(CUgraphInstantiate_flags(0));
+        let g = self.k.dev.end_capture();
         r?;
-        let g = g?.ok_or_else(|| CudaError::Graph("the capture recorded nothing".into()))?;
-        g.upload()?;
-        Ok(g)
+        g?.ok_or_else(|| CudaError::Graph("the capture recorded nothing".into()))
     }
 
     /// The device's name and arch, e.g. `NVIDIA H200 (sm_90)`.
@@ -694,12 +657,12 @@ impl CudaBackend {
     pub fn logits_of(&mut self, b: &ScheduledBatch) -> Result<Vec<f32>, CudaError> {
         self.forward_eager(b)?;
         let n = b.logits_indices.len() * self.cfg.vocab_size;
-        Ok(self.k.stream.clone_dtoh(&self.logits.slice(..n))?)
+        self.k.dev.read(self.logits.slice(0..n))
     }
 
     /// An eager pass of `b` (no graph), its logits left on the device.
     fn forward_eager(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
-        self.k.ctx.bind_to_thread()?;
+        self.k.dev.bind_to_thread()?;
         self.check_positions(b)?;
         self.upload_meta(b)?;
         llama::forward(self, self.cfg.num_layers, b)
@@ -731,8 +694,7 @@ impl CudaBackend {
     ) -> Result<(Vec<u32>, Vec<Option<crate::engine::TokenLogprobs>>), CudaError> {
         let (s, vocab) = (ids.len(), self.cfg.vocab_size);
         let words: Vec<u32> = ids.iter().flat_map(|&id| self.sampling.device_row(id).to_words()).collect();
-        let st = self.k.stream.clone();
-        st.memcpy_htod(&words, &mut self.meta.sample_params)?;
+        self.k.dev.write(&words, &self.meta.sample_params, 0)?;
         self.k.sample(
             &mut self.meta.argmax,
             &mut self.meta.logprob,
@@ -741,8 +703,8 @@ impl CudaBackend {
             s,
             vocab as u32,
         )?;
-        let mut sampled = st.clone_dtoh(&self.meta.argmax.slice(..s))?;
-        let lp = st.clone_dtoh(&self.meta.logprob.slice(..s))?;
+        let mut sampled = self.k.dev.read(self.meta.argmax.slice(0..s))?;
+        let lp = self.k.dev.read(self.meta.logprob.slice(0..s))?;
         let mut logprobs: Vec<Option<crate::engine::TokenLogprobs>> = ids
             .iter()
             .zip(&lp)
@@ -752,7 +714,7 @@ impl CudaBackend {
             .collect();
         for (i, &id) in ids.iter().enumerate() {
             if self.sampling.needs_host(id) {
-                let mut row = st.clone_dtoh(&self.logits.slice(i * vocab..(i + 1) * vocab))?;
+                let mut row = self.k.dev.read(self.logits.slice(i * vocab..(i + 1) * vocab))?;
                 let (t, mut l) = self.sampling.sample_rows(&mut row, vocab, &[id]);
                 sampled[i] = t[0];
                 logprobs[i] = l.pop().flatten();
@@ -817,7 +779,7 @@ impl LayerOps for CudaBackend {
 
     fn embedding(&mut self, b: &ScheduledBatch, out: Buf) -> Result<(), CudaError> {
         let n = b.num_tokens();
-        typed!(self.limits.dtype, T => self.k.embedding::<T>(&mut self.ws[out as usize], &self.embed, &self.meta.view(MetaArray::Ids), n, self.cfg.hidden as u32))
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(&mut self.ws[out as usize], &self.embed, self.meta.view(MetaArray::Ids), n, self.cfg.hidden as u32))
     }
 
     fn rms_norm(&mut self, x: Buf, w: Norm, out: Buf) -> Result<(), CudaError> {
@@ -834,37 +796,36 @@ impl LayerOps for CudaBackend {
 
     fn matmul(&mut self, x: Buf, w: Weight, out: Buf, accumulate: bool) -> Result<(), CudaError> {
         let n = self.rows[x as usize];
-        let st = self.k.stream.clone();
-        let (xp, _gx) = self.ws[x as usize].device_ptr(&st);
+        let xp = self.ws[x as usize].addr();
         let lin = match w {
             Weight::Qkv(l) => &self.layers[l].qkv,
             Weight::Wo(l) => &self.layers[l].wo,
             Weight::GateUp(l) => &self.layers[l].gate_up,
             Weight::Down(l) => &self.layers[l].down,
             Weight::LmHead => {
-                let (wp, _gw) = match &self.lm_head {
-                    Some(l) => l.w.device_ptr(&st),
-                    None => self.embed.device_ptr(&st),
+                let wp = match &self.lm_head {
+                    Some(l) => l.w.addr(),
+                    None => self.embed.addr(),
                 };
-                let (cp, _gc) = self.logits.device_ptr(&st);
+                let cp = self.logits.addr();
                 self.rows[Buf::Logits as usize] = n;
                 return self.gemm(xp, wp, cp, n, self.cfg.vocab_size, self.cfg.hidden, false, true);
             }
         };
-        let (wp, _gw) = lin.w.device_ptr(&st);
+        let wp = lin.w.addr();
         if let Weight::Qkv(_) = w {
             // Straight into Q, K and V: three GEMMs over the fused matrix's row blocks.
             let (qd, kvd, h) = (self.cfg.q_dim(), self.cfg.kv_dim(), self.cfg.hidden);
             let mut row0 = 0;
             for (dst, rows) in [(Buf::Q, qd), (Buf::K, kvd), (Buf::V, kvd)] {
-                let (cp, _gc) = self.ws[dst as usize].device_ptr(&st);
+                let cp = self.ws[dst as usize].addr();
                 self.gemm(xp, wp + (row0 * h * 2) as u64, cp, n, rows, h, false, false)?;
                 self.rows[dst as usize] = n;
                 row0 += rows;
             }
             return Ok(());
         }
-        let (cp, _gc) = self.ws[out as usize].device_ptr(&st);
+        let cp = self.ws[out as usize].addr();
         self.rows[out as usize] = n;
         self.gemm(xp, wp, cp, n, lin.out_dim, lin.in_dim, accumulate, false)
     }
@@ -879,7 +840,7 @@ impl LayerOps for CudaBackend {
         typed!(self.limits.dtype, T => self.k.rotary_embedding::<T>(
             qb,
             kb,
-            &self.meta.view(MetaArray::Positions),
+            self.meta.view(MetaArray::Positions),
             &self.cos_sin,
             b.num_tokens(),
             dims,
@@ -895,7 +856,7 @@ impl LayerOps for CudaBackend {
             &self.ws[v as usize],
             kc,
             vc,
-            &self.meta.view(MetaArray::Slots),
+            self.meta.view(MetaArray::Slots),
             b.num_tokens(),
             row,
         ))
@@ -906,14 +867,14 @@ impl LayerOps for CudaBackend {
         let (tiles, tiles_mma) = (m.view(MetaArray::Tiles), m.view(MetaArray::TilesMma));
         let (qsl, ctx, tables) = (m.view(MetaArray::Qsl), m.view(MetaArray::ContextLens), m.view(MetaArray::Tables));
         let meta = AttnMeta {
-            tiles: &tiles,
+            tiles,
             num_tiles: self.num_tiles,
-            query_start_loc: &qsl,
+            query_start_loc: qsl,
             num_tokens: b.num_tokens() as u32,
-            context_lens: &ctx,
-            block_tables: &tables,
+            context_lens: ctx,
+            block_tables: tables,
         };
-        let meta_mma = AttnMeta { tiles: &tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
+        let meta_mma = AttnMeta { tiles: tiles_mma, num_tiles: self.num_tiles_mma, ..meta };
         let (kc, vc) = &self.kv[layer];
         let (o, qs) = pair(&mut self.ws, out as usize, q as usize);
         let (kind, shape, p) = (self.attn_kernel, &self.shape, &mut self.partials);
@@ -932,7 +893,7 @@ impl LayerOps for CudaBackend {
         let s = b.logits_indices.len();
         self.rows[out as usize] = s;
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
-        typed!(self.limits.dtype, T => self.k.embedding::<T>(o, xs, &self.meta.view(MetaArray::LogitsIndices), s, self.cfg.hidden as u32))
+        typed!(self.limits.dtype, T => self.k.embedding::<T>(o, xs, self.meta.view(MetaArray::LogitsIndices), s, self.cfg.hidden as u32))
     }
 }
 
@@ -952,9 +913,8 @@ impl Backend for CudaBackend {
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
         // cuBLAS calls take the thread's current context: a server steps on a thread of its
         // own, not the one that made the backend.
-        self.k.ctx.bind_to_thread()?;
-        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.k.stream.record_event(timed)?;
+        self.k.dev.bind_to_thread()?;
+        let start = self.k.dev.record()?;
         let t = std::time::Instant::now();
         let range = crate::engine::nvtx::range(c"forward");
         let prepare = self.run_forward(batch)?;
@@ -969,14 +929,14 @@ impl Backend for CudaBackend {
         let (sampled, logprobs) = if self.sampling.all_greedy(&ids) {
             // Only the ids come back.
             self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
-            (self.k.stream.clone_dtoh(&self.meta.argmax.slice(..s))?, Vec::new())
+            (self.k.dev.read(self.meta.argmax.slice(0..s))?, Vec::new())
         } else {
             self.sample_on_device(&ids)?
         };
-        let end = self.k.stream.record_event(timed)?;
-        let gpu_busy = start.elapsed_ms(&end)? as f64 / 1e3;
+        let end = self.k.dev.record()?;
+        let gpu_busy = self.k.dev.elapsed(&start, &end)?;
         let gpu_gap = match &self.last_end {
-            Some(prev) => prev.elapsed_ms(&start)? as f64 / 1e3,
+            Some(prev) => self.k.dev.elapsed(prev, &start)?,
             None => 0.0,
         };
         self.last_end = Some(end);

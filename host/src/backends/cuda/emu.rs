@@ -1,0 +1,281 @@
+//! [`Device`] on the CPU: weave's kernels under the SIMT emulator (`weave-simt`), GEMMs by the
+//! gemm crate in f32 with the 16-bit rounding cuBLAS applies, memory from the host heap.
+//!
+//! What it checks beyond a GPU: every launch registers exactly the allocations its pointer
+//! arguments point into, so a kernel that reads past its buffer into a neighbour's fails here
+//! with both named (a GPU would read the neighbour silently); copies and GEMM operands are
+//! checked against the live allocations the same way; shared memory starts poisoned and
+//! races are reported (`weave_simt::Checks`). What it does not model: time (each launch runs
+//! to its end before `launch` returns, so events give host time) and graphs (the backend runs
+//! the padded steps a graph would replay eagerly).
+
+use super::dev::{Device, Event, Gemm, Graph, Mem};
+use super::CudaError;
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use weave_kernels_gpu::gpu::Arg;
+use weave_kernels_gpu::{Bf16, Dtype, Elem, Kernel, LaunchDims, F16};
+use weave_simt::{Checks, Dim3};
+
+/// What `cudaMalloc` promises (and the 16-byte vector loads need).
+const ALIGN: usize = 256;
+
+/// Live allocations: start address -> bytes.
+type Registry = Arc<Mutex<BTreeMap<usize, usize>>>;
+
+/// The emulated device.
+#[derive(Debug)]
+pub struct EmuDev {
+    live: Registry,
+    total: usize,
+    checks: Checks,
+    stats: EmuStats,
+}
+
+/// What the emulator has run, for throughput figures.
+#[derive(Debug, Default)]
+pub struct EmuStats {
+    pub launches: AtomicU64,
+    pub threads: AtomicU64,
+    pub switches: AtomicU64,
+    pub barriers: AtomicU64,
+    pub warp_ops: AtomicU64,
+    /// Nanoseconds in launches.
+    pub launch_ns: AtomicU64,
+    pub gemms: AtomicU64,
+    pub gemm_ns: AtomicU64,
+}
+
+#[derive(Debug)]
+struct EmuMem {
+    ptr: *mut u8,
+    layout: Layout,
+    live: Registry,
+}
+
+// SAFETY: the allocation is plain memory owned by this value; the device reads and writes it
+// only during calls made through the backend, which holds the buffers.
+unsafe impl Send for EmuMem {}
+
+impl Mem for EmuMem {
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl Drop for EmuMem {
+    fn drop(&mut self) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&(self.ptr as usize));
+        // SAFETY: allocated in `alloc_zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Names for a launch's buffers, by argument position (the emulator's errors quote them).
+const ARG_NAMES: [&str; 24] = [
+    "argument 0",
+    "argument 1",
+    "argument 2",
+    "argument 3",
+    "argument 4",
+    "argument 5",
+    "argument 6",
+    "argument 7",
+    "argument 8",
+    "argument 9",
+    "argument 10",
+    "argument 11",
+    "argument 12",
+    "argument 13",
+    "argument 14",
+    "argument 15",
+    "argument 16",
+    "argument 17",
+    "argument 18",
+    "argument 19",
+    "argument 20",
+    "argument 21",
+    "argument 22",
+    "argument 23",
+];
+
+impl EmuDev {
+    /// An emulated device of `total` bytes of memory, with every check on.
+    pub fn new(total: usize) -> EmuDev {
+        EmuDev { live: Default::default(), total, checks: Checks::default(), stats: Default::default() }
+    }
+
+    /// The same device with `checks` (e.g. lanes run in reverse).
+    pub fn with_checks(mut self, checks: Checks) -> EmuDev {
+        self.checks = checks;
+        self
+    }
+
+    pub fn stats(&self) -> &EmuStats {
+        &self.stats
+    }
+
+    /// The allocation `[start, start + len)` holding `[addr, addr + bytes)`, or an error naming
+    /// `what`.
+    fn find(&self, addr: u64, bytes: usize, what: &str) -> Result<(usize, usize), CudaError> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let a = addr as usize;
+        match live.range(..=a).next_back() {
+            Some((&s, &l)) if a + bytes <= s + l => Ok((s, l)),
+            _ => Err(CudaError::Memory(format!(
+                "{what}: {bytes} bytes at {addr:#x} are not inside one allocation of the emulated device"
+            ))),
+        }
+    }
+}
+
+impl Device for EmuDev {
+    fn name(&self) -> String {
+        format!("SIMT emulator ({} CPU threads)", std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+    fn arch(&self) -> String {
+        "emu".into()
+    }
+    /// An H200's count, so that the split-KV choice splits as it would there.
+    fn num_sms(&self) -> u32 {
+        132
+    }
+    fn bind_to_thread(&self) -> Result<(), CudaError> {
+        Ok(())
+    }
+    fn alloc_zeroed(&self, bytes: usize) -> Result<Box<dyn Mem>, CudaError> {
+        let bytes = bytes.max(1);
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let used: usize = live.values().sum();
+        if used + bytes > self.total {
+            return Err(CudaError::Memory(format!(
+                "out of memory: {bytes} bytes asked, {} of the emulated device's {} free",
+                self.total - used,
+                self.total
+            )));
+        }
+        let layout = Layout::from_size_align(bytes, ALIGN).map_err(|e| CudaError::Memory(e.to_string()))?;
+        // SAFETY: a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(CudaError::Memory(format!("the host could not give {bytes} bytes")));
+        }
+        live.insert(ptr as usize, bytes);
+        Ok(Box::new(EmuMem { ptr, layout, live: self.live.clone() }))
+    }
+    fn htod(&self, src: &[u8], dst: u64) -> Result<(), CudaError> {
+        self.find(dst, src.len(), "copy to the device")?;
+        // SAFETY: inside a live allocation (checked), which no kernel runs on now.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.find(src, dst.len(), "copy from the device")?;
+        // SAFETY: as `htod`.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        self.find(src, bytes, "device copy source")?;
+        self.find(dst, bytes, "device copy destination")?;
+        // SAFETY: both inside live allocations (checked); `copy` allows overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+    fn launch(&self, kernel: Kernel, dims: LaunchDims, args: &[Arg]) -> Result<(), CudaError> {
+        let (gx, gy, gz) = dims.grid;
+        let mut l = weave_simt::Launch::new(kernel.name(), Dim3::new(gx, gy, gz), Dim3::x(dims.block))
+            .smem(dims.smem as usize)
+            .checks(self.checks);
+        // Each pointer argument may touch the allocation it points into, from its address on
+        // (as a kernel handed a view may), and nothing else.
+        for (i, a) in args.iter().enumerate() {
+            if let Arg::Ptr(p) = *a {
+                let (s, len) = self.find(p, 0, &format!("{} argument {i}", kernel.name()))?;
+                let start = p as usize;
+                l.buffers.push(weave_simt::Buffer {
+                    name: ARG_NAMES.get(i).copied().unwrap_or("an argument"),
+                    start,
+                    len: s + len - start,
+                });
+            }
+        }
+        let t = std::time::Instant::now();
+        let st = kernel.emulate(&l, args).map_err(CudaError::Emulator)?;
+        let s = &self.stats;
+        s.launch_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        s.launches.fetch_add(1, Ordering::Relaxed);
+        s.threads.fetch_add(st.threads, Ordering::Relaxed);
+        s.switches.fetch_add(st.switches, Ordering::Relaxed);
+        s.barriers.fetch_add(st.barriers, Ordering::Relaxed);
+        s.warp_ops.fetch_add(st.warp_ops, Ordering::Relaxed);
+        Ok(())
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
+        let t = std::time::Instant::now();
+        let (n, o, i) = (g.n, g.out_dim, g.in_dim);
+        self.find(g.x, 2 * n * i, "GEMM input x")?;
+        self.find(g.w, 2 * o * i, "GEMM weight w")?;
+        self.find(g.c, if g.c_f32 { 4 } else { 2 } * n * o, "GEMM output c")?;
+        // SAFETY: each operand lies inside a live allocation (checked above) and no kernel
+        // runs now; x and w are read-only here, c is written after they are read.
+        let (x16, w16) = unsafe {
+            (std::slice::from_raw_parts(g.x as *const u16, n * i), std::slice::from_raw_parts(g.w as *const u16, o * i))
+        };
+        let widen = |v: &[u16]| -> Vec<f32> {
+            match g.dtype {
+                Dtype::F16 => v.iter().map(|&b| F16(b).to_f32()).collect(),
+                _ => v.iter().map(|&b| Bf16(b).to_f32()).collect(),
+            }
+        };
+        let (x, w) = (widen(x16), widen(w16));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if g.c_f32 {
+            // SAFETY: checked above; `c` does not overlap `x` or `w` (distinct allocations).
+            let c = unsafe { std::slice::from_raw_parts_mut(g.c as *mut f32, n * o) };
+            crate::backends::cpu::gemm_xwt(&x, n, &w, o, i, c, g.accumulate, threads);
+        } else {
+            // SAFETY: as above.
+            let c16 = unsafe { std::slice::from_raw_parts_mut(g.c as *mut u16, n * o) };
+            let mut c = if g.accumulate { widen(c16) } else { vec![0f32; n * o] };
+            crate::backends::cpu::gemm_xwt(&x, n, &w, o, i, &mut c, g.accumulate, threads);
+            // Rounded once, from the f32 accumulator, as cuBLAS's f32 compute type does.
+            for (d, v) in c16.iter_mut().zip(c) {
+                *d = match g.dtype {
+                    Dtype::F16 => F16::from_f32(v).0,
+                    _ => Bf16::from_f32(v).0,
+                };
+            }
+        }
+        self.stats.gemms.fetch_add(1, Ordering::Relaxed);
+        self.stats.gemm_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn sync(&self) -> Result<(), CudaError> {
+        Ok(())
+    }
+    fn record(&self) -> Result<Event, CudaError> {
+        Ok(Event::Host(std::time::Instant::now()))
+    }
+    fn elapsed(&self, a: &Event, b: &Event) -> Result<f64, CudaError> {
+        match (a, b) {
+            (Event::Host(a), Event::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            _ => Err(CudaError::Graph("events of another device".into())),
+        }
+    }
+    fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        let used: usize = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().sum();
+        Ok((self.total - used, self.total))
+    }
+    fn graphs(&self) -> bool {
+        false
+    }
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        Err(CudaError::Graph("the emulator records no graphs".into()))
+    }
+    fn end_capture(&self) -> Result<Option<Box<dyn Graph>>, CudaError> {
+        Err(CudaError::Graph("the emulator records no graphs".into()))
+    }
+}
