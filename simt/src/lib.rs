@@ -734,6 +734,10 @@ enum State {
 
 type Co = Coroutine<u32, Park, (), DefaultStack>;
 
+/// Coroutine stacks kept between launches (at most [`POOL_MAX`]: 64 MiB of address space).
+static STACK_POOL: Mutex<Vec<DefaultStack>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 1024;
+
 /// Runs `kernel` once per thread of every block of `l`'s grid; blocks go to the cores in
 /// parallel (as a GPU runs them: in no promised order), threads of a block interleave at
 /// barriers and warp operations. Returns the first error any block hit.
@@ -745,7 +749,13 @@ pub fn launch<F: Fn() + Sync>(l: &Launch, kernel: F) -> Result<Stats, EmuError> 
     let first_err: Mutex<Option<(usize, EmuError)>> = Mutex::new(None);
     let totals = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
     let work = || {
-        let mut stacks: Vec<DefaultStack> = Vec::new();
+        // Stacks from earlier launches: a model's step makes hundreds of launches, and an
+        // mmap and munmap per thread each time cost more than the kernels.
+        let mut stacks: Vec<DefaultStack> = {
+            let mut pool = STACK_POOL.lock().unwrap_or_else(|p| p.into_inner());
+            let keep = pool.len().saturating_sub(l.block.count());
+            pool.split_off(keep)
+        };
         let mut st = Stats::default();
         loop {
             let b = next.fetch_add(1, Ordering::Relaxed);
@@ -760,6 +770,11 @@ pub fn launch<F: Fn() + Sync>(l: &Launch, kernel: F) -> Result<Stats, EmuError> 
                     *g = Some((b, e));
                 }
             }
+        }
+        {
+            let mut pool = STACK_POOL.lock().unwrap_or_else(|p| p.into_inner());
+            let room = POOL_MAX.saturating_sub(pool.len());
+            pool.extend(stacks.into_iter().take(room));
         }
         for (t, v) in totals.iter().zip([st.blocks, st.switches, st.barriers, st.warp_ops]) {
             t.fetch_add(v, Ordering::Relaxed);

@@ -26,6 +26,8 @@ pub mod dev;
 mod device;
 mod dtype;
 pub mod emu;
+#[cfg(test)]
+mod emu_pass_tests;
 mod error;
 mod launch;
 pub mod model;

@@ -460,6 +460,11 @@ impl CudaBackend {
         super::roofline::measure(&self.k)
     }
 
+    /// The attention kernel the steps use from now on (`WEAVE_ATTN_KERNEL` picks the first).
+    pub fn set_attn_kernel(&mut self, kind: super::AttnKernel) {
+        self.attn_kernel = kind;
+    }
+
     /// The longest request (prompt and output) the backend was built for.
     pub fn max_model_len(&self) -> usize {
         self.limits.max_model_len
