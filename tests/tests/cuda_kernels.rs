@@ -1,14 +1,16 @@
-//! Every CUDA kernel against the CPU: the KV write bit for bit, paged attention against the
-//! host build of its logic (itself checked against the f64 reference in
-//! attention_vs_reference.rs) on random varlen mixed batches, and the row kernels against
-//! kernels-gpu's host functions. Needs a GPU and `cargo xtask build-ptx`; without a GPU each
-//! test prints `skipped: no CUDA device (...)`.
+//! Every CUDA kernel against the CPU, through the CUDA backend's own launchers (`Kernels`):
+//! the KV write bit for bit, paged attention against the host build of its logic (itself
+//! checked against the f64 reference in attention_vs_reference.rs) on random varlen mixed
+//! batches, and the row kernels against kernels-gpu's host functions. Each test runs on every
+//! device there is: the SIMT emulator always (every barrier, shuffle mask, shared-memory and
+//! global access checked), and a GPU where there is one (with `cargo xtask build-ptx`); without
+//! one, the GPU's part prints `skipped: no CUDA device (...)`.
 
 mod common;
 
 use proptest::prelude::*;
 use std::sync::OnceLock;
-use weave::backends::cuda::{no_gpu_reason, AttnKernel, DevElem, Kernels};
+use weave::backends::cuda::{emu::EmuDev, no_gpu_reason, AttnKernel, DevElem, Kernels};
 use weave_kernels_gpu::ops::{self, RopeLayout};
 use weave_kernels_gpu::{Bf16, Elem, F16};
 
@@ -21,6 +23,40 @@ fn gpu() -> Option<&'static Kernels> {
     match K.get_or_init(|| Kernels::load(0).map_err(|e| e.to_string())) {
         Ok(k) => Some(k),
         Err(e) => panic!("a GPU is present but the kernels do not load: {e}"),
+    }
+}
+
+/// The emulated device's memory: what the largest test here allocates at once, and more.
+const EMU_BYTES: usize = 512 << 20;
+
+/// The SIMT emulator as a device, every check on.
+fn emu() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| Kernels::emulated(EMU_BYTES))
+}
+
+/// The emulator with each warp's lanes run last to first.
+fn emu_reversed() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    let rev = weave_simt::Checks { reverse_lanes: true, ..Default::default() };
+    K.get_or_init(|| Kernels::on(Box::new(EmuDev::new(EMU_BYTES).with_checks(rev))))
+}
+
+/// A device the tests run on.
+struct Dev {
+    k: &'static Kernels,
+    /// The emulator: smaller cases (it runs a kernel thread by thread on two cores).
+    emulated: bool,
+}
+
+/// Runs `f` on the emulator, then on the GPU when there is one.
+fn each_device(f: impl Fn(&Dev)) {
+    // Shown with a failure's output: which device it was.
+    eprintln!("on the SIMT emulator");
+    f(&Dev { k: emu(), emulated: true });
+    if let Some(k) = gpu() {
+        eprintln!("on the GPU");
+        f(&Dev { k, emulated: false });
     }
 }
 
@@ -57,71 +93,105 @@ fn bytes<B: Copy>(x: &B) -> Vec<u8> {
 /// Random batches from `common::case()`, checked only when a GPU is present (one `skipped`
 /// line otherwise, not one per case).
 fn attention_prop<T: DevElem>(tol: f64) {
-    let Some(k) = gpu() else { return };
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
-    let r = runner.run(&common::case(), |c| {
-        // Every kernel on every case (f32 caches, and the tensor-core kernel at block sizes
-        // that are not multiples of 16, run the staged one).
-        for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast] {
-            let err = attention_case::<T>(k, &c, kind);
-            prop_assert!(err < tol, "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})", T::NAME);
+    each_device(|d| {
+        let k = d.k;
+        let mut runner =
+            proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(if d.emulated { 10 } else { 24 }));
+        let r = runner.run(&common::case(), |c| {
+            // Every kernel on every case (f32 caches, and the tensor-core kernel at block sizes
+            // that are not multiples of 16, run the staged one).
+            for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast] {
+                let err = attention_case::<T>(k, &c, kind);
+                prop_assert!(
+                    err < tol,
+                    "paged_attention_{} ({kind:?}): max abs error {err} (tolerance {tol})",
+                    T::NAME
+                );
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            panic!("{e}");
         }
-        Ok(())
     });
-    if let Err(e) = r {
-        panic!("{e}");
-    }
 }
 
 /// The tensor-core kernel on chunks longer than its 64-token tiles, mid-block starts, GQA
 /// groups of 3, 4 and 8, block sizes 16 and 32, beside decode rows.
 #[test]
 fn tensor_core_attention_on_long_chunks() {
-    let Some(k) = gpu() else { return };
-    for (block_size, head_dim, group) in [(16u32, 128u32, 4u32), (32, 64, 3), (16, 64, 8), (32, 128, 1)] {
-        let c = common::Case {
-            seqs: vec![(0, 200), (37, 130), (70, 1), (5, 64), (300, 1), (16, 65)],
-            block_size,
-            head_dim,
-            num_kv_heads: 2,
-            group,
-            blocks_per_split: 0,
-            seed: 5,
-        };
-        for kind in [AttnKernel::TensorCore, AttnKernel::Fast] {
-            let e16 = attention_case::<F16>(k, &c, kind);
-            let e_bf = attention_case::<Bf16>(k, &c, kind);
-            assert!(
-                e16 < 2e-3 && e_bf < 1.6e-2,
-                "{kind:?}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
-            );
+    each_device(|d| {
+        let k = d.k;
+        for (block_size, head_dim, group) in [(16u32, 128u32, 4u32), (32, 64, 3), (16, 64, 8), (32, 128, 1)] {
+            let c = common::Case {
+                seqs: vec![(0, 200), (37, 130), (70, 1), (5, 64), (300, 1), (16, 65)],
+                block_size,
+                head_dim,
+                num_kv_heads: 2,
+                group,
+                blocks_per_split: 0,
+                seed: 5,
+            };
+            for kind in [AttnKernel::TensorCore, AttnKernel::Fast] {
+                let e16 = attention_case::<F16>(k, &c, kind);
+                let e_bf = attention_case::<Bf16>(k, &c, kind);
+                assert!(
+                    e16 < 2e-3 && e_bf < 1.6e-2,
+                    "{kind:?}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+                );
+            }
         }
-    }
+    });
 }
 
 /// The decode kernel alone and split (decode-only batches split their KV), contexts from one
 /// key to several blocks, against the host.
 #[test]
 fn decode_kernel_split_and_unsplit() {
-    let Some(k) = gpu() else { return };
-    for (block_size, head_dim, group, bps) in
-        [(16u32, 128u32, 4u32, 0u32), (16, 128, 4, 2), (32, 64, 3, 1), (16, 64, 8, 3)]
-    {
+    each_device(|d| {
+        let k = d.k;
+        for (block_size, head_dim, group, bps) in
+            [(16u32, 128u32, 4u32, 0u32), (16, 128, 4, 2), (32, 64, 3, 1), (16, 64, 8, 3)]
+        {
+            let c = common::Case {
+                seqs: vec![(0, 1), (15, 1), (16, 1), (200, 1), (77, 1)],
+                block_size,
+                head_dim,
+                num_kv_heads: 2,
+                group,
+                blocks_per_split: bps,
+                seed: 11,
+            };
+            let e16 = attention_case::<F16>(k, &c, AttnKernel::Fast);
+            let e_bf = attention_case::<Bf16>(k, &c, AttnKernel::Fast);
+            assert!(
+                e16 < 2e-3 && e_bf < 1.6e-2,
+                "split {bps}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
+            );
+        }
+    });
+}
+
+/// Every attention kernel with each warp's lanes run last to first (the emulator only): none
+/// leans on an order of lanes the hardware does not promise (a split batch, so the reduce
+/// runs too).
+#[test]
+fn attention_kernels_do_not_depend_on_lane_order() {
+    let k = emu_reversed();
+    for bps in [0u32, 1] {
         let c = common::Case {
-            seqs: vec![(0, 1), (15, 1), (16, 1), (200, 1), (77, 1)],
-            block_size,
-            head_dim,
+            seqs: if bps == 0 { vec![(0, 70), (20, 9), (33, 1)] } else { vec![(40, 1), (17, 1)] },
+            block_size: 16,
+            head_dim: 64,
             num_kv_heads: 2,
-            group,
+            group: 3,
             blocks_per_split: bps,
-            seed: 11,
+            seed: 21,
         };
-        let e16 = attention_case::<F16>(k, &c, AttnKernel::Fast);
-        let e_bf = attention_case::<Bf16>(k, &c, AttnKernel::Fast);
-        assert!(
-            e16 < 2e-3 && e_bf < 1.6e-2,
-            "split {bps}, block {block_size}, d {head_dim}, group {group}: f16 {e16}, bf16 {e_bf}"
-        );
+        for kind in [AttnKernel::Staged, AttnKernel::Pipelined, AttnKernel::TensorCore, AttnKernel::Fast] {
+            let (e32, e16) = (attention_case::<f32>(k, &c, kind), attention_case::<F16>(k, &c, kind));
+            assert!(e32 < 1e-4 && e16 < 2e-3, "{kind:?} split {bps}, lanes reversed: f32 {e32}, f16 {e16}");
+        }
     }
 }
 
@@ -209,93 +279,106 @@ fn row_kernels<T: DevElem>(k: &Kernels, tol: f64) {
 
 #[test]
 fn row_kernels_f32() {
-    let Some(k) = gpu() else { return };
-    row_kernels::<f32>(k, 1e-4);
+    each_device(|d| {
+        let k = d.k;
+        row_kernels::<f32>(k, 1e-4);
+    });
 }
 
 #[test]
 fn row_kernels_f16() {
-    let Some(k) = gpu() else { return };
-    row_kernels::<F16>(k, 4e-3);
+    each_device(|d| {
+        let k = d.k;
+        row_kernels::<F16>(k, 4e-3);
+    });
 }
 
 #[test]
 fn row_kernels_bf16() {
-    let Some(k) = gpu() else { return };
-    row_kernels::<Bf16>(k, 3e-2);
+    each_device(|d| {
+        let k = d.k;
+        row_kernels::<Bf16>(k, 3e-2);
+    });
 }
 
 #[test]
 fn argmax_over_a_vocabulary() {
-    let Some(k) = gpu() else { return };
-    let (rows, vocab) = (5usize, 49152usize);
-    let mut logits = rnd(rows * vocab, 9);
-    logits[3 * vocab + 40000] = 5.0;
-    logits[4 * vocab + 7] = 5.0;
-    logits[4 * vocab + 9] = 5.0; // a tie: the lower index wins
-    let mut out = k.zeros::<u32>(rows).unwrap();
-    k.argmax(&mut out, &k.upload(&logits).unwrap(), rows, vocab as u32).unwrap();
-    let got = k.download(&out).unwrap();
-    let want: Vec<u32> = logits.chunks(vocab).map(ops::argmax_row).collect();
-    assert_eq!(got, want);
-    assert_eq!(got[4], 7);
+    each_device(|d| {
+        let k = d.k;
+        let (rows, vocab) = (5usize, 49152usize);
+        let mut logits = rnd(rows * vocab, 9);
+        logits[3 * vocab + 40000] = 5.0;
+        logits[4 * vocab + 7] = 5.0;
+        logits[4 * vocab + 9] = 5.0; // a tie: the lower index wins
+        let mut out = k.zeros::<u32>(rows).unwrap();
+        k.argmax(&mut out, &k.upload(&logits).unwrap(), rows, vocab as u32).unwrap();
+        let got = k.download(&out).unwrap();
+        let want: Vec<u32> = logits.chunks(vocab).map(ops::argmax_row).collect();
+        assert_eq!(got, want);
+        assert_eq!(got[4], 7);
+    });
 }
 
 #[test]
 fn device_sampling_matches_its_host_definition_and_repeats() {
     use weave_kernels_gpu::sample::sample_row;
-    let Some(k) = gpu() else { return };
-    let vocab = 49152usize;
-    // Rows of every kind: greedy, temperature alone, top-k, top-p, both, top_k = 1, with a
-    // spread that leaves nuclei from one token to thousands.
-    let params = common::sampling_params(8, 40000);
-    let rows = params.len();
-    let logits: Vec<f32> = (0..rows)
-        .flat_map(|r| rnd(vocab, 100 + r as u64).into_iter().map(move |x| x * (1.0 + r as f32 % 7.0)))
-        .collect();
-    let words: Vec<u32> = params.iter().flat_map(|p| p.to_words()).collect();
-    let (ld, pd) = (k.upload(&logits).unwrap(), k.upload(&words).unwrap());
-    let run = || {
-        let (mut t, mut l) = (k.zeros::<u32>(rows).unwrap(), k.zeros::<f32>(rows).unwrap());
-        k.sample(&mut t, &mut l, &ld, &pd, rows, vocab as u32).unwrap();
-        (k.download(&t).unwrap(), k.download(&l).unwrap())
-    };
-    let (toks, lps) = run();
-    // Seeded draws repeat exactly on the same GPU.
-    assert_eq!(run(), (toks.clone(), lps.clone()));
-    let mut differ = 0;
-    for (r, p) in params.iter().enumerate() {
-        let row = &logits[r * vocab..(r + 1) * vocab];
-        let (want, want_lp) = sample_row(row, p);
-        // The device's sums run in another order and its ln/exp are approximate: a draw may
-        // land on another token only where two race scores or a threshold's mass are within
-        // rounding of each other; allow a few such rows, never a greedy one.
-        if toks[r] != want {
-            assert!(!p.greedy(), "row {r}: greedy {} != {want}", toks[r]);
-            differ += 1;
-        } else {
-            assert!((lps[r] - want_lp).abs() < 1e-3, "row {r}: logprob {} vs {want_lp}", lps[r]);
+    each_device(|d| {
+        let k = d.k;
+        // On the emulator a smaller vocabulary: the draw's passes over it run thread by thread.
+        let vocab = if d.emulated { 1500usize } else { 49152 };
+        // Rows of every kind: greedy, temperature alone, top-k, top-p, both, top_k = 1, with a
+        // spread that leaves nuclei from one token to thousands.
+        let params = if d.emulated { common::sampling_params(2, 1400) } else { common::sampling_params(8, 40000) };
+        let rows = params.len();
+        let logits: Vec<f32> = (0..rows)
+            .flat_map(|r| rnd(vocab, 100 + r as u64).into_iter().map(move |x| x * (1.0 + r as f32 % 7.0)))
+            .collect();
+        let words: Vec<u32> = params.iter().flat_map(|p| p.to_words()).collect();
+        let (ld, pd) = (k.upload(&logits).unwrap(), k.upload(&words).unwrap());
+        let run = || {
+            let (mut t, mut l) = (k.zeros::<u32>(rows).unwrap(), k.zeros::<f32>(rows).unwrap());
+            k.sample(&mut t, &mut l, &ld, &pd, rows, vocab as u32).unwrap();
+            (k.download(&t).unwrap(), k.download(&l).unwrap())
+        };
+        let (toks, lps) = run();
+        // Seeded draws repeat exactly on the same GPU.
+        assert_eq!(run(), (toks.clone(), lps.clone()));
+        let mut differ = 0;
+        for (r, p) in params.iter().enumerate() {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let (want, want_lp) = sample_row(row, p);
+            // The device's sums run in another order and its ln/exp are approximate: a draw may
+            // land on another token only where two race scores or a threshold's mass are within
+            // rounding of each other; allow a few such rows, never a greedy one.
+            if toks[r] != want {
+                assert!(!p.greedy(), "row {r}: greedy {} != {want}", toks[r]);
+                differ += 1;
+            } else {
+                assert!((lps[r] - want_lp).abs() < 1e-3, "row {r}: logprob {} vs {want_lp}", lps[r]);
+            }
         }
-    }
-    assert!(differ <= rows / 16, "{differ} of {rows} rows drew another token than the host definition");
+        assert!(differ <= rows / 16, "{differ} of {rows} rows drew another token than the host definition");
+    });
 }
 
 #[test]
 fn dummy_weights_fill_to_the_host_values() {
     use weave_kernels_gpu::sample::dummy_value;
-    let Some(k) = gpu() else { return };
-    let n = 1_000_003usize;
-    let mut b = k.zeros::<u16>(n).unwrap();
-    k.fill_dummy::<Bf16>(&mut b, 77, 0.03).unwrap();
-    let got = k.download(&b).unwrap();
-    let mut f = k.zeros::<f32>(n).unwrap();
-    k.fill_dummy::<f32>(&mut f, 77, 0.03).unwrap();
-    let gotf = k.download(&f).unwrap();
-    for i in (0..n).step_by(997).chain([n - 1]) {
-        let v = dummy_value(77, i as u64, 0.03);
-        assert_eq!(gotf[i], v, "f32 element {i}");
-        assert_eq!(got[i], Bf16::from_f32(v).0, "bf16 element {i}");
-    }
+    each_device(|d| {
+        let k = d.k;
+        let n = 1_000_003usize;
+        let mut b = k.zeros::<u16>(n).unwrap();
+        k.fill_dummy::<Bf16>(&mut b, 77, 0.03).unwrap();
+        let got = k.download(&b).unwrap();
+        let mut f = k.zeros::<f32>(n).unwrap();
+        k.fill_dummy::<f32>(&mut f, 77, 0.03).unwrap();
+        let gotf = k.download(&f).unwrap();
+        for i in (0..n).step_by(997).chain([n - 1]) {
+            let v = dummy_value(77, i as u64, 0.03);
+            assert_eq!(gotf[i], v, "f32 element {i}");
+            assert_eq!(got[i], Bf16::from_f32(v).0, "bf16 element {i}");
+        }
+    });
 }
 
 /// Says `skipped: <reason>` where the test output shows it: straight to stderr, since the test

@@ -48,6 +48,36 @@ pub struct EmuStats {
     pub gemm_ns: AtomicU64,
 }
 
+impl EmuStats {
+    /// One line: what ran, and the emulator's throughput.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let secs = g(&self.launch_ns) as f64 / 1e9;
+        format!(
+            "{} launches ran {} threads ({} coroutine switches, {} barriers, {} warp collectives) in {:.2} s: {:.1} M switches/s; {} GEMMs on the CPU in {:.2} s",
+            g(&self.launches),
+            g(&self.threads),
+            g(&self.switches),
+            g(&self.barriers),
+            g(&self.warp_ops),
+            secs,
+            g(&self.switches) as f64 / secs.max(1e-9) / 1e6,
+            g(&self.gemms),
+            g(&self.gemm_ns) as f64 / 1e9
+        )
+    }
+}
+
+/// The device says what it ran when it goes (stderr): the emulator's throughput, for the run
+/// that used it.
+impl Drop for EmuDev {
+    fn drop(&mut self) {
+        if self.stats.launches.load(Ordering::Relaxed) > 0 {
+            eprintln!("weave: SIMT emulator: {}", self.stats.summary());
+        }
+    }
+}
+
 #[derive(Debug)]
 struct EmuMem {
     ptr: *mut u8,
