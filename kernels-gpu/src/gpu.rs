@@ -518,10 +518,13 @@ macro_rules! kernel {
             /// The PTX entry's name.
             pub const NAME: &str = stringify!($name);
 
+            /// Its parameters' names, in order (an emulated launch names its buffers by them).
+            pub const PARAMS: &[&str] = &[$(stringify!($a)),*];
+
             /// [`launch`] from the arguments as a launch passes them ([`crate::gpu::Arg`]),
             /// checked against the kernel's parameters: their number and each one's kind.
             pub fn launch_args(l: &weave_simt::Launch, args: &[$crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError> {
-                let names: &[&str] = &[$(stringify!($a)),*];
+                let names = PARAMS;
                 let bad = |detail: ::std::string::String| weave_simt::EmuError {
                     kind: weave_simt::ErrorKind::BadLaunch,
                     kernel: l.kernel.clone(),

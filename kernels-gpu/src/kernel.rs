@@ -219,10 +219,13 @@ impl Kernel {
     }
 }
 
-/// A kernel's emulated entry: its PTX name and `launch_args`.
+/// A kernel's emulated entry: its PTX name, `launch_args`, and its parameters' names.
 #[cfg(not(target_arch = "nvptx64"))]
-pub type EmuEntry =
-    (&'static str, fn(&weave_simt::Launch, &[crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError>);
+pub type EmuEntry = (
+    &'static str,
+    fn(&weave_simt::Launch, &[crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError>,
+    &'static [&'static str],
+);
 
 #[cfg(not(target_arch = "nvptx64"))]
 impl Kernel {
@@ -236,7 +239,7 @@ impl Kernel {
         macro_rules! e {
             ($m:path) => {{
                 use $m as m;
-                (m::NAME, m::launch_args)
+                (m::NAME, m::launch_args, m::PARAMS)
             }};
         }
         match self {
@@ -262,8 +265,9 @@ impl Kernel {
             PagedDecode(Bf16, D64) => e!(decode::paged_decode_bf16_d64),
             PagedDecode(Bf16, D128) => e!(decode::paged_decode_bf16_d128),
             // f32 caches take the staged kernel: these have no body (nor PTX entry).
-            PagedAttentionPipelined(F32, _) | PagedAttentionMma(F32, _) | PagedDecode(F32, _) => {
-                (self.name(), |l, _| {
+            PagedAttentionPipelined(F32, _) | PagedAttentionMma(F32, _) | PagedDecode(F32, _) => (
+                self.name(),
+                |l, _| {
                     Err(weave_simt::EmuError {
                         kind: weave_simt::ErrorKind::BadLaunch,
                         kernel: l.kernel.clone(),
@@ -271,8 +275,9 @@ impl Kernel {
                         thread: None,
                         detail: "no f32 variant: f32 caches take the staged kernel".into(),
                     })
-                })
-            }
+                },
+                &[],
+            ),
             AttentionReduce(F32, D64) => e!(attention::attention_reduce_f32_d64),
             AttentionReduce(F32, D128) => e!(attention::attention_reduce_f32_d128),
             AttentionReduce(F16, D64) => e!(attention::attention_reduce_f16_d64),

@@ -3,7 +3,8 @@
 //! - [`null`]: a synthetic token per sampling row; time counted in steps (trace replay);
 //! - [`sim`]: no model, a cost model's step time (the simulator);
 //! - [`cpu`]: the real model on the CPU;
-//! - [`cuda`]: the GPU kernels (the model-level CUDA backend is not written yet).
+//! - [`cuda`]: the model through weave's GPU kernels, on a GPU (cudarc) or on the SIMT
+//!   emulator (`--device emu`), behind one device seam.
 
 pub mod cpu;
 pub mod cuda;

@@ -103,34 +103,6 @@ impl Drop for EmuMem {
     }
 }
 
-/// Names for a launch's buffers, by argument position (the emulator's errors quote them).
-const ARG_NAMES: [&str; 24] = [
-    "argument 0",
-    "argument 1",
-    "argument 2",
-    "argument 3",
-    "argument 4",
-    "argument 5",
-    "argument 6",
-    "argument 7",
-    "argument 8",
-    "argument 9",
-    "argument 10",
-    "argument 11",
-    "argument 12",
-    "argument 13",
-    "argument 14",
-    "argument 15",
-    "argument 16",
-    "argument 17",
-    "argument 18",
-    "argument 19",
-    "argument 20",
-    "argument 21",
-    "argument 22",
-    "argument 23",
-];
-
 impl EmuDev {
     /// An emulated device of `total` bytes of memory, with every check on.
     pub fn new(total: usize) -> EmuDev {
@@ -219,17 +191,15 @@ impl Device for EmuDev {
         let mut l = weave_simt::Launch::new(kernel.name(), Dim3::new(gx, gy, gz), Dim3::x(dims.block))
             .smem(dims.smem as usize)
             .checks(self.checks);
+        let params = kernel.emu_entry().2;
         // Each pointer argument may touch the allocation it points into, from its address on
         // (as a kernel handed a view may), and nothing else.
         for (i, a) in args.iter().enumerate() {
             if let Arg::Ptr(p) = *a {
                 let (s, len) = self.find(p, 0, &format!("{} argument {i}", kernel.name()))?;
                 let start = p as usize;
-                l.buffers.push(weave_simt::Buffer {
-                    name: ARG_NAMES.get(i).copied().unwrap_or("an argument"),
-                    start,
-                    len: s + len - start,
-                });
+                let name = params.get(i).copied().unwrap_or("an extra argument");
+                l.buffers.push(weave_simt::Buffer { name, start, len: s + len - start });
             }
         }
         let t = std::time::Instant::now();
