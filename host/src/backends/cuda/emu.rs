@@ -22,8 +22,49 @@ use weave_simt::{Checks, Dim3};
 /// What `cudaMalloc` promises (and the 16-byte vector loads need).
 const ALIGN: usize = 256;
 
-/// Live allocations: start address -> bytes.
-type Registry = Arc<Mutex<BTreeMap<usize, usize>>>;
+/// Live allocations, and GEMM weights widened to f32.
+type Registry = Arc<Mutex<Memory>>;
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// Start address -> the allocation.
+    live: BTreeMap<usize, Alloc>,
+    /// Weights a GEMM widened to f32, by their address and dtype: kept while their allocation
+    /// is not written (its `written` stamp unchanged), so a model's weights widen once, not at
+    /// every step. At most [`WIDEN_CACHE_BYTES`].
+    widened: std::collections::HashMap<WidenKey, (u64, Arc<Vec<f32>>)>,
+    widened_bytes: usize,
+    /// The source of `written` stamps: never reused, so a stamp names one write to one
+    /// allocation (a new allocation at a freed one's address gets a new stamp).
+    clock: u64,
+}
+
+/// Weights by device address, element count and dtype.
+type WidenKey = (u64, usize, Dtype);
+
+#[derive(Debug, Clone, Copy)]
+struct Alloc {
+    len: usize,
+    /// When it was last written (or allocated), on `Memory::clock`.
+    written: u64,
+}
+
+impl Memory {
+    fn used(&self) -> usize {
+        self.live.values().map(|a| a.len).sum()
+    }
+    /// Marks the allocation holding `addr` written now.
+    fn touch(&mut self, addr: u64) {
+        self.clock += 1;
+        let a = addr as usize;
+        if let Some((_, al)) = self.live.range_mut(..=a).next_back().filter(|(&s, al)| a < s + al.len.max(1)) {
+            al.written = self.clock;
+        }
+    }
+}
+
+/// The widened weights kept between GEMMs: SmolLM2-135M's take 0.5 GiB.
+const WIDEN_CACHE_BYTES: usize = 1 << 30;
 
 /// The emulated device.
 #[derive(Debug)]
@@ -97,7 +138,15 @@ impl Mem for EmuMem {
 
 impl Drop for EmuMem {
     fn drop(&mut self) {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&(self.ptr as usize));
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        m.live.remove(&(self.ptr as usize));
+        let (start, end) = (self.ptr as u64, self.ptr as u64 + self.layout.size() as u64);
+        let gone: Vec<_> = m.widened.keys().filter(|k| k.0 >= start && k.0 < end).copied().collect();
+        for k in gone {
+            if let Some((_, v)) = m.widened.remove(&k) {
+                m.widened_bytes -= 4 * v.len();
+            }
+        }
         // SAFETY: allocated in `alloc_zeroed` with this layout, freed once.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
@@ -119,13 +168,46 @@ impl EmuDev {
         &self.stats
     }
 
+    fn touch(&self, addr: u64) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).touch(addr);
+    }
+
+    /// GEMM `g`'s weights in f32: from the cache while their allocation is unwritten, else
+    /// from `widen` (and kept, room allowing).
+    fn widened(&self, g: &Gemm, widen: impl FnOnce() -> Vec<f32>) -> Arc<Vec<f32>> {
+        let key = (g.w, g.out_dim * g.in_dim, g.dtype);
+        let stamp = |m: &Memory| {
+            let a = g.w as usize;
+            m.live.range(..=a).next_back().map_or(0, |(_, al)| al.written)
+        };
+        {
+            let m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, v)) = m.widened.get(&key) {
+                if *at == stamp(&m) {
+                    return v.clone();
+                }
+            }
+        }
+        let v = Arc::new(widen());
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let at = stamp(&m);
+        if let Some((_, old)) = m.widened.remove(&key) {
+            m.widened_bytes -= 4 * old.len();
+        }
+        if m.widened_bytes + 4 * v.len() <= WIDEN_CACHE_BYTES {
+            m.widened_bytes += 4 * v.len();
+            m.widened.insert(key, (at, v.clone()));
+        }
+        v
+    }
+
     /// The allocation `[start, start + len)` holding `[addr, addr + bytes)`, or an error naming
     /// `what`.
     fn find(&self, addr: u64, bytes: usize, what: &str) -> Result<(usize, usize), CudaError> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let a = addr as usize;
-        match live.range(..=a).next_back() {
-            Some((&s, &l)) if a + bytes <= s + l => Ok((s, l)),
+        match m.live.range(..=a).next_back() {
+            Some((&s, al)) if a + bytes <= s + al.len => Ok((s, al.len)),
             _ => Err(CudaError::Memory(format!(
                 "{what}: {bytes} bytes at {addr:#x} are not inside one allocation of the emulated device"
             ))),
@@ -149,8 +231,8 @@ impl Device for EmuDev {
     }
     fn alloc_zeroed(&self, bytes: usize) -> Result<Box<dyn Mem>, CudaError> {
         let bytes = bytes.max(1);
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let used: usize = live.values().sum();
+        let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let used = m.used();
         if used + bytes > self.total {
             return Err(CudaError::Memory(format!(
                 "out of memory: {bytes} bytes asked, {} of the emulated device's {} free",
@@ -164,11 +246,14 @@ impl Device for EmuDev {
         if ptr.is_null() {
             return Err(CudaError::Memory(format!("the host could not give {bytes} bytes")));
         }
-        live.insert(ptr as usize, bytes);
+        m.clock += 1;
+        let written = m.clock;
+        m.live.insert(ptr as usize, Alloc { len: bytes, written });
         Ok(Box::new(EmuMem { ptr, layout, live: self.live.clone() }))
     }
     fn htod(&self, src: &[u8], dst: u64) -> Result<(), CudaError> {
         self.find(dst, src.len(), "copy to the device")?;
+        self.touch(dst);
         // SAFETY: inside a live allocation (checked), which no kernel runs on now.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
@@ -182,6 +267,7 @@ impl Device for EmuDev {
     fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<(), CudaError> {
         self.find(src, bytes, "device copy source")?;
         self.find(dst, bytes, "device copy destination")?;
+        self.touch(dst);
         // SAFETY: both inside live allocations (checked); `copy` allows overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
@@ -203,7 +289,14 @@ impl Device for EmuDev {
             }
         }
         let t = std::time::Instant::now();
-        let st = kernel.emulate(&l, args).map_err(CudaError::Emulator)?;
+        let st = kernel.emulate(&l, args);
+        // Whatever a kernel was handed it may have written.
+        for a in args {
+            if let Arg::Ptr(p) = *a {
+                self.touch(p);
+            }
+        }
+        let st = st.map_err(CudaError::Emulator)?;
         let s = &self.stats;
         s.launch_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         s.launches.fetch_add(1, Ordering::Relaxed);
@@ -230,17 +323,18 @@ impl Device for EmuDev {
                 _ => v.iter().map(|&b| Bf16(b).to_f32()).collect(),
             }
         };
-        let (x, w) = (widen(x16), widen(w16));
+        let x = widen(x16);
+        let w = self.widened(g, || widen(w16));
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         if g.c_f32 {
             // SAFETY: checked above; `c` does not overlap `x` or `w` (distinct allocations).
             let c = unsafe { std::slice::from_raw_parts_mut(g.c as *mut f32, n * o) };
-            crate::backends::cpu::gemm_xwt(&x, n, &w, o, i, c, g.accumulate, threads);
+            crate::backends::cpu::gemm_xwt(&x, n, &w[..], o, i, c, g.accumulate, threads);
         } else {
             // SAFETY: as above.
             let c16 = unsafe { std::slice::from_raw_parts_mut(g.c as *mut u16, n * o) };
             let mut c = if g.accumulate { widen(c16) } else { vec![0f32; n * o] };
-            crate::backends::cpu::gemm_xwt(&x, n, &w, o, i, &mut c, g.accumulate, threads);
+            crate::backends::cpu::gemm_xwt(&x, n, &w[..], o, i, &mut c, g.accumulate, threads);
             // Rounded once, from the f32 accumulator, as cuBLAS's f32 compute type does.
             for (d, v) in c16.iter_mut().zip(c) {
                 *d = match g.dtype {
@@ -249,6 +343,7 @@ impl Device for EmuDev {
                 };
             }
         }
+        self.touch(g.c);
         self.stats.gemms.fetch_add(1, Ordering::Relaxed);
         self.stats.gemm_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
@@ -266,7 +361,7 @@ impl Device for EmuDev {
         }
     }
     fn mem_info(&self) -> Result<(usize, usize), CudaError> {
-        let used: usize = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().sum();
+        let used = self.live.lock().unwrap_or_else(|p| p.into_inner()).used();
         Ok((self.total - used, self.total))
     }
     fn graphs(&self) -> bool {
@@ -277,5 +372,59 @@ impl Device for EmuDev {
     }
     fn end_capture(&self) -> Result<Option<Box<dyn Graph>>, CudaError> {
         Err(CudaError::Graph("the emulator records no graphs".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DBuf, Kernels};
+    use super::*;
+
+    fn bf16(v: &[f32]) -> Vec<u16> {
+        v.iter().map(|&x| Bf16::from_f32(x).0).collect()
+    }
+
+    /// `x * w^T` on the host from the device's current bits.
+    fn want(k: &Kernels, x: &DBuf<u16>, w: &DBuf<u16>, n: usize, o: usize, i: usize) -> Vec<f32> {
+        let (x, w) = (k.download(x).unwrap(), k.download(w).unwrap());
+        let f = |b: u16| Bf16(b).to_f32();
+        (0..n)
+            .flat_map(|r| (0..o).map(move |c| (r, c)))
+            .map(|(r, c)| (0..i).map(|j| f(x[r * i + j]) * f(w[c * i + j])).sum())
+            .collect()
+    }
+
+    /// The widened weights are reused only while nothing wrote them: a copy or a kernel that
+    /// writes the weights' buffer makes the next GEMM widen them again.
+    #[test]
+    fn a_gemm_sees_weights_written_since_the_last_one() {
+        let k = Kernels::emulated(1 << 20);
+        let (n, o, i) = (2usize, 3usize, 8usize);
+        let x = k.upload(&bf16(&(0..n * i).map(|v| v as f32 * 0.25).collect::<Vec<_>>())).unwrap();
+        let mut w = k.upload(&bf16(&vec![1.0; o * i])).unwrap();
+        let c = k.zeros::<f32>(n * o).unwrap();
+        let g = Gemm {
+            x: x.addr(),
+            w: w.addr(),
+            c: c.addr(),
+            n,
+            out_dim: o,
+            in_dim: i,
+            accumulate: false,
+            c_f32: true,
+            dtype: Dtype::Bf16,
+        };
+        for round in 0..2 {
+            k.dev.gemm(&g).unwrap();
+            assert_eq!(k.download(&c).unwrap(), want(&k, &x, &w, n, o, i), "round {round}");
+        }
+        k.dev.write(&bf16(&vec![-2.0; o * i]), &w, 0).unwrap();
+        k.dev.gemm(&g).unwrap();
+        assert_eq!(k.download(&c).unwrap(), want(&k, &x, &w, n, o, i), "after a copy to the weights");
+        k.fill_dummy::<Bf16>(&mut w, 9, 0.5).unwrap();
+        k.dev.gemm(&g).unwrap();
+        let got = k.download(&c).unwrap();
+        assert_eq!(got, want(&k, &x, &w, n, o, i), "after a kernel wrote the weights");
+        assert!(got.iter().any(|&v| v != -2.0 * got.len() as f32), "the fill changed nothing");
     }
 }
