@@ -90,13 +90,18 @@ fn bytes<B: Copy>(x: &B) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(x as *const B as *const u8, std::mem::size_of::<B>()).to_vec() }
 }
 
-/// Random batches from `common::case()`, checked only when a GPU is present (one `skipped`
-/// line otherwise, not one per case).
+/// Random batches from `common::case()`: on a GPU 24 fresh ones a run; on the emulator 10
+/// drawn from a fixed seed, so that CI's time for them does not swing with the draw (a large
+/// batch at block size 1 costs several times a small one).
 fn attention_prop<T: DevElem>(tol: f64) {
     each_device(|d| {
         let k = d.k;
-        let mut runner =
-            proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(if d.emulated { 10 } else { 24 }));
+        let mut runner = if d.emulated {
+            let rng = proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+            proptest::test_runner::TestRunner::new_with_rng(ProptestConfig::with_cases(10), rng)
+        } else {
+            proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24))
+        };
         let r = runner.run(&common::case(), |c| {
             // Every kernel on every case (f32 caches, and the tensor-core kernel at block sizes
             // that are not multiples of 16, run the staged one).
@@ -117,14 +122,19 @@ fn attention_prop<T: DevElem>(tol: f64) {
 }
 
 /// The tensor-core kernel on chunks longer than its 64-token tiles, mid-block starts, GQA
-/// groups of 3, 4 and 8, block sizes 16 and 32, beside decode rows.
+/// groups of 3, 4 and 8, block sizes 16 and 32, beside decode rows. The emulator takes the
+/// two longest chunks shorter (still over two tiles each): they were most of its time.
 #[test]
 fn tensor_core_attention_on_long_chunks() {
     each_device(|d| {
         let k = d.k;
         for (block_size, head_dim, group) in [(16u32, 128u32, 4u32), (32, 64, 3), (16, 64, 8), (32, 128, 1)] {
             let c = common::Case {
-                seqs: vec![(0, 200), (37, 130), (70, 1), (5, 64), (300, 1), (16, 65)],
+                seqs: if d.emulated {
+                    vec![(0, 140), (37, 90), (70, 1), (5, 64), (300, 1), (16, 65)]
+                } else {
+                    vec![(0, 200), (37, 130), (70, 1), (5, 64), (300, 1), (16, 65)]
+                },
                 block_size,
                 head_dim,
                 num_kv_heads: 2,
