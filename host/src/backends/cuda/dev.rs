@@ -151,13 +151,18 @@ impl dyn Device {
     }
     pub fn upload<T: bytemuck::Pod>(&self, v: &[T]) -> Result<DBuf<T>, CudaError> {
         let b = self.zeros::<T>(v.len())?;
-        self.htod(bytemuck::cast_slice(v), b.addr())?;
+        if !v.is_empty() {
+            self.htod(bytemuck::cast_slice(v), b.addr())?;
+        }
         Ok(b)
     }
     /// Writes `v` into `dst` from element `at` on.
     pub fn write<T: bytemuck::Pod>(&self, v: &[T], dst: &DBuf<T>, at: usize) -> Result<(), CudaError> {
         if at + v.len() > dst.len() {
             return Err(CudaError::Shape("a copy to the device past its buffer's end"));
+        }
+        if v.is_empty() {
+            return Ok(());
         }
         self.htod(bytemuck::cast_slice(v), dst.addr() + (at * size_of::<T>()) as u64)
     }
@@ -166,7 +171,10 @@ impl dyn Device {
     }
     pub fn read<T: bytemuck::Pod>(&self, d: DView<'_, T>) -> Result<Vec<T>, CudaError> {
         let mut v = vec![T::zeroed(); d.len()];
-        self.dtoh(d.addr(), bytemuck::cast_slice_mut(&mut v))?;
+        // No zero-byte copies reach a device (the driver's rules for them vary by call).
+        if !v.is_empty() {
+            self.dtoh(d.addr(), bytemuck::cast_slice_mut(&mut v))?;
+        }
         Ok(v)
     }
     /// Copies all of `src` to the start of `dst`.
