@@ -3,13 +3,15 @@
 //! - Weights in bf16 (or f16, `--dtype float16`) on the device, uploaded once: each matrix is
 //!   widened on the host from whatever the CPU model holds (GGUF quantized, f32, 16-bit) and
 //!   narrowed; dummy weights are filled on the device itself.
-//! - GEMMs through cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate; the LM head writes f32
-//!   logits). The fused Q/K/V matrix is three GEMMs over its row blocks, straight into Q, K
+//! - Everything runs on a [`super::Device`]: a GPU (cudarc), or the SIMT emulator
+//!   (`--device emu`), which runs this same code.
+//! - GEMMs through the device's GEMM (cuBLAS's `cublasGemmEx` on a GPU: bf16 in, f32
+//!   accumulate; the LM head writes f32 logits). The fused Q/K/V matrix is three GEMMs over its row blocks, straight into Q, K
 //!   and V, so no split kernel is needed.
 //! - Everything else through weave's PTX kernels: embedding (also the gather of the sampled
 //!   rows), RMSNorm, rotary, the KV write, the mixed paged attention, SiLU-and-mul, argmax.
 //! - A workspace allocated once for `max_num_batched_tokens` rows; the step's metadata goes up
-//!   in one copy from a page-locked buffer (every array packed into one device buffer), and
+//!   in one copy (every array packed into one host buffer, then one device buffer), and
 //!   only the sampled ids come back:
 //!   greedy steps take the argmax kernel; temperature, top-k, top-p and per-request seeds the
 //!   `sample_f32` kernel (`weave_kernels_gpu::sample`), which also gives each token's logprob.
@@ -526,7 +528,7 @@ impl CudaBackend {
 
 impl CudaBackend {
     /// Checks `b` against the backend's limits and sends its metadata to the device in one
-    /// copy from the page-locked staging buffer, before the step's kernels (and outside a
+    /// copy from the staging buffer, before the step's kernels (and outside a
     /// graph capture). Picks the attention tiles, and the split-KV choice for a decode-only
     /// step.
     fn upload_meta(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
@@ -562,7 +564,7 @@ impl CudaBackend {
                 self.shape.blocks_per_split = bps;
             }
         }
-        // One copy: the arrays packed into the pinned staging buffer, in `MetaArray` order.
+        // One copy: the arrays packed into the staging buffer, in `MetaArray` order.
         let m = &mut self.meta;
         let arrays: [&[u32]; MetaArray::COUNT] = [
             &b.input_ids,
