@@ -448,6 +448,8 @@ pub enum Arg {
 pub trait KernelArg: Sized {
     /// What the parameter takes, for errors.
     const WHAT: &'static str;
+    /// Whether the kernel may write through it (`*mut T`).
+    const WRITES: bool;
     fn from_arg(a: Arg) -> Option<Self>;
 }
 
@@ -455,20 +457,21 @@ pub trait KernelArg: Sized {
 mod kernel_args {
     use super::{Arg, KernelArg};
     macro_rules! kernel_arg {
-        ([$($g:ident)?] $t:ty, $variant:ident, $what:literal, |$v:ident| $conv:expr) => {
+        ([$($g:ident)?] $t:ty, $variant:ident, $what:literal, $writes:literal, |$v:ident| $conv:expr) => {
             impl$(<$g>)? KernelArg for $t {
                 const WHAT: &'static str = $what;
+                const WRITES: bool = $writes;
                 fn from_arg(a: Arg) -> Option<Self> {
                     if let Arg::$variant($v) = a { Some($conv) } else { None }
                 }
             }
         };
     }
-    kernel_arg!([T] *const T, Ptr, "a pointer", |p| p as usize as *const T);
-    kernel_arg!([T] *mut T, Ptr, "a pointer", |p| p as usize as *mut T);
-    kernel_arg!([] u32, U32, "a u32", |v| v);
-    kernel_arg!([] u64, U64, "a u64", |v| v);
-    kernel_arg!([] f32, F32, "an f32", |v| v);
+    kernel_arg!([T] *const T, Ptr, "a pointer", false, |p| p as usize as *const T);
+    kernel_arg!([T] *mut T, Ptr, "a pointer", true, |p| p as usize as *mut T);
+    kernel_arg!([] u32, U32, "a u32", false, |v| v);
+    kernel_arg!([] u64, U64, "a u64", false, |v| v);
+    kernel_arg!([] f32, F32, "an f32", false, |v| v);
 }
 
 /// One kernel, written once: `kernel!(fn name(arg: Type, ...) { body })` gives the PTX entry
@@ -520,6 +523,9 @@ macro_rules! kernel {
 
             /// Its parameters' names, in order (an emulated launch names its buffers by them).
             pub const PARAMS: &[&str] = &[$(stringify!($a)),*];
+
+            /// Which parameters it may write through (`*mut`), in order.
+            pub const WRITES: &[bool] = &[$(<$t as $crate::gpu::KernelArg>::WRITES),*];
 
             /// [`launch`] from the arguments as a launch passes them ([`crate::gpu::Arg`]),
             /// checked against the kernel's parameters: their number and each one's kind.

@@ -219,13 +219,19 @@ impl Kernel {
     }
 }
 
-/// A kernel's emulated entry: its PTX name, `launch_args`, and its parameters' names.
+/// A kernel's emulated entry.
 #[cfg(not(target_arch = "nvptx64"))]
-pub type EmuEntry = (
-    &'static str,
-    fn(&weave_simt::Launch, &[crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError>,
-    &'static [&'static str],
-);
+#[derive(Debug, Clone, Copy)]
+pub struct EmuEntry {
+    /// The PTX entry's name.
+    pub name: &'static str,
+    /// The body under the emulator, from the arguments as a launch passes them.
+    pub launch: fn(&weave_simt::Launch, &[crate::gpu::Arg]) -> Result<weave_simt::Stats, weave_simt::EmuError>,
+    /// The parameters' names, in order.
+    pub params: &'static [&'static str],
+    /// Which parameters the kernel may write through.
+    pub writes: &'static [bool],
+}
 
 #[cfg(not(target_arch = "nvptx64"))]
 impl Kernel {
@@ -239,7 +245,7 @@ impl Kernel {
         macro_rules! e {
             ($m:path) => {{
                 use $m as m;
-                (m::NAME, m::launch_args, m::PARAMS)
+                EmuEntry { name: m::NAME, launch: m::launch_args, params: m::PARAMS, writes: m::WRITES }
             }};
         }
         match self {
@@ -265,9 +271,9 @@ impl Kernel {
             PagedDecode(Bf16, D64) => e!(decode::paged_decode_bf16_d64),
             PagedDecode(Bf16, D128) => e!(decode::paged_decode_bf16_d128),
             // f32 caches take the staged kernel: these have no body (nor PTX entry).
-            PagedAttentionPipelined(F32, _) | PagedAttentionMma(F32, _) | PagedDecode(F32, _) => (
-                self.name(),
-                |l, _| {
+            PagedAttentionPipelined(F32, _) | PagedAttentionMma(F32, _) | PagedDecode(F32, _) => EmuEntry {
+                name: self.name(),
+                launch: |l, _| {
                     Err(weave_simt::EmuError {
                         kind: weave_simt::ErrorKind::BadLaunch,
                         kernel: l.kernel.clone(),
@@ -276,8 +282,9 @@ impl Kernel {
                         detail: "no f32 variant: f32 caches take the staged kernel".into(),
                     })
                 },
-                &[],
-            ),
+                params: &[],
+                writes: &[],
+            },
             AttentionReduce(F32, D64) => e!(attention::attention_reduce_f32_d64),
             AttentionReduce(F32, D128) => e!(attention::attention_reduce_f32_d128),
             AttentionReduce(F16, D64) => e!(attention::attention_reduce_f16_d64),
@@ -314,7 +321,7 @@ impl Kernel {
         l: &weave_simt::Launch,
         args: &[crate::gpu::Arg],
     ) -> Result<weave_simt::Stats, weave_simt::EmuError> {
-        (self.emu_entry().1)(l, args)
+        (self.emu_entry().launch)(l, args)
     }
 }
 
@@ -404,7 +411,7 @@ mod tests {
             };
             assert_eq!(k.name(), want);
             // The emulated body behind each entry is the kernel of that name.
-            assert_eq!(k.emu_entry().0, k.name());
+            assert_eq!(k.emu_entry().name, k.name());
             assert!(KERNELS[..i].iter().all(|o| o.name() != k.name()), "{} twice", k.name());
         }
         assert_eq!(HeadDim::of(96), None);

@@ -219,4 +219,7 @@ impl Device for CudaDev {
         g.upload()?;
         Ok(Some(Box::new(CudaGraphExec(g))))
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

@@ -84,6 +84,8 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn begin_capture(&self) -> Result<(), CudaError>;
     /// The recorded launches, instantiated (`None` when nothing was recorded).
     fn end_capture(&self) -> Result<Option<Box<dyn Graph>>, CudaError>;
+    /// The device itself, for what only one kind has (the emulator's statistics).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// `n` elements of `T` in device memory, owned (freed when dropped).

@@ -87,6 +87,8 @@ pub struct EmuStats {
     pub launch_ns: AtomicU64,
     pub gemms: AtomicU64,
     pub gemm_ns: AtomicU64,
+    /// Weight matrices widened to f32 (once each while unwritten).
+    pub widens: AtomicU64,
 }
 
 impl EmuStats {
@@ -188,6 +190,7 @@ impl EmuDev {
                 }
             }
         }
+        self.stats.widens.fetch_add(1, Ordering::Relaxed);
         let v = Arc::new(widen());
         let mut m = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let at = stamp(&m);
@@ -277,7 +280,8 @@ impl Device for EmuDev {
         let mut l = weave_simt::Launch::new(kernel.name(), Dim3::new(gx, gy, gz), Dim3::x(dims.block))
             .smem(dims.smem as usize)
             .checks(self.checks);
-        let params = kernel.emu_entry().2;
+        let entry = kernel.emu_entry();
+        let params = entry.params;
         // Each pointer argument may touch the allocation it points into, from its address on
         // (as a kernel handed a view may), and nothing else.
         for (i, a) in args.iter().enumerate() {
@@ -290,9 +294,10 @@ impl Device for EmuDev {
         }
         let t = std::time::Instant::now();
         let st = kernel.emulate(&l, args);
-        // Whatever a kernel was handed it may have written.
-        for a in args {
-            if let Arg::Ptr(p) = *a {
+        // What the kernel may have written: its `*mut` parameters' allocations. (A read-only
+        // one, such as a tied embedding the LM head's GEMM also reads, keeps its stamp.)
+        for (a, &w) in args.iter().zip(entry.writes) {
+            if let (Arg::Ptr(p), true) = (*a, w) {
                 self.touch(p);
             }
         }
@@ -373,12 +378,20 @@ impl Device for EmuDev {
     fn end_capture(&self) -> Result<Option<Box<dyn Graph>>, CudaError> {
         Err(CudaError::Graph("the emulator records no graphs".into()))
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::{DBuf, Kernels};
     use super::*;
+
+    fn emu_stats(k: &Kernels) -> &EmuStats {
+        let d: &dyn std::any::Any = k.dev.as_any();
+        &d.downcast_ref::<EmuDev>().expect("the emulator").stats
+    }
 
     fn bf16(v: &[f32]) -> Vec<u16> {
         v.iter().map(|&x| Bf16::from_f32(x).0).collect()
@@ -421,10 +434,19 @@ mod tests {
         k.dev.write(&bf16(&vec![-2.0; o * i]), &w, 0).unwrap();
         k.dev.gemm(&g).unwrap();
         assert_eq!(k.download(&c).unwrap(), want(&k, &x, &w, n, o, i), "after a copy to the weights");
+        // A kernel that only reads the weights (a gather with them as the table, as a tied
+        // embedding is) leaves them widened; one that writes them does not.
+        let widens = || emu_stats(&k).widens.load(Ordering::Relaxed);
+        let before = widens();
+        let rows = k.zeros::<u16>(i).unwrap();
+        k.embedding::<Bf16>(&mut { rows }, &w, k.upload(&[1u32]).unwrap().as_view(), 1, i as u32).unwrap();
+        k.dev.gemm(&g).unwrap();
+        assert_eq!(widens(), before, "a kernel that only read the weights made them widen again");
         k.fill_dummy::<Bf16>(&mut w, 9, 0.5).unwrap();
         k.dev.gemm(&g).unwrap();
         let got = k.download(&c).unwrap();
         assert_eq!(got, want(&k, &x, &w, n, o, i), "after a kernel wrote the weights");
+        assert_eq!(widens(), before + 1);
         assert!(got.iter().any(|&v| v != -2.0 * got.len() as f32), "the fill changed nothing");
     }
 }
