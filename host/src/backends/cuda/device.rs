@@ -27,13 +27,6 @@ pub enum ExecDevice {
     Emu,
 }
 
-impl ExecDevice {
-    /// Whether the command runs the CUDA backend (on a GPU or on the emulator).
-    pub fn is_cuda_backend(self) -> bool {
-        self != ExecDevice::Cpu
-    }
-}
-
 /// Resolves `--device` for a command: the device and a line saying which was picked and why.
 /// `cuda_ok`: whether the command has a CUDA path (`weave generate` does; the others run on
 /// the CPU backend only so far). `auto` takes the GPU when one works and the command can.

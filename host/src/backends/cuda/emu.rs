@@ -53,12 +53,18 @@ impl Memory {
     fn used(&self) -> usize {
         self.live.values().map(|a| a.len).sum()
     }
+    /// The start and record of the allocation holding `[addr, addr + bytes)`.
+    fn holding(&self, addr: u64, bytes: usize) -> Option<(usize, Alloc)> {
+        let a = addr as usize;
+        let (&s, &al) = self.live.range(..=a).next_back()?;
+        (a + bytes <= s + al.len).then_some((s, al))
+    }
     /// Marks the allocation holding `addr` written now.
     fn touch(&mut self, addr: u64) {
         self.clock += 1;
-        let a = addr as usize;
-        if let Some((_, al)) = self.live.range_mut(..=a).next_back().filter(|(&s, al)| a < s + al.len.max(1)) {
-            al.written = self.clock;
+        if let Some((s, _)) = self.holding(addr, 0) {
+            let clock = self.clock;
+            self.live.get_mut(&s).expect("held").written = clock;
         }
     }
 }
@@ -178,10 +184,7 @@ impl EmuDev {
     /// from `widen` (and kept, room allowing).
     fn widened(&self, g: &Gemm, widen: impl FnOnce() -> Vec<f32>) -> Arc<Vec<f32>> {
         let key = (g.w, g.out_dim * g.in_dim, g.dtype);
-        let stamp = |m: &Memory| {
-            let a = g.w as usize;
-            m.live.range(..=a).next_back().map_or(0, |(_, al)| al.written)
-        };
+        let stamp = |m: &Memory| m.holding(g.w, 0).map_or(0, |(_, al)| al.written);
         {
             let m = self.live.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, v)) = m.widened.get(&key) {
@@ -207,11 +210,9 @@ impl EmuDev {
     /// The allocation `[start, start + len)` holding `[addr, addr + bytes)`, or an error naming
     /// `what`.
     fn find(&self, addr: u64, bytes: usize, what: &str) -> Result<(usize, usize), CudaError> {
-        let m = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let a = addr as usize;
-        match m.live.range(..=a).next_back() {
-            Some((&s, al)) if a + bytes <= s + al.len => Ok((s, al.len)),
-            _ => Err(CudaError::Memory(format!(
+        match self.live.lock().unwrap_or_else(|p| p.into_inner()).holding(addr, bytes) {
+            Some((s, al)) => Ok((s, al.len)),
+            None => Err(CudaError::Memory(format!(
                 "{what}: {bytes} bytes at {addr:#x} are not inside one allocation of the emulated device"
             ))),
         }
@@ -293,7 +294,7 @@ impl Device for EmuDev {
             }
         }
         let t = std::time::Instant::now();
-        let st = kernel.emulate(&l, args);
+        let st = (entry.launch)(&l, args);
         // What the kernel may have written: its `*mut` parameters' allocations. (A read-only
         // one, such as a tied embedding the LM head's GEMM also reads, keeps its stamp.)
         for (a, &w) in args.iter().zip(entry.writes) {
@@ -390,7 +391,7 @@ mod tests {
 
     fn emu_stats(k: &Kernels) -> &EmuStats {
         let d: &dyn std::any::Any = k.dev.as_any();
-        &d.downcast_ref::<EmuDev>().expect("the emulator").stats
+        d.downcast_ref::<EmuDev>().expect("the emulator").stats()
     }
 
     fn bf16(v: &[f32]) -> Vec<u16> {
