@@ -8,6 +8,8 @@
 //! - [`sampling`]: greedy, temperature, top-k, top-p with per-request seeds, and the
 //!   per-request sampler state a backend keeps;
 //! - drivers over the engine: [`generate`] (real generation), [`replay`] (traces, no model);
+//! - [`structured`]: structured outputs (llguidance constraints, their token masks, tool
+//!   calls), used by the engine and the server;
 //! - [`serve`]: the OpenAI-compatible server and the serving benchmark client;
 //! - [`workload`]: seeded arrivals and length distributions (simulator and serving bench);
 //! - [`study`]: the analyzer and plots, the simulator and its cost models, the profiler, the
@@ -26,5 +28,6 @@ pub mod paths;
 pub mod replay;
 pub mod sampling;
 pub mod serve;
+pub mod structured;
 pub mod study;
 pub mod workload;

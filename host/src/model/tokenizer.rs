@@ -152,6 +152,56 @@ impl WeaveTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// Token ids of `text` with no BOS (special-token text still maps to its token).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        let enc = self.inner.encode_fast(text, false);
+        enc.map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+
+    /// Each token's bytes, as the model reads and writes them: a byte-level token's string
+    /// mapped back through GPT-2's byte-to-character table, and a special (control or
+    /// user-defined) token's text marked special by `special` (`None` when it is not one).
+    /// Ids the tokenizer does not know (a vocabulary padded past it) get `None`.
+    pub fn token_bytes(&self) -> Vec<Option<(Vec<u8>, bool)>> {
+        let chars = gpt2_char_to_byte();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(a) = added.get(&id) {
+                    return Some((a.content.as_bytes().to_vec(), a.special));
+                }
+                let s = self.inner.id_to_token(id)?;
+                // A character outside the table cannot be a byte-level token's: keep its UTF-8.
+                let mut out = Vec::with_capacity(s.len());
+                for c in s.chars() {
+                    match chars.get(&c) {
+                        Some(&b) => out.push(b),
+                        None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                Some((out, false))
+            })
+            .collect()
+    }
+}
+
+/// GPT-2's byte-level map, character to byte: printable bytes stand for themselves, the
+/// others for `256 + k` in byte order.
+fn gpt2_char_to_byte() -> std::collections::HashMap<char, u8> {
+    let mut extra = 0;
+    (0u32..256)
+        .map(|b| {
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                char::from_u32(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra)
+            };
+            (c.expect("a valid char"), b as u8)
+        })
+        .collect()
 }
 
 /// Incremental detokenization: text is released only once it is whole UTF-8, so a character
