@@ -25,6 +25,8 @@ pub struct LoadedModel {
     pub chat: Option<ChatTemplate>,
     /// The type a GPU holds the weights and activations in (`--dtype`: bf16 or f16).
     pub gpu_dtype: weave_kernels_gpu::Dtype,
+    /// Structured outputs' token trie and parser factory, built on first use.
+    guides: std::sync::OnceLock<Arc<crate::structured::GuideFactory>>,
 }
 
 impl LoadedModel {
@@ -68,7 +70,18 @@ impl LoadedModel {
             tokenizer,
             chat,
             gpu_dtype: weave_kernels_gpu::Dtype::Bf16,
+            guides: Default::default(),
         })
+    }
+
+    /// The parser factory structured outputs compile with, built on first use (the token trie
+    /// of a 49k vocabulary takes a moment).
+    pub fn guides(&self) -> anyhow::Result<Arc<crate::structured::GuideFactory>> {
+        if let Some(f) = self.guides.get() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(crate::structured::GuideFactory::new(&self.tokenizer, self.model.cfg.vocab_size)?);
+        Ok(self.guides.get_or_init(|| f).clone())
     }
 }
 
@@ -115,6 +128,7 @@ impl LoadedModel {
             model: Arc::new(model),
             tokenizer: WeaveTokenizer::bytes(),
             chat: None,
+            guides: Default::default(),
             gpu_dtype: match dtype {
                 crate::model::dummy::DummyDtype::F16 => weave_kernels_gpu::Dtype::F16,
                 _ => weave_kernels_gpu::Dtype::Bf16,
@@ -147,6 +161,29 @@ pub struct PromptSpec {
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: Option<bool>,
+    /// Structured output, as the API spells it: `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema"}}`.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's `{json | regex | choice | grammar | json_object}`.
+    #[serde(default)]
+    pub structured_outputs: Option<serde_json::Value>,
+}
+
+impl PromptSpec {
+    /// The constraint this prompt asks for, compiled by `lm`'s factory; the error names the
+    /// field.
+    fn guide(&self, lm: &LoadedModel) -> Result<Option<crate::structured::Guide>, String> {
+        let body = serde_json::json!({
+            "response_format": self.response_format,
+            "structured_outputs": self.structured_outputs,
+        });
+        let Some((c, param)) = crate::structured::fields::constraint(&body).map_err(|e| e.message)? else {
+            return Ok(None);
+        };
+        let f = lm.guides().map_err(|e| format!("{param}: structured output is not available for this model: {e:#}"))?;
+        f.compile(&c).map(Some).map_err(|e| format!("{param}: {e}"))
+    }
 }
 
 /// Reads a prompts file: one prompt per line, or JSONL (`{"prompt": ..., ...}`) when the
@@ -336,6 +373,13 @@ pub fn generate_on<B: crate::engine::Backend>(
             rejected.push(reject(e));
             continue;
         }
+        let guide = match p.guide(lm) {
+            Ok(g) => g,
+            Err(e) => {
+                rejected.push(reject(e));
+                continue;
+            }
+        };
         let text = match (&lm.chat, cfg.chat) {
             (Some(t), true) => t.render_user(&p.prompt).map_err(|e| anyhow::anyhow!("{}: {e}", lm.path.display()))?,
             (None, true) => bail!("{}: --chat given but the model has no chat template", lm.path.display()),
@@ -358,13 +402,16 @@ pub fn generate_on<B: crate::engine::Backend>(
         if !p.stop.is_empty() {
             stops.insert(k, p.stop.clone());
         }
-        arrivals.push(Arrival { at: 0.0, name, request: req, sampling });
+        arrivals.push(Arrival { at: 0.0, name, request: req, sampling, guide });
     }
     for (name, msg) in &rejected {
         on_event(Event::Rejected { name, message: msg });
     }
     let sched = Scheduler::new(sched_cfg.clone())?;
     let mut engine = Engine::new(sched, backend, Clock::Seconds);
+    if arrivals.iter().any(|a| a.guide.is_some()) {
+        engine.enable_guides(&*lm.guides()?, crate::structured::masks::default_workers(cfg.threads));
+    }
     // Stop strings: watch each request's decoded text as it streams.
     let mut decoders: HashMap<u64, (StreamDecoder, String)> = HashMap::new();
     let mut stop_check = |id: u64, out: &[u32]| -> bool {

@@ -4,6 +4,7 @@
 //! all it sees. The engine loop is the same for all of them.
 
 use crate::sampling::SamplingParams;
+use crate::structured::masks::StepMasks;
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
 /// What a backend reports for one step.
@@ -43,6 +44,16 @@ pub trait Backend {
     fn remove_request(&mut self, id: RequestId) {
         let _ = id;
     }
+    /// Whether this backend applies token masks ([`Self::set_masks`]) before it samples: a
+    /// backend that samples real logits does; one that makes tokens up cannot.
+    fn applies_masks(&self) -> bool {
+        false
+    }
+    /// The next step's token masks, by sampling row (`None` when no row is guided); the
+    /// backend waits for a row's mask only when it samples that row.
+    fn set_masks(&mut self, masks: Option<std::sync::Arc<StepMasks>>) {
+        let _ = masks;
+    }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult>;
 }
 
@@ -62,6 +73,12 @@ macro_rules! delegate_backend {
             }
             fn remove_request(&mut self, id: RequestId) {
                 (**self).remove_request(id)
+            }
+            fn applies_masks(&self) -> bool {
+                (**self).applies_masks()
+            }
+            fn set_masks(&mut self, masks: Option<std::sync::Arc<StepMasks>>) {
+                (**self).set_masks(masks)
             }
             fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
                 (**self).execute(batch)

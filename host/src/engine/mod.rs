@@ -12,6 +12,8 @@ pub mod nvtx;
 pub mod steplog;
 
 use crate::sampling::SamplingParams;
+use crate::structured::masks::{Advance, Guides};
+use crate::structured::{Guide, GuideFactory};
 pub use backend::{Backend, StepResult, TokenLogprobs};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -47,6 +49,18 @@ pub struct Arrival {
     pub name: serde_json::Value,
     pub request: NewRequest,
     pub sampling: crate::sampling::SamplingParams,
+    /// Its structured-output constraint, compiled (see [`crate::structured`]).
+    pub guide: Option<Guide>,
+}
+
+/// Why [`Engine::add_request`] refused a request; nothing of it stays.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error(transparent)]
+    Sched(#[from] SchedError),
+    /// It asks for structured output this engine cannot give.
+    #[error("{0}")]
+    Guide(String),
 }
 
 /// What became of one request.
@@ -146,6 +160,8 @@ pub struct Engine<B> {
     live: HashMap<RequestId, Live>,
     /// Reused from step to step.
     batch: ScheduledBatch,
+    /// Structured outputs: the guided requests' matchers and mask workers, once enabled.
+    guides: Option<Guides>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -159,22 +175,45 @@ impl<B: Backend> Engine<B> {
             next_step: 0,
             live: HashMap::new(),
             batch: ScheduledBatch::default(),
+            guides: None,
         }
     }
 
-    /// Admits a request that arrived at `now` (its `id` field is replaced by `id`). A request
-    /// that could never run is refused here, and nothing of it stays.
+    /// Lets requests bring a [`Guide`] (structured output) compiled by `factory`, with
+    /// `threads` workers computing their masks beside the steps.
+    pub fn enable_guides(&mut self, factory: &GuideFactory, threads: usize) {
+        self.guides = Some(Guides::new(factory, factory.vocab_size(), threads));
+    }
+
+    /// Admits a request that arrived at `now` (its `id` field is replaced by `id`), held to
+    /// `guide` when it has one. A request that could never run is refused here, and nothing
+    /// of it stays.
     pub fn add_request(
         &mut self,
         id: RequestId,
         name: serde_json::Value,
         mut request: NewRequest,
         sampling: &SamplingParams,
+        guide: Option<Guide>,
         now: f64,
-    ) -> Result<(), SchedError> {
+    ) -> Result<(), AddError> {
         request.id = id;
+        if guide.is_some() {
+            if self.guides.is_none() {
+                return Err(AddError::Guide("structured output is not enabled on this engine".into()));
+            }
+            if !self.backend.applies_masks() {
+                return Err(AddError::Guide(format!(
+                    "the {} backend does not sample real logits, so it cannot hold output to a grammar",
+                    self.backend.name()
+                )));
+            }
+        }
         self.sched.add_request(request)?;
         self.backend.add_request(id, sampling);
+        if let (Some(g), Some(guides)) = (guide, self.guides.as_mut()) {
+            guides.add(id, g);
+        }
         self.live
             .insert(id, Live { name, arrival: now.max(0.0), first_token: None, last_token: 0.0, output: Vec::new() });
         Ok(())
@@ -212,7 +251,22 @@ impl<B: Backend> Engine<B> {
             "scheduler stalled with {} unfinished requests",
             self.sched.num_unfinished()
         );
-        let result = self.backend.execute(&self.batch)?;
+        // Guided rows' masks, already being computed: the backend waits for each as it
+        // samples that row.
+        let masks = self
+            .guides
+            .as_ref()
+            .filter(|g| !g.is_empty())
+            .map(|g| std::sync::Arc::new(g.for_step(self.batch.sampling_request_ids())))
+            .filter(|m| !m.is_empty());
+        if masks.is_some() {
+            self.backend.set_masks(masks.clone());
+        }
+        let result = self.backend.execute(&self.batch);
+        if masks.is_some() {
+            self.backend.set_masks(None);
+        }
+        let result = result?;
         let t_update = Instant::now();
         let _update_range = nvtx::range(c"update");
         let update = self.sched.update(&result.output)?;
@@ -220,6 +274,9 @@ impl<B: Backend> Engine<B> {
         let end = now + duration;
         let mut record = self.record(now, duration);
         let mut phases = result.phases.map(|p| crate::engine::steplog::Phases { schedule: t_scheduled, ..p });
+        if let (Some(p), Some(m)) = (phases.as_mut(), &masks) {
+            (p.mask_wait, p.mask) = m.times();
+        }
         // Logprobs come per sampled row, in batch order; tokens are listed by request.
         let logprobs = if result.logprobs.is_empty() {
             vec![None; update.new_tokens.len()]
@@ -238,8 +295,22 @@ impl<B: Backend> Engine<B> {
             l.first_token.get_or_insert(end);
             l.last_token = end;
             l.output.push(tok);
-            if !finished_now.iter().any(|f| f.id == id) && stop_check(id, &l.output) {
+            if finished_now.iter().any(|f| f.id == id) {
+                continue;
+            }
+            // Every token goes by `stop_check` (a server detokenizes there), then the guide.
+            if stop_check(id, &l.output) {
                 finished_now.extend(self.sched.finish_request(id, FinishReason::Stop));
+                continue;
+            }
+            match self.guides.as_mut().map_or(Advance::Continue, |g| g.advance(id, tok)) {
+                Advance::Continue => {}
+                // The grammar is complete: nothing but EOS could follow.
+                Advance::Complete => finished_now.extend(self.sched.finish_request(id, FinishReason::Stop)),
+                Advance::Failed(e) => {
+                    eprintln!("weave: request {}: structured output failed: {e}; ending it", l.name);
+                    finished_now.extend(self.sched.finish_request(id, FinishReason::Abort));
+                }
             }
         }
         // Counts after the stop-string finishes.
@@ -305,6 +376,9 @@ impl<B: Backend> Engine<B> {
     fn retire(&mut self, f: FinishedRequest, end: f64) -> Outcome {
         let l = self.live.remove(&f.id).expect("finished request was live");
         self.backend.remove_request(f.id);
+        if let Some(g) = self.guides.as_mut() {
+            g.remove(f.id);
+        }
         Outcome {
             id: f.id,
             name: l.name,
@@ -344,9 +418,9 @@ impl<B: Backend> Engine<B> {
                 }
                 let (k, a) = pending.next().expect("peeked");
                 let at = a.at;
-                if let Err(e) = self.add_request(k as RequestId, a.name.clone(), a.request, &a.sampling, at) {
+                if let Err(e) = self.add_request(k as RequestId, a.name.clone(), a.request, &a.sampling, a.guide, at) {
                     let message = match &e {
-                        SchedError::Rejected { reason, .. } => format!("request {}: {reason}", a.name),
+                        AddError::Sched(SchedError::Rejected { reason, .. }) => format!("request {}: {reason}", a.name),
                         other => format!("request {}: {other}", a.name),
                     };
                     on_event(Event::Rejected { name: &a.name, message: &message });
@@ -407,7 +481,7 @@ mod tests {
 
     fn add(e: &mut Engine<NullBackend>, id: RequestId, prompt: usize, max_tokens: usize) {
         let req = NewRequest::new(0, (1..=prompt as u32).collect(), max_tokens);
-        e.add_request(id, serde_json::json!(id), req, &SamplingParams::default(), 0.0).unwrap();
+        e.add_request(id, serde_json::json!(id), req, &SamplingParams::default(), None, 0.0).unwrap();
     }
 
     #[test]
@@ -476,7 +550,7 @@ mod tests {
     fn a_refused_request_leaves_nothing_behind() {
         let mut e = engine();
         let req = NewRequest::new(0, vec![1; 300], 4);
-        let err = e.add_request(9, serde_json::json!("big"), req, &SamplingParams::default(), 0.0).unwrap_err();
+        let err = e.add_request(9, serde_json::json!("big"), req, &SamplingParams::default(), None, 0.0).unwrap_err();
         assert!(err.to_string().contains("max_model_len"), "{err}");
         assert!(!e.has_unfinished());
         assert!(e.abort(9, 0.0).is_none());

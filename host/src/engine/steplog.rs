@@ -62,6 +62,11 @@ pub struct Phases {
     /// On a GPU: the device's idle time between the previous step's last work and this step's
     /// first, while the host scheduled, prepared and sampled (the "kernel gaps" view).
     pub gpu_gap: f64,
+    /// Structured outputs: the mask workers' time for this step's guided rows (off the step
+    /// thread, overlapping the forward pass; 0 when no row was guided).
+    pub mask: f64,
+    /// Of `sample`: the time the step thread waited for masks still being computed.
+    pub mask_wait: f64,
 }
 
 impl Phases {
@@ -103,6 +108,13 @@ pub fn phase_table(steps: &[StepRecord]) -> Option<String> {
         out += &line(name, ph.iter().map(|(p, _)| p.values()[i] * 1e3).collect(), total);
     }
     out += &line("step", ph.iter().map(|(_, d)| d * 1e3).collect(), total);
+    if ph.iter().any(|(p, _)| p.mask > 0.0) {
+        // Masks are computed beside the step: their time is the workers'; only the wait is
+        // the step's (and is inside `sample`).
+        out += "  structured outputs (mask workers' time; the wait is inside sample)\n";
+        out += &line("mask", ph.iter().map(|(p, _)| p.mask * 1e3).collect(), total);
+        out += &line("mask wait", ph.iter().map(|(p, _)| p.mask_wait * 1e3).collect(), total);
+    }
     if ph.iter().any(|(p, _)| p.gpu_busy > 0.0) {
         // The device's own clock: its busy time per step, and the gaps in which it waited on
         // the host, each as a share of the device timeline (busy + gaps).

@@ -28,6 +28,33 @@ impl ChatTemplate {
         self.render_with(messages, true)
     }
 
+    /// Whether the template reads a `tools` variable (one that does not is shown tools by a
+    /// system message weave writes).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// The conversation as JSON messages (OpenAI's shape: `role`, `content`, `tool_calls`,
+    /// `tool_call_id`) with the request's `tools`, for a template that reads them.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.source).map_err(|e| format!("chat template does not parse: {e}"))?;
+        let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        t.render(minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            tools => tools.map(minijinja::Value::from_serialize),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.clone(),
+            eos_token => self.eos.clone(),
+        })
+        .map_err(|e| format!("chat template failed to render: {e}"))
+    }
+
     /// As [`render`](Self::render); without `add_generation_prompt` it stops after the last
     /// message.
     pub fn render_with(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String, String> {

@@ -152,6 +152,7 @@ impl Trace {
                 name: r.id.clone(),
                 request: req,
                 sampling: Default::default(),
+                guide: None,
             });
         }
         (ok, bad)

@@ -13,7 +13,7 @@
 
 use super::metrics::Metrics;
 use crate::engine::steplog::StepLogWriter;
-use crate::engine::{Backend, Engine, Outcome, TokenLogprobs};
+use crate::engine::{AddError, Backend, Engine, Outcome, TokenLogprobs};
 use crate::model::tokenizer::{StreamDecoder, WeaveTokenizer};
 use crate::sampling::SamplingParams;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -32,6 +32,8 @@ pub struct Admit {
     pub name: String,
     pub request: NewRequest,
     pub sampling: SamplingParams,
+    /// Its structured-output constraint, compiled by the handler.
+    pub guide: Option<crate::structured::Guide>,
     pub stop: Vec<String>,
     pub events: UnboundedSender<SeqEvent>,
     pub arrived: Instant,
@@ -353,9 +355,13 @@ impl<B: Backend> Core<B> {
     fn admit(&mut self, a: Admit, t0: Instant) {
         self.stats.queued.fetch_sub(1, Ordering::SeqCst);
         let num_prompt_tokens = a.request.prompt.len();
+        let guided = a.guide.is_some();
         let now = a.arrived.saturating_duration_since(t0).as_secs_f64();
-        match self.engine.add_request(a.id, serde_json::json!(a.name), a.request, &a.sampling, now) {
+        match self.engine.add_request(a.id, serde_json::json!(a.name), a.request, &a.sampling, a.guide, now) {
             Ok(()) => {
+                if guided {
+                    self.metrics.guided_requests.inc();
+                }
                 if a.events.send(SeqEvent::Admitted).is_err() {
                     // Its client left while it was queued.
                     self.engine.abort(a.id, now);
@@ -380,7 +386,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => {
                 let msg = match e {
-                    SchedError::Rejected { reason, .. } => reason.to_string(),
+                    AddError::Sched(SchedError::Rejected { reason, .. }) => reason.to_string(),
                     other => other.to_string(),
                 };
                 let _ = a.events.send(SeqEvent::Rejected(msg));
@@ -408,6 +414,10 @@ impl<B: Backend> Core<B> {
         let at = Instant::now();
         let m = &self.metrics;
         m.iteration_tokens.observe(report.record.total_tokens() as f64);
+        if let Some(p) = report.record.phases.filter(|p| p.mask > 0.0) {
+            m.mask_time.observe(p.mask);
+            m.mask_wait.observe(p.mask_wait);
+        }
         m.generation_tokens.inc_by(report.update.new_tokens.len() as u64);
         m.preemptions.inc_by(report.record.preempted.len() as u64);
         let pc = self.engine.sched.prefix_cache_stats();

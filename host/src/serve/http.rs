@@ -19,6 +19,8 @@ use crate::engine::TokenLogprobs;
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::WeaveTokenizer;
 use crate::sampling::{SamplingParams, MAX_LOGPROBS};
+use crate::structured::tools::{self, Tool, ToolChoice};
+use crate::structured::{fields, Constraint, Guide, GuideFactory};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -54,6 +56,9 @@ pub struct App {
     /// Most samples (`n`) one request may ask for.
     pub max_n: usize,
     pub next_request: AtomicU64,
+    /// Compiles structured-output constraints over the model's tokens (the error says why a
+    /// model cannot have them).
+    pub guides: Result<Arc<GuideFactory>, String>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -208,6 +213,11 @@ struct Plan {
     echo: bool,
     /// The prompt field's name, for errors ("prompt" or "messages").
     prompt_param: &'static str,
+    /// Structured output: every sample starts from a copy of this.
+    guide: Option<Guide>,
+    /// Chat tools the model was shown (`tool_choice` not `none`): its output is searched
+    /// for tool calls.
+    tools: Vec<Tool>,
 }
 
 impl App {
@@ -242,8 +252,9 @@ impl App {
     }
 
     /// The conversation rendered through the model's chat template, ending with the
-    /// assistant's turn opened when `add_generation_prompt`.
-    fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> ApiResult<String> {
+    /// assistant's turn opened when `add_generation_prompt`; `tools` are shown to the model
+    /// (through the template when it takes them, else in a system message).
+    fn render_chat(&self, messages: &[Message], tools: &[Tool], add_generation_prompt: bool) -> ApiResult<String> {
         if messages.is_empty() {
             return Err(ApiError::bad("messages", "messages: at least one message is needed"));
         }
@@ -277,12 +288,81 @@ impl App {
             if m.role.is_empty() {
                 return Err(ApiError::bad(&format!("messages[{i}].role"), format!("messages[{i}].role is empty")));
             }
-            turns.push((m.role.clone(), content));
+            if !(m.tool_calls.is_null() || m.tool_calls.is_array()) {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].tool_calls"),
+                    format!("messages[{i}].tool_calls must be a list"),
+                ));
+            }
+            turns.push((m, content));
         }
         let Some(t) = &self.chat else {
             return Err(ApiError::bad("messages", "this model has no chat template; use /v1/completions"));
         };
-        t.render_with(&turns, add_generation_prompt).map_err(|e| ApiError::bad("messages", format!("messages: {e}")))
+        let err = |e: String| ApiError::bad("messages", format!("messages: {e}"));
+        if !tools.is_empty() && t.takes_tools() {
+            // The template shows the tools and the calls itself (arguments as objects, as
+            // templates expect them).
+            let msgs: Vec<Value> = turns
+                .iter()
+                .map(|(m, content)| {
+                    let mut o = json!({"role": m.role, "content": content});
+                    if let Some(calls) = m.tool_calls.as_array() {
+                        let calls: Vec<Value> = calls
+                            .iter()
+                            .map(|c| {
+                                let mut f = c.get("function").cloned().unwrap_or(json!({}));
+                                if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                                    f["arguments"] = serde_json::from_str(a).unwrap_or(json!(a));
+                                }
+                                json!({"type": "function", "id": c.get("id"), "function": f})
+                            })
+                            .collect();
+                        o["tool_calls"] = Value::Array(calls);
+                    }
+                    if let Some(id) = &m.tool_call_id {
+                        o["tool_call_id"] = json!(id);
+                    }
+                    o
+                })
+                .collect();
+            let defs: Vec<Value> = tools
+                .iter()
+                .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+                .collect();
+            return t.render_json(&msgs, Some(&Value::Array(defs)), add_generation_prompt).map_err(err);
+        }
+        // A template without tools: the Hermes conventions written into the turns.
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(turns.len() + 1);
+        for (m, content) in &turns {
+            let mut content = content.clone();
+            if m.tool_calls.is_array() {
+                let calls = tools::render_calls(&m.tool_calls);
+                if !calls.is_empty() {
+                    content = if content.is_empty() { calls } else { format!("{content}\n{calls}") };
+                }
+            }
+            if m.role == "tool" {
+                content = format!("<tool_response>\n{content}\n</tool_response>");
+            }
+            pairs.push((m.role.clone(), content));
+        }
+        if !tools.is_empty() {
+            let sys = tools::system_prompt(tools);
+            match pairs.first_mut() {
+                Some((role, content)) if role == "system" => *content = format!("{content}\n\n{sys}"),
+                _ => pairs.insert(0, ("system".to_string(), sys)),
+            }
+        }
+        t.render_with(&pairs, add_generation_prompt).map_err(err)
+    }
+
+    /// `c` compiled over the model's tokens; a bad one is a 400 naming `param`.
+    fn compile(&self, c: &Constraint, param: &str) -> ApiResult<Guide> {
+        let f = self.guides.as_ref().map_err(|e| {
+            ApiError::bad(param, format!("{param}: structured output is not available for this model: {e}"))
+        })?;
+        f.compile(c).map_err(|e| ApiError::bad(param, format!("{param}: {e}")))
     }
 
     /// The fields both endpoints share, checked; `prompts` as already tokenized.
@@ -371,6 +451,11 @@ impl App {
             include_usage,
             echo: false,
             prompt_param,
+            guide: match fields::constraint(v).map_err(|e| ApiError::bad(&e.param, e.message))? {
+                Some((c, param)) => Some(self.compile(&c, param)?),
+                None => None,
+            },
+            tools: Vec::new(),
         })
     }
 }
@@ -427,6 +512,7 @@ async fn start(app: &Arc<App>, plan: &Plan, kind: &str, req_no: u64) -> ApiResul
                 name,
                 request: req,
                 sampling,
+                guide: plan.guide.clone(),
                 stop: plan.stop.clone(),
                 events: tx,
                 arrived,
@@ -601,8 +687,8 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Resp
     respond(app, plan, Kind::Completion).await
 }
 
-/// A chat request's prompt tokens (through the chat template), checked.
-fn chat_prompt(app: &App, v: &Value) -> ApiResult<Vec<u32>> {
+/// A chat request's prompt tokens (through the chat template, showing `tools`), checked.
+fn chat_prompt(app: &App, v: &Value, tools: &[Tool]) -> ApiResult<Vec<u32>> {
     let messages =
         field::<Vec<Message>>(v, "messages")?.ok_or_else(|| ApiError::bad("messages", "messages is required"))?;
     if field::<bool>(v, "continue_final_message")?.unwrap_or(false) {
@@ -612,14 +698,17 @@ fn chat_prompt(app: &App, v: &Value) -> ApiResult<Vec<u32>> {
         ));
     }
     let add_generation_prompt = field::<bool>(v, "add_generation_prompt")?.unwrap_or(true);
-    let text = app.render_chat(&messages, add_generation_prompt)?;
+    let text = app.render_chat(&messages, tools, add_generation_prompt)?;
     app.encode(&text, "messages")
 }
 
 /// A chat request, checked.
 fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
     app.check_model(v)?;
-    let prompt = chat_prompt(app, v)?;
+    let (tools, choice) = tools::from_body(v).map_err(|e| ApiError::bad(&e.param, e.message))?;
+    // `none`: the model is not shown the tools at all.
+    let tools = if choice == ToolChoice::None { Vec::new() } else { tools };
+    let prompt = chat_prompt(app, v, &tools)?;
     let want = field::<bool>(v, "logprobs")?.unwrap_or(false);
     let top = field::<i64>(v, "top_logprobs")?;
     if let Some(k) = top {
@@ -635,6 +724,16 @@ fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
     }
     let mut plan = app.plan(v, vec![prompt], "messages")?;
     plan.sampling.logprobs = want.then(|| top.unwrap_or(0) as usize);
+    if let Some(c) = tools::constraint(&tools, &choice) {
+        if plan.guide.is_some() {
+            return Err(ApiError::bad(
+                "tool_choice",
+                "tool_choice \"required\" or a named function constrains the output itself; drop response_format or the structured_outputs/guided_* field",
+            ));
+        }
+        plan.guide = Some(app.compile(&c, "tools")?);
+    }
+    plan.tools = tools;
     Ok(plan)
 }
 
@@ -697,7 +796,8 @@ async fn respond(app: Arc<App>, plan: Plan, kind: Kind) -> ApiResult<Response> {
         Vec::new()
     };
     if plan.stream {
-        return Ok(stream_response(app, run, id, created, kind, want_logprobs, plan.include_usage, echoes));
+        let tool_mode = !plan.tools.is_empty();
+        return Ok(stream_response(app, run, id, created, kind, want_logprobs, plan.include_usage, echoes, tool_mode));
     }
     let (mut choices, usage) = collect(run).await?;
     for (c, e) in choices.iter_mut().zip(&echoes) {
@@ -714,12 +814,27 @@ async fn respond(app: Arc<App>, plan: Plan, kind: Kind) -> ApiResult<Response> {
                 "logprobs": if want_logprobs { completion_logprobs(tok, &c.tokens, &c.logprobs, &mut 0) } else { Value::Null },
                 "finish_reason": finish_str(c.finish),
             }),
-            Kind::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": if want_logprobs { json!({"content": chat_logprobs(tok, &c.tokens, &c.logprobs)}) } else { Value::Null },
-                "finish_reason": finish_str(c.finish),
-            }),
+            Kind::Chat => {
+                let (content, calls) =
+                    if plan.tools.is_empty() { (c.text.clone(), Vec::new()) } else { tools::parse(&c.text) };
+                let mut message = json!({"role": "assistant", "content": content});
+                let mut finish = finish_str(c.finish);
+                if !calls.is_empty() {
+                    if content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = Value::Array(
+                        calls.iter().enumerate().map(|(k, t)| tool_call_json(t, &format!("{id}-{i}-{k}"), None)).collect(),
+                    );
+                    finish = json!("tool_calls");
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if want_logprobs { json!({"content": chat_logprobs(tok, &c.tokens, &c.logprobs)}) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
         })
         .collect();
     let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
@@ -732,6 +847,50 @@ async fn respond(app: Arc<App>, plan: Plan, kind: Kind) -> ApiResult<Response> {
         "usage": usage,
     }))
     .into_response())
+}
+
+/// One tool call as OpenAI returns it (with its place in the list, in a stream's delta).
+fn tool_call_json(t: &tools::ToolCall, id: &str, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": format!("call_{}", id.replace('-', "_")),
+        "type": "function",
+        "function": {"name": t.name, "arguments": t.arguments},
+    });
+    if let Some(k) = index {
+        v["index"] = json!(k);
+    }
+    v
+}
+
+/// A streamed chat choice whose output may hold tool calls: its text so far, and how much of
+/// it went out as content. Text from the first `<tool_call>` on is held back (and so is a
+/// tail that could still begin one) until the choice ends and its calls are parsed.
+#[derive(Debug, Default)]
+struct ToolStream {
+    text: String,
+    sent: usize,
+}
+
+impl ToolStream {
+    /// Adds text; returns what may go out as content now.
+    fn push(&mut self, text: &str) -> String {
+        self.text.push_str(text);
+        let open = tools::OPEN;
+        let end = match self.text.find(open) {
+            Some(p) => p,
+            None => {
+                let t = &self.text;
+                let held = (1..open.len()).rev().find(|&k| t.ends_with(&open[..k])).unwrap_or(0);
+                t.len() - held
+            }
+        };
+        if end <= self.sent {
+            return String::new();
+        }
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
 }
 
 /// State of one SSE stream while it runs.
@@ -748,6 +907,8 @@ struct StreamState {
     completion_tokens: usize,
     /// Text bytes sent so far, per choice (the completions `text_offset`).
     offsets: Vec<usize>,
+    /// Chat with tools: each choice's text, searched for tool calls as it ends.
+    tool_streams: Option<Vec<ToolStream>>,
     done: bool,
 }
 
@@ -790,6 +951,39 @@ impl StreamState {
 
     /// The SSE events one engine event becomes.
     fn render(&mut self, i: usize, ev: SeqEvent) -> Vec<Event> {
+        if let Some(ts) = self.tool_streams.as_mut() {
+            match ev {
+                SeqEvent::Tokens { text, tokens, logprobs } => {
+                    let text = ts[i].push(&text);
+                    return self.render_plain(i, SeqEvent::Tokens { text, tokens, logprobs });
+                }
+                SeqEvent::Finished { reason, text, num_prompt_tokens, num_output_tokens, num_cached_tokens } => {
+                    ts[i].text.push_str(&text);
+                    let (_, calls) = tools::parse(&ts[i].text);
+                    if calls.is_empty() {
+                        // No call after all: what was held back is content.
+                        let rest = ts[i].text[ts[i].sent..].to_string();
+                        ts[i].sent = ts[i].text.len();
+                        let fin = SeqEvent::Finished { reason, text: rest, num_prompt_tokens, num_output_tokens, num_cached_tokens };
+                        return self.render_plain(i, fin);
+                    }
+                    self.guard.done[i] = true;
+                    self.completion_tokens += num_output_tokens;
+                    let id = self.id.clone();
+                    let deltas: Vec<Value> =
+                        calls.iter().enumerate().map(|(k, t)| tool_call_json(t, &format!("{id}-{i}-{k}"), Some(k))).collect();
+                    let calls = json!({"index": i, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null});
+                    let fin = json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"});
+                    return vec![self.chunk(vec![calls]), self.chunk(vec![fin])];
+                }
+                other => return self.render_plain(i, other),
+            }
+        }
+        self.render_plain(i, ev)
+    }
+
+    /// [`Self::render`] for a choice whose text goes out as it comes.
+    fn render_plain(&mut self, i: usize, ev: SeqEvent) -> Vec<Event> {
         match ev {
             SeqEvent::Tokens { text, tokens, logprobs } => {
                 if text.is_empty() && (!self.want_logprobs || tokens.is_empty()) {
@@ -842,6 +1036,7 @@ fn stream_response(
     want_logprobs: bool,
     include_usage: bool,
     echoes: Vec<String>,
+    tool_mode: bool,
 ) -> Response {
     let n = run.rxs.len();
     let events = stream::select_all(
@@ -859,6 +1054,7 @@ fn stream_response(
         prompt_tokens: run.prompt_tokens,
         completion_tokens: 0,
         offsets: vec![0; n],
+        tool_streams: (tool_mode && kind == Kind::Chat).then(|| (0..n).map(|_| ToolStream::default()).collect()),
         done: false,
     };
     // Chat streams open with the assistant's role, one chunk per choice.
@@ -934,7 +1130,10 @@ async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Va
     let has_messages = v.get("messages").is_some_and(|m| !m.is_null());
     let tokens = match (field::<String>(&v, "prompt")?, has_messages) {
         (Some(p), false) => app.encode(&p, "prompt")?,
-        (None, true) => chat_prompt(&app, &v)?,
+        (None, true) => {
+            let (tools, choice) = tools::from_body(&v).map_err(|e| ApiError::bad(&e.param, e.message))?;
+            chat_prompt(&app, &v, if choice == ToolChoice::None { &[] } else { &tools })?
+        }
         (Some(_), true) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
         (None, false) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),
     };

@@ -24,6 +24,12 @@ pub struct Metrics {
     pub itl: Histogram,
     pub e2e: Histogram,
     pub iteration_tokens: Histogram,
+    /// Structured outputs, per step with guided rows: the mask workers' time, and the part
+    /// of it the step thread waited for.
+    pub mask_time: Histogram,
+    pub mask_wait: Histogram,
+    /// Sequences admitted with a structured-output constraint.
+    pub guided_requests: IntCounter,
     /// vLLM's `lora_requests_info`: no adapters, set to the time of the last step (the
     /// gateway reads its labels, and vLLM stamps it the same way).
     pub lora_info: Gauge,
@@ -56,6 +62,7 @@ pub fn check_prefix(prefix: &str) -> Result<(), BadPrefix> {
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 const E2E_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0];
+const MASK_BUCKETS: &[f64] = &[0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25];
 const ITERATION_BUCKETS: &[f64] = &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 
 impl Metrics {
@@ -121,6 +128,23 @@ impl Metrics {
                 ITERATION_BUCKETS,
             ))
             .expect("valid"),
+            mask_time: Histogram::with_opts(hopts(
+                "structured_output_mask_seconds",
+                "Per step with guided rows: time the mask workers spent on its token masks (beside the forward pass).",
+                MASK_BUCKETS,
+            ))
+            .expect("valid"),
+            mask_wait: Histogram::with_opts(hopts(
+                "structured_output_mask_wait_seconds",
+                "Per step with guided rows: time the step waited for token masks still being computed.",
+                MASK_BUCKETS,
+            ))
+            .expect("valid"),
+            guided_requests: IntCounter::with_opts(opts(
+                "structured_output_requests_total",
+                "Sequences admitted with a structured-output constraint.",
+            ))
+            .expect("valid"),
             lora_info: Gauge::with_opts(
                 Opts::new(format!("{prefix}:lora_requests_info"), "Running and waiting LoRA adapters (none).")
                     .const_label("running_lora_adapters", "")
@@ -156,6 +180,9 @@ impl Metrics {
         r.register(Box::new(m.itl.clone())).expect("unique");
         r.register(Box::new(m.e2e.clone())).expect("unique");
         r.register(Box::new(m.iteration_tokens.clone())).expect("unique");
+        r.register(Box::new(m.mask_time.clone())).expect("unique");
+        r.register(Box::new(m.mask_wait.clone())).expect("unique");
+        r.register(Box::new(m.guided_requests.clone())).expect("unique");
         r.register(Box::new(m.lora_info.clone())).expect("unique");
         r.register(Box::new(cache_info)).expect("unique");
         Ok(m)

@@ -109,6 +109,10 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
     let mut engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
     // A server runs for days: its step records go to the log, never into memory.
     engine.keep_steps = step_log.is_open();
+    let guides = lm.guides().map_err(|e| format!("{e:#}"));
+    if let Ok(f) = &guides {
+        engine.enable_guides(f, crate::structured::masks::default_workers(cfg.threads));
+    }
     let cache = metrics::CacheInfo {
         block_size: cfg.sched.block_size,
         num_gpu_blocks: cfg.sched.num_gpu_blocks,
@@ -136,6 +140,7 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         max_n: cfg.max_n,
         next_request: AtomicU64::new(0),
+        guides,
     }))
 }
 

@@ -44,6 +44,12 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    /// An assistant turn's earlier tool calls (OpenAI's `tool_calls` list).
+    #[serde(default)]
+    pub tool_calls: Value,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

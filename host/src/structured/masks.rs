@@ -88,6 +88,12 @@ fn allowed(words: &[u32], t: usize) -> bool {
     words.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1)
 }
 
+/// Mask workers beside a forward pass on `threads` threads: half of them (the pass keeps the
+/// cores busy; a mask takes tens to hundreds of microseconds).
+pub fn default_workers(threads: usize) -> usize {
+    threads.div_ceil(2).max(1)
+}
+
 impl Guides {
     /// For a model whose rows have `vocab` logits, with `threads` mask workers.
     pub fn new(factory: &GuideFactory, vocab: usize, threads: usize) -> Guides {

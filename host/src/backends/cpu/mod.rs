@@ -175,6 +175,8 @@ pub struct CpuBackend {
     kv16: (Vec<F16>, Vec<F16>),
     threads: usize,
     sampling: Samplers,
+    /// The step's structured-output masks, by sampling row.
+    masks: Option<Arc<crate::structured::masks::StepMasks>>,
     scratch: Scratch,
     ws: Workspace,
 }
@@ -215,6 +217,7 @@ impl CpuBackend {
                     .expect("a thread pool"),
             ),
             sampling: Samplers::new(base_seed),
+            masks: None,
             scratch: Scratch {
                 acts: qmatmul::QActs::default(),
                 isa: qmatmul::Isa::detect(),
@@ -449,6 +452,12 @@ impl Backend for CpuBackend {
     fn remove_request(&mut self, id: RequestId) {
         self.sampling.remove(id);
     }
+    fn applies_masks(&self) -> bool {
+        true
+    }
+    fn set_masks(&mut self, masks: Option<Arc<crate::structured::masks::StepMasks>>) {
+        self.masks = masks;
+    }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
         let (sampled, logprobs, phases) = self.forward_and_sample(batch);
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
@@ -467,6 +476,12 @@ impl CpuBackend {
         let t_sample = std::time::Instant::now();
         let vocab = self.model.cfg.vocab_size;
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
+        if let Some(m) = &self.masks {
+            // Guided rows: what the grammar forbids cannot be sampled (nor is in the logprobs).
+            for (i, row) in logits[..rows * vocab].chunks_mut(vocab).enumerate() {
+                m.apply(i, row);
+            }
+        }
         let (sampled, logprobs) = self.sampling.sample_rows(&mut logits[..rows * vocab], vocab, &ids);
         self.ws.bufs[Buf::Logits as usize] = logits;
         let phases = Phases { forward, sample: t_sample.elapsed().as_secs_f64(), ..Default::default() };

@@ -277,6 +277,8 @@ pub struct CudaBackend {
     graph_sizes: Vec<usize>,
     /// The previous step's last event, for the idle gap before the next step.
     last_end: Option<Event>,
+    /// The step's structured-output masks, by sampling row.
+    masks: Option<std::sync::Arc<crate::structured::masks::StepMasks>>,
     /// The attention kernel the steps use (`WEAVE_ATTN_KERNEL`).
     attn_kernel: super::AttnKernel,
 }
@@ -413,6 +415,7 @@ impl CudaBackend {
                 graph_sizes(limits.max_num_seqs.min(limits.max_num_batched_tokens).min(512))
             },
             last_end: None,
+            masks: None,
             attn_kernel: super::AttnKernel::from_env(),
         };
         // vLLM's rule: one forward pass at the largest step first, so that whatever the
@@ -917,6 +920,12 @@ impl Backend for CudaBackend {
     fn remove_request(&mut self, id: RequestId) {
         self.sampling.remove(id);
     }
+    fn applies_masks(&self) -> bool {
+        true
+    }
+    fn set_masks(&mut self, masks: Option<std::sync::Arc<crate::structured::masks::StepMasks>>) {
+        self.masks = masks;
+    }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
         // cuBLAS calls take the thread's current context: a server steps on a thread of its
         // own, not the one that made the backend.
@@ -933,13 +942,27 @@ impl Backend for CudaBackend {
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
         let s = ids.len();
         let vocab = self.cfg.vocab_size;
-        let (sampled, logprobs) = if self.sampling.all_greedy(&ids) {
+        let (mut sampled, mut logprobs) = if self.sampling.all_greedy(&ids) {
             // Only the ids come back.
             self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
             (self.k.dev.read(self.meta.argmax.slice(0..s))?, Vec::new())
         } else {
             self.sample_on_device(&ids)?
         };
+        if let Some(m) = self.masks.clone() {
+            // Guided rows are sampled on the host from their masked logits, always (so a
+            // request's draws never depend on its neighbours).
+            for (i, &id) in ids.iter().enumerate().filter(|(i, _)| m.is_guided(*i)) {
+                let mut row = self.k.dev.read(self.logits.slice(i * vocab..(i + 1) * vocab))?;
+                m.apply(i, &mut row);
+                let (t, mut l) = self.sampling.sample_rows(&mut row, vocab, &[id]);
+                sampled[i] = t[0];
+                if let Some(l) = l.pop().flatten() {
+                    logprobs.resize(s, None);
+                    logprobs[i] = Some(l);
+                }
+            }
+        }
         let end = self.k.dev.record()?;
         let gpu_busy = self.k.dev.elapsed(&start, &end)?;
         let gpu_gap = match &self.last_end {
