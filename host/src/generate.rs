@@ -181,7 +181,8 @@ impl PromptSpec {
         let Some((c, param)) = crate::structured::fields::constraint(&body).map_err(|e| e.message)? else {
             return Ok(None);
         };
-        let f = lm.guides().map_err(|e| format!("{param}: structured output is not available for this model: {e:#}"))?;
+        let f =
+            lm.guides().map_err(|e| format!("{param}: structured output is not available for this model: {e:#}"))?;
         f.compile(&c).map(Some).map_err(|e| format!("{param}: {e}"))
     }
 }

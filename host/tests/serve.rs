@@ -746,3 +746,232 @@ async fn vllm_metric_names_for_the_gateway() {
     long.await.unwrap().unwrap();
     s.shutdown().await;
 }
+
+/// Whether `v` is an object with `keys`, each holding a value of the given JSON type.
+fn has_typed_keys(v: &Value, keys: &[(&str, &str)]) -> bool {
+    keys.iter().all(|(k, ty)| match (v.get(*k), *ty) {
+        (Some(x), "string") => x.is_string(),
+        (Some(x), "integer") => x.is_i64() || x.is_u64(),
+        (Some(x), "number") => x.is_number(),
+        (Some(x), "boolean") => x.is_boolean(),
+        (Some(x), "array") => x.is_array(),
+        (Some(x), "object") => x.is_object(),
+        _ => false,
+    })
+}
+
+/// `\d{3}-\d{4}` exactly.
+fn is_phone(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 8 && b[3] == b'-' && b.iter().enumerate().all(|(i, c)| i == 3 || c.is_ascii_digit())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_hold_beside_unconstrained_neighbours() {
+    let Some(s) = Server::start(config()).await else { return };
+    let plain: Vec<String> = (0..6).map(|i| format!("Story {i}: once upon a time")).collect();
+    let free = |p: &str| json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    // Alone first.
+    let mut alone = Vec::new();
+    for p in &plain {
+        let (code, v) = s.post("/v1/completions", free(p)).await;
+        assert_eq!(code, 200, "{v}");
+        alone.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    // Then each beside guided requests of every kind, sampled at temperature 1.
+    let person = json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": false});
+    let flags = json!({"type": "object", "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}, "required": ["ok", "tags"], "additionalProperties": false});
+    let guided = [
+        (
+            "completions",
+            json!({"prompt": "A person:", "max_tokens": 60, "temperature": 1, "seed": 1, "guided_json": person}),
+        ),
+        (
+            "completions",
+            json!({"prompt": "Flags:", "max_tokens": 60, "temperature": 1, "seed": 2, "structured_outputs": {"json": flags}}),
+        ),
+        (
+            "completions",
+            json!({"prompt": "Call me at", "max_tokens": 20, "temperature": 1, "seed": 3, "guided_regex": "\\d{3}-\\d{4}"}),
+        ),
+        (
+            "completions",
+            json!({"prompt": "Pick:", "max_tokens": 20, "temperature": 1, "seed": 4, "guided_choice": ["left", "right", "up and down"]}),
+        ),
+        (
+            "chat",
+            json!({"messages": [{"role": "user", "content": "A small JSON object, please."}], "max_tokens": 400, "temperature": 1, "seed": 5, "response_format": {"type": "json_object"}}),
+        ),
+        (
+            "chat",
+            json!({"messages": [{"role": "user", "content": "A person."}], "max_tokens": 60, "temperature": 1, "seed": 6, "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": true}}}),
+        ),
+    ];
+    let mut futs = Vec::new();
+    for p in &plain {
+        futs.push(s.post("/v1/completions", free(p)));
+    }
+    for (kind, body) in &guided {
+        let path = if *kind == "chat" { "/v1/chat/completions" } else { "/v1/completions" };
+        futs.push(s.post(path, body.clone()));
+    }
+    let out = futures_util::future::join_all(futs).await;
+    for (i, (code, v)) in out.iter().enumerate() {
+        assert_eq!(*code, 200, "request {i}: {v}");
+    }
+    for (i, want) in alone.iter().enumerate() {
+        assert_eq!(
+            out[i].1["choices"][0]["text"],
+            want.as_str(),
+            "unconstrained request {i} changed beside guided ones"
+        );
+    }
+    let text = |k: usize| -> String {
+        let c = &out[plain.len() + k].1["choices"][0];
+        c["text"].as_str().or(c["message"]["content"].as_str()).unwrap().to_string()
+    };
+    let json_of = |k: usize| -> Value {
+        serde_json::from_str(&text(k)).unwrap_or_else(|e| panic!("guided request {k}: {:?} is not JSON: {e}", text(k)))
+    };
+    let p = json_of(0);
+    assert!(has_typed_keys(&p, &[("name", "string"), ("age", "integer")]) && p.as_object().unwrap().len() == 2, "{p}");
+    assert!((0..=120).contains(&p["age"].as_i64().unwrap()), "{p}");
+    assert!(p["name"].as_str().unwrap().chars().count() <= 12, "{p}");
+    let f = json_of(1);
+    assert!(has_typed_keys(&f, &[("ok", "boolean"), ("tags", "array")]), "{f}");
+    assert!(f["tags"].as_array().unwrap().iter().all(|t| t == "a" || t == "b"), "{f}");
+    assert!(is_phone(&text(2)), "{:?}", text(2));
+    assert!(["left", "right", "up and down"].contains(&text(3).as_str()), "{:?}", text(3));
+    assert!(json_of(4).is_object());
+    let p = json_of(5);
+    assert!(has_typed_keys(&p, &[("name", "string"), ("age", "integer")]), "{p}");
+    // A guided request that completes its grammar ends with "stop", not by length.
+    for k in 2..4 {
+        assert_eq!(out[plain.len() + k].1["choices"][0]["finish_reason"], "stop", "{}", out[plain.len() + k].1);
+    }
+    // Streamed, the chunks add up to a valid output too.
+    let mut body = guided[0].1.clone();
+    body["stream"] = json!(true);
+    let cs = chunks(&s.stream("/v1/completions", body).await);
+    let streamed: String = cs.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let v: Value = serde_json::from_str(&streamed).unwrap_or_else(|e| panic!("{streamed:?}: {e}"));
+    assert!(has_typed_keys(&v, &[("name", "string"), ("age", "integer")]), "{v}");
+    // The server counted them and timed their masks.
+    assert!(s.metric("weave:structured_output_requests_total").await >= 7.0);
+    assert!(s.metric("weave:structured_output_mask_seconds_count").await > 0.0);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_constraints_are_400s_naming_the_field_before_they_run() {
+    let Some(s) = Server::start(config()).await else { return };
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let cases = [
+        ("/v1/completions", json!({"prompt": "x", "guided_regex": "(unclosed"}), "guided_regex", "unclosed"),
+        ("/v1/completions", json!({"prompt": "x", "guided_json": {"type": "nope"}}), "guided_json", ""),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "guided_grammar": "start: missing_rule"}),
+            "guided_grammar",
+            "missing_rule",
+        ),
+        ("/v1/completions", json!({"prompt": "x", "guided_choice": []}), "guided_choice", "empty"),
+        ("/v1/completions", json!({"prompt": "x", "structured_outputs": {"regex": "(("}}), "structured_outputs", ""),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
+            "guided_regex",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "response_format": {"type": "xml"}}),
+            "response_format.type",
+            "xml",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+            "required",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice.function.name",
+            "\"g\"",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "tools": tool, "tool_choice": "required", "guided_regex": "a"}),
+            "tool_choice",
+            "constrains",
+        ),
+    ];
+    for (path, body, param, needle) in cases {
+        let (code, v) = s.post(path, body.clone()).await;
+        assert_eq!(code, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(param.split('.').next().unwrap()) && msg.contains(needle), "{body}: {msg}");
+    }
+    // None of them reached the engine.
+    assert_eq!(s.metric("weave:structured_output_requests_total").await, 0.0);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_named_and_required_streamed_and_not() {
+    let Some(s) = Server::start(config()).await else { return };
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "description": "Adds two integers", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "additionalProperties": false}}}
+    ]);
+    let msgs = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let check_call = |c: &Value| {
+        let f = &c["function"];
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        match f["name"].as_str().unwrap() {
+            "get_weather" => assert!(has_typed_keys(&args, &[("city", "string"), ("unit", "string")]), "{args}"),
+            "add" => assert!(has_typed_keys(&args, &[("a", "integer"), ("b", "integer")]), "{args}"),
+            other => panic!("call to {other}"),
+        }
+        assert!(c["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(c["type"], "function");
+    };
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    for choice in [named.clone(), json!("required")] {
+        let body = json!({"messages": msgs, "tools": tools, "tool_choice": choice, "max_tokens": 120, "temperature": 1, "seed": 9, "parallel_tool_calls": false});
+        let (code, v) = s.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(code, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty());
+        calls.iter().for_each(check_call);
+        if choice == named {
+            assert_eq!(calls.len(), 1);
+            assert_eq!(calls[0]["function"]["name"], "add");
+        }
+        // Streamed: the calls come as tool_calls deltas, then finish_reason tool_calls.
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let cs = chunks(&s.stream("/v1/chat/completions", sb).await);
+        let deltas: Vec<&Value> =
+            cs.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
+        assert!(!deltas.is_empty(), "{cs:?}");
+        deltas.iter().for_each(|d| check_call(d));
+        assert_eq!(cs.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+    }
+    // tool_choice none: the model is not shown the tools, and no call is parsed.
+    let (_, v) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": msgs, "tools": tools, "tool_choice": "none", "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().map(|t| !t.is_empty()), Some(true));
+    s.shutdown().await;
+}

@@ -724,7 +724,8 @@ fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
     }
     let mut plan = app.plan(v, vec![prompt], "messages")?;
     plan.sampling.logprobs = want.then(|| top.unwrap_or(0) as usize);
-    if let Some(c) = tools::constraint(&tools, &choice) {
+    let parallel = field::<bool>(v, "parallel_tool_calls")?.unwrap_or(true);
+    if let Some(c) = tools::constraint(&tools, &choice, parallel) {
         if plan.guide.is_some() {
             return Err(ApiError::bad(
                 "tool_choice",
@@ -964,15 +965,25 @@ impl StreamState {
                         // No call after all: what was held back is content.
                         let rest = ts[i].text[ts[i].sent..].to_string();
                         ts[i].sent = ts[i].text.len();
-                        let fin = SeqEvent::Finished { reason, text: rest, num_prompt_tokens, num_output_tokens, num_cached_tokens };
+                        let fin = SeqEvent::Finished {
+                            reason,
+                            text: rest,
+                            num_prompt_tokens,
+                            num_output_tokens,
+                            num_cached_tokens,
+                        };
                         return self.render_plain(i, fin);
                     }
                     self.guard.done[i] = true;
                     self.completion_tokens += num_output_tokens;
                     let id = self.id.clone();
-                    let deltas: Vec<Value> =
-                        calls.iter().enumerate().map(|(k, t)| tool_call_json(t, &format!("{id}-{i}-{k}"), Some(k))).collect();
-                    let calls = json!({"index": i, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null});
+                    let deltas: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(k, t)| tool_call_json(t, &format!("{id}-{i}-{k}"), Some(k)))
+                        .collect();
+                    let calls =
+                        json!({"index": i, "delta": {"tool_calls": deltas}, "logprobs": null, "finish_reason": null});
                     let fin = json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"});
                     return vec![self.chunk(vec![calls]), self.chunk(vec![fin])];
                 }

@@ -125,8 +125,9 @@ fn call_schema(t: &Tool) -> Value {
 }
 
 /// The constraint `choice` puts on the output: for `required`, one or more tool-call blocks
-/// to any of `tools`; for a named function, exactly one call to it. None otherwise.
-pub fn constraint(tools: &[Tool], choice: &ToolChoice) -> Option<Constraint> {
+/// to any of `tools` (exactly one without `parallel`); for a named function, exactly one call
+/// to it. None otherwise.
+pub fn constraint(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Constraint> {
     let schema = match choice {
         ToolChoice::None | ToolChoice::Auto => return None,
         ToolChoice::Required => json!({"anyOf": tools.iter().map(call_schema).collect::<Vec<_>>()}),
@@ -136,8 +137,8 @@ pub fn constraint(tools: &[Tool], choice: &ToolChoice) -> Option<Constraint> {
     let lit = |s: String| serde_json::to_string(&s).expect("a string serializes");
     let one = format!("{} %json {} {}", lit(format!("{OPEN}\n")), schema, lit(format!("\n{CLOSE}")));
     let grammar = match choice {
-        ToolChoice::Named(_) => format!("start: call\ncall: {one}\n"),
-        _ => format!("start: call (\"\\n\" call)*\ncall: {one}\n"),
+        ToolChoice::Required if parallel => format!("start: call (\"\\n\" call)*\ncall: {one}\n"),
+        _ => format!("start: call\ncall: {one}\n"),
     };
     Some(Constraint::Grammar(grammar))
 }
@@ -253,7 +254,7 @@ mod tests {
         let f = super::super::GuideFactory::new(&crate::model::tokenizer::WeaveTokenizer::bytes(), 256).unwrap();
         let (tools, _) = from_body(&weather()).unwrap();
         for choice in [ToolChoice::Required, ToolChoice::Named("get_weather".into())] {
-            let c = constraint(&tools, &choice).unwrap();
+            let c = constraint(&tools, &choice, true).unwrap();
             let mut g = f.compile(&c).unwrap_or_else(|e| panic!("{choice:?}: {e}"));
             let ok = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
             for &b in ok.as_bytes() {
@@ -264,6 +265,6 @@ mod tests {
             assert!(g.matcher.is_accepting().unwrap());
             assert_eq!(parse(ok).1.len(), 1);
         }
-        assert!(constraint(&tools, &ToolChoice::Auto).is_none());
+        assert!(constraint(&tools, &ToolChoice::Auto, true).is_none());
     }
 }

@@ -184,7 +184,13 @@ pub fn arrivals(items: &[WorkItem]) -> Vec<Arrival> {
             next = next.wrapping_add(w.prompt_len as u32);
             let mut req = NewRequest::new(0, prompt, w.output_len);
             req.ignore_eos = true;
-            Arrival { at: w.arrival_s, name: serde_json::json!(i), request: req, sampling: Default::default(), guide: None }
+            Arrival {
+                at: w.arrival_s,
+                name: serde_json::json!(i),
+                request: req,
+                sampling: Default::default(),
+                guide: None,
+            }
         })
         .collect()
 }

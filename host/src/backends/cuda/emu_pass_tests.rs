@@ -74,7 +74,8 @@ fn run<B: Backend>(be: B, num_blocks: usize, sampling: &SamplingParams) -> Vec<V
     let mut e = Engine::new(Scheduler::new(sched(num_blocks)).unwrap(), be, Clock::Steps);
     let ps = prompts();
     for (i, p) in ps.iter().enumerate() {
-        e.add_request(i as u64, serde_json::json!(i), NewRequest::new(0, p.clone(), TOKENS), sampling, None, 0.0).unwrap();
+        e.add_request(i as u64, serde_json::json!(i), NewRequest::new(0, p.clone(), TOKENS), sampling, None, 0.0)
+            .unwrap();
     }
     let mut out = vec![Vec::new(); ps.len()];
     let mut mixed = 0;
