@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The official `openai` Python package against a live `weave serve`, then SIGTERM: the server
-# must drain and exit 0. Used by CI; needs python3 and the reference model.
+# The official `openai` Python package against a live `weave serve` (the API, then structured
+# outputs validated with `jsonschema`), then SIGTERM: the server must drain and exit 0. Used by
+# CI; needs python3 and the reference model.
 #
 #   tools/serve/openai_check.sh [path/to/weave]   (default: target/debug/weave, built if missing)
 set -euo pipefail
@@ -10,8 +11,9 @@ WEAVE=${1:-target/debug/weave}
 VENV=target/openai-venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check openai
 fi
+"$VENV/bin/python" -c "import openai, jsonschema" 2>/dev/null \
+  || "$VENV/bin/pip" install -q --disable-pip-version-check openai jsonschema
 PORT=${PORT:-18765}
 LOG=$(mktemp)
 "$WEAVE" serve --port "$PORT" --threads 2 --kv-cache-tokens 8192 >"$LOG" 2>&1 &
@@ -23,6 +25,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 "$VENV/bin/python" tools/serve/openai_client_check.py "http://127.0.0.1:$PORT/v1"
+"$VENV/bin/python" tools/serve/structured_check.py "http://127.0.0.1:$PORT/v1"
 kill -TERM "$PID"
 STATUS=0
 wait "$PID" || STATUS=$?

@@ -104,6 +104,7 @@ fn structured_outputs(v: &Value) -> Result<Constraint, FieldError> {
     let p = "structured_outputs";
     let obj = v.as_object().ok_or_else(|| bad(p, "must be an object"))?;
     let mut found: Option<(Constraint, String)> = None;
+    let mut compact = false;
     for (k, x) in obj {
         if x.is_null() {
             continue;
@@ -119,10 +120,13 @@ fn structured_outputs(v: &Value) -> Result<Constraint, FieldError> {
                 Value::Bool(false) => continue,
                 _ => return Err(bad(&param, "must be true or false")),
             },
-            // Options that change nothing with llguidance.
-            "disable_fallback" | "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern" => {
-                continue
+            // JSON with no whitespace between tokens (vLLM's option).
+            "disable_any_whitespace" => {
+                compact = x.as_bool().ok_or_else(|| bad(&param, "must be true or false"))?;
+                continue;
             }
+            // Options that change nothing with llguidance.
+            "disable_fallback" | "disable_additional_properties" | "whitespace_pattern" => continue,
             other => {
                 return Err(bad(
                     &param,
@@ -135,9 +139,25 @@ fn structured_outputs(v: &Value) -> Result<Constraint, FieldError> {
         }
         found = Some((c, param));
     }
-    found
+    let c = found
         .map(|f| f.0)
-        .ok_or_else(|| bad(p, "names no constraint: give one of json, regex, choice, grammar, json_object"))
+        .ok_or_else(|| bad(p, "names no constraint: give one of json, regex, choice, grammar, json_object"))?;
+    Ok(match c {
+        Constraint::JsonObject if compact => compact_json(serde_json::json!({"type": "object"})),
+        Constraint::JsonSchema(s) if compact => compact_json(s),
+        other => other,
+    })
+}
+
+/// A JSON schema whose output has no whitespace between tokens (llguidance's option).
+fn compact_json(mut schema: Value) -> Constraint {
+    if let Some(o) = schema.as_object_mut() {
+        let opts = o.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
+        if let Some(opts) = opts.as_object_mut() {
+            opts.insert("whitespace_flexible".into(), Value::Bool(false));
+        }
+    }
+    Constraint::JsonSchema(schema)
 }
 
 #[cfg(test)]
@@ -186,6 +206,13 @@ mod tests {
             c(json!({"guided_choice": ["x"], "guided_decoding_backend": "xgrammar"})).unwrap().unwrap().1,
             "guided_choice"
         );
+    }
+
+    #[test]
+    fn compact_json_is_an_llguidance_option() {
+        let c =
+            c(json!({"structured_outputs": {"json_object": true, "disable_any_whitespace": true}})).unwrap().unwrap().0;
+        assert_eq!(c, Constraint::JsonSchema(json!({"type": "object", "x-guidance": {"whitespace_flexible": false}})));
     }
 
     #[test]

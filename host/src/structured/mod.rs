@@ -50,8 +50,8 @@ impl Constraint {
 
     fn grammar(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
-            Constraint::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
-            Constraint::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Constraint::JsonObject => json_grammar(serde_json::json!({"type": "object"})),
+            Constraint::JsonSchema(s) => json_grammar(s.clone()),
             Constraint::Regex(r) => TopLevelGrammar::from_regex(r),
             Constraint::Choice(options) => {
                 if options.is_empty() {
@@ -70,6 +70,29 @@ impl Constraint {
             }
         })
     }
+}
+
+/// Whitespace between JSON tokens, where the schema does not say otherwise: nothing, one
+/// space, or a newline and up to 20 spaces or tabs of indent (llama.cpp's bound). Unbounded
+/// whitespace lets a sampled model pad forever (seen: a small model at temperature 1 spent
+/// its whole budget on newlines).
+pub const JSON_WHITESPACE: &str = r"(\x20|\x0A[\x20\x09]{0,20})";
+
+/// llguidance's grammar for a JSON schema, with weave's defaults as `x-guidance` options the
+/// schema may override: `oneOf` taken as `anyOf` (what vLLM and llama.cpp do: exact when the
+/// alternatives do not overlap, which is how schemas use it) and bounded whitespace.
+fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    if let Some(o) = schema.as_object_mut() {
+        let opts = o.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
+        if let Some(opts) = opts.as_object_mut() {
+            opts.entry("coerce_one_of").or_insert(serde_json::Value::Bool(true));
+            let compact = opts.get("whitespace_flexible") == Some(&serde_json::Value::Bool(false));
+            if !compact {
+                opts.entry("whitespace_pattern").or_insert_with(|| JSON_WHITESPACE.into());
+            }
+        }
+    }
+    TopLevelGrammar::from_json_schema(schema)
 }
 
 /// A compiled constraint: llguidance's matcher over the model's tokens, at the output's start.
@@ -229,6 +252,28 @@ mod tests {
         let mut g = f.compile(&Constraint::JsonObject).unwrap();
         assert!(feed(&mut g.clone(), "[").is_err());
         feed(&mut g, "{\"k\": [1, \"x\"]}").unwrap();
+    }
+
+    #[test]
+    fn one_of_is_taken_and_compact_json_has_no_spaces() {
+        let f = factory();
+        let s = serde_json::json!({"oneOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]});
+        let mut g = f.compile(&Constraint::JsonSchema(s)).unwrap();
+        feed(&mut g, "\"ab\"").unwrap();
+        let s = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "x-guidance": {"whitespace_flexible": false}});
+        let g = f.compile(&Constraint::JsonSchema(s)).unwrap();
+        assert!(feed(&mut g.clone(), "{ ").is_err());
+        feed(&mut g.clone(), "{\"a\":1}").unwrap();
+    }
+
+    #[test]
+    fn json_whitespace_is_bounded() {
+        let f = factory();
+        let mut g = f.compile(&Constraint::JsonObject).unwrap();
+        feed(&mut g, "{\n  \"a\": [1, 2],\n\t\"b\": {}\n}").unwrap();
+        let g = f.compile(&Constraint::JsonObject).unwrap();
+        assert!(feed(&mut g.clone(), "{\n\n").is_err(), "two newlines in a row");
+        assert!(feed(&mut g.clone(), &format!("{{\n{}", " ".repeat(21))).is_err(), "21 spaces of indent");
     }
 
     #[test]
