@@ -856,8 +856,16 @@ async fn structured_outputs_hold_beside_unconstrained_neighbours() {
     let streamed: String = cs.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     let v: Value = serde_json::from_str(&streamed).unwrap_or_else(|e| panic!("{streamed:?}: {e}"));
     assert!(has_typed_keys(&v, &[("name", "string"), ("age", "integer")]), "{v}");
+    // n > 1: each sample has its own matcher.
+    let (code, v) = s
+        .post("/v1/completions", json!({"prompt": "Numbers:", "n": 3, "max_tokens": 20, "temperature": 1, "seed": 7, "guided_regex": "\\d{3}-\\d{4}"}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let texts: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts.len(), 3);
+    assert!(texts.iter().all(|t| is_phone(t)), "{texts:?}");
     // The server counted them and timed their masks.
-    assert!(s.metric("weave:structured_output_requests_total").await >= 7.0);
+    assert!(s.metric("weave:structured_output_requests_total").await >= 10.0);
     assert!(s.metric("weave:structured_output_mask_seconds_count").await > 0.0);
     s.shutdown().await;
 }

@@ -376,3 +376,53 @@ fn hand_built_steps_give_the_engines_greedy_tokens() {
     assert_eq!(t.tokens, want);
     assert_eq!(t.first_logits.len(), lm.model.cfg.vocab_size);
 }
+
+/// Guided requests (structured outputs) in a KV cache too small for all of them: they are
+/// preempted and recomputed, and each output still matches its own schema. Weave's
+/// preemption keeps a request's output tokens, so its matcher needs no rewinding; a bug that
+/// advanced or masked a request with another's state would break the outputs.
+#[test]
+fn guided_outputs_survive_preemption() {
+    let Some(lm) = model_at(Precision::Quant) else { return };
+    let mut cfg = config(256, true, false);
+    // 8 requests of ~80 tokens (5 blocks) in 24 blocks: some must be preempted.
+    cfg.sched.num_gpu_blocks = 24;
+    cfg.sched.max_num_seqs = 8;
+    cfg.ignore_eos = false;
+    let schema = |n: usize| {
+        serde_json::json!({"type": "array", "items": {"type": "integer", "minimum": 10, "maximum": 99}, "minItems": n, "maxItems": n})
+    };
+    let prompts: Vec<PromptSpec> = (0..8)
+        .map(|i| PromptSpec {
+            id: Some(serde_json::json!(i)),
+            prompt: format!("List {} numbers for request {i}:", 10 + i),
+            max_tokens: Some(80),
+            temperature: Some(1.0),
+            seed: Some(i as u64),
+            structured_outputs: Some(serde_json::json!({"json": schema(10 + i as usize), "disable_any_whitespace": true})),
+            ..Default::default()
+        })
+        .collect();
+    let r = generate(lm, &cfg, &prompts, &mut |_| {}).unwrap();
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    let preempted: u32 = r.run.outcomes.iter().map(|o| o.num_preemptions).sum();
+    assert!(preempted > 0, "the cache was meant to force preemption");
+    for c in &r.completions {
+        let i = c.id.as_u64().unwrap() as usize;
+        let v: Value = serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("request {i}: {:?}: {e}", c.text));
+        let items = v.as_array().unwrap_or_else(|| panic!("request {i}: {v}"));
+        assert_eq!(items.len(), 10 + i, "request {i}: {v}");
+        assert!(items.iter().all(|x| (10..=99).contains(&x.as_i64().unwrap())), "request {i}: {v}");
+        assert_eq!(c.finish_reason, "stop", "request {i} ends when its grammar does");
+    }
+    // A bad schema in a prompts file is that prompt's error, naming the field.
+    let bad = PromptSpec {
+        prompt: "x".into(),
+        response_format: Some(serde_json::json!({"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}})),
+        ..Default::default()
+    };
+    let r = generate(lm, &cfg, &[bad, prompts[0].clone()], &mut |_| {}).unwrap();
+    assert_eq!(r.rejected.len(), 1);
+    assert!(r.rejected[0].1.contains("response_format"), "{:?}", r.rejected);
+    assert_eq!(r.completions.len(), 1);
+}

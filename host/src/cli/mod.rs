@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod bench;
 pub mod bench_kernels;
 pub mod bench_serve;
+pub mod bench_structured;
 pub mod calibrate;
 pub mod experiment;
 mod generate;
@@ -332,6 +333,9 @@ pub enum BenchCmd {
     /// Time the paged attention kernel on the GPU over decode, prefill and mixed shapes,
     /// against the device's roofline and PyTorch's SDPA measured in the same run.
     Kernels(bench_kernels::Args),
+    /// The step-time cost of structured outputs (CPU backend): the same batch unconstrained
+    /// and with every row held to a JSON schema, interleaved; medians and their ratio.
+    Structured(bench_structured::Args),
 }
 
 impl Cli {
@@ -347,6 +351,7 @@ impl Cli {
             Cmd::Serve(a) => serve::run(a),
             Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(a),
             Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels::run(a),
+            Cmd::Bench(BenchCmd::Structured(a)) => bench_structured::run(a),
             Cmd::ModelConfig(a) => model_config::run(a),
             Cmd::Logits(a) => logits::run(a),
         }

@@ -85,7 +85,7 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 /// A prompt of exactly `n` tokens: distinct per request so nothing hits the prefix cache.
-fn synthetic_prompt(lm: &LoadedModel, n: usize, salt: usize) -> anyhow::Result<String> {
+pub fn synthetic_prompt(lm: &LoadedModel, n: usize, salt: usize) -> anyhow::Result<String> {
     let words = ["river", "stone", "light", "market", "garden", "winter", "paper", "signal", "orbit", "copper"];
     let mut text = format!("Request {salt}:");
     let mut i = salt;
@@ -324,4 +324,103 @@ fn run_llama_batched_bench(
         bail!("could not read llama-batched-bench's table:\n{text}");
     }
     Ok(rows)
+}
+
+/// One repetition of `weave bench structured`: the same batch run unconstrained and with
+/// every row held to a JSON schema.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StructuredRep {
+    /// Mean wall time of the steps in which every row decodes (ms).
+    pub free_step_ms: f64,
+    pub guided_step_ms: f64,
+    /// Guided run, per such step: the mask workers' time and the step's wait for them (ms).
+    pub mask_ms: f64,
+    pub mask_wait_ms: f64,
+    pub steps: usize,
+}
+
+/// The step-time cost of structured outputs on the CPU backend: `b` requests of `prompt_len`
+/// tokens decoding `output_len` tokens each, unconstrained and then each held to a JSON schema
+/// that cannot complete before `output_len` tokens (so both runs have the same steps), `repeat`
+/// times interleaved. Compared over the steps where all `b` rows decode.
+pub fn bench_structured(
+    lm: &LoadedModel,
+    b: usize,
+    prompt_len: usize,
+    output_len: usize,
+    threads: usize,
+    repeat: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Vec<StructuredRep>> {
+    // An array of objects long enough that no row finishes early: each item is ~10 tokens.
+    let schema = serde_json::json!({
+        "type": "array",
+        "items": {"type": "object", "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 9999},
+            "name": {"type": "string", "maxLength": 16},
+            "ok": {"type": "boolean"}
+        }, "required": ["id", "name", "ok"], "additionalProperties": false},
+        "minItems": output_len, "maxItems": output_len
+    });
+    let prompts = |guided: bool| -> anyhow::Result<Vec<PromptSpec>> {
+        (0..b)
+            .map(|i| {
+                Ok(PromptSpec {
+                    prompt: synthetic_prompt(lm, prompt_len, i)?,
+                    max_tokens: Some(output_len),
+                    temperature: Some(1.0),
+                    seed: Some(i as u64),
+                    structured_outputs: guided.then(|| serde_json::json!({"json": schema})),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    };
+    let (free, guided) = (prompts(false)?, prompts(true)?);
+    let cfg = GenerateConfig {
+        sched: SchedulerConfig {
+            max_num_batched_tokens: (b * prompt_len).max(256),
+            max_num_seqs: b.max(1),
+            max_model_len: lm.model.cfg.context_length,
+            num_gpu_blocks: b * (prompt_len + output_len) / 16 + 64,
+            ..Default::default()
+        },
+        default_max_tokens: output_len,
+        sampling: SamplingParams::default(),
+        chat: false,
+        ignore_eos: true,
+        threads,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
+    };
+    // The steps where every row decodes, and their mean time and mask phases.
+    let full_steps = |r: &crate::generate::GenerateReport| -> anyhow::Result<(f64, f64, f64, usize)> {
+        let steps: Vec<_> = r.run.steps.iter().filter(|s| s.decode_tokens == b && s.prefill_tokens == 0).collect();
+        anyhow::ensure!(!steps.is_empty(), "no step decoded all {b} rows");
+        if let Some((name, why)) = r.rejected.first() {
+            anyhow::bail!("request {name} was refused: {why}");
+        }
+        let n = steps.len() as f64;
+        let mean = |f: &dyn Fn(&crate::engine::steplog::StepRecord) -> f64| steps.iter().map(|s| f(s)).sum::<f64>() / n;
+        Ok((
+            mean(&|s| s.duration) * 1e3,
+            mean(&|s| s.phases.map_or(0.0, |p| p.mask)) * 1e3,
+            mean(&|s| s.phases.map_or(0.0, |p| p.mask_wait)) * 1e3,
+            steps.len(),
+        ))
+    };
+    // The token trie is built once, before any run is timed.
+    lm.guides()?;
+    let mut reps = Vec::with_capacity(repeat);
+    for k in 0..repeat.max(1) {
+        progress(k, repeat.max(1));
+        let f = full_steps(&generate(lm, &cfg, &free, &mut |_| {})?)?;
+        let g = full_steps(&generate(lm, &cfg, &guided, &mut |_| {})?)?;
+        anyhow::ensure!(f.3 == g.3, "the runs differ in shape: {} and {} all-decode steps", f.3, g.3);
+        reps.push(StructuredRep { free_step_ms: f.0, guided_step_ms: g.0, mask_ms: g.1, mask_wait_ms: g.2, steps: g.3 });
+    }
+    progress(repeat.max(1), repeat.max(1));
+    Ok(reps)
 }
