@@ -68,6 +68,8 @@ pub enum Kernel {
     ArgmaxF32,
     /// Device sampling (`crate::sample`): one row per thread block.
     SampleF32,
+    /// Structured outputs: a row's packed token mask applied to its logits.
+    MaskLogitsF32,
     /// Dummy weights (`crate::sample::dummy_value`), grid-stride.
     FillDummy(Dtype),
     /// Every primitive of the `gpu` seam on known inputs, to compare a GPU with the emulator
@@ -130,6 +132,7 @@ impl Kernel {
             Embedding(Bf16) => "embedding_bf16",
             ArgmaxF32 => "argmax_f32",
             SampleF32 => "sample_f32",
+            MaskLogitsF32 => "mask_logits_f32",
             FillDummy(F32) => "fill_dummy_f32",
             FillDummy(F16) => "fill_dummy_f16",
             FillDummy(Bf16) => "fill_dummy_bf16",
@@ -308,6 +311,7 @@ impl Kernel {
             Embedding(Bf16) => e!(rows::embedding_bf16),
             ArgmaxF32 => e!(sampling::argmax_f32),
             SampleF32 => e!(sampling::sample_f32),
+            MaskLogitsF32 => e!(sampling::mask_logits_f32),
             FillDummy(F32) => e!(rows::fill_dummy_f32),
             FillDummy(F16) => e!(rows::fill_dummy_f16),
             FillDummy(Bf16) => e!(rows::fill_dummy_bf16),
@@ -326,7 +330,7 @@ impl Kernel {
 }
 
 /// Every kernel the PTX must contain.
-pub const KERNELS: [Kernel; 48] = {
+pub const KERNELS: [Kernel; 49] = {
     use Dtype::*;
     use HeadDim::*;
     use Kernel::*;
@@ -375,6 +379,7 @@ pub const KERNELS: [Kernel; 48] = {
         Embedding(Bf16),
         ArgmaxF32,
         SampleF32,
+        MaskLogitsF32,
         FillDummy(F32),
         FillDummy(F16),
         FillDummy(Bf16),
@@ -406,6 +411,7 @@ mod tests {
                 Kernel::Embedding(t) => format!("embedding_{}", t.name()),
                 Kernel::ArgmaxF32 => "argmax_f32".into(),
                 Kernel::SampleF32 => "sample_f32".into(),
+                Kernel::MaskLogitsF32 => "mask_logits_f32".into(),
                 Kernel::FillDummy(t) => format!("fill_dummy_{}", t.name()),
                 Kernel::GpuConformance => "gpu_conformance".into(),
             };

@@ -28,6 +28,7 @@
 //! | `embedding_T` | tokens × 128 | gather one row of the table | 2 × hidden × sizeof(T) |
 //! | `argmax_f32` | rows × 128 | (value, index) reduction over the vocabulary | vocab × 4 B |
 //! | `sample_f32` | rows × 128 | temperature, top-k, top-p and a seeded draw ([`sample`]), the token's logprob | vocab × 4 B × (3 + up to 64 bisection passes) |
+//! | `mask_logits_f32` | rows × 128 | structured outputs: `-inf` where the row's packed token mask (one bit a token) clears it; rows without a mask return at once | vocab × 4 B read, vocab / 8 B of mask |
 //! | `fill_dummy_T` | grid-stride, 128 | dummy weights from a seed ([`sample::dummy_value`]) | n × sizeof(T) written |
 //!
 //! **Paged attention.** A tile is up to `16 / group` query tokens of one sequence. For every

@@ -161,6 +161,34 @@ pub fn top_p_key(tau_k: u32, top_p: f32, mut mass: impl FnMut(u32) -> f32) -> u3
     }
 }
 
+/// A logits row's entry in a step's mask rows when the row has no token mask.
+pub const NO_MASK: u32 = u32::MAX;
+
+/// Whether a packed token mask allows token `i`, given the mask's word `i / 32` (structured
+/// outputs: bit set, allowed; 32 tokens a word).
+#[inline(always)]
+pub fn mask_allows(word: u32, i: u32) -> bool {
+    (word >> (i % 32)) & 1 == 1
+}
+
+/// The host definition of `mask_logits_f32`: `-inf` wherever `mask` does not allow a token
+/// (ids past the mask's words too). Sampling then never picks one, and logprobs are of the
+/// allowed tokens.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn mask_row(logits: &mut [f32], mask: &[u32]) {
+    for (k, chunk) in logits.chunks_mut(32).enumerate() {
+        let w = mask.get(k).copied().unwrap_or(0);
+        if w == u32::MAX {
+            continue;
+        }
+        for (b, x) in chunk.iter_mut().enumerate() {
+            if !mask_allows(w, b as u32) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// The token (and its logprob under the raw logits) that the device draws for `logits` with
 /// `p`: the reference definition the kernel is tested against. Sums are f32, as there.
 #[cfg(not(target_arch = "nvptx64"))]

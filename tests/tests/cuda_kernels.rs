@@ -371,6 +371,79 @@ fn device_sampling_matches_its_host_definition_and_repeats() {
     });
 }
 
+/// Structured outputs' token masks: `mask_logits_f32` clears exactly what the host definition
+/// does, on the rows each mask belongs to, leaves unmasked rows alone, and greedy and sampled
+/// tokens afterwards are allowed ones.
+#[test]
+fn token_masks_clear_what_the_host_clears_on_their_own_rows() {
+    use weave_kernels_gpu::sample::{mask_allows, mask_row, sample_row, RowParams, NO_MASK};
+    each_device(|d| {
+        let k = d.k;
+        let vocab = if d.emulated { 1000usize } else { 49152 };
+        let words = vocab.div_ceil(32);
+        let rows = 6usize;
+        let logits = rnd(rows * vocab, 31);
+        // Rows 1 and 4 unguided; the others each with their own mask, from nearly closed (a
+        // handful of tokens, none of them the row's argmax) to mostly open. The masks are in
+        // another order than the rows, as a step packs them.
+        let row_of_mask = [3usize, 0, 5, 2];
+        let mut rows_map = vec![NO_MASK; rows];
+        let mut masks = vec![0u32; row_of_mask.len() * words];
+        let mut seed = 7u64;
+        for (m, &r) in row_of_mask.iter().enumerate() {
+            rows_map[r] = m as u32;
+            let best = ops::argmax_row(&logits[r * vocab..(r + 1) * vocab]) as usize;
+            for t in 0..vocab {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let keep = match m {
+                    0 => (seed >> 33) % 97 == 0,
+                    1 => (seed >> 33) % 3 == 0,
+                    _ => (seed >> 33) % 5 != 0,
+                };
+                if keep && t != best {
+                    masks[m * words + t / 32] |= 1 << (t % 32);
+                }
+            }
+        }
+        let mut want = logits.clone();
+        for r in 0..rows {
+            if rows_map[r] != NO_MASK {
+                let m = rows_map[r] as usize;
+                mask_row(&mut want[r * vocab..(r + 1) * vocab], &masks[m * words..(m + 1) * words]);
+            }
+        }
+        let mut ld = k.upload(&logits).unwrap();
+        let (md, rd) = (k.upload(&masks).unwrap(), k.upload(&rows_map).unwrap());
+        k.mask_logits(&mut ld, &md, &rd, rows, words as u32, vocab as u32).unwrap();
+        let got = k.download(&ld).unwrap();
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "masked logits differ from the host's");
+        assert_eq!(&got[vocab..2 * vocab], &logits[vocab..2 * vocab], "an unguided row was touched");
+        // Greedy and sampled picks after the mask are allowed tokens, as on the host.
+        let mut toks = k.zeros::<u32>(rows).unwrap();
+        k.argmax(&mut toks, &ld, rows, vocab as u32).unwrap();
+        let greedy = k.download(&toks).unwrap();
+        let p = RowParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: 5, counter: 3 };
+        let pd = k.upload(&vec![p.to_words(); rows].concat()).unwrap();
+        let mut lp = k.zeros::<f32>(rows).unwrap();
+        k.sample(&mut toks, &mut lp, &ld, &pd, rows, vocab as u32).unwrap();
+        let drawn = k.download(&toks).unwrap();
+        for r in 0..rows {
+            let row = &want[r * vocab..(r + 1) * vocab];
+            assert_eq!(greedy[r], ops::argmax_row(row), "row {r}");
+            if rows_map[r] != NO_MASK {
+                let m = rows_map[r] as usize;
+                for t in [greedy[r], drawn[r]] {
+                    assert!(mask_allows(masks[m * words + t as usize / 32], t), "row {r}: token {t} is masked out");
+                }
+            }
+            if drawn[r] != sample_row(row, &p).0 {
+                // Rounding may move a draw; never onto a masked token (checked above).
+                eprintln!("row {r}: the draw differs from the host definition's");
+            }
+        }
+    });
+}
+
 #[test]
 fn dummy_weights_fill_to_the_host_values() {
     use weave_kernels_gpu::sample::dummy_value;

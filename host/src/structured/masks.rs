@@ -253,21 +253,26 @@ impl StepMasks {
     /// Sets row `row`'s disallowed logits to -inf (nothing for an unguided row).
     pub fn apply(&self, row: usize, logits: &mut [f32]) {
         if let Some(m) = self.wait(row) {
-            apply_mask(&m, logits);
+            apply_mask(logits, &m);
         }
     }
 
-    /// Every row's mask packed for a device, `[rows][words]` (an unguided row all ones), and
-    /// whether any row is guided.
-    pub fn packed(&self) -> Vec<u32> {
-        let w = self.words();
-        let mut out = vec![u32::MAX; self.rows.len() * w];
-        for (i, row) in out.chunks_mut(w).enumerate() {
-            if let Some(m) = self.wait(i) {
-                row.copy_from_slice(&m);
+    /// The masks packed for a device: each row's place among the guided rows' masks
+    /// (`weave_kernels_gpu::sample::NO_MASK` for an unguided row), and those masks back to
+    /// back, `words()` words each.
+    pub fn packed(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut rows = Vec::with_capacity(self.rows.len());
+        let mut words = Vec::new();
+        for i in 0..self.rows.len() {
+            match self.wait(i) {
+                Some(m) => {
+                    rows.push((words.len() / self.words()) as u32);
+                    words.extend_from_slice(&m);
+                }
+                None => rows.push(weave_kernels_gpu::sample::NO_MASK),
             }
         }
-        out
+        (rows, words)
     }
 
     /// Seconds the step thread waited for masks, and the workers spent computing them.
@@ -276,20 +281,9 @@ impl StepMasks {
     }
 }
 
-/// `-inf` wherever `mask`'s bit is clear (ids past the mask too).
-pub fn apply_mask(mask: &[u32], logits: &mut [f32]) {
-    for (k, chunk) in logits.chunks_mut(32).enumerate() {
-        let w = mask.get(k).copied().unwrap_or(0);
-        if w == u32::MAX {
-            continue;
-        }
-        for (b, x) in chunk.iter_mut().enumerate() {
-            if w >> b & 1 == 0 {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-    }
-}
+/// `-inf` wherever `mask`'s bit is clear (ids past the mask too): the one definition, which
+/// the device's `mask_logits_f32` kernel is tested against.
+pub use weave_kernels_gpu::sample::mask_row as apply_mask;
 
 #[cfg(test)]
 mod tests {
@@ -313,9 +307,9 @@ mod tests {
         let mut row = vec![0f32; 300];
         m.apply(1, &mut row);
         assert!(row.iter().all(|x| x.is_finite()), "an unguided row is untouched");
-        let packed = m.packed();
-        assert_eq!(packed.len(), 3 * 10);
-        assert!(packed[10..20].iter().all(|&w| w == u32::MAX));
+        let (rows, words) = m.packed();
+        assert_eq!(rows, vec![0, weave_kernels_gpu::sample::NO_MASK, 1]);
+        assert_eq!(words.len(), 2 * 10);
         assert_eq!(g.advance(1, b'a' as u32), Advance::Continue);
         assert_eq!(g.advance(2, b'x' as u32), Advance::Continue);
         let m = g.for_step([1].into_iter());
@@ -337,7 +331,7 @@ mod tests {
             set(&mut mask, t, 71);
         }
         let mut row = vec![1f32; 71];
-        apply_mask(&mask, &mut row);
+        apply_mask(&mut row, &mask);
         let ok: Vec<usize> = (0..71).filter(|&t| row[t].is_finite()).collect();
         assert_eq!(ok, vec![0, 31, 32, 33, 70]);
     }

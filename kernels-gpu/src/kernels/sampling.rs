@@ -1,12 +1,15 @@
 //! Token choice on the device: `argmax_f32` (greedy) and `sample_f32` (temperature, top-k,
-//! top-p and a seeded draw, `crate::sample::sample_row`'s rule with block reductions). One
-//! thread block (128 threads) a row of logits.
+//! top-p and a seeded draw, `crate::sample::sample_row`'s rule with block reductions), and
+//! `mask_logits_f32` (structured outputs: a row's packed token mask, `crate::sample::mask_row`).
+//! One thread block (128 threads) a row of logits.
 
 use super::reduce::{block_argmax, block_sum_sync};
 use crate::fmath::{exp, ln};
 use crate::gpu::{self, Global};
 use crate::ops::argmax_pick;
-use crate::sample::{bisect_key, ord_key, race_score, top_p_key, uniform_open, weight, RowParams, PARAM_WORDS};
+use crate::sample::{
+    bisect_key, mask_allows, ord_key, race_score, top_p_key, uniform_open, weight, RowParams, NO_MASK, PARAM_WORDS,
+};
 
 const THREADS: u32 = crate::BLOCK_THREADS;
 
@@ -101,6 +104,33 @@ unsafe fn sample(out: Global<u32>, out_logprob: Global<f32>, logits: Global<f32>
             out.add(r).write(tok);
             out_logprob.add(r).write(at(tok) - lse);
         }
+    }
+}
+
+/// Row `bx` of `logits`: `-inf` wherever its mask (row `mask_rows[bx]` of `masks`, `words`
+/// words a row) does not allow a token; a row whose entry is `NO_MASK` is left as it is.
+#[inline(always)]
+unsafe fn mask_logits(logits: Global<f32>, masks: Global<u32>, mask_rows: Global<u32>, words: u32, vocab: u32) {
+    let r = gpu::bx() as usize;
+    let m = unsafe { mask_rows.add(r).read() };
+    if m == NO_MASK {
+        return;
+    }
+    let row = unsafe { logits.add(r * vocab as usize) };
+    let mrow = unsafe { masks.add(m as usize * words as usize) };
+    let mut i = gpu::tid();
+    while i < vocab {
+        let w = if i / 32 < words { unsafe { mrow.add((i / 32) as usize).read() } } else { 0 };
+        if !mask_allows(w, i) {
+            unsafe { row.add(i as usize).write(f32::NEG_INFINITY) };
+        }
+        i += THREADS;
+    }
+}
+
+crate::kernel! {
+    fn mask_logits_f32(logits: *mut f32, masks: *const u32, mask_rows: *const u32, words: u32, vocab: u32) {
+        mask_logits(Global::new(logits), Global::new(masks), Global::new(mask_rows), words, vocab)
     }
 }
 

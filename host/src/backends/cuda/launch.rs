@@ -466,6 +466,28 @@ impl Kernels {
         Ok(())
     }
 
+    /// Structured outputs: sets row `r` of `logits` (`n_rows x vocab`) to `-inf` wherever row
+    /// `mask_rows[r]` of `masks` (`words` words a row) clears a token; rows whose entry is
+    /// `weave_kernels_gpu::sample::NO_MASK` are left alone.
+    pub fn mask_logits(
+        &self,
+        logits: &mut DBuf<f32>,
+        masks: &DBuf<u32>,
+        mask_rows: &DBuf<u32>,
+        n_rows: usize,
+        words: u32,
+        vocab: u32,
+    ) -> Result<(), CudaError> {
+        if mask_rows.len() < n_rows || logits.len() < n_rows * vocab as usize || words < vocab.div_ceil(32) {
+            return Err(CudaError::Shape("mask_logits: buffers smaller than n_rows rows of vocab"));
+        }
+        let kind = Kernel::MaskLogitsF32;
+        // `logits` holds n_rows * vocab values and `mask_rows` n_rows entries (checked above);
+        // each entry names a row of `masks` or none (the caller packs them together).
+        self.dev.launch(kind, kind.rows(n_rows as u32), &args![logits, masks, mask_rows, words, vocab])?;
+        Ok(())
+    }
+
     /// Fills `out` with the dummy-weight stream `seed` at `scale` (the values the CPU's dummy
     /// weights hold), on the device.
     pub fn fill_dummy<T: DevElem>(&self, out: &mut DBuf<T::Bits>, seed: u64, scale: f32) -> Result<(), CudaError> {

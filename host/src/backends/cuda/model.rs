@@ -196,6 +196,10 @@ struct Meta {
     /// The sampler's parameters, `PARAM_WORDS` a row, and the sampled tokens' logprobs.
     sample_params: DBuf<u32>,
     logprob: DBuf<f32>,
+    /// Structured outputs: each sampling row's place among the step's token masks, and the
+    /// masks (made at the first step with a guided row: most servers never need them).
+    mask_rows: DBuf<u32>,
+    masks: Option<DBuf<u32>>,
 }
 
 /// A step's metadata arrays, in their order in `Meta::all`.
@@ -373,6 +377,8 @@ impl CudaBackend {
             argmax: k.zeros(s)?,
             sample_params: k.zeros(s * weave_kernels_gpu::sample::PARAM_WORDS)?,
             logprob: k.zeros(s)?,
+            mask_rows: k.zeros(s)?,
+            masks: None,
         };
         let logits = k.zeros::<f32>(s * c.vocab_size)?;
         // Split-KV decode's partial rows, for the largest split the choice can make.
@@ -942,27 +948,28 @@ impl Backend for CudaBackend {
         let ids: Vec<RequestId> = batch.sampling_request_ids().collect();
         let s = ids.len();
         let vocab = self.cfg.vocab_size;
-        let (mut sampled, mut logprobs) = if self.sampling.all_greedy(&ids) {
+        if let Some(m) = self.masks.clone() {
+            // Structured outputs: the guided rows' masks go up (beside the step's metadata)
+            // and the kernel clears what they forbid before the token is chosen, on whichever
+            // path below.
+            let (rows, words) = m.packed();
+            let w = m.words();
+            let need = self.meta.argmax.len() * w;
+            if self.meta.masks.as_ref().is_none_or(|b| b.len() < need) {
+                self.meta.masks = Some(self.k.zeros(need)?);
+            }
+            let masks = self.meta.masks.as_ref().expect("just made");
+            self.k.dev.write(&rows, &self.meta.mask_rows, 0)?;
+            self.k.dev.write(&words, masks, 0)?;
+            self.k.mask_logits(&mut self.logits, masks, &self.meta.mask_rows, s, w as u32, vocab as u32)?;
+        }
+        let (sampled, logprobs) = if self.sampling.all_greedy(&ids) {
             // Only the ids come back.
             self.k.argmax(&mut self.meta.argmax, &self.logits, s, vocab as u32)?;
             (self.k.dev.read(self.meta.argmax.slice(0..s))?, Vec::new())
         } else {
             self.sample_on_device(&ids)?
         };
-        if let Some(m) = self.masks.clone() {
-            // Guided rows are sampled on the host from their masked logits, always (so a
-            // request's draws never depend on its neighbours).
-            for (i, &id) in ids.iter().enumerate().filter(|(i, _)| m.is_guided(*i)) {
-                let mut row = self.k.dev.read(self.logits.slice(i * vocab..(i + 1) * vocab))?;
-                m.apply(i, &mut row);
-                let (t, mut l) = self.sampling.sample_rows(&mut row, vocab, &[id]);
-                sampled[i] = t[0];
-                if let Some(l) = l.pop().flatten() {
-                    logprobs.resize(s, None);
-                    logprobs[i] = Some(l);
-                }
-            }
-        }
         let end = self.k.dev.record()?;
         let gpu_busy = self.k.dev.elapsed(&start, &end)?;
         let gpu_gap = match &self.last_end {
