@@ -389,9 +389,7 @@ fn guided_outputs_survive_preemption() {
     cfg.sched.num_gpu_blocks = 24;
     cfg.sched.max_num_seqs = 8;
     cfg.ignore_eos = false;
-    let schema = |n: usize| {
-        serde_json::json!({"type": "array", "items": {"type": "integer", "minimum": 10, "maximum": 99}, "minItems": n, "maxItems": n})
-    };
+    let schema = |n: usize| serde_json::json!({"type": "array", "items": {"type": "integer", "minimum": 10, "maximum": 99}, "minItems": n, "maxItems": n});
     let prompts: Vec<PromptSpec> = (0..8)
         .map(|i| PromptSpec {
             id: Some(serde_json::json!(i)),
@@ -399,7 +397,9 @@ fn guided_outputs_survive_preemption() {
             max_tokens: Some(80),
             temperature: Some(1.0),
             seed: Some(i as u64),
-            structured_outputs: Some(serde_json::json!({"json": schema(10 + i as usize), "disable_any_whitespace": true})),
+            structured_outputs: Some(
+                serde_json::json!({"json": schema(10 + i as usize), "disable_any_whitespace": true}),
+            ),
             ..Default::default()
         })
         .collect();

@@ -419,7 +419,13 @@ pub fn bench_structured(
         let f = full_steps(&generate(lm, &cfg, &free, &mut |_| {})?)?;
         let g = full_steps(&generate(lm, &cfg, &guided, &mut |_| {})?)?;
         anyhow::ensure!(f.3 == g.3, "the runs differ in shape: {} and {} all-decode steps", f.3, g.3);
-        reps.push(StructuredRep { free_step_ms: f.0, guided_step_ms: g.0, mask_ms: g.1, mask_wait_ms: g.2, steps: g.3 });
+        reps.push(StructuredRep {
+            free_step_ms: f.0,
+            guided_step_ms: g.0,
+            mask_ms: g.1,
+            mask_wait_ms: g.2,
+            steps: g.3,
+        });
     }
     progress(repeat.max(1), repeat.max(1));
     Ok(reps)

@@ -163,3 +163,51 @@ fn seeded_sampling_on_the_emulated_device_repeats() {
     let other = run(emu_backend(&m, Dtype::Bf16, AttnKernel::Fast, 3), blocks, &SamplingParams { seed: Some(8), ..p });
     assert_ne!(first, other, "another seed drew the same {} tokens", 4 * TOKENS);
 }
+
+/// Structured outputs through the CUDA backend on the emulator: two guided requests with
+/// different grammars beside two unguided ones, sampled at temperature 1; each guided output
+/// is in its own grammar's language (the masks went up, to the right rows, before the device
+/// sampler and argmax) and ends where its grammar does.
+#[test]
+fn guided_rows_get_their_own_masks_on_the_device() {
+    use crate::model::tokenizer::WeaveTokenizer;
+    use crate::structured::{Constraint, GuideFactory};
+    let dtype = Dtype::Bf16;
+    let m = Arc::new(model(dtype, 1));
+    let be = emu_backend(&m, dtype, AttnKernel::Staged, 0);
+    let blocks = be.num_blocks();
+    // The dummy model's ids are bytes (and 64 padded ids no grammar allows).
+    let f = GuideFactory::new(&WeaveTokenizer::bytes(), m.cfg.vocab_size).unwrap();
+    let mut e = Engine::new(Scheduler::new(sched(blocks)).unwrap(), be, Clock::Steps);
+    e.enable_guides(&f, 1);
+    let guides = [Some(Constraint::Regex("[0-9]{6}".into())), None, Some(Constraint::Regex("[a-z]{4}".into())), None];
+    for (greedy, seed) in [(true, 1u64), (false, 2)] {
+        let sampling =
+            SamplingParams { temperature: if greedy { 0.0 } else { 1.0 }, seed: Some(seed), ..Default::default() };
+        for (i, p) in prompts().into_iter().enumerate() {
+            let g = guides[i].as_ref().map(|c| f.compile(c).unwrap());
+            e.add_request(i as u64, serde_json::json!(i), NewRequest::new(0, p, TOKENS), &sampling, g, 0.0).unwrap();
+        }
+        let mut out = vec![Vec::new(); 4];
+        let mut now = 0.0;
+        while e.has_unfinished() {
+            let s = e.step(now, &mut |_, _| false).unwrap();
+            now = s.end;
+            for &(id, t) in &s.update.new_tokens {
+                out[id as usize].push(t);
+            }
+        }
+        let what = if greedy { "greedy" } else { "sampled" };
+        assert!(
+            out[0].len() == 6 && out[0].iter().all(|&t| (b'0'..=b'9').contains(&(t as u8)) && t < 256),
+            "{what}: {:?}",
+            out[0]
+        );
+        assert!(
+            out[2].len() == 4 && out[2].iter().all(|&t| (b'a'..=b'z').contains(&(t as u8)) && t < 256),
+            "{what}: {:?}",
+            out[2]
+        );
+        assert_eq!((out[1].len(), out[3].len()), (TOKENS, TOKENS), "{what}: unguided requests run to their length");
+    }
+}
