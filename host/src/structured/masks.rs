@@ -151,7 +151,7 @@ impl Guides {
                     let n = w.len().min(src.len());
                     w[..n].copy_from_slice(&src[..n]);
                     // Bits past the logits row stay clear.
-                    if shape.vocab % 32 != 0 {
+                    if !shape.vocab.is_multiple_of(32) {
                         if let Some(last) = w.last_mut() {
                             *last &= (1u32 << (shape.vocab % 32)) - 1;
                         }
