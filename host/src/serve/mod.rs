@@ -109,9 +109,19 @@ fn start_with<B: crate::engine::Backend + Send + 'static>(
     let mut engine = Engine::new(Scheduler::new(cfg.sched.clone())?, backend, Clock::Seconds);
     // A server runs for days: its step records go to the log, never into memory.
     engine.keep_steps = step_log.is_open();
+    let t0 = std::time::Instant::now();
     let guides = lm.guides().map_err(|e| format!("{e:#}"));
-    if let Ok(f) = &guides {
-        engine.enable_guides(f, crate::structured::masks::default_workers(cfg.threads));
+    match &guides {
+        Ok(f) => {
+            let workers = crate::structured::masks::default_workers(cfg.threads);
+            engine.enable_guides(f, workers);
+            eprintln!(
+                "weave serve: structured outputs ready ({} tokens in the trie, {:.0} ms; {workers} mask worker(s))",
+                f.vocab_size(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Err(e) => eprintln!("weave serve: structured outputs unavailable: {e}"),
     }
     let cache = metrics::CacheInfo {
         block_size: cfg.sched.block_size,
