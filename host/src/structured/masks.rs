@@ -189,6 +189,14 @@ impl Guides {
         if let Some(e) = st.error.take() {
             return Advance::Failed(e);
         }
+        // A turn-ending token the mask allowed in EOS's place ends the output as EOS would
+        // (the matcher knows only its own EOS). It reaches here when the scheduler did not
+        // stop on it (`ignore_eos`).
+        let sh = &self.shape;
+        if token != sh.eos && sh.enders.contains(&token) && st.mask.as_ref().is_some_and(|m| allowed(m, token as usize))
+        {
+            return Advance::Complete;
+        }
         if let Err(e) = st.guide.matcher.consume_token(token) {
             return Advance::Failed(e.to_string());
         }
@@ -322,6 +330,32 @@ mod tests {
         assert!(matches!(g.advance(2, b'y' as u32), Advance::Failed(_)));
         let (_, compute) = m.times();
         assert!(compute > 0.0);
+    }
+
+    #[test]
+    fn a_turn_ending_token_where_eos_is_allowed_completes() {
+        let mut t = WeaveTokenizer::bytes();
+        (t.eos, t.stop_ids) = (Some(0), vec![0, 1]);
+        let f = GuideFactory::new(&t, 256).unwrap();
+        let mut g = Guides::new(&f, 256, 1);
+        for id in [1, 2, 3] {
+            g.add(id, f.compile(&Constraint::Regex("a+".into())).unwrap());
+        }
+        // Before any 'a', EOS is not allowed: neither is the other turn ender.
+        let m = g.for_step([1].into_iter());
+        let mut row = vec![0f32; 256];
+        m.apply(0, &mut row);
+        assert!(row[0].is_infinite() && row[1].is_infinite());
+        for id in [1, 2, 3] {
+            assert_eq!(g.advance(id, b'a' as u32), Advance::Continue);
+        }
+        let m = g.for_step([1].into_iter());
+        let mut row = vec![0f32; 256];
+        m.apply(0, &mut row);
+        assert!(row[0].is_finite() && row[1].is_finite() && row[b'a' as usize].is_finite());
+        assert_eq!(g.advance(1, 1), Advance::Complete, "the other turn ender");
+        assert_eq!(g.advance(2, 0), Advance::Complete, "the grammar's own EOS");
+        assert_eq!(g.advance(3, b'a' as u32), Advance::Continue);
     }
 
     #[test]
