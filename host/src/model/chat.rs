@@ -34,6 +34,26 @@ impl ChatTemplate {
         self.source.contains("tools")
     }
 
+    /// The tool-call format the template teaches when it is not the Hermes `<tool_call>` one
+    /// weave parses: its name (`None` for Hermes, or a template that shows no tools).
+    pub fn foreign_tool_format(&self) -> Option<&'static str> {
+        let s = &self.source;
+        if !self.takes_tools() || s.contains("<tool_call>") {
+            return None;
+        }
+        Some(if s.contains("[TOOL_CALLS]") {
+            "Mistral's [TOOL_CALLS]"
+        } else if s.contains("<|python_tag|>") || s.contains("ipython") {
+            "Llama 3's <|python_tag|> / JSON"
+        } else if s.contains("tool▁call") {
+            "DeepSeek's <｜tool▁call▁begin｜>"
+        } else if s.contains("functools") {
+            "FireFunction's functools"
+        } else {
+            "a format weave does not know"
+        })
+    }
+
     /// The conversation as JSON messages (OpenAI's shape: `role`, `content`, `tool_calls`,
     /// `tool_call_id`) with the request's `tools`, for a template that reads them.
     pub fn render_json(
@@ -70,5 +90,30 @@ impl ChatTemplate {
             eos_token => self.eos.clone(),
         })
         .map_err(|e| format!("chat template failed to render: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(source: &str) -> ChatTemplate {
+        ChatTemplate { source: source.into(), bos: String::new(), eos: String::new() }
+    }
+
+    #[test]
+    fn tool_formats_are_told_apart() {
+        assert_eq!(t("{% for m in messages %}{{ m.content }}{% endfor %}").foreign_tool_format(), None);
+        assert_eq!(t("{% if tools %}<tool_call>{% endif %}").foreign_tool_format(), None);
+        assert_eq!(t("{% if tools %}[TOOL_CALLS]{% endif %}").foreign_tool_format(), Some("Mistral's [TOOL_CALLS]"));
+        assert!(t("{% if tools %}<|python_tag|>{% endif %}").foreign_tool_format().unwrap().contains("Llama 3"));
+        let r = t("{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}{{ tools | length }}")
+            .render_json(
+                &[serde_json::json!({"role": "user", "content": "hi"})],
+                Some(&serde_json::json!([1, 2])),
+                true,
+            )
+            .unwrap();
+        assert_eq!(r, "user:hi2");
     }
 }

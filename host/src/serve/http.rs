@@ -708,6 +708,12 @@ fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
     let (tools, choice) = tools::from_body(v).map_err(|e| ApiError::bad(&e.param, e.message))?;
     // `none`: the model is not shown the tools at all.
     let tools = if choice == ToolChoice::None { Vec::new() } else { tools };
+    if let Some(format) = app.chat.as_ref().and_then(|t| t.foreign_tool_format()).filter(|_| !tools.is_empty()) {
+        return Err(ApiError::bad(
+            "tools",
+            format!("tools: this model's chat template writes tool calls in {format} format; weave parses the Hermes <tool_call> format only"),
+        ));
+    }
     let prompt = chat_prompt(app, v, &tools)?;
     let want = field::<bool>(v, "logprobs")?.unwrap_or(false);
     let top = field::<i64>(v, "top_logprobs")?;
