@@ -842,7 +842,13 @@ async fn structured_outputs_hold_beside_unconstrained_neighbours() {
     assert!(f["tags"].as_array().unwrap().iter().all(|t| t == "a" || t == "b"), "{f}");
     assert!(is_phone(&text(2)), "{:?}", text(2));
     assert!(["left", "right", "up and down"].contains(&text(3).as_str()), "{:?}", text(3));
-    assert!(json_of(4).is_object());
+    // Any JSON object has no bound on its length: one that runs out of tokens (a sampled
+    // path may on another CPU's numerics) must still have begun as an object.
+    if out[plain.len() + 4].1["choices"][0]["finish_reason"] == "stop" {
+        assert!(json_of(4).is_object());
+    } else {
+        assert!(text(4).starts_with('{'), "{:?}", text(4));
+    }
     let p = json_of(5);
     assert!(has_typed_keys(&p, &[("name", "string"), ("age", "integer")]), "{p}");
     // A guided request that completes its grammar ends with "stop", not by length.
