@@ -104,20 +104,8 @@ impl WeaveTokenizer {
     /// tokenizer of dummy-weight models, which come with no vocabulary. Ids past 255, which
     /// such a model may sample, decode to nothing.
     pub fn bytes() -> WeaveTokenizer {
-        // GPT-2's map: printable bytes stand for themselves, the others for 256 + k.
-        let mut extra = 0;
-        let vocab: tokenizers::models::bpe::Vocab = (0u32..256)
-            .map(|b| {
-                let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-                let c = if printable {
-                    char::from_u32(b)
-                } else {
-                    extra += 1;
-                    char::from_u32(255 + extra)
-                };
-                (c.expect("a valid char").to_string(), b)
-            })
-            .collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            gpt2_byte_chars().iter().enumerate().map(|(b, c)| (c.to_string(), b as u32)).collect();
         let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().expect("a byte vocabulary builds");
         let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
@@ -164,7 +152,8 @@ impl WeaveTokenizer {
     /// user-defined) token's text marked special by `special` (`None` when it is not one).
     /// Ids the tokenizer does not know (a vocabulary padded past it) get `None`.
     pub fn token_bytes(&self) -> Vec<Option<(Vec<u8>, bool)>> {
-        let chars = gpt2_char_to_byte();
+        let chars: std::collections::HashMap<char, u8> =
+            gpt2_byte_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let added = self.inner.get_added_tokens_decoder();
         (0..self.vocab_size() as u32)
             .map(|id| {
@@ -186,22 +175,23 @@ impl WeaveTokenizer {
     }
 }
 
-/// GPT-2's byte-level map, character to byte: printable bytes stand for themselves, the
-/// others for `256 + k` in byte order.
-fn gpt2_char_to_byte() -> std::collections::HashMap<char, u8> {
+/// GPT-2's byte-level map, the character each byte stands for: printable bytes stand for
+/// themselves, the others for `256 + k` in byte order.
+fn gpt2_byte_chars() -> [char; 256] {
+    let mut out = ['\0'; 256];
     let mut extra = 0;
-    (0u32..256)
-        .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-            let c = if printable {
-                char::from_u32(b)
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra)
-            };
-            (c.expect("a valid char"), b as u8)
-        })
-        .collect()
+    for (b, c) in out.iter_mut().enumerate() {
+        let b = b as u32;
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        *c = if printable {
+            char::from_u32(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra)
+        }
+        .expect("a valid char");
+    }
+    out
 }
 
 /// Incremental detokenization: text is released only once it is whole UTF-8, so a character
