@@ -209,6 +209,37 @@ pub fn bench_generate(
     Ok(rows)
 }
 
+/// A benchmark's run of `b` requests on the CPU backend: all of them at once (`b` sequences,
+/// a KV cache that holds them all), each for exactly `output_len` tokens (EOS ignored).
+fn bench_config(
+    lm: &LoadedModel,
+    b: usize,
+    prompt_len: usize,
+    output_len: usize,
+    budget: usize,
+    threads: usize,
+) -> GenerateConfig {
+    let kv_tokens = b * (prompt_len + output_len) + 64 * 16;
+    GenerateConfig {
+        sched: SchedulerConfig {
+            max_num_batched_tokens: budget,
+            max_num_seqs: b.max(1),
+            max_model_len: lm.model.cfg.context_length,
+            num_gpu_blocks: kv_tokens / 16 + 2,
+            ..Default::default()
+        },
+        default_max_tokens: output_len,
+        sampling: SamplingParams::default(),
+        chat: false,
+        ignore_eos: true,
+        threads,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
+    }
+}
+
 /// One weave run, on the CPU backend or on the GPU one kept in `gpu`.
 fn run_weave(
     lm: &LoadedModel,
@@ -228,25 +259,7 @@ fn run_weave(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let kv_tokens = b * (prompt_len + output_len) + 64 * 16;
-    let cfg = GenerateConfig {
-        sched: SchedulerConfig {
-            max_num_batched_tokens: budget,
-            max_num_seqs: b.max(1),
-            max_model_len: lm.model.cfg.context_length,
-            num_gpu_blocks: kv_tokens / 16 + 2,
-            ..Default::default()
-        },
-        default_max_tokens: output_len,
-        sampling: SamplingParams::default(),
-        chat: false,
-        ignore_eos: true,
-        threads,
-        device: Default::default(),
-        gpu_memory_utilization: 0.9,
-        enforce_eager: false,
-        profile_layers: false,
-    };
+    let cfg = bench_config(lm, b, prompt_len, output_len, budget, threads);
     let r = match gpu {
         None => generate(lm, &cfg, &prompts, &mut |_| {})?,
         Some(g) => {
@@ -377,24 +390,7 @@ pub fn bench_structured(
             .collect()
     };
     let (free, guided) = (prompts(false)?, prompts(true)?);
-    let cfg = GenerateConfig {
-        sched: SchedulerConfig {
-            max_num_batched_tokens: (b * prompt_len).max(256),
-            max_num_seqs: b.max(1),
-            max_model_len: lm.model.cfg.context_length,
-            num_gpu_blocks: b * (prompt_len + output_len) / 16 + 64,
-            ..Default::default()
-        },
-        default_max_tokens: output_len,
-        sampling: SamplingParams::default(),
-        chat: false,
-        ignore_eos: true,
-        threads,
-        device: Default::default(),
-        gpu_memory_utilization: 0.9,
-        enforce_eager: false,
-        profile_layers: false,
-    };
+    let cfg = bench_config(lm, b, prompt_len, output_len, (b * prompt_len).max(256), threads);
     // The steps where every row decodes, and their mean time and mask phases.
     let full_steps = |r: &crate::generate::GenerateReport| -> anyhow::Result<(f64, f64, f64, usize)> {
         let steps: Vec<_> = r.run.steps.iter().filter(|s| s.decode_tokens == b && s.prefill_tokens == 0).collect();
