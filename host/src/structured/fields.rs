@@ -151,11 +151,8 @@ fn structured_outputs(v: &Value) -> Result<Constraint, FieldError> {
 
 /// A JSON schema whose output has no whitespace between tokens (llguidance's option).
 fn compact_json(mut schema: Value) -> Constraint {
-    if let Some(o) = schema.as_object_mut() {
-        let opts = o.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
-        if let Some(opts) = opts.as_object_mut() {
-            opts.insert("whitespace_flexible".into(), Value::Bool(false));
-        }
+    if let Some(opts) = super::guidance_options(&mut schema) {
+        opts.insert("whitespace_flexible".into(), Value::Bool(false));
     }
     Constraint::JsonSchema(schema)
 }

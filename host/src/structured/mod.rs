@@ -82,17 +82,20 @@ pub const JSON_WHITESPACE: &str = r"(\x20|\x0A[\x20\x09]{0,20})";
 /// schema may override: `oneOf` taken as `anyOf` (what vLLM and llama.cpp do: exact when the
 /// alternatives do not overlap, which is how schemas use it) and bounded whitespace.
 fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
-    if let Some(o) = schema.as_object_mut() {
-        let opts = o.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
-        if let Some(opts) = opts.as_object_mut() {
-            opts.entry("coerce_one_of").or_insert(serde_json::Value::Bool(true));
-            let compact = opts.get("whitespace_flexible") == Some(&serde_json::Value::Bool(false));
-            if !compact {
-                opts.entry("whitespace_pattern").or_insert_with(|| JSON_WHITESPACE.into());
-            }
+    if let Some(opts) = guidance_options(&mut schema) {
+        opts.entry("coerce_one_of").or_insert(serde_json::Value::Bool(true));
+        let compact = opts.get("whitespace_flexible") == Some(&serde_json::Value::Bool(false));
+        if !compact {
+            opts.entry("whitespace_pattern").or_insert_with(|| JSON_WHITESPACE.into());
         }
     }
     TopLevelGrammar::from_json_schema(schema)
+}
+
+/// A JSON schema's llguidance options (its `x-guidance` object, made empty when absent);
+/// `None` for a schema that is not an object (`true`, `false`) or whose options are not one.
+fn guidance_options(schema: &mut serde_json::Value) -> Option<&mut serde_json::Map<String, serde_json::Value>> {
+    schema.as_object_mut()?.entry("x-guidance").or_insert_with(|| serde_json::json!({})).as_object_mut()
 }
 
 /// A compiled constraint: llguidance's matcher over the model's tokens, at the output's start.
