@@ -19,7 +19,7 @@ use crate::engine::TokenLogprobs;
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::WeaveTokenizer;
 use crate::sampling::{SamplingParams, MAX_LOGPROBS};
-use crate::structured::tools::{self, Tool, ToolChoice};
+use crate::structured::tools::{self, Tool};
 use crate::structured::{fields, Constraint, Guide, GuideFactory};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -155,6 +155,13 @@ impl From<SubmitError> for ApiError {
             SubmitError::Full => ApiError::full(),
             SubmitError::ShuttingDown => ApiError::shutting_down(),
         }
+    }
+}
+
+/// A structured-output or tool field that is wrong: a 400 naming it.
+impl From<fields::FieldError> for ApiError {
+    fn from(e: fields::FieldError) -> ApiError {
+        ApiError::bad(&e.param, e.message)
     }
 }
 
@@ -451,7 +458,7 @@ impl App {
             include_usage,
             echo: false,
             prompt_param,
-            guide: match fields::constraint(v).map_err(|e| ApiError::bad(&e.param, e.message))? {
+            guide: match fields::constraint(v)? {
                 Some((c, param)) => Some(self.compile(&c, param)?),
                 None => None,
             },
@@ -705,9 +712,7 @@ fn chat_prompt(app: &App, v: &Value, tools: &[Tool]) -> ApiResult<Vec<u32>> {
 /// A chat request, checked.
 fn chat_plan(app: &App, v: &Value) -> ApiResult<Plan> {
     app.check_model(v)?;
-    let (tools, choice) = tools::from_body(v).map_err(|e| ApiError::bad(&e.param, e.message))?;
-    // `none`: the model is not shown the tools at all.
-    let tools = if choice == ToolChoice::None { Vec::new() } else { tools };
+    let (tools, choice) = tools::from_body(v)?;
     if let Some(format) = app.chat.as_ref().and_then(|t| t.foreign_tool_format()).filter(|_| !tools.is_empty()) {
         return Err(ApiError::bad(
             "tools",
@@ -1148,8 +1153,8 @@ async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Json<Va
     let tokens = match (field::<String>(&v, "prompt")?, has_messages) {
         (Some(p), false) => app.encode(&p, "prompt")?,
         (None, true) => {
-            let (tools, choice) = tools::from_body(&v).map_err(|e| ApiError::bad(&e.param, e.message))?;
-            chat_prompt(&app, &v, if choice == ToolChoice::None { &[] } else { &tools })?
+            let (tools, _) = tools::from_body(&v)?;
+            chat_prompt(&app, &v, &tools)?
         }
         (Some(_), true) => return Err(ApiError::bad("prompt", "give prompt or messages, not both")),
         (None, false) => return Err(ApiError::bad("prompt", "prompt (or messages) is required")),

@@ -41,8 +41,9 @@ fn bad(param: &str, msg: impl Into<String>) -> super::fields::FieldError {
     super::fields::FieldError { param: param.to_string(), message: format!("{param}: {}", msg.into()) }
 }
 
-/// `tools` and `tool_choice` from a chat request body, checked; no tools gives an empty list
-/// and `ToolChoice::None`.
+/// `tools` and `tool_choice` from a chat request body, checked: the tools the model is shown
+/// (none with `tool_choice: "none"`) and the choice. No tools gives an empty list and
+/// `ToolChoice::None`.
 pub fn from_body(body: &Value) -> Result<(Vec<Tool>, ToolChoice), super::fields::FieldError> {
     let mut tools = Vec::new();
     match body.get("tools") {
@@ -110,6 +111,9 @@ pub fn from_body(body: &Value) -> Result<(Vec<Tool>, ToolChoice), super::fields:
     };
     if tools.is_empty() && matches!(choice, ToolChoice::Required) {
         return Err(bad("tool_choice", "\"required\" needs at least one tool in tools"));
+    }
+    if choice == ToolChoice::None {
+        tools.clear();
     }
     Ok((tools, choice))
 }
@@ -233,6 +237,9 @@ mod tests {
             "tools[0].function.name"
         );
         assert_eq!(from_body(&json!({})).unwrap(), (vec![], ToolChoice::None));
+        let mut b = weather();
+        b["tool_choice"] = json!("none");
+        assert_eq!(from_body(&b).unwrap(), (vec![], ToolChoice::None), "none: no tool is shown");
     }
 
     #[test]
