@@ -106,21 +106,8 @@ impl Guides {
         Guides { slots: HashMap::new(), pool: Arc::new(pool), shape: Arc::new(shape) }
     }
 
-    /// `u32` words per mask row.
-    pub fn words(&self) -> usize {
-        self.shape.words()
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
-    }
-
-    pub fn contains(&self, id: RequestId) -> bool {
-        self.slots.contains_key(&id)
     }
 
     /// A request joins with its guide at the output's start; its first mask starts now.
@@ -232,14 +219,6 @@ impl StepMasks {
         self.rows.iter().all(Option::is_none)
     }
 
-    pub fn num_rows(&self) -> usize {
-        self.rows.len()
-    }
-
-    pub fn is_guided(&self, row: usize) -> bool {
-        self.rows.get(row).is_some_and(Option::is_some)
-    }
-
     /// `u32` words per row.
     pub fn words(&self) -> usize {
         self.shape.words()
@@ -306,7 +285,6 @@ mod tests {
         g.add(1, f.compile(&Constraint::Choice(vec!["ab".into(), "ac".into()])).unwrap());
         g.add(2, f.compile(&Constraint::Regex("x+".into())).unwrap());
         let m = g.for_step([2, 9, 1].into_iter());
-        assert!(m.is_guided(0) && !m.is_guided(1) && m.is_guided(2));
         assert_eq!(m.words(), 10);
         let mut row = vec![0f32; 300];
         m.apply(2, &mut row);
