@@ -182,7 +182,7 @@ impl<B: Backend> Engine<B> {
     /// Lets requests bring a [`Guide`] (structured output) compiled by `factory`, with
     /// `threads` workers computing their masks beside the steps.
     pub fn enable_guides(&mut self, factory: &GuideFactory, threads: usize) {
-        self.guides = Some(Guides::new(factory, factory.vocab_size(), threads));
+        self.guides = Some(Guides::new(factory, threads));
     }
 
     /// Admits a request that arrived at `now` (its `id` field is replaced by `id`), held to

@@ -95,9 +95,10 @@ pub fn default_workers(threads: usize) -> usize {
 }
 
 impl Guides {
-    /// For a model whose rows have `vocab` logits, with `threads` mask workers.
-    pub fn new(factory: &GuideFactory, vocab: usize, threads: usize) -> Guides {
-        let shape = MaskShape { vocab, eos: factory.eos(), enders: factory.stop_ids().to_vec() };
+    /// For the model `factory` was made for (its trie is as wide as a logits row), with
+    /// `threads` mask workers.
+    pub fn new(factory: &GuideFactory, threads: usize) -> Guides {
+        let shape = MaskShape { vocab: factory.vocab_size(), eos: factory.eos(), enders: factory.stop_ids().to_vec() };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("weave-mask-{i}"))
@@ -281,7 +282,7 @@ mod tests {
     #[test]
     fn masks_follow_each_request_and_finish_it() {
         let f = GuideFactory::new(&WeaveTokenizer::bytes(), 300).unwrap();
-        let mut g = Guides::new(&f, 300, 2);
+        let mut g = Guides::new(&f, 2);
         g.add(1, f.compile(&Constraint::Choice(vec!["ab".into(), "ac".into()])).unwrap());
         g.add(2, f.compile(&Constraint::Regex("x+".into())).unwrap());
         let m = g.for_step([2, 9, 1].into_iter());
@@ -315,7 +316,7 @@ mod tests {
         let mut t = WeaveTokenizer::bytes();
         (t.eos, t.stop_ids) = (Some(0), vec![0, 1]);
         let f = GuideFactory::new(&t, 256).unwrap();
-        let mut g = Guides::new(&f, 256, 1);
+        let mut g = Guides::new(&f, 1);
         for id in [1, 2, 3] {
             g.add(id, f.compile(&Constraint::Regex("a+".into())).unwrap());
         }
