@@ -28,6 +28,11 @@ pub struct Args {
     /// Profile: timings per point (the median is kept).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Profile: the most the rounds may disagree (a round's median speed against the
+    /// typical round's, fastest less slowest; 0.1 = 10%). Beyond it, up to as many rounds
+    /// again are timed and the steadiest kept; then the profile is refused as too noisy.
+    #[arg(long, default_value_t = 0.1)]
+    pub max_spread: f64,
     /// Profile: also write every measured point with the model's prediction (JSON).
     #[arg(long, requires = "profile")]
     pub points: Option<PathBuf>,
@@ -45,7 +50,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn profile(a: Args) -> anyhow::Result<()> {
-    let Args { run, max_tokens, max_seqs, max_context, repeats, points, out, .. } = a;
+    let Args { run, max_tokens, max_seqs, max_context, repeats, max_spread, points, out, .. } = a;
+    anyhow::ensure!(max_spread > 0.0, "--max-spread must be positive, got {max_spread}");
     let threads = run.threads;
     // The CPU profile keeps the file's quantized weights, as `weave generate` runs them.
     let (lm, _path, (device, desc)) = run.load("auto", true)?;
@@ -58,7 +64,9 @@ fn profile(a: Args) -> anyhow::Result<()> {
         bar.set_position(done as u64);
     };
     let (m, report) = match device {
-        weave::backends::cuda::ExecDevice::Cpu => weave::study::profile::profile_cpu(&lm, &spec, &mut progress)?,
+        weave::backends::cuda::ExecDevice::Cpu => {
+            weave::study::profile::profile_cpu(&lm, &spec, max_spread, &mut progress)?
+        }
         weave::backends::cuda::ExecDevice::Emu => {
             anyhow::bail!("--device emu: the emulator does not model time, so there is nothing to calibrate")
         }

@@ -53,7 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if name == "sim-vs-real" {
         rayon::ThreadPoolBuilder::new().num_threads(default_threads()).build_global().ok();
         let lm = weave::generate::LoadedModel::load(&weave::paths::default_model_path())?;
-        let r = weave::study::experiments::sim_vs_real(&lm, default_threads(), quick)?;
+        let r = weave::study::sim_vs_real::sim_vs_real(&lm, default_threads(), quick)?;
         r.write(&out.join("sim-vs-real"))?;
         print!("{}", weave::study::experiments::markdown(&r.table));
         return Ok(());

@@ -69,6 +69,9 @@ pub struct RequestResult {
     pub output_tokens: usize,
     /// Whether `output_tokens` came from the server's `usage` (else: content chunks).
     pub usage_reported: bool,
+    /// When it was sent, seconds from the benchmark's start (with its TTFT, the arrival
+    /// trace a simulator can replay).
+    pub sent_s: f64,
     pub ttft: f64,
     pub itl: Vec<f64>,
     pub latency: f64,
@@ -411,7 +414,8 @@ pub async fn run(cfg: &BenchServeConfig, on_done: Arc<dyn Fn() + Send + Sync>) -
                 Some(s) => Some(s.clone().acquire_owned().await.expect("semaphore open")),
                 None => None,
             };
-            let r = send_one(&client, &url, chat, &model, &p, ignore_eos).await;
+            let sent_s = t0.elapsed().as_secs_f64();
+            let r = RequestResult { sent_s, ..send_one(&client, &url, chat, &model, &p, ignore_eos).await };
             done();
             r
         }));

@@ -158,13 +158,8 @@ impl Runner for CudaRunner<'_> {
 }
 
 /// A real run's metrics under the experiments' SLOs.
-fn real_metrics(r: &crate::engine::RunReport) -> Metrics {
+pub(crate) fn real_metrics(r: &crate::engine::RunReport) -> Metrics {
     crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1)
-}
-
-/// Mean step time of a run, seconds.
-fn mean_step_s(steps: &[crate::engine::steplog::StepRecord]) -> f64 {
-    steps.iter().map(|s| s.duration).sum::<f64>() / steps.len().max(1) as f64
 }
 
 fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
@@ -181,7 +176,7 @@ fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
 /// SLOs used for goodput: 1 s to first token, 100 ms per output token.
 pub const SLO: (f64, f64) = (1.0, 0.1);
 
-fn row(setting: String, x: f64, m: Metrics) -> Row {
+pub(crate) fn row(setting: String, x: f64, m: Metrics) -> Row {
     Row { setting, x, metrics: m, extra: Default::default() }
 }
 
@@ -518,171 +513,7 @@ pub fn run_real<B: crate::engine::Backend>(
     engine.run(arrivals, &mut |_, _| false, &mut |_| {})
 }
 
-/// The simulator against the real CPU backend. The step-time model comes from
-/// [`crate::study::profile`] (designed batches timed on this machine, no workload seen); for
-/// comparison, a model fitted to the step logs of two calibration runs. Both predict
-/// held-out workloads that are then run for real; the table compares mean step time and
-/// mean TTFT, and the findings give the per-step error on the real runs' own steps (the cost
-/// model alone, without the simulated queueing) and how much the machine drifted meanwhile.
-pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: bool) -> anyhow::Result<SimVsReal> {
-    let n = if quick { 16 } else { 32 };
-    let repeats = if quick { 1 } else { 3 };
-    let cfg = |budget: usize| SchedulerConfig {
-        max_num_batched_tokens: budget,
-        max_num_seqs: 32,
-        max_model_len: 2048,
-        block_size: 16,
-        num_gpu_blocks: 1024,
-        ..Default::default()
-    };
-    let spec = crate::study::profile::ProfileSpec {
-        max_tokens: 1024,
-        max_seqs: 32,
-        max_context: 1024,
-        block_size: 16,
-        repeats,
-        threads,
-    };
-    let mut findings = Vec::new();
-    // The log-fitted model: two calibration runs of mixed lengths at small and large budgets.
-    let mut measured = crate::engine::RunReport::default();
-    for (budget, seed) in [(256, 11), (1024, 12)] {
-        let calib = Workload {
-            num_requests: n,
-            rate: 4.0,
-            burstiness: 1.0,
-            prompt: Lengths::Uniform(16, 400),
-            output: Lengths::Uniform(16, 96),
-            seed,
-        }
-        .items();
-        measured.steps.extend(run_cpu(lm, &cfg(budget), &calib, threads)?.steps);
-    }
-    let fitted = crate::study::sim::fit(&measured.steps).map_err(anyhow::Error::msg)?;
-    findings.push(format!(
-        "log-fitted on {} measured steps: step time = {:.2e} + {:.2e}*max(0, tokens - {}) + {:.2e}*sampled + {:.2e}*attention pairs (s)",
-        measured.steps.len(),
-        fitted.coef[0],
-        fitted.coef[1],
-        fitted.knee,
-        fitted.coef[2],
-        fitted.coef[3]
-    ));
-    // Held out: other arrival rates, lengths and budgets, none of them seen by either model.
-    let held = [
-        (
-            "A: Poisson 2 req/s, budget 256",
-            256,
-            Workload {
-                num_requests: n,
-                rate: 2.0,
-                burstiness: 1.0,
-                prompt: Lengths::LogNormal { median: 120.0, sigma: 0.6 },
-                output: Lengths::Uniform(16, 48),
-                seed: 21,
-            },
-        ),
-        (
-            "B: bursty 6 req/s, budget 1024",
-            1024,
-            Workload {
-                num_requests: n,
-                rate: 6.0,
-                burstiness: 0.5,
-                prompt: Lengths::Uniform(200, 600),
-                output: Lengths::Uniform(8, 40),
-                seed: 22,
-            },
-        ),
-        (
-            "C: decode-heavy 3 req/s, budget 512",
-            512,
-            Workload {
-                num_requests: n,
-                rate: 3.0,
-                burstiness: 1.0,
-                prompt: Lengths::LogNormal { median: 48.0, sigma: 0.5 },
-                output: Lengths::Uniform(48, 128),
-                seed: 23,
-            },
-        ),
-    ];
-    let mut rows = Vec::new();
-    let mut logs = Vec::new();
-    let mut profiles = Vec::new();
-    for (key, (label, budget, w)) in ["a", "b", "c"].into_iter().zip(held) {
-        let items = w.items();
-        // This shared machine's speed wanders by 10-20% over minutes (its neighbours' load):
-        // the profile's rounds are spread over the real runs (one before, one after each), so
-        // its medians see the machine as the runs did. Only designed batches are timed; the
-        // workload stays unseen.
-        let mut profiler = crate::study::profile::Profiler::new(&spec)?;
-        let mut timer = crate::study::profile::CpuTimer::new(lm, &spec);
-        profiler.round(&mut |b| timer.time(b), &mut |_, _| {})?;
-        // The real runs are noisy too: medians of `repeats` runs.
-        let mut reals = Vec::new();
-        for _ in 0..repeats {
-            let r = run_cpu(lm, &cfg(budget), &items, threads)?;
-            profiler.round(&mut |b| timer.time(b), &mut |_, _| {})?;
-            let m = real_metrics(&r);
-            reals.push((mean_step_s(&r.steps), m, r.steps));
-        }
-        reals.sort_by(|a, b| a.1.ttft.mean.total_cmp(&b.1.ttft.mean));
-        let (_, real_m, real_steps) = &reals[reals.len() / 2];
-        let rs = crate::study::bench::median(&reals.iter().map(|r| r.0).collect::<Vec<_>>());
-        logs.push((format!("{key}-real"), real_steps.clone()));
-        let (profiled, report) = profiler.finish(timer.name.clone())?;
-        findings.push(format!(
-            "{label}: {}; the last round against the first (machine drift): median {:+.1}%",
-            crate::study::profile::describe(&profiled, &report),
-            profiler.drift() * 100.0
-        ));
-        profiles.push((key.to_string(), profiled.clone()));
-        let mut r = row(format!("{label} (real)"), budget as f64, real_m.clone());
-        r.extra.insert("mean_step_s".into(), rs.into());
-        r.extra.insert("step_time_error".into(), 0.0.into());
-        r.extra.insert("ttft_error".into(), 0.0.into());
-        rows.push(r);
-        let models = [("profiled", MeasuredCost::Profiled(profiled)), ("log-fitted", MeasuredCost::Fitted(fitted))];
-        for (kind, cost) in models {
-            // The cost model alone, on the real run's own steps (no simulated queueing).
-            let errs: Vec<f64> =
-                real_steps.iter().map(|s| ((cost.record_time(s) - s.duration) / s.duration).abs()).collect();
-            let step_mape = crate::study::bench::median(&errs);
-            let (sim_m, sim) = simulate(&cfg(budget), cost, &items, true, SLO)?;
-            let ss = mean_step_s(&sim.steps);
-            logs.push((format!("{key}-sim-{kind}"), sim.steps));
-            let step_err = (ss - rs) / rs;
-            let ttft_err = (sim_m.ttft.mean - real_m.ttft.mean) / real_m.ttft.mean;
-            findings.push(format!(
-                "{label}, {kind}: mean step time real {:.1} ms vs simulated {:.1} ms ({:+.1}%); mean TTFT real {:.0} ms vs simulated {:.0} ms ({:+.1}%); median per-step error on the real steps {:.1}%",
-                rs * 1e3,
-                ss * 1e3,
-                step_err * 100.0,
-                real_m.ttft.mean * 1e3,
-                sim_m.ttft.mean * 1e3,
-                ttft_err * 100.0,
-                step_mape * 100.0
-            ));
-            let mut r = row(format!("{label} (simulated, {kind})"), budget as f64, sim_m);
-            r.extra.insert("mean_step_s".into(), ss.into());
-            r.extra.insert("step_time_error".into(), step_err.into());
-            r.extra.insert("ttft_error".into(), ttft_err.into());
-            rows.push(r);
-        }
-    }
-    let table = Table {
-        name: "sim-vs-real".into(),
-        description: format!(
-            "The simulator predicting held-out workloads on the real CPU backend (SmolLM2-135M, {threads} threads), with a step-time model profiled from designed batches and, for comparison, one fitted to the step logs of two calibration runs; real figures are medians of {repeats} runs."
-        ),
-        rows,
-        findings,
-    };
-    Ok(SimVsReal { table, logs, profiles })
-}
-
-/// What [`sim_vs_real`] produces: the table, the step logs of the (median) real runs and of
+/// What [`crate::study::sim_vs_real::sim_vs_real`] produces: the table, the step logs of the (median) real runs and of
 /// the simulations, named `<workload>-real` / `<workload>-sim-<model>`, and the profile
 /// used for each workload.
 #[derive(Debug)]
@@ -690,6 +521,8 @@ pub struct SimVsReal {
     pub table: Table,
     pub logs: Vec<(String, Vec<crate::engine::steplog::StepRecord>)>,
     pub profiles: Vec<(String, crate::study::profile::Profiled)>,
+    /// A compact markdown table of the errors (empty if the experiment has none).
+    pub summary: String,
 }
 
 impl SimVsReal {
@@ -697,6 +530,9 @@ impl SimVsReal {
     /// per log.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         write(&self.table, dir)?;
+        if !self.summary.is_empty() {
+            std::fs::write(dir.join("summary.md"), &self.summary)?;
+        }
         for (key, p) in &self.profiles {
             std::fs::write(dir.join(format!("profile-{key}.json")), serde_json::to_string_pretty(p)?)?;
         }
@@ -838,14 +674,14 @@ pub fn sim_vs_real_gpu(
         let items = w.items();
         let r = run_real(lm, &cfg(budget), &items, &mut *backend)?;
         let real_m = real_metrics(&r);
-        let rs = mean_step_s(&r.steps);
+        let rs = crate::study::sim_vs_real::mean_step_s(&r.steps);
         logs.push((format!("{key}-real"), r.steps));
         let mut row_real = row(format!("{label} (real)"), budget as f64, real_m.clone());
         row_real.extra.insert("mean_step_s".into(), rs.into());
         rows.push(row_real);
         let mut one = |kind: &str, sim: anyhow::Result<(Metrics, crate::engine::RunReport)>| -> anyhow::Result<()> {
             let (sim_m, sim) = sim?;
-            let ss = mean_step_s(&sim.steps);
+            let ss = crate::study::sim_vs_real::mean_step_s(&sim.steps);
             let err = |a: f64, b: f64| if b > 0.0 { (a - b) / b } else { 0.0 };
             let (step_err, ttft_err, itl_err) =
                 (err(ss, rs), err(sim_m.ttft.mean, real_m.ttft.mean), err(sim_m.itl.p99, real_m.itl.p99));
@@ -885,7 +721,7 @@ pub fn sim_vs_real_gpu(
         rows,
         findings,
     };
-    Ok(SimVsReal { table, logs, profiles: vec![("gpu".into(), profiled)] })
+    Ok(SimVsReal { table, logs, profiles: vec![("gpu".into(), profiled)], summary: String::new() })
 }
 
 #[cfg(test)]

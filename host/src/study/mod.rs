@@ -10,3 +10,4 @@ pub mod logits;
 pub mod plot;
 pub mod profile;
 pub mod sim;
+pub mod sim_vs_real;

@@ -106,9 +106,15 @@ pub struct Profiled {
     pub prefill_keys: Vec<f64>,
     pub prefill_row_s: Vec<f64>,
     /// Seconds per query-key pair of a decode row (one query row per sequence, so every
-    /// row reads its own keys and values).
+    /// row reads its own keys and values), with every thread busy.
     #[serde(default)]
     pub decode_pair_s: f64,
+    /// The same for one decode row alone on one thread, the others idle (measured apart: a
+    /// lone thread has the memory bandwidth to itself, and on a 2-core AVX2 machine ran a
+    /// third faster per pair). 0 in profiles made before it was measured: then
+    /// `decode_pair_s`.
+    #[serde(default)]
+    pub decode_pair_alone_s: f64,
     /// Threads the attention was spread over. The CPU backend gives each token row to one
     /// thread, so a step of fewer rows than threads runs its attention on fewer cores.
     #[serde(default = "one")]
@@ -154,10 +160,27 @@ pub fn integral(xs: &[f64], ys: &[f64], a: f64, b: f64) -> f64 {
 }
 
 impl Profiled {
-    /// Attention time of one sequence with `q` query rows over `c` cached tokens.
+    /// Attention time of one sequence with `q` query rows over `c` cached tokens, all
+    /// threads busy.
     pub fn attention(&self, q: f64, c: f64) -> f64 {
+        self.attention_busy(q, c, self.threads as f64)
+    }
+
+    /// Seconds per decode pair with `busy` threads at work: from one row alone to all
+    /// threads busy, linearly in between.
+    pub fn decode_slope(&self, busy: f64) -> f64 {
+        let alone = if self.decode_pair_alone_s > 0.0 { self.decode_pair_alone_s } else { self.decode_pair_s };
+        let t = self.threads as f64;
+        if t <= 1.0 {
+            return self.decode_pair_s;
+        }
+        let f = ((busy - 1.0) / (t - 1.0)).clamp(0.0, 1.0);
+        alone + (self.decode_pair_s - alone) * f
+    }
+
+    fn attention_busy(&self, q: f64, c: f64, busy: f64) -> f64 {
         if q <= 1.0 {
-            return self.decode_pair_s * attention_pairs(q, c);
+            return self.decode_slope(busy) * attention_pairs(q, c);
         }
         // Row r (1..=q) sees c + r keys: the sum of the row curve over them, as the integral
         // of the piecewise-linear curve over [c + 1/2, c + q + 1/2] (exact on each piece).
@@ -167,8 +190,9 @@ impl Profiled {
 
 impl CostModel for Profiled {
     fn time(&self, tokens: f64, sampled: f64, seqs: impl Iterator<Item = (f64, f64)>) -> f64 {
-        let spread = (self.threads as f64).min(tokens.max(1.0)) / self.threads as f64;
-        let attn: f64 = seqs.map(|(q, c)| self.attention(q, c)).sum();
+        let busy = (self.threads as f64).min(tokens.max(1.0));
+        let spread = busy / self.threads as f64;
+        let attn: f64 = seqs.map(|(q, c)| self.attention_busy(q, c, busy)).sum();
         let t = interpolate(&self.tokens, &self.base_s, tokens)
             + interpolate(&self.sampled, &self.sampled_extra_s, sampled.max(1.0))
             + attn / spread;
@@ -216,8 +240,8 @@ pub fn describe(m: &Profiled, r: &ProfileReport) -> String {
     format!(
         "profiled {} ({} points): step base {:.1} ms at 1 token, {:.1} ms at 32, {:.1} ms at {last}; \
          sampling {} rows adds {:.1} ms; decode attention {:.2} us per query-key pair \
-         (apart: {:.2} one row, {:.2} a batch); prefill attention per key and row {} us along spans {} keys; \
-         model error on the points: median {:.1}%, max {:.1}% ({})",
+         with every thread busy, {:.2} for one row alone; prefill attention per key and row {} us along spans {} keys; \
+         model error on the points: median {:.1}%, max {:.1}% ({}){}",
         m.backend,
         r.points.len(),
         at(1.0),
@@ -226,13 +250,21 @@ pub fn describe(m: &Profiled, r: &ProfileReport) -> String {
         m.sampled.last().unwrap_or(&1.0),
         m.sampled_extra_s.last().unwrap_or(&0.0) * 1e3,
         m.decode_pair_s * 1e6,
-        r.decode_pair_s_by_shape[0] * 1e6,
-        r.decode_pair_s_by_shape[1] * 1e6,
+        m.decode_slope(1.0) * 1e6,
         r.prefill_key_s.iter().map(|x| format!("{:.2}", x * 1e6)).collect::<Vec<_>>().join("/"),
         m.prefill_keys.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join("/"),
         r.median_abs_error * 100.0,
         r.max_abs_error * 100.0,
-        worst
+        worst,
+        if r.round_speeds.len() > 1 {
+            format!(
+                "; rounds against the typical one: {} (kept: {:?})",
+                r.round_speeds.iter().map(|s| format!("{:+.1}%", s * 100.0)).collect::<Vec<_>>().join(" "),
+                r.kept_rounds
+            )
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -408,23 +440,106 @@ impl Profiler {
         Ok(())
     }
 
+    /// Rounds timed so far.
+    pub fn num_rounds(&self) -> usize {
+        self.samples[0].len()
+    }
+
     /// How the last round compares with the first: the median over points of the ratio, less
     /// one (0 when only one round ran). The machine's drift while the rounds ran.
     pub fn drift(&self) -> f64 {
-        let r: Vec<f64> = self.samples.iter().filter(|s| s.len() > 1).map(|s| s[s.len() - 1] / s[0] - 1.0).collect();
-        if r.is_empty() {
-            0.0
-        } else {
-            crate::study::bench::median(&r)
+        self.drift_between(0, self.num_rounds().saturating_sub(1))
+    }
+
+    /// How round `b` compares with round `a`: the median over points of the ratio, less one.
+    pub fn drift_between(&self, a: usize, b: usize) -> f64 {
+        if a == b || a.max(b) >= self.num_rounds() {
+            return 0.0;
         }
+        crate::study::bench::median(&self.samples.iter().map(|s| s[b] / s[a] - 1.0).collect::<Vec<_>>())
+    }
+
+    /// Each round's speed against the typical round: the median over points of its time over
+    /// the point's median across rounds, less one (+0.10: that round ran 10% slower).
+    pub fn round_speeds(&self) -> Vec<f64> {
+        let med: Vec<f64> = self.samples.iter().map(|s| crate::study::bench::median(s)).collect();
+        (0..self.num_rounds())
+            .map(|r| {
+                crate::study::bench::median(
+                    &self.samples.iter().zip(&med).map(|(s, m)| s[r] / m - 1.0).collect::<Vec<_>>(),
+                )
+            })
+            .collect()
+    }
+
+    /// How far the rounds spread: the largest [`Self::round_speeds`] less the smallest.
+    pub fn spread(&self) -> f64 {
+        self.spread_of(&(0..self.num_rounds()).collect::<Vec<_>>())
+    }
+
+    /// [`Self::spread`] over some rounds only.
+    pub fn spread_of(&self, rounds: &[usize]) -> f64 {
+        let s = self.round_speeds();
+        let picked = rounds.iter().map(|&r| s[r]);
+        picked.clone().fold(f64::MIN, f64::max) - picked.fold(f64::MAX, f64::min)
+    }
+
+    /// The `k` rounds whose speeds lie closest together (all rounds if fewer), in order.
+    pub fn steadiest(&self, k: usize) -> Vec<usize> {
+        let s = self.round_speeds();
+        let mut by_speed: Vec<usize> = (0..s.len()).collect();
+        by_speed.sort_by(|&a, &b| s[a].total_cmp(&s[b]));
+        let k = k.min(s.len());
+        let best = (0..=s.len() - k).min_by(|&i, &j| {
+            let w = |i: usize| s[by_speed[i + k - 1]] - s[by_speed[i]];
+            w(i).total_cmp(&w(j))
+        });
+        let mut kept = by_speed[best.unwrap_or(0)..best.unwrap_or(0) + k].to_vec();
+        kept.sort();
+        kept
     }
 
     /// The model from the medians of the rounds so far.
     pub fn finish(&self, backend: String) -> anyhow::Result<(Profiled, ProfileReport)> {
-        anyhow::ensure!(!self.samples[0].is_empty(), "profile needs at least one round");
-        fit_profile(&self.spec, &self.designs, &self.samples, backend)
+        self.finish_rounds(&(0..self.num_rounds()).collect::<Vec<_>>(), backend)
+    }
+
+    /// The model from the medians of the given rounds.
+    pub fn finish_rounds(&self, rounds: &[usize], backend: String) -> anyhow::Result<(Profiled, ProfileReport)> {
+        anyhow::ensure!(!rounds.is_empty(), "profile needs at least one round");
+        anyhow::ensure!(
+            rounds.iter().all(|&r| r < self.num_rounds()),
+            "profile: rounds {rounds:?} asked for, {} timed",
+            self.num_rounds()
+        );
+        let samples: Vec<Vec<f64>> = self.samples.iter().map(|s| rounds.iter().map(|&r| s[r]).collect()).collect();
+        fit_profile(&self.spec, &self.designs, &samples, backend)
     }
 }
+
+/// A noisy machine: rounds that disagree by more than a limit, even after repeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TooNoisy {
+    pub spread: f64,
+    pub limit: f64,
+    pub speeds: Vec<f64>,
+}
+
+impl std::fmt::Display for TooNoisy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the machine is too noisy to profile: its rounds ran {:.0}% apart (limit {:.0}%; each round against the \
+             typical one: {}). Something else is using this machine's cores or memory bandwidth; profile when it is \
+             quiet, or raise --max-spread",
+            self.spread * 100.0,
+            self.limit * 100.0,
+            self.speeds.iter().map(|s| format!("{:+.0}%", s * 100.0)).collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+impl std::error::Error for TooNoisy {}
 
 /// Profiles a backend through `time`, which runs one batch and returns its seconds:
 /// `spec.repeats` rounds back to back.
@@ -434,13 +549,43 @@ pub fn profile(
     time: &mut dyn FnMut(&ScheduledBatch) -> anyhow::Result<f64>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<(Profiled, ProfileReport)> {
+    profile_steady(spec, f64::INFINITY, backend, time, progress)
+}
+
+/// [`profile`] on a machine whose speed may wander: while the rounds spread by more than
+/// `max_spread` (see [`Profiler::spread`]), up to `spec.repeats` more rounds are timed and the
+/// most agreeing `spec.repeats` of them kept; if they still spread too far, [`TooNoisy`].
+pub fn profile_steady(
+    spec: &ProfileSpec,
+    max_spread: f64,
+    backend: String,
+    time: &mut dyn FnMut(&ScheduledBatch) -> anyhow::Result<f64>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<(Profiled, ProfileReport)> {
     anyhow::ensure!(spec.repeats >= 1, "profile needs at least one repeat");
     let mut p = Profiler::new(spec)?;
     let n = p.num_points();
-    for r in 0..spec.repeats {
-        p.round(time, &mut |i, _| progress(r * n + i, spec.repeats * n))?;
+    let most = 2 * spec.repeats;
+    loop {
+        let r = p.num_rounds();
+        let total = if r < spec.repeats { spec.repeats } else { r + 1 };
+        p.round(time, &mut |i, _| progress(r * n + i, total * n))?;
+        if p.num_rounds() < spec.repeats {
+            continue;
+        }
+        let kept = p.steadiest(spec.repeats);
+        let spread = p.spread_of(&kept);
+        if spread <= max_spread {
+            let (m, mut report) = p.finish_rounds(&kept, backend)?;
+            report.round_speeds = p.round_speeds();
+            report.kept_rounds = kept;
+            return Ok((m, report));
+        }
+        if p.num_rounds() >= most {
+            let speeds = p.round_speeds();
+            return Err(TooNoisy { spread, limit: max_spread, speeds }.into());
+        }
     }
-    p.finish(backend)
 }
 
 /// The model from the timings (`samples[i]`: design `i`'s, one per round) of
@@ -494,7 +639,13 @@ fn fit_profile(
         }
     }
     let slope = |(xy, xx): (f64, f64)| if xx > 0.0 { xy / xx } else { 0.0 };
-    let decode_pair_s = slope((fam[0].0 + fam[1].0, fam[0].1 + fam[1].1)).max(0.0);
+    // With one thread the two families measure the same thing: one slope through both.
+    let (decode_pair_s, decode_pair_alone_s) = if spec.threads <= 1 {
+        let s = slope((fam[0].0 + fam[1].0, fam[0].1 + fam[1].1)).max(0.0);
+        (s, s)
+    } else {
+        (slope(fam[1]).max(0.0), slope(fam[0]).max(0.0))
+    };
     // Prefill: a chunk of q rows over context c costs sum_r g(c + r), g the cost of one row
     // over its keys; with g near linear over a chunk's span, about q * g(c + q/2). The chunk
     // alone (context 0) gives g's short-span slope; each context then one point of g.
@@ -520,21 +671,25 @@ fn fit_profile(
     let prefill_slopes: Vec<f64> =
         prefill_keys.windows(2).zip(prefill_row_s.windows(2)).map(|(k, g)| (g[1] - g[0]) / (k[1] - k[0])).collect();
     // Base points less their own pairs (one-token rows: decode-like).
-    let base_s: Vec<f64> =
-        base_raw.iter().zip(&tokens).map(|(&t, &n)| t - decode_pair_s * n / (threads.min(n) / threads)).collect();
-    // No smoothing here: these are direct medians, and the cost is really not monotone
-    // (the GEMMs take other paths at one row, and at two than at four).
-    let model = Profiled {
+    let mut model = Profiled {
         backend,
         tokens,
-        base_s,
+        base_s: Vec::new(),
         sampled,
         sampled_extra_s: sampled_extra,
         prefill_keys,
         prefill_row_s,
         decode_pair_s,
+        decode_pair_alone_s,
         threads: spec.threads.max(1),
     };
+    model.base_s = base_raw
+        .iter()
+        .zip(&model.tokens)
+        .map(|(&t, &n)| t - model.decode_slope(threads.min(n)) * n / (threads.min(n) / threads))
+        .collect();
+    // No smoothing of the base: these are direct medians, and the cost is really not
+    // monotone (the GEMMs take other paths at one row, and at two than at four).
     // How well the fitted model reproduces every measured point.
     let mut points = Vec::new();
     for (d, &t) in designs.iter().zip(&t) {
@@ -555,6 +710,8 @@ fn fit_profile(
         max_abs_error: points.iter().fold(0.0, |m: f64, p| m.max(p.error().abs())),
         median_abs_error: crate::study::bench::median(&points.iter().map(|p| p.error().abs()).collect::<Vec<_>>()),
         points,
+        round_speeds: Vec::new(),
+        kept_rounds: Vec::new(),
     };
     Ok((model, report))
 }
@@ -571,6 +728,10 @@ pub struct ProfileReport {
     pub prefill_key_s: Vec<f64>,
     pub max_abs_error: f64,
     pub median_abs_error: f64,
+    /// Each round's speed against the typical round ([`Profiler::round_speeds`]), and the
+    /// rounds the model was made from (all, unless some were dropped as outliers).
+    pub round_speeds: Vec<f64>,
+    pub kept_rounds: Vec<usize>,
 }
 
 /// One measured point: its shape, the median time, and the model's prediction.
@@ -625,15 +786,17 @@ impl ProfilePoint {
     }
 }
 
-/// Profiles the CPU backend with the real model, `spec.repeats` rounds back to back.
+/// Profiles the CPU backend with the real model, `spec.repeats` rounds back to back, more
+/// while they spread by more than `max_spread` (see [`profile_steady`]).
 pub fn profile_cpu(
     lm: &crate::generate::LoadedModel,
     spec: &ProfileSpec,
+    max_spread: f64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<(Profiled, ProfileReport)> {
     let mut timer = CpuTimer::new(lm, spec);
     let name = timer.name.clone();
-    profile(spec, name, &mut |b| timer.time(b), progress)
+    profile_steady(spec, max_spread, name, &mut |b| timer.time(b), progress)
 }
 
 /// Profiles the CUDA backend `backend` (built for at least `spec`'s batch, sequences and
@@ -711,6 +874,49 @@ mod tests {
         // The medians are the middle round's.
         let (m, _) = p.finish("test".into()).unwrap();
         assert!((m.base_s[0] - 1.1 * (0.01 + 1e-4)).abs() < 1e-12, "{:?}", m.base_s);
+    }
+
+    /// A machine that runs one round in three 30% slow: the profile times more rounds, keeps
+    /// the steady ones and says which it kept; one whose speed keeps changing is refused.
+    #[test]
+    fn noisy_rounds_are_repeated_then_refused() {
+        let spec =
+            ProfileSpec { max_tokens: 64, max_seqs: 8, max_context: 128, block_size: 16, repeats: 3, threads: 1 };
+        let cost = |b: &ScheduledBatch| 0.01 + 1e-4 * b.num_tokens() as f64;
+        let mut calls = 0usize;
+        let n = Profiler::new(&spec).unwrap().num_points();
+        // Round 1 (the second) is slow; the warm-up pass runs first, untimed.
+        let (m, report) = profile_steady(
+            &spec,
+            0.1,
+            "test".into(),
+            &mut |b| {
+                calls += 1;
+                let round = (calls - 1) / n;
+                Ok(cost(b) * if round == 2 { 1.3 } else { 1.0 })
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(report.kept_rounds, vec![0, 2, 3], "{:?}", report.round_speeds);
+        assert_eq!(report.round_speeds.len(), 4);
+        assert!((m.base_s[0] - cost(&synthetic_batch(&base_design(1), 16, 0))).abs() < 1e-12, "{:?}", m.base_s);
+        // Every round 15% slower than the one before: never three rounds within 10%.
+        let mut calls = 0usize;
+        let e = profile_steady(
+            &spec,
+            0.1,
+            "test".into(),
+            &mut |b| {
+                calls += 1;
+                Ok(cost(b) * 1.15f64.powi(((calls - 1) / n) as i32))
+            },
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        let noisy = e.downcast_ref::<TooNoisy>().expect("a TooNoisy error");
+        assert_eq!(noisy.speeds.len(), 6, "{noisy}");
+        assert!(noisy.to_string().contains("too noisy"), "{noisy}");
     }
 
     #[test]
@@ -798,6 +1004,31 @@ mod tests {
         let b = synthetic_batch(&mixed, 16, 0);
         let (p, t) = (m.step_time(&b), truth(&b));
         assert!(((p - t) / t).abs() < 1e-6, "predicted {p}, true {t}");
+    }
+
+    /// A lone decode row has the memory to itself: its pairs cost less than a batch's. The
+    /// profile measures both, and a one-row step is predicted with the lone cost.
+    #[test]
+    fn a_lone_decode_row_is_priced_apart_from_a_batch() {
+        let truth = |b: &ScheduledBatch| {
+            let n = b.num_tokens() as f64;
+            let decode: f64 =
+                b.seqs.iter().filter(|s| s.num_query_tokens == 1).map(|s| s.context_len as f64 + 1.0).sum();
+            // One row runs on one of the two threads (twice the wall time per pair), at 3 us
+            // a pair; with both threads busy a pair costs 5 us of one thread.
+            let attention = if n <= 1.0 { 3e-6 * decode * 2.0 } else { 5e-6 * decode };
+            0.01 + 1e-4 * n + attention
+        };
+        let spec =
+            ProfileSpec { max_tokens: 256, max_seqs: 32, max_context: 1024, block_size: 16, repeats: 1, threads: 2 };
+        let (m, _) = profile(&spec, "test".into(), &mut |b| Ok(truth(b)), &mut |_, _| {}).unwrap();
+        assert!((m.decode_pair_s - 5e-6).abs() < 1e-9, "{}", m.decode_pair_s);
+        assert!((m.decode_slope(1.0) - 3e-6).abs() < 1e-9, "{}", m.decode_slope(1.0));
+        for ctx in [100, 700] {
+            let b = synthetic_batch(&[SynthSeq { query: 1, context: ctx, samples: true }], 16, 0);
+            let (p, t) = (m.step_time(&b), truth(&b));
+            assert!(((p - t) / t).abs() < 1e-6, "context {ctx}: predicted {p}, true {t}");
+        }
     }
 
     /// Noise must not wreck the slope: each point's first timed run is a 3x outlier, and the
