@@ -252,12 +252,14 @@ fn profile_batches_are_real_work_and_the_model_is_sane() {
     assert!(max_diff < 1e-3, "decode row's logits differ inside the mixed batch by {max_diff}");
 
     let spec = ProfileSpec { max_tokens: 16, max_seqs: 4, max_context: 64, block_size: 16, repeats: 1, threads: 2 };
-    let (m, report) = profile_cpu(lm, &spec, &mut |_, _| {}).unwrap();
+    // No spread limit: a test machine's speed is whatever it is.
+    let (m, report) = profile_cpu(lm, &spec, f64::INFINITY, &mut |_, _| {}).unwrap();
     assert_eq!(m.tokens, [1.0, 2.0, 4.0, 8.0, 12.0, 16.0]);
     assert_eq!(m.base_s.len(), m.tokens.len());
     assert!(m.base_s.iter().all(|&x| x > 0.0 && x.is_finite()), "{:?}", m.base_s);
     assert!(m.sampled_extra_s.windows(2).all(|w| 0.0 <= w[0] && w[0] <= w[1]), "{:?}", m.sampled_extra_s);
     assert!(m.decode_pair_s.is_finite() && m.decode_pair_s >= 0.0);
+    assert!(m.decode_pair_alone_s.is_finite() && m.decode_pair_alone_s >= 0.0);
     assert!(m.prefill_row_s.windows(2).all(|w| w[0] <= w[1]), "prefill curve not monotone: {:?}", m.prefill_row_s);
     assert_eq!(report.points.len(), spec.designs().len());
     assert!(report.points.iter().all(|p| p.measured_s > 0.0 && p.predicted_s > 0.0));

@@ -327,9 +327,9 @@ struct SummaryRow {
 }
 
 fn summary_markdown(rows: &[SummaryRow], repeats: usize) -> String {
-    let mut s = format!(
+    let mut s = String::from(
         "| held-out workload | req/s | mean step: real (spread) / simulated | error | mean TTFT: real (spread) / simulated | error | p99 ITL: real (spread) / simulated | error |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n"
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let cell = |(m, sp): (f64, f64), sim: f64| format!("{:.1} (±{:.0}%) / {:.1} ms", m * 1e3, sp * 50.0, sim * 1e3);
@@ -357,7 +357,8 @@ fn summary_markdown(rows: &[SummaryRow], repeats: usize) -> String {
 /// decode-only steps by rows, and steps with prefill; the engine's own time per step
 /// (scheduling and the update, outside the backend) and the gap between steps.
 fn per_term(m: &Profiled, runs: &[RealRun]) -> String {
-    let buckets: [(&str, fn(&StepRecord) -> bool); 6] = [
+    type Pick = fn(&StepRecord) -> bool;
+    let buckets: [(&str, Pick); 6] = [
         ("decode 1 row", |s| s.prefill_tokens == 0 && s.decode_tokens == 1),
         ("decode 2-7", |s| s.prefill_tokens == 0 && (2..8).contains(&s.decode_tokens)),
         ("decode 8-15", |s| s.prefill_tokens == 0 && (8..16).contains(&s.decode_tokens)),
