@@ -30,8 +30,10 @@ cd "$(dirname "$0")/../.."
 cargo build --release -p weave -q
 W=target/release/weave
 mkdir -p "$OUT"
-lo() { python3 -c "print(max(1, round($1 * (1 - $RANGE))))"; }
-hi() { python3 -c "print(max(1, round($1 * (1 + $RANGE))))"; }
+# The bounds `weave bench serve` draws from (Rust rounds halves away from zero; Python's
+# round() would round them to even and part from it).
+lo() { python3 -c "import math; print(max(1, math.floor($1 * (1 - $RANGE) + 0.5)))"; }
+hi() { python3 -c "import math; print(max(1, math.floor($1 * (1 + $RANGE) + 0.5)))"; }
 PROMPT="uniform:$(lo "$INPUT_LEN"):$(hi "$INPUT_LEN")"
 OUTPUT="uniform:$(lo "$OUTPUT_LEN"):$(hi "$OUTPUT_LEN")"
 SIM=(--max-num-batched-tokens "$BUDGET" --max-num-seqs "$MAX_SEQS" --max-model-len 2048 --kv-cache-tokens 32768)

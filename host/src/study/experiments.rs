@@ -162,6 +162,11 @@ pub(crate) fn real_metrics(r: &crate::engine::RunReport) -> Metrics {
     crate::study::sim::metrics(&r.outcomes, r.rejected.len(), &r.itl, r.num_steps, SLO.0, SLO.1)
 }
 
+/// Mean step time of a run, seconds.
+pub(crate) fn mean_step_s(steps: &[crate::engine::steplog::StepRecord]) -> f64 {
+    steps.iter().map(|s| s.duration).sum::<f64>() / steps.len().max(1) as f64
+}
+
 fn base_cfg(kv_tokens: usize, max_model_len: usize) -> SchedulerConfig {
     SchedulerConfig {
         max_num_batched_tokens: 8192,
@@ -674,14 +679,14 @@ pub fn sim_vs_real_gpu(
         let items = w.items();
         let r = run_real(lm, &cfg(budget), &items, &mut *backend)?;
         let real_m = real_metrics(&r);
-        let rs = crate::study::sim_vs_real::mean_step_s(&r.steps);
+        let rs = mean_step_s(&r.steps);
         logs.push((format!("{key}-real"), r.steps));
         let mut row_real = row(format!("{label} (real)"), budget as f64, real_m.clone());
         row_real.extra.insert("mean_step_s".into(), rs.into());
         rows.push(row_real);
         let mut one = |kind: &str, sim: anyhow::Result<(Metrics, crate::engine::RunReport)>| -> anyhow::Result<()> {
             let (sim_m, sim) = sim?;
-            let ss = crate::study::sim_vs_real::mean_step_s(&sim.steps);
+            let ss = mean_step_s(&sim.steps);
             let err = |a: f64, b: f64| if b > 0.0 { (a - b) / b } else { 0.0 };
             let (step_err, ttft_err, itl_err) =
                 (err(ss, rs), err(sim_m.ttft.mean, real_m.ttft.mean), err(sim_m.itl.p99, real_m.itl.p99));

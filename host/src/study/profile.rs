@@ -445,13 +445,8 @@ impl Profiler {
         self.samples[0].len()
     }
 
-    /// How the last round compares with the first: the median over points of the ratio, less
-    /// one (0 when only one round ran). The machine's drift while the rounds ran.
-    pub fn drift(&self) -> f64 {
-        self.drift_between(0, self.num_rounds().saturating_sub(1))
-    }
-
-    /// How round `b` compares with round `a`: the median over points of the ratio, less one.
+    /// How round `b` compares with round `a`: the median over points of the ratio, less one
+    /// (0 for the same round). The machine's drift between the two.
     pub fn drift_between(&self, a: usize, b: usize) -> f64 {
         if a == b || a.max(b) >= self.num_rounds() {
             return 0.0;
@@ -870,7 +865,8 @@ mod tests {
             p.round(&mut |b| Ok(speed * (0.01 + 1e-4 * b.num_tokens() as f64)), &mut |_, _| {}).unwrap();
             speed *= 1.1;
         }
-        assert!((p.drift() - 0.21).abs() < 1e-9, "{}", p.drift());
+        let drift = p.drift_between(0, p.num_rounds() - 1);
+        assert!((drift - 0.21).abs() < 1e-9, "{drift}");
         // The medians are the middle round's.
         let (m, _) = p.finish("test".into()).unwrap();
         assert!((m.base_s[0] - 1.1 * (0.01 + 1e-4)).abs() < 1e-12, "{:?}", m.base_s);

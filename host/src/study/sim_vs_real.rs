@@ -14,7 +14,7 @@
 
 use crate::engine::steplog::StepRecord;
 use crate::study::bench::median;
-use crate::study::experiments::{row, run_cpu, SimVsReal, Table, SLO};
+use crate::study::experiments::{mean_step_s, row, run_cpu, SimVsReal, Table, SLO};
 use crate::study::profile::{CpuTimer, ProfileSpec, Profiled, Profiler};
 use crate::study::sim::{attention_pairs, simulate, CostModel, Lengths, Metrics, Workload};
 use weave_scheduler::SchedulerConfig;
@@ -285,11 +285,6 @@ pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: boo
         findings,
     };
     Ok(SimVsReal { table, logs, profiles, summary: summary_markdown(&summary, repeats) })
-}
-
-/// Mean step time of a run, seconds.
-pub fn mean_step_s(steps: &[StepRecord]) -> f64 {
-    steps.iter().map(|s| s.duration).sum::<f64>() / steps.len().max(1) as f64
 }
 
 /// The vector ISA the CPU kernels can use here, for the reader of a table.
