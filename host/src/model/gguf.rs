@@ -28,7 +28,7 @@ pub enum GgufError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name} has shape {shape:?}, expected {expected:?}")]
     Shape { path: PathBuf, name: String, shape: Vec<u64>, expected: Vec<u64> },
-    #[error("{path}: tensor {name} is stored as {ty}, which weave cannot dequantize (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)")]
+    #[error("{path}: tensor {name} is stored as {ty}, which weave cannot dequantize (supported: {supported})", supported = SUPPORTED_TYPES)]
     UnsupportedType { path: PathBuf, name: String, ty: String },
 }
 
@@ -67,7 +67,11 @@ impl Value {
     }
 }
 
-/// ggml tensor storage types weave knows by name.
+/// The storage types weave reads, for error messages.
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+
+/// ggml tensor storage types weave knows by name (ggml's own spelling).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
@@ -75,19 +79,29 @@ pub enum GgmlType {
     Bf16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
     /// A type weave cannot dequantize, by its ggml number.
     Other(u32),
 }
 
 impl GgmlType {
-    fn from_u32(t: u32) -> GgmlType {
+    pub fn from_u32(t: u32) -> GgmlType {
         match t {
             0 => GgmlType::F32,
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::Bf16,
             other => GgmlType::Other(other),
         }
@@ -99,7 +113,12 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::Bf16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
             GgmlType::Other(_) => return None,
         })
     }
@@ -110,18 +129,29 @@ impl GgmlType {
             GgmlType::Bf16 => "BF16".into(),
             GgmlType::Q4_0 => "Q4_0".into(),
             GgmlType::Q4_1 => "Q4_1".into(),
+            GgmlType::Q5_0 => "Q5_0".into(),
+            GgmlType::Q5_1 => "Q5_1".into(),
             GgmlType::Q8_0 => "Q8_0".into(),
+            GgmlType::Q4_K => "Q4_K".into(),
+            GgmlType::Q5_K => "Q5_K".into(),
+            GgmlType::Q6_K => "Q6_K".into(),
             GgmlType::Other(t) => {
                 let known = [
-                    (6, "Q5_0"),
-                    (7, "Q5_1"),
                     (9, "Q8_1"),
                     (10, "Q2_K"),
                     (11, "Q3_K"),
-                    (12, "Q4_K"),
-                    (13, "Q5_K"),
-                    (14, "Q6_K"),
                     (15, "Q8_K"),
+                    (16, "IQ2_XXS"),
+                    (17, "IQ2_XS"),
+                    (18, "IQ3_XXS"),
+                    (19, "IQ1_S"),
+                    (20, "IQ4_NL"),
+                    (21, "IQ3_S"),
+                    (22, "IQ2_S"),
+                    (23, "IQ4_XS"),
+                    (29, "IQ1_M"),
+                    (34, "TQ1_0"),
+                    (35, "TQ2_0"),
                 ];
                 known.iter().find(|k| k.0 == t).map_or(format!("ggml type {t}"), |k| k.1.to_string())
             }
@@ -276,9 +306,12 @@ impl Gguf {
                 .ok_or_else(|| c.corrupt(format!("tensor {name} shape overflows")))?;
             let len = match ty.block() {
                 Some((be, bb)) => {
-                    if !n.is_multiple_of(be as u64) {
+                    // Blocks run along rows: a row that is not whole blocks has no layout.
+                    if !dims[0].is_multiple_of(be as u64) {
                         return Err(c.corrupt(format!(
-                            "tensor {name} has {n} elements, not a multiple of its block size {be}"
+                            "tensor {name} ({}) has rows of {} elements, not a multiple of its block size {be}",
+                            ty.name(),
+                            dims[0]
                         )));
                     }
                     (n / be as u64) as usize * bb
@@ -375,6 +408,12 @@ mod tests {
 
     /// A tiny GGUF file: two metadata keys and one F32 tensor.
     pub(crate) fn tiny() -> Vec<u8> {
+        let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        tiny_with(0, &[2, 3], &data)
+    }
+
+    /// [`tiny`] with its one tensor `w` of ggml type `ty`, shape `dims` and bytes `data`.
+    fn tiny_with(ty: u32, dims: &[u64], data: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend(b"GGUF");
         b.extend(3u32.to_le_bytes());
@@ -394,18 +433,36 @@ mod tests {
         b.extend(7u32.to_le_bytes());
         b.extend(9u32.to_le_bytes());
         s(&mut b, "w");
-        b.extend(2u32.to_le_bytes());
-        b.extend(2u64.to_le_bytes());
-        b.extend(3u64.to_le_bytes());
-        b.extend(0u32.to_le_bytes());
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
         b.extend(0u64.to_le_bytes());
         while b.len() % 32 != 0 {
             b.push(0);
         }
-        for i in 0..6 {
-            b.extend((i as f32).to_le_bytes());
-        }
+        b.extend(data);
         b
+    }
+
+    /// K-quant blocks run along rows: a tensor whose element count is whole super-blocks but
+    /// whose rows are not has no layout, and is refused by name; a type weave does not read
+    /// is named, with what it does read.
+    #[test]
+    fn quant_rows_must_be_whole_blocks_and_types_are_named() {
+        let g = Gguf::parse(Path::new("k.gguf"), tiny_with(12, &[256, 2], &[0; 288])).unwrap();
+        assert_eq!(g.tensor("w").unwrap().ty, GgmlType::Q4_K);
+        assert_eq!(g.tensor_f32("w", None).unwrap(), vec![0.0; 512]);
+        let e = Gguf::parse(Path::new("k.gguf"), tiny_with(12, &[128, 4], &[0; 288])).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "k.gguf: corrupt: tensor w (Q4_K) has rows of 128 elements, not a multiple of its block size 256"
+        );
+        let g = Gguf::parse(Path::new("k.gguf"), tiny_with(23, &[256, 1], &[0; 136])).unwrap();
+        let e = g.tensor_f32("w", None).unwrap_err().to_string();
+        assert!(e.starts_with("k.gguf: tensor w is stored as IQ4_XS, which weave cannot dequantize"), "{e}");
+        assert!(e.contains("Q4_K, Q5_K, Q6_K"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Dequantization of the ggml storage types weave reads, into f32.
+//! Dequantization of the ggml storage types weave reads, into f32: the definition each
+//! packed layout and kernel is tested against (and, in `tests/tests/ggml_blocks.rs`, checked
+//! against llama.cpp's own `gguf` Python package on random blocks).
 
 use super::gguf::GgmlType;
 use weave_kernels_gpu::elem::f16_bits_to_f32;
@@ -55,9 +57,104 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
                 }
             }
         }
+        // Block of 32: scale d (f16), 32 high bits (u32), 16 bytes of low nibbles; 5-bit
+        // q = nibble | high bit << 4, element j's nibble as in Q4_0 and its high bit bit j;
+        // x = (q - 16) * d.
+        GgmlType::Q5_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(data.chunks_exact(22)) {
+                let d = f16_at(b, 0);
+                for (j, q) in five_bit(&b[2..6], &b[6..22]).into_iter().enumerate() {
+                    o[j] = (q as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        // Block of 32: scale d, min m (f16 each), then as Q5_0; x = q * d + m.
+        GgmlType::Q5_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(data.chunks_exact(24)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for (j, q) in five_bit(&b[4..8], &b[8..24]).into_iter().enumerate() {
+                    o[j] = q as f32 * d + m;
+                }
+            }
+        }
+        // Super-block of 256 = 8 sub-blocks of 32: d, dmin (f16), 12 bytes of 6-bit sub-block
+        // scales and mins ([`k_scale_min`]), 128 bytes of nibbles: bytes 32c..32c + 32 hold
+        // sub-block 2c in their low nibbles and 2c + 1 in their high ones; x = d sc q - dmin m.
+        GgmlType::Q4_K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(144)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                    let (sc, m) = k_scale_min(&b[4..16], j);
+                    let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                    for (l, o) in o.iter_mut().enumerate() {
+                        *o = k_nibble(&b[16..144], j, l) as f32 * dl - ml;
+                    }
+                }
+            }
+        }
+        // Q4_K with a fifth bit: d, dmin, 12 bytes of scales and mins, 32 bytes of high bits
+        // (sub-block j's element l: bit j of byte l), 128 bytes of nibbles as Q4_K.
+        GgmlType::Q5_K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(176)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                    let (sc, m) = k_scale_min(&b[4..16], j);
+                    let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                    for (l, o) in o.iter_mut().enumerate() {
+                        let q = k_nibble(&b[48..176], j, l) | ((b[16 + l] >> j) & 1) << 4;
+                        *o = q as f32 * dl - ml;
+                    }
+                }
+            }
+        }
+        // Super-block of 256 = 16 sub-blocks of 16: 128 bytes of low nibbles, 64 of high bit
+        // pairs, 16 signed 8-bit sub-block scales, d (f16). Two halves of 128: in half h,
+        // element e's low nibble is byte 64h + e % 64 (low nibble for e < 64, high for the
+        // rest), its high pair bits 2(e / 32).. of byte 32h + e % 32; x = d sc (q - 32).
+        GgmlType::Q6_K => {
+            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(210)) {
+                let d = f16_at(b, 208);
+                for (e, o) in o.iter_mut().enumerate() {
+                    let (h, i) = (e / 128, e % 128);
+                    let lo = (b[64 * h + i % 64] >> (4 * (i / 64))) & 0x0f;
+                    let hi = (b[128 + 32 * h + i % 32] >> (2 * (i / 32))) & 3;
+                    let q = (lo | hi << 4) as i32 - 32;
+                    let sc = b[192 + e / 16] as i8;
+                    *o = d * sc as f32 * q as f32;
+                }
+            }
+        }
         GgmlType::Other(_) => return Err(ty.name()),
     }
     Ok(())
+}
+
+/// Q5_0/Q5_1's 32 values of 5 bits: element `j` (of 32) takes the low nibble of byte `j` of
+/// `qs` (the high one for `j >= 16`, byte `j - 16`) and bit `j` of `qh` (a little-endian u32).
+pub fn five_bit(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0x0f) | (((h >> j) & 1) as u8) << 4;
+        q[j + 16] = (qs[j] >> 4) | (((h >> (j + 16)) & 1) as u8) << 4;
+    }
+    q
+}
+
+/// Q4_K/Q5_K's sub-block `j` (of 8) scale and min, 6 bits each, from the 12 bytes `s`: for
+/// `j < 4` the low six bits of bytes `j` and `j + 4`; for the others the nibbles of byte
+/// `j + 4` below the top two bits of bytes `j - 4` (scale) and `j` (min).
+pub fn k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0x0f) | (s[j - 4] >> 6) << 4, (s[j + 4] >> 4) | (s[j] >> 6) << 4)
+    }
+}
+
+/// Q4_K/Q5_K's 4-bit value `l` of sub-block `j` from the 128 bytes of nibbles `qs`.
+pub fn k_nibble(qs: &[u8], j: usize, l: usize) -> u8 {
+    (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0f
 }
 
 #[cfg(test)]
@@ -89,6 +186,6 @@ mod tests {
         dequantize(GgmlType::Q8_0, &q8, &mut out).unwrap();
         assert_eq!(out[0], -2.0);
         assert_eq!(out[31], 15.0 * 0.125);
-        assert_eq!(dequantize(GgmlType::Other(14), &[], &mut out), Err("Q6_K".into()));
+        assert_eq!(dequantize(GgmlType::Other(23), &[], &mut out), Err("IQ4_XS".into()));
     }
 }

@@ -1,8 +1,9 @@
 //! The model's weights. Linear layers are row-major `[out][in]` (GGUF's own order); Q/K/V and
 //! gate/up are fused into one matrix each so a layer runs two GEMMs fewer.
 //!
-//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1 and Q8_0 tensors packed (see
-//! `backends::cpu::qmatmul`) and F16/BF16 ones in 16 bits (`backends::cpu::hmatmul`);
+//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1, Q4_K (4-bit) and Q5_0, Q5_1, Q5_K,
+//! Q8_0 (8-bit) tensors packed (see `backends::cpu::qmatmul`) and F16/BF16 ones in 16 bits
+//! (`backends::cpu::hmatmul`);
 //! [`Precision::F32`] dequantizes every tensor to f32 once at load (the exact path, checked
 //! against the f64 reference). Tensors of other types are f32 in both.
 
@@ -108,10 +109,17 @@ impl Linear {
         Ok(Linear { data: LinearData::F32(w), out_dim, in_dim: inp as usize })
     }
 
-    /// The parts packed into one matrix, or `None` when they are not all of one packable kind.
+    /// The parts packed into one matrix (8-bit when any part is: a Q4_K_M file's Q/K/V can be
+    /// Q4_K, Q4_K and Q5_0), or `None` when some part does not pack.
     fn load_packed(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<QMatrix>, ConfigError> {
-        let first = g.tensor(names[0])?;
-        let Some(kind) = QKind::of(first.ty) else { return Ok(None) };
+        let mut kind = QKind::U4;
+        for n in names {
+            match QKind::of(g.tensor(n)?.ty) {
+                None => return Ok(None),
+                Some(QKind::U8) => kind = QKind::U8,
+                Some(QKind::U4) => {}
+            }
+        }
         let mut b = QMatrixBuilder::new(kind, inp as usize);
         for (n, &o) in names.iter().zip(outs) {
             let t = g.tensor(n)?;

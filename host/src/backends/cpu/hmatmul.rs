@@ -103,6 +103,12 @@ impl HIsa {
             HIsa::Avx512 => vec![HIsa::Scalar, HIsa::Avx2, HIsa::Avx512],
         }
     }
+
+    /// The kernel sets this CPU cannot run, for tests to name as skipped.
+    pub fn missing_here() -> Vec<HIsa> {
+        let here = HIsa::all_here();
+        [HIsa::Scalar, HIsa::Avx2, HIsa::Avx512].into_iter().filter(|i| !here.contains(i)).collect()
+    }
 }
 
 /// The definition: rows `r0..r0 + R` against activation rows `i0..i0 + N` of `x`.
@@ -323,6 +329,13 @@ mod tests {
 
     #[test]
     fn products_equal_the_f32_ones() {
+        {
+            use std::io::Write;
+            for isa in HIsa::missing_here() {
+                let _ =
+                    writeln!(std::io::stderr(), "products_equal_the_f32_ones: skipped: {isa:?} (this CPU lacks it)");
+            }
+        }
         let isas = HIsa::all_here();
         for kind in [HKind::F16, HKind::Bf16] {
             // Rows past the four-row tiles, columns with a tail past the eights, activation rows

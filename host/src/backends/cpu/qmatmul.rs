@@ -5,7 +5,12 @@
 //! Every weight type becomes unsigned values `u` with a scale `d` and an offset `m` per block,
 //! `w = d * u + m`:
 //! - `U4`, 4-bit `u` in 0..15: Q4_1 as it is; Q4_0's `d * (q - 8)` is `m = -8 d`, exactly;
-//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`.
+//!   Q4_K's eight sub-blocks of 32 are eight blocks with `d = d sc`, `m = -dmin min`;
+//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`; the 5-bit
+//!   types (Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks) a byte a value.
+//!
+//! Q6_K's sub-blocks are 16 values (two scales a block of 32), which this layout cannot
+//! hold: it is dequantized to f32 at load.
 //!
 //! A block's product with activations `x` (scale `e`) is then `d e Σ u x + m (e Σ x)`, and the
 //! activations keep `e Σ x` per block for the second term. Scales are widened to f32 at load,
@@ -49,8 +54,9 @@ impl QKind {
     pub fn of(ty: crate::model::gguf::GgmlType) -> Option<QKind> {
         use crate::model::gguf::GgmlType;
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => Some(QKind::U4),
-            GgmlType::Q8_0 => Some(QKind::U8),
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(QKind::U4),
+            // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the 8-bit kernels.
+            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q8_0 => Some(QKind::U8),
             _ => None,
         }
     }
@@ -97,6 +103,55 @@ fn f16(b: &[u8], i: usize) -> f32 {
     weave_kernels_gpu::elem::f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
+/// One GGUF block as sub-blocks of 32 unsigned values `u` with `w = d u + m`: appends the
+/// values to `u` and each sub-block's scale and offset to `d` and `m`. The K-quants' scales
+/// (`d sc`, `dmin m` of a 16-bit float and a 6-bit integer) are exact in f32, as are Q4_0's
+/// `-8 d`, Q5_0's `-16 d` and Q8_0's `-128 d`. For the types [`QKind::of`] packs.
+fn unpack_block(ty: crate::model::gguf::GgmlType, b: &[u8], u: &mut Vec<u8>, d: &mut Vec<f32>, m: &mut Vec<f32>) {
+    use crate::model::gguf::GgmlType;
+    use crate::model::quant::{five_bit, k_nibble, k_scale_min};
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let s = f16(b, 0);
+            d.push(s);
+            m.push(if ty == GgmlType::Q4_0 { -8.0 * s } else { f16(b, 2) });
+            let q = &b[b.len() - 16..];
+            u.extend(q.iter().map(|x| x & 0x0f));
+            u.extend(q.iter().map(|x| x >> 4));
+        }
+        GgmlType::Q5_0 => {
+            let s = f16(b, 0);
+            d.push(s);
+            m.push(-16.0 * s);
+            u.extend(five_bit(&b[2..6], &b[6..22]));
+        }
+        GgmlType::Q5_1 => {
+            d.push(f16(b, 0));
+            m.push(f16(b, 2));
+            u.extend(five_bit(&b[4..8], &b[8..24]));
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let (sd, smin) = (f16(b, 0), f16(b, 2));
+            let qs = if ty == GgmlType::Q4_K { &b[16..144] } else { &b[48..176] };
+            for j in 0..8 {
+                let (sc, mn) = k_scale_min(&b[4..16], j);
+                d.push(sd * sc as f32);
+                m.push(-(smin * mn as f32));
+                for l in 0..32 {
+                    let high = if ty == GgmlType::Q5_K { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
+                    u.push(k_nibble(qs, j, l) | high);
+                }
+            }
+        }
+        _ => {
+            let s = f16(b, 0);
+            d.push(s);
+            m.push(-128.0 * s);
+            u.extend(b[2..34].iter().map(|&x| (x as i8 as i16 + 128) as u8));
+        }
+    }
+}
+
 impl QMatrixBuilder {
     pub fn new(kind: QKind, cols: usize) -> QMatrixBuilder {
         QMatrixBuilder {
@@ -105,41 +160,26 @@ impl QMatrixBuilder {
         }
     }
 
-    /// Appends the `rows` rows of a GGUF tensor (`Q4_0`: 18 bytes, `Q4_1`: 20, `Q8_0`: 34 a
-    /// block). `None` when its type is not of this matrix's kind, or its size is wrong.
+    /// Appends the `rows` rows of a GGUF tensor of a type [`QKind::of`] packs. 4-bit types
+    /// also go into an 8-bit matrix, exactly (a fused Q/K/V whose V is Q5_0, say). `None`
+    /// when the type does not fit this matrix's kind, or the data's size is wrong.
     pub fn push_ggml(&mut self, ty: crate::model::gguf::GgmlType, rows: usize, data: &[u8]) -> Option<()> {
-        use crate::model::gguf::GgmlType;
         let cols = self.out.cols;
-        if QKind::of(ty) != Some(self.out.kind) || !cols.is_multiple_of(QK) {
+        let kind = QKind::of(ty)?;
+        let (be, bytes) = ty.block()?;
+        if !(kind == self.out.kind || self.out.kind == QKind::U8) || cols == 0 || !cols.is_multiple_of(be) {
             return None;
         }
-        let bytes = match ty {
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            _ => 34,
-        };
-        let nb = cols / QK;
+        let nb = cols / be;
         if data.len() != rows * nb * bytes {
             return None;
         }
-        self.out.qs.reserve(rows * nb * self.out.kind.group_block_bytes() / GROUP);
+        self.out.qs.reserve(rows * (cols / QK) * self.out.kind.group_block_bytes() / GROUP);
         for row in data.chunks_exact(nb * bytes) {
-            let (mut u, mut d, mut m) = (Vec::with_capacity(cols), Vec::with_capacity(nb), Vec::with_capacity(nb));
+            let (mut u, mut d, mut m) =
+                (Vec::with_capacity(cols), Vec::with_capacity(cols / QK), Vec::with_capacity(cols / QK));
             for b in row.chunks_exact(bytes) {
-                let s = f16(b, 0);
-                d.push(s);
-                match ty {
-                    GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                        m.push(if ty == GgmlType::Q4_0 { -8.0 * s } else { f16(b, 2) });
-                        let q = &b[bytes - 16..];
-                        u.extend(q.iter().map(|x| x & 0x0f));
-                        u.extend(q.iter().map(|x| x >> 4));
-                    }
-                    _ => {
-                        m.push(-128.0 * s);
-                        u.extend(b[2..34].iter().map(|&x| (x as i8 as i16 + 128) as u8));
-                    }
-                }
+                unpack_block(ty, b, &mut u, &mut d, &mut m);
             }
             self.push_row(u, d, m);
         }
@@ -358,6 +398,13 @@ impl Isa {
             Isa::Avx512Vnni => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni],
         }
     }
+
+    /// The kernel sets this CPU cannot run: a test names each as skipped, so an AVX2-only
+    /// machine does not pass the AVX-512 kernels untested without a word.
+    pub fn missing_here() -> Vec<Isa> {
+        let here = Isa::all_here();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| !here.contains(i)).collect()
+    }
 }
 
 /// The definition: group `g` (four rows) against activation rows `i0..i0 + N`,
@@ -565,9 +612,9 @@ mod x86 {
 
     /// A group of `U8` rows against `N` activation rows (AVX2). `maddubs` would overflow i16
     /// on `u` up to 255, so the weights go back to signed (`u - 128`) and through the usual
-    /// sign trick (`|w|` times `x * sign(w)`; pairs fit, 2 * 128 * 127). That computes
-    /// `Σ w x` directly, which is what the offset term `m = -128 d` corrects `Σ u x` to, so
-    /// the offsets are left out here.
+    /// sign trick (`|w|` times `x * sign(w)`; pairs fit, 2 * 128 * 127). That sums
+    /// `(u - 128) x`, so the offset left to add is `m + 128 d`: exactly 0 for Q8_0
+    /// (`m = -128 d`), not for the 5-bit types.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA. Ranges are checked.
@@ -577,16 +624,19 @@ mod x86 {
         // SAFETY: every pointer below stays inside the ranges `check` asserted.
         unsafe {
             let qs = w.qs.as_ptr().add(g * nb * 128);
-            let d = w.d.as_ptr().add(g * nb * GROUP);
+            let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().add(g * nb * GROUP));
             let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
             let mut acc = [_mm256_setzero_ps(); N];
+            let mut off = [_mm_setzero_ps(); N];
             for b in 0..nb {
                 let ws: [__m256i; 4] = std::array::from_fn(|k| {
                     _mm256_xor_si256(_mm256_loadu_si256(qs.add(b * 128 + 32 * k).cast()), flip)
                 });
                 let wabs = ws.map(|v| _mm256_abs_epi8(v));
                 let d4 = _mm256_broadcast_ps(&*(d.add(b * GROUP) as *const __m128));
-                for (n, acc_n) in acc.iter_mut().enumerate() {
+                let m4 =
+                    _mm_fmadd_ps(_mm_set1_ps(128.0), _mm_loadu_ps(d.add(b * GROUP)), _mm_loadu_ps(m.add(b * GROUP)));
+                for (n, (acc_n, off_n)) in acc.iter_mut().zip(&mut off).enumerate() {
                     let ab = (i0 + n) * nb + b;
                     let x = a.q.as_ptr().add(ab * XB);
                     let p = |k: usize| {
@@ -596,11 +646,12 @@ mod x86 {
                     let s = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
                     let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
                     *acc_n = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc_n);
+                    *off_n = _mm_fmadd_ps(m4, _mm_set1_ps(*a.sum.get_unchecked(ab)), *off_n);
                 }
             }
             let mut out = [[0f32; GROUP]; N];
-            for (o, acc_n) in out.iter_mut().zip(acc) {
-                *o = reduce_256(acc_n, _mm_setzero_ps());
+            for ((o, acc_n), off_n) in out.iter_mut().zip(acc).zip(off) {
+                *o = reduce_256(acc_n, off_n);
             }
             out
         }
@@ -725,27 +776,34 @@ mod tests {
         weave_kernels_gpu::elem::f32_to_f16_bits(x).to_le_bytes()
     }
 
-    /// A random GGUF tensor of `ty`, `rows x cols`.
+    /// The types that pack, each kind.
+    const PACKED: [GgmlType; 7] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q5_K,
+        GgmlType::Q8_0,
+    ];
+
+    /// A random GGUF tensor of `ty`, `rows x cols`: random bits but for the f16 scales and
+    /// offsets, which are finite and modest (K-quants' scales meet 6-bit multipliers).
     fn ggml(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let nb = rows * cols / 32;
-        let raw = bytes(nb * 32, seed);
-        let mut out = Vec::new();
-        for (b, q) in raw.chunks(32).enumerate() {
+        let (be, size) = ty.block().unwrap();
+        let nb = rows * cols / be;
+        let mut out = bytes(nb * size, seed);
+        for (b, blk) in out.chunks_mut(size).enumerate() {
             let d = 0.001 + (b % 7) as f32 * 0.003;
-            match ty {
-                GgmlType::Q4_0 => {
-                    out.extend(f16b(d));
-                    out.extend(&q[..16]);
-                }
-                GgmlType::Q4_1 => {
-                    out.extend(f16b(d));
-                    out.extend(f16b(-0.02 * (b % 5) as f32));
-                    out.extend(&q[..16]);
-                }
-                _ => {
-                    out.extend(f16b(d));
-                    out.extend(q);
-                }
+            let (at_d, at_m, d, m) = match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 => (0, Some(2), d, -0.02 * (b % 5) as f32),
+                GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2), d / 16.0, 0.0005 * (b % 5) as f32),
+                GgmlType::Q6_K => (208, None, d / 64.0, 0.0),
+                _ => (0, None, d, 0.0),
+            };
+            blk[at_d..at_d + 2].copy_from_slice(&f16b(d));
+            if let Some(i) = at_m {
+                blk[i..i + 2].copy_from_slice(&f16b(m));
             }
         }
         out
@@ -757,27 +815,42 @@ mod tests {
 
     #[test]
     fn repacked_blocks_decode_like_the_dequantizer() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        // Each type alone, then stacked after a part of another type into one matrix (8-bit
+        // when either is), as a fused Q/K/V of a Q4_K_M file.
+        let pairs = PACKED.iter().map(|&t| (t, t)).chain([
+            (GgmlType::Q4_K, GgmlType::Q5_0),
+            (GgmlType::Q5_K, GgmlType::Q4_K),
+            (GgmlType::Q4_0, GgmlType::Q8_0),
+        ]);
+        for (t1, t2) in pairs {
             // Two tensors stacked, 3 + 6 rows: groups straddle the seam, the last is padded.
-            let (r1, r2, cols) = (3, 6, 96);
-            let (d1, d2) = (ggml(ty, r1, cols, 5), ggml(ty, r2, cols, 9));
-            let mut b = QMatrixBuilder::new(QKind::of(ty).unwrap(), cols);
-            b.push_ggml(ty, r1, &d1).unwrap();
-            b.push_ggml(ty, r2, &d2).unwrap();
+            let (r1, r2, cols) = (3, 6, 512);
+            let (d1, d2) = (ggml(t1, r1, cols, 5), ggml(t2, r2, cols, 9));
+            let kind = if QKind::of(t1) == Some(QKind::U8) { QKind::U8 } else { QKind::of(t2).unwrap() };
+            let mut b = QMatrixBuilder::new(kind, cols);
+            b.push_ggml(t1, r1, &d1).unwrap();
+            b.push_ggml(t2, r2, &d2).unwrap();
             let m = b.finish();
             assert_eq!((m.rows, m.groups()), (9, 3));
             let mut want = vec![0f32; (r1 + r2) * cols];
-            crate::model::quant::dequantize(ty, &d1, &mut want[..r1 * cols]).unwrap();
-            crate::model::quant::dequantize(ty, &d2, &mut want[r1 * cols..]).unwrap();
+            crate::model::quant::dequantize(t1, &d1, &mut want[..r1 * cols]).unwrap();
+            crate::model::quant::dequantize(t2, &d2, &mut want[r1 * cols..]).unwrap();
             let mut row = vec![0f32; cols];
             for r in 0..r1 + r2 {
                 m.dequant_row(r, &mut row);
                 for (k, (x, y)) in row.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
-                    // One rounding either way, but Q4_1's dequantizer rounds twice (`q d + m`).
-                    assert!((x - y).abs() <= 1e-6 * y.abs(), "{ty:?} row {r} [{k}]: {x} vs {y}");
+                    // One rounding either way, but the Q4_1/Q5_1 dequantizer rounds twice (`q d + m`).
+                    assert!((x - y).abs() <= 1e-6 * y.abs(), "{t1:?}+{t2:?} row {r} [{k}]: {x} vs {y}");
                 }
             }
         }
+        assert!(
+            QMatrix::from_ggml(GgmlType::Q6_K, 1, 256, &ggml(GgmlType::Q6_K, 1, 256, 3)).is_none(),
+            "16-value scales"
+        );
+        assert!(QMatrix::from_ggml(GgmlType::Q4_K, 1, 288, &[0; 162]).is_none(), "288 is not whole super-blocks");
+        let mut b = QMatrixBuilder::new(QKind::U4, 256);
+        assert!(b.push_ggml(GgmlType::Q5_K, 1, &[0; 176]).is_none(), "5 bits do not fit a 4-bit matrix");
         assert!(QMatrix::from_ggml(GgmlType::Q4_1, 2, 48, &[0; 60]).is_none(), "48 is not whole blocks");
         assert!(QMatrix::from_ggml(GgmlType::F32, 1, 32, &[0; 128]).is_none());
         assert!(QMatrix::from_ggml(GgmlType::Q8_0, 2, 32, &[0; 60]).is_none(), "wrong size");
@@ -785,24 +858,29 @@ mod tests {
         assert!(b.push_ggml(GgmlType::Q8_0, 1, &[0; 34]).is_none(), "kinds do not mix");
     }
 
+    /// Names each kernel set this CPU lacks, past the test harness's capture.
+    fn say_skipped(test: &str) {
+        use std::io::Write;
+        for isa in Isa::missing_here() {
+            let _ = writeln!(std::io::stderr(), "{test}: skipped: {} (this CPU lacks it)", isa.name());
+        }
+    }
+
     #[test]
     fn simd_kernels_equal_the_scalar_one() {
-        let isas = Isa::all_here();
-        if isas.len() == 1 {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "skipped: no AVX2 on this CPU, only the scalar kernel exists here");
-            return;
-        }
-        for isa in isas.into_iter().skip(1) {
+        say_skipped("simd_kernels_equal_the_scalar_one");
+        for isa in Isa::all_here().into_iter().skip(1) {
             simd_matches_scalar(isa);
         }
     }
 
     fn simd_matches_scalar(isa: Isa) {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in PACKED {
             // Odd sizes: rows not a multiple of the group, one to many blocks a row, activation
-            // rows past a chunk with every tail length.
-            for (rows, cols, n) in [(1, 32, 1), (13, 64, 3), (37, 576, 5), (9, 1536, 17), (6, 96, 71)] {
+            // rows past a chunk with every tail length (the K-quants take the whole 256s).
+            let shapes = [(1, 32, 1), (13, 64, 3), (37, 576, 5), (9, 1536, 17), (6, 96, 71), (5, 256, 2), (6, 512, 71)];
+            let be = ty.block().unwrap().0;
+            for (rows, cols, n) in shapes.into_iter().filter(|s| s.1 % be == 0) {
                 let w = QMatrix::from_ggml(ty, rows, cols, &ggml(ty, rows, cols, rows as u32 * 7 + 1)).unwrap();
                 let x = acts(n, cols, cols as u32 + 3);
                 let (mut a, mut sa) = (QActs::default(), QActs::default());
@@ -824,7 +902,8 @@ mod tests {
 
     #[test]
     fn quantized_product_is_close_to_the_f32_one() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        say_skipped("quantized_product_is_close_to_the_f32_one");
+        for ty in PACKED {
             let (rows, cols, n) = (24, 256, 4);
             let data = ggml(ty, rows, cols, 11);
             let w = QMatrix::from_ggml(ty, rows, cols, &data).unwrap();
