@@ -80,29 +80,19 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
         // Super-block of 256 = 8 sub-blocks of 32: d, dmin (f16), 12 bytes of 6-bit sub-block
         // scales and mins ([`k_scale_min`]), 128 bytes of nibbles: bytes 32c..32c + 32 hold
         // sub-block 2c in their low nibbles and 2c + 1 in their high ones; x = d sc q - dmin m.
-        GgmlType::Q4_K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(144)) {
+        // Q5_K adds a fifth bit: 32 bytes of high bits before the nibbles (sub-block j's
+        // element l: bit j of byte l).
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let five = ty == GgmlType::Q5_K;
+            let (size, qs) = if five { (176, 48) } else { (144, 16) };
+            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(size)) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 for (j, o) in o.chunks_exact_mut(32).enumerate() {
                     let (sc, m) = k_scale_min(&b[4..16], j);
                     let (dl, ml) = (d * sc as f32, dmin * m as f32);
                     for (l, o) in o.iter_mut().enumerate() {
-                        *o = k_nibble(&b[16..144], j, l) as f32 * dl - ml;
-                    }
-                }
-            }
-        }
-        // Q4_K with a fifth bit: d, dmin, 12 bytes of scales and mins, 32 bytes of high bits
-        // (sub-block j's element l: bit j of byte l), 128 bytes of nibbles as Q4_K.
-        GgmlType::Q5_K => {
-            for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(176)) {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                for (j, o) in o.chunks_exact_mut(32).enumerate() {
-                    let (sc, m) = k_scale_min(&b[4..16], j);
-                    let (dl, ml) = (d * sc as f32, dmin * m as f32);
-                    for (l, o) in o.iter_mut().enumerate() {
-                        let q = k_nibble(&b[48..176], j, l) | ((b[16 + l] >> j) & 1) << 4;
-                        *o = q as f32 * dl - ml;
+                        let high = if five { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
+                        *o = (k_nibble(&b[qs..qs + 128], j, l) | high) as f32 * dl - ml;
                     }
                 }
             }
