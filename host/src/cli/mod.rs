@@ -93,8 +93,8 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
-    /// CPU weights: quant (keep Q4_0/Q4_1/Q8_0 packed, 8-bit activations; the default) or f32
-    /// (dequantize at load: exact, 4x+ the memory).
+    /// CPU weights: quant (keep Q4_0/Q4_1/Q4_K packed in 4 bits, Q5_0/Q5_1/Q5_K/Q8_0 in 8,
+    /// 8-bit activations; the default) or f32 (dequantize at load: exact, 4x+ the memory).
     #[arg(long, default_value = "quant")]
     pub cpu_precision: weave::model::weights::Precision,
     /// cpu, cuda, auto or emu (the CUDA backend on the SIMT emulator, slowly, for proving the GPU path without a GPU); auto takes the GPU when one works and the command has a CUDA path, which only
