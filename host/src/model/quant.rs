@@ -5,7 +5,8 @@
 use super::gguf::GgmlType;
 use weave_kernels_gpu::elem::f16_bits_to_f32;
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+/// The little-endian f16 at byte `i` of `b`, widened.
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 

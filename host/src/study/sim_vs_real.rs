@@ -317,6 +317,11 @@ pub fn cpu_isa() -> String {
     }
 }
 
+/// The smallest and largest of `xs`.
+fn min_max(xs: &[f64]) -> (f64, f64) {
+    xs.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)))
+}
+
 /// Median and spread ((max - min) / median) over the real runs of mean step time, mean TTFT
 /// and p99 ITL.
 #[derive(Debug, Clone, Copy)]
@@ -331,7 +336,7 @@ impl Spread {
         let f = |get: &dyn Fn(&RealRun) -> f64| {
             let xs: Vec<f64> = runs.iter().map(get).collect();
             let m = median(&xs);
-            let (lo, hi) = xs.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            let (lo, hi) = min_max(&xs);
             (m, if m > 0.0 { (hi - lo) / m } else { 0.0 })
         };
         Spread { step: f(&|r| r.mean_step_s), ttft: f(&|r| r.metrics.ttft.mean), itl99: f(&|r| r.metrics.itl.p99) }
@@ -400,17 +405,17 @@ pub fn behind_prefill(steps: &[StepRecord]) -> f64 {
 /// The ITL tail's shape, real against simulated: how many tokens waited behind a prefill.
 fn tail_finding(key: &str, runs: &[RealRun], sim: &[StepRecord]) -> String {
     let real: Vec<f64> = runs.iter().map(|r| behind_prefill(&r.steps)).collect();
-    let (lo, hi) = real.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    let ((lo, hi), mid) = (min_max(&real), median(&real));
     let sim = behind_prefill(sim);
     let cliff = |x: f64| (0.007..=0.013).contains(&x);
     format!(
         "{}: decode tokens that waited behind a prefill step: real {:.2}% (runs {:.2}-{:.2}%), simulated {:.2}%{}",
         key.to_uppercase(),
-        median(&real) * 100.0,
+        mid * 100.0,
         lo * 100.0,
         hi * 100.0,
         sim * 100.0,
-        if cliff(median(&real)) || cliff(sim) {
+        if cliff(mid) || cliff(sim) {
             " (near 1%: p99 ITL sits on the cliff between decode and prefill steps, and its error measures which side a \
              few tokens fell, not the model)"
         } else {

@@ -99,17 +99,13 @@ pub struct QMatrixBuilder {
     pending: Vec<(Vec<u8>, Vec<f32>, Vec<f32>)>,
 }
 
-fn f16(b: &[u8], i: usize) -> f32 {
-    weave_kernels_gpu::elem::f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-
 /// One GGUF block as sub-blocks of 32 unsigned values `u` with `w = d u + m`: appends the
 /// values to `u` and each sub-block's scale and offset to `d` and `m`. The K-quants' scales
 /// (`d sc`, `dmin m` of a 16-bit float and a 6-bit integer) are exact in f32, as are Q4_0's
 /// `-8 d`, Q5_0's `-16 d` and Q8_0's `-128 d`. For the types [`QKind::of`] packs.
 fn unpack_block(ty: crate::model::gguf::GgmlType, b: &[u8], u: &mut Vec<u8>, d: &mut Vec<f32>, m: &mut Vec<f32>) {
     use crate::model::gguf::GgmlType;
-    use crate::model::quant::{five_bit, k_nibble, k_scale_min};
+    use crate::model::quant::{f16_at as f16, five_bit, k_nibble, k_scale_min};
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let s = f16(b, 0);
