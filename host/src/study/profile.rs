@@ -11,7 +11,10 @@
 //!   change; the slope is the cost of one pair.
 //!
 //! Every point is timed `repeats` times in round-robin order (a machine that slows down for a
-//! while slows all points alike) and the median is kept.
+//! while slows all points alike) and the median is kept. Cheap points are timed
+//! [`CHEAP_REPEATS`] times back to back within each round, and the round keeps their median:
+//! one sample of a 100 ms step carries a noise that a median of five rounds does not remove,
+//! and the decode-heavy workloads are priced from exactly those points.
 
 use crate::study::sim::{attention_pairs, CostModel};
 use serde::{Deserialize, Serialize};
@@ -238,12 +241,13 @@ pub fn describe(m: &Profiled, r: &ProfileReport) -> String {
         })
         .unwrap_or_default();
     format!(
-        "profiled {} ({} points): step base {:.1} ms at 1 token, {:.1} ms at 32, {:.1} ms at {last}; \
+        "profiled {} ({} points, {} timed {CHEAP_REPEATS} times a round): step base {:.1} ms at 1 token, {:.1} ms at 32, {:.1} ms at {last}; \
          sampling {} rows adds {:.1} ms; decode attention {:.2} us per query-key pair \
          with every thread busy, {:.2} for one row alone; prefill attention per key and row {} us along spans {} keys; \
          model error on the points: median {:.1}%, max {:.1}% ({}){}",
         m.backend,
         r.points.len(),
+        r.cheap_points,
         at(1.0),
         at(32.0),
         at(last),
@@ -367,6 +371,12 @@ impl ProfileSpec {
 /// Times each prefill pair is timed per round (see [`ProfileSpec::designs`]).
 pub const PREFILL_PAIR_REPEATS: usize = 3;
 
+/// Times a cheap point is timed back to back within one round (the round keeps the median).
+pub const CHEAP_REPEATS: usize = 5;
+/// A point is cheap when its warm-up took under this fraction of the slowest point's: repeating
+/// every such point adds a few percent to a round, whose time goes on the largest steps.
+pub const CHEAP_FRACTION: f64 = 1.0 / 16.0;
+
 fn grid(max: usize) -> Vec<usize> {
     let mut g: Vec<usize> = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
         .into_iter()
@@ -400,7 +410,9 @@ pub struct Profiler {
     designs: Vec<Vec<SynthSeq>>,
     batches: Vec<ScheduledBatch>,
     samples: Vec<Vec<f64>>,
-    warmed_up: bool,
+    /// Timings per round of each point: [`CHEAP_REPEATS`] for the cheap ones, set by the
+    /// warm-up pass (empty before it).
+    inner: Vec<usize>,
 }
 
 impl Profiler {
@@ -412,7 +424,7 @@ impl Profiler {
         let designs = spec.designs();
         let batches = designs.iter().map(|d| synthetic_batch(d, spec.block_size, 1000)).collect::<Vec<_>>();
         let samples = vec![Vec::new(); batches.len()];
-        Ok(Profiler { spec: *spec, designs, batches, samples, warmed_up: false })
+        Ok(Profiler { spec: *spec, designs, batches, samples, inner: Vec::new() })
     }
 
     /// Batches timed per round.
@@ -420,24 +432,29 @@ impl Profiler {
         self.designs.len()
     }
 
-    /// Times every batch once (the first call also runs an untimed warm-up pass).
+    /// Times every batch once, the cheap ones [`CHEAP_REPEATS`] times (keeping their median).
+    /// The first call also runs an untimed warm-up pass, whose times decide which are cheap.
     pub fn round(
         &mut self,
         time: &mut dyn FnMut(&ScheduledBatch) -> anyhow::Result<f64>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<()> {
         let n = self.batches.len();
-        if !self.warmed_up {
-            for b in &self.batches {
-                time(b)?;
-            }
-            self.warmed_up = true;
+        if self.inner.is_empty() {
+            let warm = self.batches.iter().map(&mut *time).collect::<anyhow::Result<Vec<f64>>>()?;
+            self.inner = cheap_repeats(&warm);
         }
         for (i, (b, s)) in self.batches.iter().zip(&mut self.samples).enumerate() {
-            s.push(time(b)?);
+            let t = (0..self.inner[i]).map(|_| time(b)).collect::<anyhow::Result<Vec<f64>>>()?;
+            s.push(crate::study::bench::median(&t));
             progress(i + 1, n);
         }
         Ok(())
+    }
+
+    /// Points timed [`CHEAP_REPEATS`] times a round (0 before the first round).
+    pub fn num_cheap(&self) -> usize {
+        self.inner.iter().filter(|&&k| k > 1).count()
     }
 
     /// Rounds timed so far.
@@ -508,8 +525,17 @@ impl Profiler {
             self.num_rounds()
         );
         let samples: Vec<Vec<f64>> = self.samples.iter().map(|s| rounds.iter().map(|&r| s[r]).collect()).collect();
-        fit_profile(&self.spec, &self.designs, &samples, backend)
+        let (model, mut report) = fit_profile(&self.spec, &self.designs, &samples, backend)?;
+        report.cheap_points = self.num_cheap();
+        Ok((model, report))
     }
+}
+
+/// Timings per round for points whose warm-up took `warm`: [`CHEAP_REPEATS`] for those under
+/// [`CHEAP_FRACTION`] of the slowest, one for the rest.
+fn cheap_repeats(warm: &[f64]) -> Vec<usize> {
+    let slowest = warm.iter().copied().fold(0.0, f64::max);
+    warm.iter().map(|&t| if t < CHEAP_FRACTION * slowest { CHEAP_REPEATS } else { 1 }).collect()
 }
 
 /// A noisy machine: rounds that disagree by more than a limit, even after repeats.
@@ -707,6 +733,7 @@ fn fit_profile(
         points,
         round_speeds: Vec::new(),
         kept_rounds: Vec::new(),
+        cheap_points: 0,
     };
     Ok((model, report))
 }
@@ -727,6 +754,8 @@ pub struct ProfileReport {
     /// rounds the model was made from (all, unless some were dropped as outliers).
     pub round_speeds: Vec<f64>,
     pub kept_rounds: Vec<usize>,
+    /// Points timed [`CHEAP_REPEATS`] times a round ([`Profiler::num_cheap`]).
+    pub cheap_points: usize,
 }
 
 /// One measured point: its shape, the median time, and the model's prediction.
@@ -870,6 +899,36 @@ mod tests {
         // The medians are the middle round's.
         let (m, _) = p.finish("test".into()).unwrap();
         assert!((m.base_s[0] - 1.1 * (0.01 + 1e-4)).abs() < 1e-12, "{:?}", m.base_s);
+    }
+
+    /// A point's first timing in a round runs slow (as after the step before it); the cheap
+    /// points are timed five times and keep the clean median, the dear ones are timed once.
+    #[test]
+    fn cheap_points_keep_the_median_of_their_repeats() {
+        let spec =
+            ProfileSpec { max_tokens: 64, max_seqs: 8, max_context: 128, block_size: 16, repeats: 1, threads: 1 };
+        let cost = |b: &ScheduledBatch| 1e-4 * (1.0 + (b.num_tokens() * b.num_tokens()) as f64);
+        let mut p = Profiler::new(&spec).unwrap();
+        let mut last: *const ScheduledBatch = std::ptr::null();
+        let mut calls = 0usize;
+        p.round(
+            &mut |b| {
+                calls += 1;
+                let first = !std::ptr::eq(last, b);
+                last = b;
+                Ok(cost(b) * if first { 2.0 } else { 1.0 })
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let cheap = p.num_cheap();
+        // 1..=16 tokens cost under a sixteenth of 64 tokens' (0.41 s).
+        assert!(cheap > 0 && cheap < p.num_points(), "{cheap} of {}", p.num_points());
+        assert_eq!(calls, 2 * p.num_points() + (CHEAP_REPEATS - 1) * cheap);
+        let (m, _) = p.finish("test".into()).unwrap();
+        let at = |n: usize| m.base_s[m.tokens.iter().position(|&t| t == n as f64).unwrap()];
+        assert!((at(1) - 2e-4).abs() < 1e-12, "{:?}", m.base_s);
+        assert!((at(64) - 2.0 * 0.4097).abs() < 1e-9, "{:?}", m.base_s);
     }
 
     /// A machine that runs one round in three 30% slow: the profile times more rounds, keeps
