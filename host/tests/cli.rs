@@ -114,7 +114,10 @@ fn generate_names_bad_model_files() {
     let p = temp_bytes("mamba.gguf", &gguf_with(&[("general.architecture", "mamba")]));
     let (code, _, err) = weave(&["generate", "--model", &p, "--prompt", "hi"]);
     assert_eq!(code, 1);
-    assert!(err.contains("mamba.gguf: architecture \"mamba\" is not supported (supported: llama)"), "{err}");
+    assert!(
+        err.contains("mamba.gguf: architecture \"mamba\" is not supported (supported: llama, qwen2, qwen3, gemma3)"),
+        "{err}"
+    );
     let p = temp_bytes("notgguf.gguf", b"PK\x03\x04 this is a zip");
     let (_, _, err) = weave(&["generate", "--model", &p, "--prompt", "hi"]);
     assert!(err.contains("notgguf.gguf: not a GGUF file"), "{err}");

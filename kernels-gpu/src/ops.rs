@@ -78,13 +78,38 @@ pub fn rope_head(x: &mut [f32], cos_sin: &[f32], rot_dim: usize, layout: RopeLay
 /// in f64 on the host (device sine approximations are poor for large angles).
 #[cfg(not(target_arch = "nvptx64"))]
 pub fn fill_cos_sin_row(pos: usize, rot_dim: usize, theta: f64, row: &mut [f32]) {
+    fill_cos_sin_row_scaled(pos, rot_dim, theta, &[], row)
+}
+
+/// [`fill_cos_sin_row`] with pair `i`'s frequency divided by `divisors[i]` (Llama 3's
+/// `rope_freqs`: long wavelengths stretched); an empty `divisors` divides by one.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn fill_cos_sin_row_scaled(pos: usize, rot_dim: usize, theta: f64, divisors: &[f32], row: &mut [f32]) {
     let half = rot_dim / 2;
     for i in 0..half {
-        let freq = theta.powf(-(2.0 * i as f64) / rot_dim as f64);
+        let div = divisors.get(i).map_or(1.0, |&d| d as f64);
+        let freq = theta.powf(-(2.0 * i as f64) / rot_dim as f64) / div;
         let a = pos as f64 * freq;
         row[i] = a.cos() as f32;
         row[half + i] = a.sin() as f32;
     }
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
+/// `out[i] = gelu(gate[i]) * up[i]` where the row is `[gate | up]`, with GELU's tanh form
+/// `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (Gemma's `gelu_pytorch_tanh`).
+pub fn gelu_and_mul_row(gate_up: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = gelu_tanh(gate_up[i]) * gate_up[n + i];
+    }
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
+/// GELU, tanh form.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 #[cfg(not(target_arch = "nvptx64"))]
@@ -144,6 +169,32 @@ mod tests {
         fused_add_rms_norm_row(&mut xs, &mut res, &w, 1e-6);
         assert_eq!(res, x);
         assert_eq!(xs, out);
+    }
+
+    /// Pair `i`'s angle is divided by `divisors[i]`; no divisors is the plain table.
+    #[test]
+    fn rope_freq_divisors_stretch_each_pair() {
+        let (mut plain, mut scaled) = ([0.0f32; 4], [0.0f32; 4]);
+        fill_cos_sin_row(5, 4, 10000.0, &mut plain);
+        fill_cos_sin_row_scaled(5, 4, 10000.0, &[1.0, 8.0], &mut scaled);
+        assert_eq!((plain[0], plain[2]), (scaled[0], scaled[2]), "pair 0 divided by one");
+        let a1 = 5.0 * 10000f64.powf(-0.5) / 8.0;
+        assert!((scaled[1] as f64 - a1.cos()).abs() < 1e-6 && (scaled[3] as f64 - a1.sin()).abs() < 1e-6);
+        let mut none = [0.0f32; 4];
+        fill_cos_sin_row_scaled(5, 4, 10000.0, &[], &mut none);
+        assert_eq!(none, plain);
+    }
+
+    /// GELU's tanh form at points worked out by hand (PyTorch's `gelu(x, approximate='tanh')`
+    /// gives the same), and the gated product.
+    #[test]
+    fn gelu_tanh_and_the_gated_product() {
+        for (x, want) in [(0.0f32, 0.0f32), (1.0, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363)] {
+            assert!((gelu_tanh(x) - want).abs() < 2e-6, "gelu({x}) = {}", gelu_tanh(x));
+        }
+        let mut out = [0.0f32; 2];
+        gelu_and_mul_row(&[1.0, -1.0, 2.0, 3.0], &mut out);
+        assert!((out[0] - 2.0 * 0.841_192).abs() < 1e-5 && (out[1] + 3.0 * 0.158_808).abs() < 1e-5, "{out:?}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use weave_kernels_gpu::attention::{paged_attention_host, AttnShape, BatchMeta};
 use weave_kernels_gpu::{Bf16, Elem, F16};
 
-/// The obviously-correct version, written from the definition.
+/// The obviously-correct version, written from the definition. With `window`, a token at
+/// position `pos` sees the keys at `pos - window + 1 ..= pos` (sliding-window layers).
 #[allow(clippy::too_many_arguments)]
 fn reference(
     shape: &AttnShape,
@@ -19,6 +20,7 @@ fn reference(
     q: &[f64],
     kc: &[f64],
     vc: &[f64],
+    window: Option<usize>,
 ) -> Vec<f64> {
     let (nq, nkv, d, bs) =
         (shape.num_q_heads as usize, shape.num_kv_heads as usize, shape.head_dim as usize, shape.block_size as usize);
@@ -41,7 +43,8 @@ fn reference(
             for h in 0..nq {
                 let kvh = h / (nq / nkv);
                 let qv = &q[(token * nq + h) * d..][..d];
-                let scores: Vec<f64> = (0..=pos)
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let scores: Vec<f64> = (lo..=pos)
                     .map(|p| {
                         qv.iter().zip(&k[(p * nkv + kvh) * d..][..d]).map(|(a, b)| a * b).sum::<f64>()
                             * shape.scale as f64
@@ -52,7 +55,7 @@ fn reference(
                 let z: f64 = w.iter().sum();
                 for dd in 0..d {
                     out[(token * nq + h) * d + dd] =
-                        (0..=pos).map(|p| w[p] * v[(p * nkv + kvh) * d + dd]).sum::<f64>() / z;
+                        (lo..=pos).map(|p| w[p - lo] * v[(p * nkv + kvh) * d + dd]).sum::<f64>() / z;
                 }
             }
         }
@@ -71,14 +74,18 @@ fn run<T: Elem>(c: &Case) -> f64 {
     let meta = BatchMeta { query_start_loc: &b.qsl, context_lens: &b.ctx, block_tables: &b.tables };
     paged_attention_host(&b.shape, meta, b.max_seq_len, &b.q, &b.kc, &b.vc, &mut out, &mut partials);
     let f = |x: &[T]| x.iter().map(|v| v.to_f32() as f64).collect::<Vec<_>>();
-    let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc));
+    let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc), None);
     out.iter().zip(&want).map(|(a, b)| (a.to_f32() as f64 - b).abs()).fold(0.0, f64::max)
 }
 
 /// The CPU backend's attention (GQA groups and query tiles sharing each widened KV block) on
 /// the same batch, with its cache in `T` and its SIMD path on or off: the largest absolute
 /// difference from the reference.
-fn run_cpu_backend<T: Elem + weave::backends::cpu::attention::CacheElem>(c: &Case, simd: bool) -> f64 {
+fn run_cpu_backend<T: Elem + weave::backends::cpu::attention::CacheElem>(
+    c: &Case,
+    simd: bool,
+    window: Option<usize>,
+) -> f64 {
     let b = common::build::<T>(c);
     let num_tokens = *b.qsl.last().unwrap() as usize;
     let mut positions = Vec::with_capacity(num_tokens);
@@ -96,21 +103,21 @@ fn run_cpu_backend<T: Elem + weave::backends::cpu::attention::CacheElem>(c: &Cas
     };
     let q: Vec<f32> = b.q.iter().map(|x| x.to_f32()).collect();
     let mut out = vec![f32::NAN; q.len()];
-    weave::backends::cpu::attention::attend(&b.shape, &batch, &q, &b.kc, &b.vc, &mut out, simd);
+    weave::backends::cpu::attention::attend(&b.shape, &batch, &q, &b.kc, &b.vc, &mut out, simd, window);
     let f = |x: &[T]| x.iter().map(|v| v.to_f32() as f64).collect::<Vec<_>>();
-    let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc));
+    let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc), window);
     out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
-    fn cpu_backend_matches_reference(c in common::case()) {
+    fn cpu_backend_matches_reference(c in common::case(), window in prop::option::of(1usize..40)) {
         let simd = weave::backends::cpu::attention::has_simd();
         for on in [false, simd] {
             // f32 out of f16/f32 caches: no output rounding, so f32's bound holds for both.
-            let (e32, e16) = (run_cpu_backend::<f32>(&c, on), run_cpu_backend::<F16>(&c, on));
-            prop_assert!(e32 < 2e-5 && e16 < 2e-5, "simd {on}: max abs error f32 {e32}, f16 {e16}");
+            let (e32, e16) = (run_cpu_backend::<f32>(&c, on, window), run_cpu_backend::<F16>(&c, on, window));
+            prop_assert!(e32 < 2e-5 && e16 < 2e-5, "simd {on}, window {window:?}: max abs error f32 {e32}, f16 {e16}");
         }
     }
     #[test]
@@ -147,8 +154,14 @@ fn edge_cases_by_name() {
             let err = run::<f32>(&c);
             assert!(err < 2e-5, "{name} (d {hd}, group {group}, split {split}): {err}");
             for simd in [false, weave::backends::cpu::attention::has_simd()] {
-                let err = run_cpu_backend::<f32>(&c, simd);
-                assert!(err < 2e-5, "CPU backend, {name} (d {hd}, group {group}, simd {simd}): {err}");
+                // Windows inside a block, on a block edge, of one key, and past the context.
+                for window in [None, Some(1), Some(5), Some(16), Some(500)] {
+                    let err = run_cpu_backend::<f32>(&c, simd, window);
+                    assert!(
+                        err < 2e-5,
+                        "CPU backend, {name} (d {hd}, group {group}, simd {simd}, window {window:?}): {err}"
+                    );
+                }
             }
         }
     }

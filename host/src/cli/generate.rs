@@ -94,8 +94,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if !json {
         eprintln!(
-            "weave: {} ({} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, weights {} ({:.0} MiB, {} kernels), KV cache {} tokens in {}",
+            "weave: {} ({}{}, {} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, weights {} ({:.0} MiB, {} kernels), KV cache {} tokens in {}",
             lm.model.cfg.name,
+            lm.model.cfg.arch,
+            match lm.model.cfg.deltas.describe().as_str() {
+                "none" => String::new(),
+                d => format!(": {d}"),
+            },
             lm.model.cfg.num_layers,
             lm.model.cfg.hidden,
             lm.model.cfg.num_q_heads,

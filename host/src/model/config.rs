@@ -3,9 +3,97 @@
 use super::gguf::{Gguf, GgufError};
 use weave_kernels_gpu::ops::RopeLayout;
 
-/// Architectures whose GGUF layout is the Llama one (token_embd, blk.N.attn_q/k/v/output,
-/// ffn_gate/up/down, attn_norm/ffn_norm, output_norm, optional output).
-pub const SUPPORTED_ARCHS: &[&str] = &["llama"];
+/// Architectures read, each as Llama's layer with [`ArchDeltas`]: the GGUF layout (token_embd,
+/// blk.N.attn_q/k/v/output, ffn_gate/up/down, attn_norm/ffn_norm, output_norm, optional
+/// output) is shared, and what differs is read from the file's keys and tensors.
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+/// How an architecture's layer departs from Llama's, read from the file as llama.cpp reads it:
+/// what the architecture may have (Q/K/V biases, `rope_freqs`) is used where its tensor is
+/// there; what it must have (qwen3's Q/K norms) is expected, so a file that lacks it is
+/// refused by the tensor's name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ArchDeltas {
+    /// Q, K and V projections carry biases (`blk.N.attn_q.bias` ...: qwen2).
+    pub qkv_bias: bool,
+    /// Each Q and K head is RMS-normalized before rotary (`blk.N.attn_q_norm.weight`: qwen3).
+    pub qk_norm: bool,
+    /// Divisors of the rotary frequencies, one per rotating pair (`rope_freqs.weight`: Llama
+    /// 3.1 and 3.2's long-context scaling, folded into a tensor by llama.cpp's converter).
+    pub rope_freqs: Option<Vec<f32>>,
+    /// The embeddings are multiplied by this (gemma3: `sqrt(hidden)`).
+    pub embed_scale: Option<f32>,
+    /// Each sub-layer's output is RMS-normalized before the residual add
+    /// (`post_attention_norm`, `post_ffw_norm`: gemma3).
+    pub post_norms: bool,
+    /// The MLP's gate goes through GELU (tanh form) rather than SiLU (gemma3).
+    pub gelu: bool,
+    /// Sliding-window attention: the window (keys a token sees, itself included) and which
+    /// layers use it; those layers rotate with their own base (gemma3: 5 local to 1 global).
+    pub sliding: Option<Sliding>,
+}
+
+/// Gemma 3's local layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sliding {
+    pub window: usize,
+    /// One per layer: whether it attends through the window.
+    pub layers: Vec<bool>,
+    /// The local layers' rotary base (`rope.freq_base_swa`, 10000 when absent).
+    pub rope_theta: f64,
+}
+
+impl ArchDeltas {
+    /// The window layer `l` attends through, if it is a local layer.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        self.sliding.as_ref().filter(|s| s.layers.get(l) == Some(&true)).map(|s| s.window)
+    }
+
+    /// Whether the CUDA backend has kernels for every departure (it has for `rope_freqs`,
+    /// which lives in the host's rotary table).
+    pub fn cuda_ready(&self) -> bool {
+        !self.qkv_bias
+            && !self.qk_norm
+            && self.embed_scale.is_none()
+            && !self.post_norms
+            && !self.gelu
+            && self.sliding.is_none()
+    }
+}
+
+impl ArchDeltas {
+    /// The deltas in a short phrase for the load line, e.g. `qkv bias, q/k norm`.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if self.qkv_bias {
+            parts.push("qkv bias".into());
+        }
+        if self.qk_norm {
+            parts.push("q/k norm".into());
+        }
+        if self.rope_freqs.is_some() {
+            parts.push("rope_freqs".to_string());
+        }
+        if let Some(x) = self.embed_scale {
+            parts.push(format!("embeddings x{x:.1}"));
+        }
+        if self.post_norms {
+            parts.push("post-norms".into());
+        }
+        if self.gelu {
+            parts.push("GELU".into());
+        }
+        if let Some(s) = &self.sliding {
+            let n = s.layers.iter().filter(|&&l| l).count();
+            parts.push(format!("window {} on {n} of {} layers", s.window, s.layers.len()));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -23,6 +111,8 @@ pub struct ModelConfig {
     pub rope_layout: RopeLayout,
     pub rms_eps: f32,
     pub context_length: usize,
+    /// How the layer departs from Llama's.
+    pub deltas: ArchDeltas,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +147,89 @@ impl ModelConfig {
             )));
         }
         let head_dim = g.get_u64(&k("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / num_q_heads);
+        let rot_dim = g.get_u64(&k("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
+        if rot_dim == 0 || rot_dim > head_dim || !rot_dim.is_multiple_of(2) {
+            return Err(invalid(format!("rotary dimension {rot_dim} does not fit head dimension {head_dim}")));
+        }
+        // Context extension by scaling the positions (linear, YaRN, LongRoPE) is not
+        // implemented: refused by its key, rather than run with the wrong angles.
+        if let Ok(kind) = g.get_str(&k("rope.scaling.type")) {
+            let factor = g.get_f64(&k("rope.scaling.factor")).unwrap_or(1.0);
+            if kind != "none" && factor != 1.0 {
+                return Err(invalid(format!(
+                    "{} is {kind:?} with factor {factor}: rotary scaling is not supported (only Llama 3's rope_freqs)",
+                    k("rope.scaling.type")
+                )));
+            }
+        }
+        let num_layers = g.get_u64(&k("block_count"))? as usize;
+        let gemma = arch == "gemma3";
+        if let Ok(cap) = g.get_f64(&k("final_logit_softcapping")) {
+            if cap != 0.0 {
+                return Err(invalid(format!(
+                    "{} is {cap}: logit soft-capping is not supported",
+                    k("final_logit_softcapping")
+                )));
+            }
+        }
+        let sliding = match g.get_u64(&k("attention.sliding_window")) {
+            Ok(w) if gemma && w > 0 => {
+                // llama.cpp's reading: a per-layer array, else a period (6 for Gemma 3: five
+                // local layers, then a global one).
+                let layers = match g.get(&k("attention.sliding_window_pattern")) {
+                    Ok(super::gguf::Value::Array(a)) => {
+                        let v: Vec<bool> = a
+                            .iter()
+                            .map(|x| x.as_u64().map_or(matches!(x, super::gguf::Value::Bool(true)), |n| n != 0))
+                            .collect();
+                        if v.len() != num_layers {
+                            return Err(invalid(format!(
+                                "{} has {} entries for {num_layers} layers",
+                                k("attention.sliding_window_pattern"),
+                                v.len()
+                            )));
+                        }
+                        v
+                    }
+                    other => {
+                        let n = other.ok().and_then(super::gguf::Value::as_u64).unwrap_or(6) as usize;
+                        (0..num_layers).map(|l| n == 0 || l % n < n - 1).collect()
+                    }
+                };
+                Some(Sliding {
+                    window: w as usize,
+                    layers,
+                    rope_theta: g.get_f64(&k("rope.freq_base_swa")).unwrap_or(10_000.0),
+                })
+            }
+            _ => None,
+        };
+        let deltas = ArchDeltas {
+            qkv_bias: g.tensor("blk.0.attn_q.bias").is_ok(),
+            qk_norm: arch == "qwen3" || gemma || g.tensor("blk.0.attn_q_norm.weight").is_ok(),
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            post_norms: gemma,
+            gelu: gemma,
+            sliding,
+            rope_freqs: match g.tensor("rope_freqs.weight") {
+                Ok(_) => {
+                    let f = g.tensor_f32("rope_freqs.weight", Some(&[rot_dim as u64 / 2]))?;
+                    if let Some(bad) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                        return Err(invalid(format!("rope_freqs.weight holds {bad}: divisors must be positive")));
+                    }
+                    Some(f)
+                }
+                Err(_) => None,
+            },
+        };
+        // Which rotary pairs a file's Q/K rows hold is the architecture's convention (llama.cpp
+        // `llama_model_rope_type`): Llama's converter permutes its rows so that pairs are
+        // adjacent; Qwen's keeps the checkpoint's half-split order. A wrong guess fails
+        // silently (plausible text, wrong tokens), so each architecture names its own.
+        let rope_layout = match arch.as_str() {
+            "llama" => RopeLayout::Interleaved,
+            _ => RopeLayout::Neox,
+        };
         let vocab_size = match g.get_u64(&k("vocab_size")) {
             Ok(v) => v as usize,
             Err(_) => g.get_str_array("tokenizer.ggml.tokens")?.len(),
@@ -66,17 +239,16 @@ impl ModelConfig {
             vocab_size,
             hidden,
             intermediate: g.get_u64(&k("feed_forward_length"))? as usize,
-            num_layers: g.get_u64(&k("block_count"))? as usize,
+            num_layers,
             num_q_heads,
             num_kv_heads,
             head_dim,
             rope_theta: g.get_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-            rot_dim: g.get_u64(&k("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim),
-            // llama.cpp's converter permutes Llama's Q/K rows so that rotary pairs are
-            // adjacent: GGUF Llama weights use the interleaved layout.
-            rope_layout: RopeLayout::Interleaved,
+            rot_dim,
+            rope_layout,
             rms_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
             context_length: g.get_u64(&k("context_length")).map(|v| v as usize).unwrap_or(2048),
+            deltas,
             arch,
         })
     }

@@ -104,6 +104,9 @@ pub fn weights(cfg: &ModelConfig, tied: bool, dtype: Materialize, seed: u64) -> 
                 ffn_norm: vec![1.0; h],
                 gate_up: linear(2 * f, h, dtype, s(b + 2), fan(h)),
                 down: linear(h, f, dtype, s(b + 3), fan(f)),
+                qkv_bias: None,
+                qk_norm: None,
+                post_norms: None,
             }
         })
         .collect();

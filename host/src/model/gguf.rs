@@ -106,6 +106,23 @@ impl GgmlType {
             other => GgmlType::Other(other),
         }
     }
+    /// The type's ggml number, as a GGUF file stores it.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::Bf16 => 30,
+            GgmlType::Other(t) => t,
+        }
+    }
     /// (elements per block, bytes per block), for the types weave reads.
     pub fn block(self) -> Option<(usize, usize)> {
         Some(match self {
@@ -463,6 +480,13 @@ mod tests {
         let e = g.tensor_f32("w", None).unwrap_err().to_string();
         assert!(e.starts_with("k.gguf: tensor w is stored as IQ4_XS, which weave cannot dequantize"), "{e}");
         assert!(e.contains("Q4_K, Q5_K, Q6_K"), "{e}");
+    }
+
+    #[test]
+    fn type_numbers_round_trip() {
+        for t in (0..40).map(GgmlType::from_u32) {
+            assert_eq!(GgmlType::from_u32(t.id()), t);
+        }
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl ModelProfile {
             rope_layout: weave_kernels_gpu::ops::RopeLayout::Interleaved,
             rms_eps: self.rms_eps,
             context_length: self.context_length,
+            deltas: Default::default(),
         }
     }
 

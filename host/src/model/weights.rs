@@ -154,6 +154,14 @@ pub struct Layer {
     /// `[2 * intermediate][hidden]`: gate rows, then up.
     pub gate_up: Linear,
     pub down: Linear,
+    /// `[q_dim + 2 * kv_dim]`, added to the fused Q/K/V rows ([`crate::model::config::ArchDeltas::qkv_bias`]).
+    pub qkv_bias: Option<Vec<f32>>,
+    /// `[head_dim]` each: the per-head RMSNorm weights of Q and of K
+    /// ([`crate::model::config::ArchDeltas::qk_norm`]).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// `[hidden]` each: the norms of the attention's and the MLP's outputs, before the
+    /// residual add ([`crate::model::config::ArchDeltas::post_norms`]).
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 #[derive(Debug)]
@@ -181,6 +189,31 @@ impl Weights {
                 ffn_norm: g.tensor_f32(&p("ffn_norm.weight"), Some(&[h]))?,
                 gate_up: lin(&[&p("ffn_gate.weight"), &p("ffn_up.weight")], &[f, f], h)?,
                 down: lin(&[&p("ffn_down.weight")], &[h], f)?,
+                qkv_bias: if c.deltas.qkv_bias {
+                    let mut b = g.tensor_f32(&p("attn_q.bias"), Some(&[qd]))?;
+                    b.extend(g.tensor_f32(&p("attn_k.bias"), Some(&[kvd]))?);
+                    b.extend(g.tensor_f32(&p("attn_v.bias"), Some(&[kvd]))?);
+                    Some(b)
+                } else {
+                    None
+                },
+                qk_norm: if c.deltas.qk_norm {
+                    let d = c.head_dim as u64;
+                    Some((
+                        g.tensor_f32(&p("attn_q_norm.weight"), Some(&[d]))?,
+                        g.tensor_f32(&p("attn_k_norm.weight"), Some(&[d]))?,
+                    ))
+                } else {
+                    None
+                },
+                post_norms: if c.deltas.post_norms {
+                    Some((
+                        g.tensor_f32(&p("post_attention_norm.weight"), Some(&[h]))?,
+                        g.tensor_f32(&p("post_ffw_norm.weight"), Some(&[h]))?,
+                    ))
+                } else {
+                    None
+                },
             });
         }
         let lm_head = match g.tensor("output.weight") {
@@ -236,6 +269,9 @@ impl Weights {
                     + l.gate_up.size_bytes()
                     + l.down.size_bytes()
                     + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+                    + 4 * l.qkv_bias.as_ref().map_or(0, Vec::len)
+                    + 4 * l.qk_norm.as_ref().map_or(0, |(q, k)| q.len() + k.len())
+                    + 4 * l.post_norms.as_ref().map_or(0, |(a, f)| a.len() + f.len())
             })
             .sum();
         l + self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Linear::size_bytes) + 4 * self.final_norm.len()

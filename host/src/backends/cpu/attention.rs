@@ -193,6 +193,7 @@ unsafe impl Sync for OutPtr {}
 /// `out[token][q_head][head_dim]`: every batch token's attention over its sequence's visible
 /// keys (`positions[token] + 1` of them), with `q` laid out the same way (unscaled) and this
 /// step's K/V already written into the caches.
+#[allow(clippy::too_many_arguments)]
 pub fn attend<T: CacheElem>(
     shape: &AttnShape,
     b: &ScheduledBatch,
@@ -201,6 +202,7 @@ pub fn attend<T: CacheElem>(
     v_cache: &[T],
     out: &mut [f32],
     simd: bool,
+    window: Option<usize>,
 ) {
     let qd = (shape.num_q_heads * shape.head_dim) as usize;
     assert_eq!(q.len(), b.num_tokens() * qd);
@@ -215,7 +217,7 @@ pub fn attend<T: CacheElem>(
         }
     }
     let out = OutPtr(out.as_mut_ptr());
-    let inp = Inputs { shape, b, q, k_cache, v_cache };
+    let inp = Inputs { shape, b, q, k_cache, v_cache, window };
     items.par_iter().for_each_init(Scratch::default, |sc, it| {
         #[cfg(target_arch = "x86_64")]
         if simd {
@@ -233,6 +235,8 @@ struct Inputs<'a, T> {
     q: &'a [f32],
     k_cache: &'a [T],
     v_cache: &'a [T],
+    /// Sliding-window layers: a token sees only the last `window` keys, itself included.
+    window: Option<usize>,
 }
 
 impl<T> Clone for Inputs<'_, T> {
@@ -285,13 +289,15 @@ fn dot(simd: bool, a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPtr, simd: bool) {
-    let Inputs { shape, b, q, k_cache, v_cache } = inp;
+    let Inputs { shape, b, q, k_cache, v_cache, window } = inp;
     let (d, g, bs) = (shape.head_dim as usize, shape.group() as usize, shape.block_size as usize);
     let qd = shape.num_q_heads as usize * d;
     let rows = (it.t1 - it.t0) * g;
     // Row `r` is token `t0 + r / g` and query head `kv_head * g + r % g`.
     let head = |r: usize| it.kv_head as usize * g + r % g;
     let visible = |r: usize| b.positions[it.t0 + r / g] as usize + 1;
+    // The first key a row sees: 0, or the start of its window.
+    let first_seen = |r: usize| window.map_or(0, |w| visible(r).saturating_sub(w));
     sc.q.resize(rows * d, 0.0);
     for (r, qr) in sc.q.chunks_exact_mut(d).enumerate() {
         let src = &q[(it.t0 + r / g) * qd + head(r) * d..][..d];
@@ -309,7 +315,9 @@ fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPt
     let table = b.block_table(it.seq);
     // Tokens rise within a tile, so the last row sees the most keys.
     let last_visible = visible(rows - 1);
-    for (j, &phys) in table.iter().enumerate().take(last_visible.div_ceil(bs)) {
+    // Blocks wholly before the first row's window are nobody's: skipped unread.
+    let first_block = first_seen(0) / bs;
+    for (j, &phys) in table.iter().enumerate().take(last_visible.div_ceil(bs)).skip(first_block) {
         let first_key = j * bs;
         let keys = bs.min(last_visible - first_key);
         for t in 0..keys {
@@ -322,30 +330,36 @@ fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPt
             if first_key >= vis {
                 continue; // this row's keys end before the block
             }
-            let valid = keys.min(vis - first_key);
+            // This row's keys in the block: from `skip` (its window's start) to `end`.
+            let (skip, end) = (first_seen(r).saturating_sub(first_key), keys.min(vis - first_key));
+            if skip >= end {
+                continue; // the block ends before this row's window
+            }
+            let valid = end - skip;
+            let (kb, vb) = (&sc.k[skip * d..], &sc.v[skip * d..]);
             let (qr, acc) = (&sc.q[r * d..(r + 1) * d], &mut sc.acc[r * d..(r + 1) * d]);
             #[cfg(target_arch = "x86_64")]
             if simd && bs.is_multiple_of(8) && (d == 64 || d == 128) {
-                let (k, v, st, s) = (&sc.k[..], &sc.v[..], &mut sc.state[r], &mut sc.scores[..]);
+                let (st, s) = (&mut sc.state[r], &mut sc.scores[..]);
                 // SAFETY: `simd` is only true when AVX2 and FMA were detected; the sizes are
                 // as the kernel needs (it asserts them).
                 unsafe {
                     if d == 64 {
-                        x86::row_block::<8>(qr, k, v, valid, s, st, acc)
+                        x86::row_block::<8>(qr, kb, vb, valid, s, st, acc)
                     } else {
-                        x86::row_block::<16>(qr, k, v, valid, s, st, acc)
+                        x86::row_block::<16>(qr, kb, vb, valid, s, st, acc)
                     }
                 }
                 continue;
             }
             for (t, s) in sc.scores.iter_mut().enumerate() {
-                *s = if t < valid { dot(simd, qr, &sc.k[t * d..(t + 1) * d]) } else { f32::NEG_INFINITY };
+                *s = if t < valid { dot(simd, qr, &kb[t * d..(t + 1) * d]) } else { f32::NEG_INFINITY };
             }
             let Some(alpha) = sc.state[r].fold_scores(&mut sc.scores) else { continue };
             if alpha != 1.0 {
                 acc.iter_mut().for_each(|a| *a *= alpha);
             }
-            for (&p, vrow) in sc.scores[..valid].iter().zip(sc.v.chunks_exact(d)) {
+            for (&p, vrow) in sc.scores[..valid].iter().zip(vb.chunks_exact(d)) {
                 for (a, &x) in acc.iter_mut().zip(vrow) {
                     *a = madd(simd, p, x, *a);
                 }

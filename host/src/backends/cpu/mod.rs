@@ -6,13 +6,15 @@
 use crate::engine::steplog::Phases;
 use crate::engine::{Backend, StepResult, TokenLogprobs};
 use crate::model::config::ModelConfig;
-use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
+use crate::model::llama::{self, Bias, Buf, LayerOps, Norm, Rotary, Weight};
 use crate::model::weights::{Linear, LinearData, Weights};
 use crate::sampling::{Samplers, SamplingParams};
 use rayon::prelude::*;
 use std::sync::Arc;
 use weave_kernels_gpu::attention::{reshape_and_cache_host, AttnShape};
-use weave_kernels_gpu::ops::{fill_cos_sin_row, rms_norm_row, rope_head, silu_and_mul_row};
+use weave_kernels_gpu::ops::{
+    fill_cos_sin_row_scaled, gelu_and_mul_row, rms_inv, rms_norm_row, rope_head, silu_and_mul_row,
+};
 use weave_kernels_gpu::{Elem, F16};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
 
@@ -59,16 +61,24 @@ pub struct CpuModel {
     pub kv_dtype: KvDtype,
     /// Row `pos`: `rot_dim / 2` cosines then sines.
     cos_sin: Vec<f32>,
+    /// The same for the sliding-window layers' own base (empty without them).
+    cos_sin_local: Vec<f32>,
     max_pos: usize,
 }
 
 impl CpuModel {
     pub fn new(cfg: ModelConfig, w: Weights, max_pos: usize) -> CpuModel {
-        let mut cos_sin = vec![0f32; max_pos * cfg.rot_dim];
-        for (pos, row) in cos_sin.chunks_mut(cfg.rot_dim).enumerate() {
-            fill_cos_sin_row(pos, cfg.rot_dim, cfg.rope_theta, row);
-        }
-        CpuModel { cfg, w, cos_sin, max_pos, kv_dtype: KvDtype::F32 }
+        let divisors = cfg.deltas.rope_freqs.as_deref().unwrap_or(&[]);
+        let table = |theta: f64| {
+            let mut t = vec![0f32; max_pos * cfg.rot_dim];
+            for (pos, row) in t.chunks_mut(cfg.rot_dim).enumerate() {
+                fill_cos_sin_row_scaled(pos, cfg.rot_dim, theta, divisors, row);
+            }
+            t
+        };
+        let cos_sin = table(cfg.rope_theta);
+        let cos_sin_local = cfg.deltas.sliding.as_ref().map(|s| table(s.rope_theta)).unwrap_or_default();
+        CpuModel { cfg, w, cos_sin, cos_sin_local, max_pos, kv_dtype: KvDtype::F32 }
     }
 
     /// The rotary table's rows for positions `0..max_pos` (`rot_dim / 2` cosines then sines
@@ -266,9 +276,8 @@ impl CpuBackend {
         // The whole pass runs on one of the pool's threads: a parallel loop started from a
         // thread outside the pool pays a cross-thread hand-off and a blocking wait, and a step
         // starts about ten per layer.
-        let pool = self.pool.clone();
-        let layers = self.model.cfg.num_layers;
-        pool.install(|| match llama::forward(self, layers, b) {
+        let (pool, model) = (self.pool.clone(), self.model.clone());
+        pool.install(|| match llama::forward(self, &model.cfg, b) {
             Ok(()) => {}
             Err(never) => match never {},
         });
@@ -294,6 +303,15 @@ impl CpuBackend {
 
     fn put(&mut self, b: Buf, v: Vec<f32>) {
         self.ws.bufs[b as usize] = v;
+    }
+}
+
+/// `x = rms_norm(x) * w` in place (one head: qwen3's Q/K norms), the formula of
+/// `rms_norm_row`.
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let inv = rms_inv(x.iter().map(|v| v * v).sum::<f32>(), x.len(), eps);
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * inv * g;
     }
 }
 
@@ -335,6 +353,9 @@ impl LayerOps for CpuBackend {
             Norm::Attn(l) => &m.w.layers[l].attn_norm,
             Norm::Ffn(l) => &m.w.layers[l].ffn_norm,
             Norm::Final => &m.w.final_norm,
+            Norm::PostAttn(l) => &m.w.layers[l].post_norms.as_ref().expect("a layer with post-norms").0,
+            Norm::PostFfn(l) => &m.w.layers[l].post_norms.as_ref().expect("a layer with post-norms").1,
+            Norm::Q(_) | Norm::K(_) => unreachable!("head norms run inside split_rope"),
         };
         o.par_chunks_mut(h).zip(xs.par_chunks(h)).for_each(|(o, xr)| rms_norm_row(xr, wv, m.cfg.rms_eps, o));
         self.put(out, o);
@@ -363,11 +384,61 @@ impl LayerOps for CpuBackend {
         Ok(())
     }
 
-    fn split_rope(&mut self, b: &ScheduledBatch, qkv: Buf, q: Buf, k: Buf, v: Buf) -> Result<(), Self::Error> {
+    fn add_bias(&mut self, x: Buf, bias: Bias) -> Result<(), Self::Error> {
+        let (w, rows) = (self.width(x), self.ws.rows[x as usize]);
+        let m = &*self.model;
+        let bv = match bias {
+            Bias::Qkv(l) => m.w.layers[l].qkv_bias.as_deref().expect("a layer with a Q/K/V bias"),
+        };
+        debug_assert_eq!(bv.len(), w);
+        self.ws.bufs[x as usize][..rows * w].par_chunks_mut(w).for_each(|row| {
+            for (v, &b) in row.iter_mut().zip(bv) {
+                *v += b;
+            }
+        });
+        Ok(())
+    }
+
+    fn scale(&mut self, x: Buf, s: f32) -> Result<(), Self::Error> {
+        let n = self.ws.rows[x as usize] * self.width(x);
+        self.ws.bufs[x as usize][..n].par_iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn add(&mut self, x: Buf, y: Buf) -> Result<(), Self::Error> {
+        let n = self.ws.rows[x as usize] * self.width(x);
+        debug_assert_eq!(self.width(x), self.width(y));
+        let ys = self.take(y);
+        self.ws.bufs[x as usize][..n].par_iter_mut().zip(&ys[..n]).for_each(|(a, &b)| *a += b);
+        self.put(y, ys);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn split_rope(
+        &mut self,
+        b: &ScheduledBatch,
+        qkv: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        head_norms: Option<(Norm, Norm)>,
+        rotary: Rotary,
+    ) -> Result<(), Self::Error> {
         let (mut qb, mut kb, mut vb) = (self.take(q), self.take(k), self.take(v));
         let (m, src) = (&*self.model, &self.ws.bufs[qkv as usize]);
         let c = &m.cfg;
         let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let table = match rotary {
+            Rotary::Global => &m.cos_sin,
+            Rotary::Local => &m.cos_sin_local,
+        };
+        let norms = head_norms.map(|(nq, nk)| {
+            let (Norm::Q(l), Norm::K(lk)) = (nq, nk) else { unreachable!("head norms are Q's and K's") };
+            debug_assert_eq!(l, lk);
+            let (wq, wk) = m.w.layers[l].qk_norm.as_ref().expect("a layer with Q/K norms");
+            (wq.as_slice(), wk.as_slice())
+        });
         qb.par_chunks_mut(qd)
             .zip(kb.par_chunks_mut(kvd))
             .zip(vb.par_chunks_mut(kvd))
@@ -377,7 +448,15 @@ impl LayerOps for CpuBackend {
                 qr.copy_from_slice(&src[..qd]);
                 kr.copy_from_slice(&src[qd..qd + kvd]);
                 vr.copy_from_slice(&src[qd + kvd..]);
-                let cs = &m.cos_sin[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
+                if let Some((wq, wk)) = norms {
+                    for head in qr.chunks_mut(d) {
+                        rms_norm_in_place(head, wq, c.rms_eps);
+                    }
+                    for head in kr.chunks_mut(d) {
+                        rms_norm_in_place(head, wk, c.rms_eps);
+                    }
+                }
+                let cs = &table[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
                 for head in qr.chunks_mut(d).chain(kr.chunks_mut(d)) {
                     rope_head(head, cs, c.rot_dim, c.rope_layout);
                 }
@@ -407,13 +486,20 @@ impl LayerOps for CpuBackend {
         Ok(())
     }
 
-    fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), Self::Error> {
+    fn paged_attention(
+        &mut self,
+        b: &ScheduledBatch,
+        layer: usize,
+        q: Buf,
+        out: Buf,
+        window: Option<usize>,
+    ) -> Result<(), Self::Error> {
         let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
         let mut o = self.take(out);
         let (qs, simd) = (&self.ws.bufs[q as usize], self.simd);
         match &self.kv {
-            KvCache::F32 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd),
-            KvCache::F16 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd),
+            KvCache::F32 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd, window),
+            KvCache::F16 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd, window),
         }
         self.put(out, o);
         Ok(())
@@ -422,6 +508,13 @@ impl LayerOps for CpuBackend {
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), Self::Error> {
         let (w, mut o) = (self.width(out), self.take(out));
         o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| silu_and_mul_row(g, o));
+        self.put(out, o);
+        Ok(())
+    }
+
+    fn gelu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), Self::Error> {
+        let (w, mut o) = (self.width(out), self.take(out));
+        o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| gelu_and_mul_row(g, o));
         self.put(out, o);
         Ok(())
     }

@@ -53,7 +53,14 @@ fn sched(num_gpu_blocks: usize) -> SchedulerConfig {
 }
 
 fn emu_backend(m: &CpuModel, dtype: Dtype, kind: AttnKernel, seed: u64) -> CudaBackend {
-    let limits = CudaLimits {
+    let mut be =
+        CudaBackend::new(Kernels::emulated(64 << 20), m, limits(dtype), seed).expect("the backend on the emulator");
+    be.set_attn_kernel(kind);
+    be
+}
+
+fn limits(dtype: Dtype) -> CudaLimits {
+    CudaLimits {
         max_num_batched_tokens: 32,
         max_num_seqs: 4,
         max_model_len: MAX_LEN,
@@ -63,10 +70,33 @@ fn emu_backend(m: &CpuModel, dtype: Dtype, kind: AttnKernel, seed: u64) -> CudaB
         enforce_eager: false,
         profile_layers: false,
         dtype,
+    }
+}
+
+/// Q/K/V biases and per-head norms have no kernels yet: such a model is refused at load,
+/// naming its architecture and what it lacks.
+#[test]
+fn architectures_without_kernels_are_refused_by_name() {
+    use crate::model::config::{ArchDeltas, Sliding};
+    let gemma = ArchDeltas {
+        qk_norm: true,
+        embed_scale: Some(16.0),
+        post_norms: true,
+        gelu: true,
+        sliding: Some(Sliding { window: 512, layers: vec![true], rope_theta: 1e4 }),
+        ..Default::default()
     };
-    let mut be = CudaBackend::new(Kernels::emulated(64 << 20), m, limits, seed).expect("the backend on the emulator");
-    be.set_attn_kernel(kind);
-    be
+    for (arch, deltas, what) in [
+        ("qwen2", ArchDeltas { qkv_bias: true, ..Default::default() }, "qkv bias"),
+        ("qwen3", ArchDeltas { qk_norm: true, ..Default::default() }, "q/k norm"),
+        ("gemma3", gemma, "window 512 on 1 of 1 layers"),
+    ] {
+        let mut m = model(Dtype::Bf16, 1);
+        m.cfg.arch = arch.into();
+        m.cfg.deltas = deltas;
+        let e = CudaBackend::new(Kernels::emulated(64 << 20), &m, limits(Dtype::Bf16), 0).unwrap_err().to_string();
+        assert!(e.contains(arch) && e.contains(what) && e.contains("--device cpu"), "{e}");
+    }
 }
 
 /// Every request's output tokens, run to the end through the engine.
@@ -149,6 +179,26 @@ fn greedy_bf16_matches_the_cpu_on_every_attention_kernel() {
 #[test]
 fn greedy_f16_matches_the_cpu_on_every_attention_kernel() {
     greedy_agrees(Dtype::F16, 0.02);
+}
+
+/// Llama 3's rotary divisors reach the device (its table is the host's): with them, the
+/// emulated pass agrees with the CPU's, and they change this model's tokens.
+#[test]
+fn rope_freqs_reach_the_device() {
+    let dtype = Dtype::Bf16;
+    let plain = model(dtype, 1);
+    let mut cfg = plain.cfg.clone();
+    cfg.deltas.rope_freqs = Some((0..32).map(|i| 1.0 + (i % 8) as f32).collect());
+    let scaled =
+        Arc::new(CpuModel::new(cfg.clone(), weights(&cfg, false, Materialize::Host(DummyDtype::Bf16), 11), MAX_LEN));
+    let emu = emu_backend(&scaled, dtype, AttnKernel::Staged, 0);
+    let blocks = emu.num_blocks();
+    let want = run(CpuBackend::new(scaled.clone(), blocks, BLOCK, 1, 0), blocks, &SamplingParams::default());
+    let without = run(CpuBackend::new(Arc::new(plain), blocks, BLOCK, 1, 0), blocks, &SamplingParams::default());
+    assert_ne!(want, without, "the divisors do not change this model's tokens: the case tests nothing");
+    let got = run(emu, blocks, &SamplingParams::default());
+    let n = agree(&scaled, &want, &got, 0.05, "bf16 with rope_freqs");
+    assert!(n >= 3, "only {n} of 4 requests agree for all {TOKENS} tokens");
 }
 
 #[test]

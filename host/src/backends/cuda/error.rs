@@ -20,6 +20,8 @@ pub enum CudaError {
     Emulator(weave_simt::EmuError),
     #[error("not on this device: {0}")]
     Unsupported(&'static str),
+    #[error("not on the CUDA backend: {0}")]
+    UnsupportedModel(String),
     #[error("CUDA graph: {0}")]
     Graph(String),
 }

@@ -31,7 +31,7 @@ use crate::backends::cpu::CpuModel;
 use crate::engine::steplog::Phases;
 use crate::engine::{Backend, StepResult};
 use crate::model::config::ModelConfig;
-use crate::model::llama::{self, Buf, LayerOps, Norm, Weight};
+use crate::model::llama::{self, Bias, Buf, LayerOps, Norm, Rotary, Weight};
 use crate::model::weights::Linear;
 use crate::sampling::{Samplers, SamplingParams};
 use weave_kernels_gpu::attention::AttnShape;
@@ -252,7 +252,8 @@ impl Meta {
 #[derive(Debug)]
 pub struct CudaBackend {
     k: Kernels,
-    cfg: ModelConfig,
+    /// Shared so that a pass can borrow it beside the backend (`llama::forward`).
+    cfg: std::sync::Arc<ModelConfig>,
     limits: CudaLimits,
     embed: DBuf<B16>,
     layers: Vec<DevLayer>,
@@ -320,6 +321,16 @@ impl CudaBackend {
     /// (the null block included) is [`Self::num_blocks`].
     pub fn new(k: Kernels, model: &CpuModel, limits: CudaLimits, base_seed: u64) -> Result<CudaBackend, CudaError> {
         let c = model.cfg.clone();
+        // Biases, head norms, post-norms, GELU and windows have no kernels yet: refused here
+        // by name, not run wrong. (Rotary divisors need none: they are in the host's table,
+        // uploaded below.)
+        if !c.deltas.cuda_ready() {
+            return Err(CudaError::UnsupportedModel(format!(
+                "architecture {} ({}) runs on the CPU backend only for now (--device cpu)",
+                c.arch,
+                c.deltas.describe()
+            )));
+        }
         let shape = c.attn_shape(limits.block_size);
         shape.check().map_err(CudaError::Shape)?;
         let w = &model.w;
@@ -357,7 +368,9 @@ impl CudaBackend {
         let width = |b: Buf| b.width(&c);
         let ws = Buf::ALL
             .iter()
-            .map(|&b| k.zeros::<B16>(if b == Buf::Logits { 1 } else { n.max(s) * width(b) }))
+            // Logits have their own f32 buffer; `O` serves post-norms, which this backend
+            // refuses (`new`'s check above).
+            .map(|&b| k.zeros::<B16>(if matches!(b, Buf::Logits | Buf::O) { 1 } else { n.max(s) * width(b) }))
             .collect::<Result<Vec<_>, _>>()?;
         let max_blocks_per_seq = limits.max_model_len.div_ceil(limits.block_size);
         let rows = n.max(s);
@@ -396,7 +409,7 @@ impl CudaBackend {
             final_norm: k.upload(&w.final_norm)?,
             embed: embed.w,
             k,
-            cfg: c,
+            cfg: std::sync::Arc::new(c),
             limits,
             layers,
             lm_head,
@@ -618,7 +631,7 @@ impl CudaBackend {
             self.upload_meta(b)?;
             drop(range);
             let prepare = t.elapsed().as_secs_f64();
-            return llama::forward(self, self.cfg.num_layers, b).map(|_| prepare);
+            return self.pass(b).map(|_| prepare);
         };
         let padded = pad_decode(b, size, self.max_blocks_fixed());
         let range = crate::engine::nvtx::range(c"prepare");
@@ -627,7 +640,7 @@ impl CudaBackend {
         let prepare = t.elapsed().as_secs_f64();
         if !self.k.dev.graphs() {
             // The emulator: the padded step a graph would replay, run eagerly.
-            return llama::forward(self, self.cfg.num_layers, &padded).map(|_| prepare);
+            return self.pass(&padded).map(|_| prepare);
         }
         if !self.graphs.0.contains_key(&size) {
             match self.capture(&padded) {
@@ -640,7 +653,7 @@ impl CudaBackend {
                     eprintln!("weave: CUDA graphs off after a failed capture at batch size {size}: {e}");
                     self.graph_sizes.clear();
                     self.graphs.0.clear();
-                    return llama::forward(self, self.cfg.num_layers, &padded).map(|_| prepare);
+                    return self.pass(&padded).map(|_| prepare);
                 }
             }
         }
@@ -651,7 +664,7 @@ impl CudaBackend {
     /// Records the forward pass of the (padded, uploaded) `b` into a graph.
     fn capture(&mut self, b: &ScheduledBatch) -> Result<Box<dyn Graph>, CudaError> {
         self.k.dev.begin_capture()?;
-        let r = llama::forward(self, self.cfg.num_layers, b);
+        let r = self.pass(b);
         // End the capture whatever happened, so that the stream is usable again.
         let g = self.k.dev.end_capture();
         r?;
@@ -676,12 +689,18 @@ impl CudaBackend {
         self.k.dev.read(self.logits.slice(0..n))
     }
 
+    /// The model's pass over `b` through this backend's ops.
+    fn pass(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
+        let c = self.cfg.clone();
+        llama::forward(self, &c, b)
+    }
+
     /// An eager pass of `b` (no graph), its logits left on the device.
     fn forward_eager(&mut self, b: &ScheduledBatch) -> Result<(), CudaError> {
         self.k.dev.bind_to_thread()?;
         self.check_positions(b)?;
         self.upload_meta(b)?;
-        llama::forward(self, self.cfg.num_layers, b)
+        self.pass(b)
     }
 
     /// Whether `b`'s positions are inside the rotary table. Checked on the real batch: a
@@ -805,6 +824,8 @@ impl LayerOps for CudaBackend {
             Norm::Attn(l) => &self.layers[l].attn_norm,
             Norm::Ffn(l) => &self.layers[l].ffn_norm,
             Norm::Final => &self.final_norm,
+            Norm::Q(_) | Norm::K(_) => return Err(CudaError::Unsupported("per-head Q/K norms")),
+            Norm::PostAttn(_) | Norm::PostFfn(_) => return Err(CudaError::Unsupported("post-norms")),
         };
         let (o, xs) = pair(&mut self.ws, out as usize, x as usize);
         typed!(self.limits.dtype, T => self.k.rms_norm::<T>(o, xs, wv, rows, self.cfg.hidden as u32, self.cfg.rms_eps))
@@ -846,7 +867,40 @@ impl LayerOps for CudaBackend {
         self.gemm(xp, wp, cp, n, lin.out_dim, lin.in_dim, accumulate, false)
     }
 
-    fn split_rope(&mut self, b: &ScheduledBatch, _qkv: Buf, q: Buf, k: Buf, _v: Buf) -> Result<(), CudaError> {
+    // `new` refuses the models that need these (`ArchDeltas::cuda_ready`).
+    fn add_bias(&mut self, _x: Buf, _bias: Bias) -> Result<(), CudaError> {
+        Err(CudaError::Unsupported("Q/K/V biases"))
+    }
+
+    fn scale(&mut self, _x: Buf, _s: f32) -> Result<(), CudaError> {
+        Err(CudaError::Unsupported("scaled embeddings"))
+    }
+
+    fn add(&mut self, _x: Buf, _y: Buf) -> Result<(), CudaError> {
+        Err(CudaError::Unsupported("post-norm residual adds"))
+    }
+
+    fn gelu_and_mul(&mut self, _x: Buf, _out: Buf) -> Result<(), CudaError> {
+        Err(CudaError::Unsupported("GELU"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn split_rope(
+        &mut self,
+        b: &ScheduledBatch,
+        _qkv: Buf,
+        q: Buf,
+        k: Buf,
+        _v: Buf,
+        head_norms: Option<(Norm, Norm)>,
+        rotary: Rotary,
+    ) -> Result<(), CudaError> {
+        if head_norms.is_some() {
+            return Err(CudaError::Unsupported("per-head Q/K norms"));
+        }
+        if rotary == Rotary::Local {
+            return Err(CudaError::Unsupported("sliding-window layers' rotary table"));
+        }
         // Q, K and V are already apart (see `matmul`); rotate Q and K in place.
         let c = &self.cfg;
         let dims = (c.num_q_heads as u32, c.num_kv_heads as u32, c.head_dim as u32, c.rot_dim as u32);
@@ -878,7 +932,17 @@ impl LayerOps for CudaBackend {
         ))
     }
 
-    fn paged_attention(&mut self, b: &ScheduledBatch, layer: usize, q: Buf, out: Buf) -> Result<(), CudaError> {
+    fn paged_attention(
+        &mut self,
+        b: &ScheduledBatch,
+        layer: usize,
+        q: Buf,
+        out: Buf,
+        window: Option<usize>,
+    ) -> Result<(), CudaError> {
+        if window.is_some() {
+            return Err(CudaError::Unsupported("sliding-window attention"));
+        }
         let m = &self.meta;
         let (tiles, tiles_mma) = (m.view(MetaArray::Tiles), m.view(MetaArray::TilesMma));
         let (qsl, ctx, tables) = (m.view(MetaArray::Qsl), m.view(MetaArray::ContextLens), m.view(MetaArray::Tables));
