@@ -1,0 +1,262 @@
+//! Each architecture weave reads (Llama 3 with rotary divisors, Qwen2, Qwen3, Gemma 3) against
+//! llama.cpp, on small random-weight models (`weave::model::synth`) that the test rebuilds from
+//! their seeds; `tests/fixtures/arch_oracle.json` holds the vocabulary and what llama.cpp made
+//! of the same files (`tools/golden/arch_oracle.py`):
+//! - the tokenization of a corpus under each tokenizer (llama-bpe, qwen2, SentencePiece);
+//! - the first step's log-probabilities, and greedy continuations: where weave's token parts
+//!   from llama.cpp's, llama.cpp's own top two must be within a rounding of each other there;
+//! - batch invariance: each prompt's tokens inside a batch equal its tokens alone.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use weave::generate::{generate, GenerateConfig, LoadedModel, PromptSpec};
+use weave::model::gguf::GgmlType;
+use weave::model::synth::{gguf, quant_specs, specs, SynthSpec, SynthVocab};
+use weave::model::weights::Precision;
+use weave::sampling::SamplingParams;
+use weave_scheduler::{NewRequest, Scheduler, SchedulerConfig};
+
+/// Both sides run f32 weights, an f32 KV cache and plain attention (the script asks
+/// llama.cpp for them); what is left is the order of sums: a few 1e-6 in log-probability.
+/// The same bounds the gap where greedy tokens part.
+const LOGPROB_TOL: f64 = 1e-4;
+/// Gemma's GELU: ggml reads it from an f16 table (about 2e-3 measured).
+const GELU_LOGPROB_TOL: f64 = 5e-3;
+/// An f32 file with weave's default (packed) settings: the f16 KV cache (about 2e-3 measured).
+const F16_KV_LOGPROB_TOL: f64 = 1e-2;
+/// Quantized files: llama.cpp rounds the activations of every product to 8 bits (blocks of
+/// 32, or 256 against K-quants), weave to 8 bits in blocks of 32 when packed and not at all
+/// with `--cpu-precision f32`; on these small random models that moves a log-probability by
+/// up to 0.20 (measured, both ways).
+const QUANT_LOGPROB_TOL: f64 = 0.3;
+
+/// The bound for model `s` at `precision`, on first-step log-probabilities and on llama.cpp's
+/// gap where greedy tokens part.
+fn tolerance(s: &SynthSpec, precision: Precision) -> f64 {
+    if s.ty != GgmlType::F32 {
+        QUANT_LOGPROB_TOL
+    } else if precision == Precision::Quant {
+        F16_KV_LOGPROB_TOL
+    } else if s.arch == "gemma3" {
+        // ggml's GELU reads an f16 table: Gemma's logits carry its rounding.
+        GELU_LOGPROB_TOL
+    } else {
+        LOGPROB_TOL
+    }
+}
+
+fn fixture() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/arch_oracle.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e} (make it with tools/golden/arch_oracle.py)", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Each of `specs`' models, written to a temporary file and loaded at `precision`.
+fn models(f: &Value, specs: Vec<SynthSpec>, precision: Precision) -> Vec<(SynthSpec, LoadedModel)> {
+    let bpe: SynthVocab = serde_json::from_value(f["vocab"].clone()).unwrap();
+    let spm: SynthVocab = serde_json::from_value(f["spm_vocab"].clone()).unwrap();
+    // A folder per call: the tests run at once, each writing its own copies.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("weave-arch-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = specs
+        .into_iter()
+        .map(|s| {
+            let p = dir.join(format!("{}.gguf", s.name));
+            std::fs::write(&p, gguf(&s, if s.spm() { &spm } else { &bpe })).unwrap();
+            let lm = LoadedModel::load_with(&p, precision).unwrap_or_else(|e| panic!("{}: {e:#}", s.name));
+            (s, lm)
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn config(budget: usize) -> GenerateConfig {
+    GenerateConfig {
+        sched: SchedulerConfig {
+            max_num_batched_tokens: budget,
+            max_num_seqs: 16,
+            max_model_len: 256,
+            block_size: 16,
+            num_gpu_blocks: 256,
+            enable_chunked_prefill: true,
+            enable_prefix_caching: true,
+            ..Default::default()
+        },
+        default_max_tokens: 32,
+        sampling: SamplingParams::default(),
+        chat: false,
+        ignore_eos: true,
+        threads: 2,
+        device: Default::default(),
+        gpu_memory_utilization: 0.9,
+        enforce_eager: false,
+        profile_layers: false,
+    }
+}
+
+#[test]
+fn tokenization_equals_llama_cpps() {
+    let f = fixture();
+    let ms = models(&f, specs(), Precision::F32);
+    for (pre, cases) in f["tokenize"].as_object().unwrap() {
+        let (s, lm) = ms.iter().find(|(s, _)| s.pre == pre).unwrap_or_else(|| panic!("no synthetic model uses {pre}"));
+        let cases = cases.as_array().unwrap();
+        assert!(cases.len() >= 200, "{pre}: {} strings", cases.len());
+        let mut wrong = Vec::new();
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            if lm.tokenizer.encode_plain(text) != ids(&c["ids"]) {
+                wrong.push(text);
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{pre} ({}): {} of {} strings differ, e.g. {:?}",
+            s.name,
+            wrong.len(),
+            cases.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
+}
+
+/// Compares one model's first-step log-probabilities and greedy tokens with llama.cpp's:
+/// returns the largest first-step difference, how many tokens of each prompt agree, and
+/// llama.cpp's gap between its token and ours where they part.
+fn against_llama_cpp(f: &Value, s: &SynthSpec, lm: &LoadedModel, gap_tol: f64) -> (f64, Vec<usize>, Vec<f64>) {
+    let name = &s.name;
+    let prompts =
+        f["models"][name]["prompts"].as_array().unwrap_or_else(|| panic!("{name}: no prompts in the fixture"));
+    let reqs: Vec<PromptSpec> = prompts
+        .iter()
+        .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
+        .collect();
+    let r = generate(lm, &config(512), &reqs, &mut |_| {}).unwrap();
+    assert!(r.rejected.is_empty(), "{name}: {:?}", r.rejected);
+    let (mut worst, mut agreed, mut gaps) = (0.0f64, Vec::new(), Vec::new());
+    for (p, c) in prompts.iter().zip(&r.completions) {
+        let pname = p["text"].as_str().unwrap();
+        assert_eq!(c.prompt_token_ids, ids(&p["prompt_ids"]), "{name}: prompt {pname:?}");
+        // The first step's log-probabilities of llama.cpp's top tokens.
+        let mut sch = Scheduler::new(config(512).sched).unwrap();
+        sch.add_request(NewRequest::new(0, c.prompt_token_ids.clone(), 1)).unwrap();
+        let b = sch.schedule();
+        let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 256, 16, 2, 0);
+        let logits = be.forward(&b);
+        // `top`: per step, llama.cpp's `[id, log-probability]` pairs, most likely first.
+        for t in p["top"][0].as_array().unwrap() {
+            let ours = log_softmax_at(&logits, t[0].as_u64().unwrap() as usize);
+            worst = worst.max((ours - t[1].as_f64().unwrap()).abs());
+        }
+        // Greedy tokens, up to a parting that llama.cpp's own log-probabilities allow: there,
+        // our token must be as likely as theirs to within `gap_tol`. (llama.cpp's
+        // `ignore_eos` bans end-of-generation tokens, weave's only keeps going, so an end
+        // token of ours parts from theirs by being the likelier.)
+        let (ours, theirs) = (&c.output_token_ids, ids(&p["tokens"]));
+        assert_eq!((ours.len(), theirs.len()), (32, 32), "{name}, {pname:?}");
+        let same = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+        if same < theirs.len() {
+            let lp = |id: u32| {
+                p["top"][same]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t[0].as_u64() == Some(id as u64))
+                    .map(|t| t[1].as_f64().unwrap())
+            };
+            let gap = lp(ours[same]).zip(lp(theirs[same])).map(|(o, t)| t - o);
+            assert!(
+                gap.is_some_and(|g| g < gap_tol),
+                "{name}, {pname:?}: token {same} is {} where llama.cpp's is {} (llama.cpp's log-probability gap: {gap:?}, allowed {gap_tol})\n ours   {ours:?}\n theirs {theirs:?}",
+                ours[same],
+                theirs[same],
+            );
+            gaps.extend(gap);
+        }
+        agreed.push(same);
+    }
+    (worst, agreed, gaps)
+}
+
+#[test]
+fn first_step_logprobs_and_greedy_tokens_equal_llama_cpps() {
+    let f = fixture();
+    for (s, lm) in models(&f, specs(), Precision::F32) {
+        let tol = tolerance(&s, Precision::F32);
+        let (worst, agreed, gaps) = against_llama_cpp(&f, &s, &lm, tol);
+        println!(
+            "{}: largest first-step |logprob - llama.cpp's| {worst:.2e}; greedy tokens agreeing {agreed:?} of 32 (gaps where they part: {gaps:.3?})",
+            s.name
+        );
+        assert!(worst < tol, "{}: first-step log-probabilities differ from llama.cpp's by {worst}", s.name);
+    }
+}
+
+/// Every architecture at hidden 256 (heads of 64 and 128: the attention's SIMD paths) with its
+/// matrices in f32 and in each quantized type, against llama.cpp on the same file: with
+/// weave's exact weights (f32 at load), and packed (as weave serves by default). The bounds
+/// are [`tolerance`]'s: exact for f32 files, the quantization's for the others.
+#[test]
+fn quantized_models_follow_llama_cpp() {
+    let f = fixture();
+    for precision in [Precision::F32, Precision::Quant] {
+        let mut whole = 0;
+        let ms = models(&f, quant_specs(), precision);
+        for (s, lm) in &ms {
+            let tol = tolerance(s, precision);
+            let (worst, agreed, gaps) = against_llama_cpp(&f, s, lm, tol);
+            println!(
+                "{} ({precision:?}): largest first-step |logprob - llama.cpp's| {worst:.2e}; greedy tokens agreeing {agreed:?} of 32 (gaps where they part: {gaps:.3?})",
+                s.name
+            );
+            assert!(
+                worst < tol,
+                "{} ({precision:?}): first-step log-probabilities differ from llama.cpp's by {worst}",
+                s.name
+            );
+            whole += agreed.iter().filter(|&&n| n == 32).count();
+        }
+        // Partings at near ties are allowed one by one; most prompts must agree whole.
+        let total = 3 * ms.len();
+        assert!(2 * whole >= total, "{precision:?}: only {whole} of {total} prompts agree for all 32 tokens");
+    }
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+    let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    logits[i] as f64 - m - z.ln()
+}
+
+#[test]
+fn batch_invariance_on_each_architecture() {
+    let f = fixture();
+    let mut all = models(&f, specs(), Precision::F32);
+    all.extend(models(&f, quant_specs(), Precision::Quant));
+    for (s, lm) in all {
+        let prompts: Vec<PromptSpec> = f["models"][&s.name]["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
+            .collect();
+        // All together on a small budget (chunked prefills beside decodes), then each alone.
+        let together = generate(&lm, &config(24), &prompts, &mut |_| {}).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = generate(&lm, &config(512), std::slice::from_ref(p), &mut |_| {}).unwrap();
+            assert_eq!(
+                together.completions[i].output_token_ids, alone.completions[0].output_token_ids,
+                "{}: prompt {i} inside the batch",
+                s.name
+            );
+        }
+    }
+}
