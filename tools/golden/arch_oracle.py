@@ -84,9 +84,20 @@ def cut_vocab(path):
         a, b = m.split(" ", 1)
         if a in keep and b in keep and a + b in keep:
             ms.append(m)
+    # SmolLM2 splits digits one by one, so its vocabulary has no digit merges, and the
+    # pre-tokenizers' digit rules (runs of up to three for llama-bpe, one for qwen2) would
+    # look alike: two-digit tokens are added, merged last.
+    digits = "0123456789"
+    kept = list(kept)
+    for a in digits:
+        for b in digits:
+            if a + b not in keep:
+                kept.append(a + b)
+                ms.append(f"{a} {b}")
     bos, eos = int(f("tokenizer.ggml.bos_token_id")), int(f("tokenizer.ggml.eos_token_id"))
     assert bos < VOCAB_SIZE and eos < VOCAB_SIZE
-    return {"model": "gpt2", "tokens": kept, "types": [int(t) for t in types[:VOCAB_SIZE]], "merges": ms,
+    types = [int(t) for t in types[:VOCAB_SIZE]] + [1] * (len(kept) - VOCAB_SIZE)
+    return {"model": "gpt2", "tokens": kept, "types": types, "merges": ms,
             "bos": bos, "eos": eos}
 
 
