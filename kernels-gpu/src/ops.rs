@@ -16,6 +16,15 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 #[cfg(not(target_arch = "nvptx64"))]
+/// [`rms_norm_row`] in place: `x = rms_norm(x) * w` (one head: qwen3's and gemma3's Q/K norms).
+pub fn rms_norm_row_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let inv = rms_inv(x.iter().map(|v| v * v).sum::<f32>(), x.len(), eps);
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * inv * g;
+    }
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
 /// `residual += x; x = rms_norm(residual) * w` (the pre-norm of the next sub-layer).
 pub fn fused_add_rms_norm_row(x: &mut [f32], residual: &mut [f32], w: &[f32], eps: f32) {
     let mut ss = 0.0;

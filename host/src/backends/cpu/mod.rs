@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 use weave_kernels_gpu::attention::{reshape_and_cache_host, AttnShape};
 use weave_kernels_gpu::ops::{
-    fill_cos_sin_row_scaled, gelu_and_mul_row, rms_inv, rms_norm_row, rope_head, silu_and_mul_row,
+    fill_cos_sin_row_scaled, gelu_and_mul_row, rms_norm_row, rms_norm_row_in_place, rope_head, silu_and_mul_row,
 };
 use weave_kernels_gpu::{Elem, F16};
 use weave_scheduler::{RequestId, ScheduledBatch, StepOutput};
@@ -306,12 +306,12 @@ impl CpuBackend {
     }
 }
 
-/// `x = rms_norm(x) * w` in place (one head: qwen3's Q/K norms), the formula of
-/// `rms_norm_row`.
-fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let inv = rms_inv(x.iter().map(|v| v * v).sum::<f32>(), x.len(), eps);
-    for (v, &g) in x.iter_mut().zip(w) {
-        *v = *v * inv * g;
+impl CpuBackend {
+    /// `out = act(gate) * up` row by row for `x = [gate | up]`, with `row` the gated row.
+    fn gated(&mut self, x: Buf, out: Buf, row: fn(&[f32], &mut [f32])) {
+        let (w, mut o) = (self.width(out), self.take(out));
+        o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| row(g, o));
+        self.put(out, o);
     }
 }
 
@@ -450,10 +450,10 @@ impl LayerOps for CpuBackend {
                 vr.copy_from_slice(&src[qd + kvd..]);
                 if let Some((wq, wk)) = norms {
                     for head in qr.chunks_mut(d) {
-                        rms_norm_in_place(head, wq, c.rms_eps);
+                        rms_norm_row_in_place(head, wq, c.rms_eps);
                     }
                     for head in kr.chunks_mut(d) {
-                        rms_norm_in_place(head, wk, c.rms_eps);
+                        rms_norm_row_in_place(head, wk, c.rms_eps);
                     }
                 }
                 let cs = &table[pos as usize * c.rot_dim..(pos as usize + 1) * c.rot_dim];
@@ -506,16 +506,12 @@ impl LayerOps for CpuBackend {
     }
 
     fn silu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), Self::Error> {
-        let (w, mut o) = (self.width(out), self.take(out));
-        o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| silu_and_mul_row(g, o));
-        self.put(out, o);
+        self.gated(x, out, silu_and_mul_row);
         Ok(())
     }
 
     fn gelu_and_mul(&mut self, x: Buf, out: Buf) -> Result<(), Self::Error> {
-        let (w, mut o) = (self.width(out), self.take(out));
-        o.par_chunks_mut(w).zip(self.ws.bufs[x as usize].par_chunks(2 * w)).for_each(|(o, g)| gelu_and_mul_row(g, o));
-        self.put(out, o);
+        self.gated(x, out, gelu_and_mul_row);
         Ok(())
     }
 
