@@ -4,8 +4,8 @@
 //! (`tools/golden/ggml_blocks.py` makes it).
 
 use serde_json::Value;
-use weave::backends::cpu::qmatmul::QMatrix;
 use weave::model::gguf::GgmlType;
+use weave::model::packed::QMatrix;
 use weave::model::quant::dequantize;
 
 fn hex(s: &str) -> Vec<u8> {

@@ -5,8 +5,8 @@
 //! norms are 1. The tokenizer is one token per byte: the text is meaningless, the work is not.
 
 use super::config::ModelConfig;
+use super::half::{HKind, HMatrix};
 use super::weights::{Layer, Linear, LinearData, Weights};
-use crate::backends::cpu::hmatmul::{HKind, HMatrix};
 use rayon::prelude::*;
 use weave_kernels_gpu::sample::dummy_value;
 use weave_kernels_gpu::{Bf16, Elem, F16};

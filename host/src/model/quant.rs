@@ -106,10 +106,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
             for (o, b) in out.chunks_exact_mut(256).zip(data.chunks_exact(210)) {
                 let d = f16_at(b, 208);
                 for (e, o) in o.iter_mut().enumerate() {
-                    let (h, i) = (e / 128, e % 128);
-                    let lo = (b[64 * h + i % 64] >> (4 * (i / 64))) & 0x0f;
-                    let hi = (b[128 + 32 * h + i % 32] >> (2 * (i / 32))) & 3;
-                    let q = (lo | hi << 4) as i32 - 32;
+                    let q = six_bit(b, e) as i32 - 32;
                     let sc = b[192 + e / 16] as i8;
                     *o = d * sc as f32 * q as f32;
                 }
@@ -118,6 +115,17 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Stri
         GgmlType::Other(_) => return Err(ty.name()),
     }
     Ok(())
+}
+
+/// Q6_K's value `e` (of 256, 0..63 before its offset of 32) in block `b`: the low four bits
+/// from `ql` (bytes 0..128), the high two from `qh` (bytes 128..192). Its scale is the signed
+/// byte `b[192 + e / 16]`.
+#[inline]
+pub fn six_bit(b: &[u8], e: usize) -> u8 {
+    let (h, i) = (e / 128, e % 128);
+    let lo = (b[64 * h + i % 64] >> (4 * (i / 64))) & 0x0f;
+    let hi = (b[128 + 32 * h + i % 32] >> (2 * (i / 32))) & 3;
+    lo | hi << 4
 }
 
 /// Q5_0/Q5_1's 32 values of 5 bits: element `j` (of 32) takes the low nibble of byte `j` of

@@ -1,16 +1,16 @@
 //! The model's weights. Linear layers are row-major `[out][in]` (GGUF's own order); Q/K/V and
 //! gate/up are fused into one matrix each so a layer runs two GEMMs fewer.
 //!
-//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1, Q4_K (4-bit) and Q5_0, Q5_1, Q5_K,
-//! Q8_0 (8-bit) tensors packed (see `backends::cpu::qmatmul`) and F16/BF16 ones in 16 bits
-//! (`backends::cpu::hmatmul`);
+//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1, Q4_K (4-bit), Q5_0, Q5_1, Q5_K,
+//! Q8_0 (8-bit) and Q6_K (6-bit values a byte each, scales per 16) tensors packed (`super::packed`, multiplied by `backends::cpu::qmatmul`) and F16/BF16
+//! ones in 16 bits (`super::half`, `backends::cpu::hmatmul`);
 //! [`Precision::F32`] dequantizes every tensor to f32 once at load (the exact path, checked
 //! against the f64 reference). Tensors of other types are f32 in both.
 
 use super::config::{ConfigError, ModelConfig};
 use super::gguf::Gguf;
-use crate::backends::cpu::hmatmul::{HKind, HMatrix};
-use crate::backends::cpu::qmatmul::{QKind, QMatrix, QMatrixBuilder};
+use super::half::{HKind, HMatrix};
+use super::packed::{QKind, QMatrix, QMatrixBuilder};
 
 /// How the CPU backend holds and multiplies weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,17 +109,11 @@ impl Linear {
         Ok(Linear { data: LinearData::F32(w), out_dim, in_dim: inp as usize })
     }
 
-    /// The parts packed into one matrix (8-bit when any part is: a Q4_K_M file's Q/K/V can be
-    /// Q4_K, Q4_K and Q5_0), or `None` when some part does not pack.
+    /// The parts packed into one matrix of the narrowest kind that holds them all (a Q4_K_M
+    /// file's Q/K/V can be Q4_K, Q4_K and Q5_0, or Q6_K for V), or `None` when none does.
     fn load_packed(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<QMatrix>, ConfigError> {
-        let mut kind = QKind::U4;
-        for n in names {
-            match QKind::of(g.tensor(n)?.ty) {
-                None => return Ok(None),
-                Some(QKind::U8) => kind = QKind::U8,
-                Some(QKind::U4) => {}
-            }
-        }
+        let types = names.iter().map(|n| Ok(g.tensor(n)?.ty)).collect::<Result<Vec<_>, ConfigError>>()?;
+        let Some(kind) = QKind::for_types(&types) else { return Ok(None) };
         let mut b = QMatrixBuilder::new(kind, inp as usize);
         for (n, &o) in names.iter().zip(outs) {
             let t = g.tensor(n)?;
@@ -244,6 +238,7 @@ impl Weights {
                 LinearData::Quant(q) => match q.kind {
                     QKind::U4 => "u4",
                     QKind::U8 => "u8",
+                    QKind::U6 => "u6",
                 },
                 LinearData::Half(h) => match h.kind {
                     HKind::F16 => "f16",

@@ -1,4 +1,4 @@
-//! Matrix products on 16-bit float weights (GGUF's F16 and BF16), kept in 16 bits: half the
+//! Matrix products on 16-bit float weights (GGUF's F16 and BF16, [`HMatrix`]), kept in 16 bits: half the
 //! memory and the bytes per step of widening them to f32 at load. Each weight is widened in
 //! registers as it is used (F16C for f16, a shift for bf16) and multiplied with f32
 //! activations, so the products are those of the f32 path up to the order of the sums.
@@ -6,71 +6,8 @@
 //! Work is split as in [`super::qmatmul`]: tasks of 16 weight rows, four rows sharing each
 //! activation load and up to four activation rows sharing each widened weight vector.
 
+use crate::model::half::{HKind, HMatrix};
 use rayon::prelude::*;
-
-/// Which 16-bit format the weights are in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HKind {
-    F16,
-    Bf16,
-}
-
-impl HKind {
-    /// The kind of a GGUF type, if it is a 16-bit float.
-    pub fn of(ty: crate::model::gguf::GgmlType) -> Option<HKind> {
-        use crate::model::gguf::GgmlType;
-        match ty {
-            GgmlType::F16 => Some(HKind::F16),
-            GgmlType::Bf16 => Some(HKind::Bf16),
-            _ => None,
-        }
-    }
-
-    #[inline(always)]
-    fn widen(self, bits: u16) -> f32 {
-        match self {
-            HKind::F16 => weave_kernels_gpu::elem::f16_bits_to_f32(bits),
-            HKind::Bf16 => f32::from_bits((bits as u32) << 16),
-        }
-    }
-}
-
-/// A row-major `[rows][cols]` matrix of 16-bit floats.
-#[derive(Debug, Clone)]
-pub struct HMatrix {
-    pub kind: HKind,
-    pub rows: usize,
-    pub cols: usize,
-    pub bits: Vec<u16>,
-}
-
-impl HMatrix {
-    /// An empty matrix of `cols` columns, to stack tensors into.
-    pub fn new(kind: HKind, cols: usize) -> HMatrix {
-        HMatrix { kind, rows: 0, cols, bits: Vec::new() }
-    }
-
-    /// Appends `rows` rows from a GGUF tensor's bytes; `None` if the type or size is wrong.
-    pub fn push_ggml(&mut self, ty: crate::model::gguf::GgmlType, rows: usize, data: &[u8]) -> Option<()> {
-        if HKind::of(ty) != Some(self.kind) || data.len() != rows * self.cols * 2 {
-            return None;
-        }
-        self.bits.extend(data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
-        self.rows += rows;
-        Some(())
-    }
-
-    pub fn size_bytes(&self) -> usize {
-        2 * self.bits.len()
-    }
-
-    /// Row `r` in f32.
-    pub fn row(&self, r: usize, out: &mut [f32]) {
-        for (o, &b) in out.iter_mut().zip(&self.bits[r * self.cols..(r + 1) * self.cols]) {
-            *o = self.kind.widen(b);
-        }
-    }
-}
 
 /// Which kernels run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,17 +298,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn rows_read_back_widened() {
-        let (w, wf) = matrix(HKind::Bf16, 3, 40);
-        let mut row = vec![0f32; 40];
-        w.row(2, &mut row);
-        assert_eq!(row, wf[80..120]);
-        let mut m = HMatrix::new(HKind::F16, 4);
-        assert!(m.push_ggml(crate::model::gguf::GgmlType::F16, 1, &[0; 7]).is_none(), "wrong size");
-        assert!(m.push_ggml(crate::model::gguf::GgmlType::Bf16, 1, &[0; 8]).is_none(), "wrong kind");
-        assert!(m.push_ggml(crate::model::gguf::GgmlType::F16, 1, &[0; 8]).is_some());
     }
 }

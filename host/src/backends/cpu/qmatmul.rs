@@ -1,278 +1,22 @@
-//! Matrix products on weights kept in their GGUF quantization, the way llama.cpp does them:
-//! activations are quantized to 8 bits per block of 32 (one scale a block), and each block's
-//! dot product is an integer sum scaled once.
+//! Matrix products on quantized weights ([`crate::model::packed::QMatrix`]), the way
+//! llama.cpp does them: activations are quantized to 8 bits per block of 32 (one scale a
+//! block), and each block's dot product is an integer sum scaled once.
 //!
-//! Every weight type becomes unsigned values `u` with a scale `d` and an offset `m` per block,
-//! `w = d * u + m`:
-//! - `U4`, 4-bit `u` in 0..15: Q4_1 as it is; Q4_0's `d * (q - 8)` is `m = -8 d`, exactly;
-//!   Q4_K's eight sub-blocks of 32 are eight blocks with `d = d sc`, `m = -dmin min`;
-//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`; the 5-bit
-//!   types (Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks) a byte a value.
-//!
-//! Q6_K's sub-blocks are 16 values (two scales a block of 32), which this layout cannot
-//! hold: it is dequantized to f32 at load.
-//!
-//! A block's product with activations `x` (scale `e`) is then `d e Σ u x + m (e Σ x)`, and the
-//! activations keep `e Σ x` per block for the second term. Scales are widened to f32 at load,
-//! so no kernel converts f16.
-//!
-//! # Layout
-//! Rows are stored in groups of four ([`GROUP`]), block by block, so a kernel walking a group
-//! reads one sequential stream (four separate rows were four streams, and decode stalled on
-//! them). A block of four rows is two "halves" of 64 bytes, half `h` holding elements
-//! `16h..16h + 16` of each row, in 16 lanes of 4 bytes: lane `4q + r` holds elements
-//! `16h + 4q .. 16h + 4q + 4` of row `r`. So one byte-dot-product instruction (`vpdpbusd`,
-//! which sums four byte products into each 32-bit lane) leaves lane `l` with a partial sum of
-//! row `l % 4`, and the four rows' scales, broadcast as one 128-bit vector, line up with the
-//! lanes. The activations are stored expanded to match: each 4-byte quad of a block repeated
-//! for the four rows (128 bytes a block). `U4` packs half 0 in the low nibbles and half 1 in
-//! the high nibbles of 64 bytes; `U8` stores the two halves one after the other.
+//! A block's product with activations `x` (scale `e`) is `d e Σ u x + m (e Σ x)` for weights
+//! `w = d u + m`, and the activations keep `e Σ x` per block for the second term, and per
+//! half block for `U6` weights (whose scales are per 16). The activations are stored expanded
+//! to match the weights' layout: each 4-byte quad of a block repeated for the four rows of a
+//! group (128 bytes a block).
 //!
 //! Kernels: portable scalar code (the definition), AVX2 (+FMA), and AVX-512 VNNI, picked at
 //! run time; the SIMD ones are tested against the scalar one.
 
+use crate::model::packed::{lane_byte, QKind, QMatrix, GROUP, QK};
+
 use rayon::prelude::*;
 
-/// Elements per quantization block.
-pub const QK: usize = 32;
-/// Rows interleaved in one group.
-pub const GROUP: usize = 4;
 /// Bytes of expanded activations per block.
 const XB: usize = 4 * QK;
-
-/// How a matrix's values are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QKind {
-    /// 4-bit values, 64 bytes a group-block.
-    U4,
-    /// 8-bit values, 128 bytes a group-block.
-    U8,
-}
-
-impl QKind {
-    /// The kind a GGUF type packs into, if any.
-    pub fn of(ty: crate::model::gguf::GgmlType) -> Option<QKind> {
-        use crate::model::gguf::GgmlType;
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(QKind::U4),
-            // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the 8-bit kernels.
-            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q8_0 => Some(QKind::U8),
-            _ => None,
-        }
-    }
-
-    /// Bytes of values per group-block.
-    fn group_block_bytes(self) -> usize {
-        match self {
-            QKind::U4 => 2 * QK,
-            QKind::U8 => 4 * QK,
-        }
-    }
-}
-
-/// Byte of a half-register that holds element `e` (0..16 within the half) of row `r`.
-#[inline(always)]
-fn lane_byte(r: usize, e: usize) -> usize {
-    (4 * (e / 4) + r) * 4 + e % 4
-}
-
-/// A row-major `[rows][cols]` matrix in blocks of 32 along each row, rows grouped by four
-/// (see the module doc). The last group is padded with zero rows.
-#[derive(Debug, Clone)]
-pub struct QMatrix {
-    pub kind: QKind,
-    pub rows: usize,
-    pub cols: usize,
-    /// Values: `[group][block]` of 64 (`U4`) or 128 (`U8`) bytes.
-    pub qs: Vec<u8>,
-    /// Scales: `[group][block][4]`.
-    pub d: Vec<f32>,
-    /// Offsets: `[group][block][4]`.
-    pub m: Vec<f32>,
-}
-
-/// Builds a [`QMatrix`] from GGUF tensors stacked along rows (Q, K and V into one matrix).
-#[derive(Debug)]
-pub struct QMatrixBuilder {
-    out: QMatrix,
-    /// Rows waiting for their group: values (one byte each), scales and offsets.
-    pending: Vec<(Vec<u8>, Vec<f32>, Vec<f32>)>,
-}
-
-/// One GGUF block as sub-blocks of 32 unsigned values `u` with `w = d u + m`: appends the
-/// values to `u` and each sub-block's scale and offset to `d` and `m`. The K-quants' scales
-/// (`d sc`, `dmin m` of a 16-bit float and a 6-bit integer) are exact in f32, as are Q4_0's
-/// `-8 d`, Q5_0's `-16 d` and Q8_0's `-128 d`. For the types [`QKind::of`] packs.
-fn unpack_block(ty: crate::model::gguf::GgmlType, b: &[u8], u: &mut Vec<u8>, d: &mut Vec<f32>, m: &mut Vec<f32>) {
-    use crate::model::gguf::GgmlType;
-    use crate::model::quant::{f16_at as f16, five_bit, k_nibble, k_scale_min};
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(if ty == GgmlType::Q4_0 { -8.0 * s } else { f16(b, 2) });
-            let q = &b[b.len() - 16..];
-            u.extend(q.iter().map(|x| x & 0x0f));
-            u.extend(q.iter().map(|x| x >> 4));
-        }
-        GgmlType::Q5_0 => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(-16.0 * s);
-            u.extend(five_bit(&b[2..6], &b[6..22]));
-        }
-        GgmlType::Q5_1 => {
-            d.push(f16(b, 0));
-            m.push(f16(b, 2));
-            u.extend(five_bit(&b[4..8], &b[8..24]));
-        }
-        GgmlType::Q4_K | GgmlType::Q5_K => {
-            let (sd, smin) = (f16(b, 0), f16(b, 2));
-            let qs = if ty == GgmlType::Q4_K { &b[16..144] } else { &b[48..176] };
-            for j in 0..8 {
-                let (sc, mn) = k_scale_min(&b[4..16], j);
-                d.push(sd * sc as f32);
-                m.push(-(smin * mn as f32));
-                for l in 0..32 {
-                    let high = if ty == GgmlType::Q5_K { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
-                    u.push(k_nibble(qs, j, l) | high);
-                }
-            }
-        }
-        _ => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(-128.0 * s);
-            u.extend(b[2..34].iter().map(|&x| (x as i8 as i16 + 128) as u8));
-        }
-    }
-}
-
-impl QMatrixBuilder {
-    pub fn new(kind: QKind, cols: usize) -> QMatrixBuilder {
-        QMatrixBuilder {
-            out: QMatrix { kind, rows: 0, cols, qs: Vec::new(), d: Vec::new(), m: Vec::new() },
-            pending: Vec::with_capacity(GROUP),
-        }
-    }
-
-    /// Appends the `rows` rows of a GGUF tensor of a type [`QKind::of`] packs. 4-bit types
-    /// also go into an 8-bit matrix, exactly (a fused Q/K/V whose V is Q5_0, say). `None`
-    /// when the type does not fit this matrix's kind, or the data's size is wrong.
-    pub fn push_ggml(&mut self, ty: crate::model::gguf::GgmlType, rows: usize, data: &[u8]) -> Option<()> {
-        let cols = self.out.cols;
-        let kind = QKind::of(ty)?;
-        let (be, bytes) = ty.block()?;
-        if !(kind == self.out.kind || self.out.kind == QKind::U8) || cols == 0 || !cols.is_multiple_of(be) {
-            return None;
-        }
-        let nb = cols / be;
-        if data.len() != rows * nb * bytes {
-            return None;
-        }
-        self.out.qs.reserve(rows * (cols / QK) * self.out.kind.group_block_bytes() / GROUP);
-        for row in data.chunks_exact(nb * bytes) {
-            let (mut u, mut d, mut m) =
-                (Vec::with_capacity(cols), Vec::with_capacity(cols / QK), Vec::with_capacity(cols / QK));
-            for b in row.chunks_exact(bytes) {
-                unpack_block(ty, b, &mut u, &mut d, &mut m);
-            }
-            self.push_row(u, d, m);
-        }
-        Some(())
-    }
-
-    fn push_row(&mut self, u: Vec<u8>, d: Vec<f32>, m: Vec<f32>) {
-        self.out.rows += 1;
-        self.pending.push((u, d, m));
-        if self.pending.len() == GROUP {
-            self.flush();
-        }
-    }
-
-    /// Packs the pending rows (padded with zero rows) into one group.
-    fn flush(&mut self) {
-        let (cols, nb) = (self.out.cols, self.out.cols / QK);
-        while self.pending.len() < GROUP {
-            self.pending.push((vec![0; cols], vec![0.0; nb], vec![0.0; nb]));
-        }
-        let o = &mut self.out;
-        for b in 0..nb {
-            let start = o.qs.len();
-            o.qs.resize(start + o.kind.group_block_bytes(), 0);
-            let gb = &mut o.qs[start..];
-            for (r, (u, d, m)) in self.pending.iter().enumerate() {
-                let blk = &u[b * QK..(b + 1) * QK];
-                for e in 0..16 {
-                    let k = lane_byte(r, e);
-                    match o.kind {
-                        QKind::U4 => gb[k] = blk[e] | (blk[16 + e] << 4),
-                        QKind::U8 => {
-                            gb[k] = blk[e];
-                            gb[64 + k] = blk[16 + e];
-                        }
-                    }
-                }
-                o.d.push(d[b]);
-                o.m.push(m[b]);
-            }
-        }
-        self.pending.clear();
-    }
-
-    pub fn finish(mut self) -> QMatrix {
-        if !self.pending.is_empty() {
-            self.flush();
-        }
-        self.out
-    }
-}
-
-impl QMatrix {
-    /// Repacks one GGUF tensor. `None` for types that do not pack, or a row length that is not
-    /// a whole number of blocks.
-    pub fn from_ggml(ty: crate::model::gguf::GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<QMatrix> {
-        let mut b = QMatrixBuilder::new(QKind::of(ty)?, cols);
-        b.push_ggml(ty, rows, data)?;
-        Some(b.finish())
-    }
-
-    fn blocks_per_row(&self) -> usize {
-        self.cols / QK
-    }
-
-    /// Row groups, the padded last one included.
-    pub fn groups(&self) -> usize {
-        self.rows.div_ceil(GROUP)
-    }
-
-    /// Bytes held (values and f32 scales).
-    pub fn size_bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.m.len())
-    }
-
-    /// Row `r` in f32 (embedding lookups).
-    pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.blocks_per_row();
-        let (g, rr) = (r / GROUP, r % GROUP);
-        let gbb = self.kind.group_block_bytes();
-        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let gb = &self.qs[(g * nb + b) * gbb..][..gbb];
-            let s = (g * nb + b) * GROUP + rr;
-            let (d, m) = (self.d[s], self.m[s]);
-            for e in 0..16 {
-                let k = lane_byte(rr, e);
-                let (u0, u1) = match self.kind {
-                    QKind::U4 => (gb[k] & 0x0f, gb[k] >> 4),
-                    QKind::U8 => (gb[k], gb[64 + k]),
-                };
-                // One rounding, as the GGUF dequantizer's `d * (q - 8)` or `d * q`.
-                o[e] = (u0 as f32).mul_add(d, m);
-                o[16 + e] = (u1 as f32).mul_add(d, m);
-            }
-        }
-    }
-}
 
 /// Activations quantized for [`qmatmul`]: per block of 32, signed bytes (stored expanded, see
 /// the module doc), a scale and the block's sum (of the quantized values, scaled). Reused from
@@ -285,6 +29,8 @@ pub struct QActs {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub sum: Vec<f32>,
+    /// `[row][block][2]`: the sums of each half block (for `U6` weights).
+    pub hsum: Vec<f32>,
 }
 
 impl QActs {
@@ -299,13 +45,15 @@ impl QActs {
         self.q.resize(nb * XB, 0);
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0.0);
-        type Block<'a> = (((&'a [f32], &'a mut [i8]), &'a mut f32), &'a mut f32);
-        let work = |(((xs, q), d), s): Block<'_>| (*d, *s) = quantize_block(isa, xs, q);
+        self.hsum.resize(2 * nb, 0.0);
+        type Block<'a> = ((((&'a [f32], &'a mut [i8]), &'a mut f32), &'a mut f32), &'a mut [f32]);
+        let work = |((((xs, q), d), s), hs): Block<'_>| (*d, *s) = quantize_block(isa, xs, q, hs);
         if nb >= 1024 {
             x.par_chunks_exact(QK)
                 .zip(self.q.par_chunks_exact_mut(XB))
                 .zip(self.d.par_iter_mut())
                 .zip(self.sum.par_iter_mut())
+                .zip(self.hsum.par_chunks_exact_mut(2))
                 .with_min_len(256)
                 .for_each(work);
         } else {
@@ -313,31 +61,35 @@ impl QActs {
                 .zip(self.q.chunks_exact_mut(XB))
                 .zip(self.d.iter_mut())
                 .zip(self.sum.iter_mut())
+                .zip(self.hsum.chunks_exact_mut(2))
                 .for_each(work);
         }
     }
 }
 
 /// One block of 32 to signed bytes, written expanded into `q` (128 bytes): returns its scale
-/// and its sum.
-fn quantize_block(isa: Isa, xs: &[f32], q: &mut [i8]) -> (f32, f32) {
+/// and its sum, and writes the sums of its two halves to `hsum`.
+fn quantize_block(isa: Isa, xs: &[f32], q: &mut [i8], hsum: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
-        // SAFETY: `isa` was detected on this CPU; `xs` holds 32 floats and `q` 128 bytes
-        // (asserted inside).
-        return unsafe { x86::quantize_block_512(xs, q) };
+        // SAFETY: `isa` was detected on this CPU; `xs` holds 32 floats, `q` 128 bytes and
+        // `hsum` two floats (asserted inside).
+        return unsafe { x86::quantize_block_512(xs, q, hsum) };
     }
     let _ = isa;
     let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let mut qs = [0i8; QK];
-    let mut qsum = 0i32;
-    for (o, &v) in qs.iter_mut().zip(xs) {
+    let mut half = [0i32; 2];
+    for (e, (o, &v)) in qs.iter_mut().zip(xs).enumerate() {
         // Ties to even, as the SIMD conversion rounds.
         *o = (v * inv).round_ties_even() as i8;
-        qsum += *o as i32;
+        half[e / 16] += *o as i32;
     }
+    let qsum = half[0] + half[1];
+    hsum[0] = scale * half[0] as f32;
+    hsum[1] = scale * half[1] as f32;
     for h in 0..2 {
         for e in 0..16 {
             for r in 0..GROUP {
@@ -407,26 +159,33 @@ impl Isa {
 /// `Σ_blocks d e Σ u x + m (e Σ x)` per row.
 fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     let nb = w.blocks_per_row();
-    let gbb = w.kind.group_block_bytes();
+    let (gbb, spb) = (w.kind.group_block_bytes(), w.kind.scales_per_block());
     let mut out = [[0f32; GROUP]; N];
     for b in 0..nb {
         let gb = &w.qs[(g * nb + b) * gbb..][..gbb];
         for (n, o) in out.iter_mut().enumerate() {
             let ab = (i0 + n) * nb + b;
             let x = &a.q[ab * XB..][..XB];
-            let mut isum = [0i32; GROUP];
-            for h in 0..2 {
+            let mut isum = [[0i32; GROUP]; 2];
+            for (h, isum) in isum.iter_mut().enumerate() {
                 for k in 0..64 {
                     let u = match w.kind {
                         QKind::U4 => (gb[k] >> (4 * h)) & 0x0f,
-                        QKind::U8 => gb[64 * h + k],
+                        QKind::U8 | QKind::U6 => gb[64 * h + k],
                     };
                     isum[(k / 4) % GROUP] += u as i32 * x[64 * h + k] as i32;
                 }
             }
             for r in 0..GROUP {
-                let s = (g * nb + b) * GROUP + r;
-                o[r] += w.d[s] * a.d[ab] * isum[r] as f32 + w.m[s] * a.sum[ab];
+                if spb == 1 {
+                    let s = (g * nb + b) * GROUP + r;
+                    o[r] += w.d[s] * a.d[ab] * (isum[0][r] + isum[1][r]) as f32 + w.m[s] * a.sum[ab];
+                } else {
+                    for (h, isum) in isum.iter().enumerate() {
+                        let s = ((g * nb + b) * 2 + h) * GROUP + r;
+                        o[r] += w.d[s] * a.d[ab] * isum[r] as f32 + w.m[s] * a.hsum[2 * ab + h];
+                    }
+                }
             }
         }
     }
@@ -437,7 +196,7 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
 #[inline(always)]
 fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     match (isa, w.kind) {
-        // SAFETY (these four): `isa` was detected on this CPU; the kernels check the ranges.
+        // SAFETY (these six): `isa` was detected on this CPU; the kernels check the ranges.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, QKind::U4) => unsafe { x86::u4_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
@@ -446,6 +205,10 @@ fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) 
         (Isa::Avx2, QKind::U4) => unsafe { x86::u4_256::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QKind::U8) => unsafe { x86::u8_256::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QKind::U6) => unsafe { x86::u6_512::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QKind::U6) => unsafe { x86::u6_256::<N>(w, g, a, i0) },
         _ => scalar_group::<N>(w, g, a, i0),
     }
 }
@@ -459,15 +222,14 @@ mod x86 {
     #[inline(always)]
     fn check(w: &QMatrix, g: usize, a: &QActs, i0: usize, n: usize) -> usize {
         let nb = w.cols / QK;
-        let gbb = w.kind.group_block_bytes();
-        assert!(
-            w.qs.len() >= (g + 1) * nb * gbb && w.d.len() >= (g + 1) * nb * GROUP && w.m.len() >= (g + 1) * nb * GROUP
-        );
+        let (gbb, scales) = (w.kind.group_block_bytes(), nb * GROUP * w.kind.scales_per_block());
+        assert!(w.qs.len() >= (g + 1) * nb * gbb && w.d.len() >= (g + 1) * scales && w.m.len() >= (g + 1) * scales);
         assert!(
             a.cols == w.cols
                 && a.q.len() >= (i0 + n) * nb * XB
                 && a.d.len() >= (i0 + n) * nb
                 && a.sum.len() >= (i0 + n) * nb
+                && a.hsum.len() >= (i0 + n) * nb * 2
         );
         nb
     }
@@ -653,14 +415,96 @@ mod x86 {
         }
     }
 
+    /// A group of `U6` rows against `N` activation rows (AVX2). Values below 64 need no sign
+    /// trick: four byte products still fit i16 (4 * 63 * 127 = 32004), so each half's two
+    /// `maddubs` are added before one widening `madd`, and the halves keep their own scales.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA. Ranges are checked.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn u6_256<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
+        let nb = check(w, g, a, i0, N);
+        // SAFETY: every pointer below stays inside the ranges `check` asserted.
+        unsafe {
+            let qs = w.qs.as_ptr().add(g * nb * 128);
+            let (d, m) = (w.d.as_ptr().add(g * nb * 2 * GROUP), w.m.as_ptr().add(g * nb * 2 * GROUP));
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut off = [_mm_setzero_ps(); N];
+            for b in 0..nb {
+                let ws: [__m256i; 4] = std::array::from_fn(|k| _mm256_loadu_si256(qs.add(b * 128 + 32 * k).cast()));
+                let s = b * 2 * GROUP;
+                let d0 = _mm256_broadcast_ps(&*(d.add(s) as *const __m128));
+                let d1 = _mm256_broadcast_ps(&*(d.add(s + GROUP) as *const __m128));
+                let (m0, m1) = (_mm_loadu_ps(m.add(s)), _mm_loadu_ps(m.add(s + GROUP)));
+                for (n, (acc_n, off_n)) in acc.iter_mut().zip(&mut off).enumerate() {
+                    let ab = (i0 + n) * nb + b;
+                    let x = a.q.as_ptr().add(ab * XB);
+                    let p = |k: usize| _mm256_maddubs_epi16(ws[k], _mm256_loadu_si256(x.add(32 * k).cast()));
+                    let s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p(0), p(1)), ones));
+                    let s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p(2), p(3)), ones));
+                    let t = _mm256_fmadd_ps(s0, d0, _mm256_mul_ps(s1, d1));
+                    *acc_n = _mm256_fmadd_ps(t, _mm256_set1_ps(*a.d.get_unchecked(ab)), *acc_n);
+                    let hs = a.hsum.as_ptr().add(2 * ab);
+                    *off_n = _mm_fmadd_ps(m0, _mm_set1_ps(*hs), _mm_fmadd_ps(m1, _mm_set1_ps(*hs.add(1)), *off_n));
+                }
+            }
+            let mut out = [[0f32; GROUP]; N];
+            for ((o, acc_n), off_n) in out.iter_mut().zip(acc).zip(off) {
+                *o = reduce_256(acc_n, off_n);
+            }
+            out
+        }
+    }
+
+    /// A group of `U6` rows against `N` activation rows (AVX-512 VNNI): one `dpbusd` a half,
+    /// each half with its own scales.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, AVX-512 F/BW/VL and VNNI. Ranges are checked.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn u6_512<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
+        let nb = check(w, g, a, i0, N);
+        // SAFETY: every pointer below stays inside the ranges `check` asserted.
+        unsafe {
+            let qs = w.qs.as_ptr().add(g * nb * 128);
+            let (d, m) = (w.d.as_ptr().add(g * nb * 2 * GROUP), w.m.as_ptr().add(g * nb * 2 * GROUP));
+            let mut acc = [_mm512_setzero_ps(); N];
+            let mut off = [_mm_setzero_ps(); N];
+            for b in 0..nb {
+                let (wa, wb) = u8_halves_512(qs.add(b * 128));
+                let s = b * 2 * GROUP;
+                let d0 = _mm512_broadcast_f32x4(_mm_loadu_ps(d.add(s)));
+                let d1 = _mm512_broadcast_f32x4(_mm_loadu_ps(d.add(s + GROUP)));
+                let (m0, m1) = (_mm_loadu_ps(m.add(s)), _mm_loadu_ps(m.add(s + GROUP)));
+                for n in 0..N {
+                    let ab = (i0 + n) * nb + b;
+                    let x = a.q.as_ptr().add(ab * XB);
+                    let zero = _mm512_setzero_si512();
+                    let s0 = _mm512_dpbusd_epi32(zero, wa, _mm512_loadu_si512(x.cast()));
+                    let s1 = _mm512_dpbusd_epi32(zero, wb, _mm512_loadu_si512(x.add(64).cast()));
+                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
+                    acc[n] = _mm512_fmadd_ps(t, _mm512_set1_ps(*a.d.get_unchecked(ab)), acc[n]);
+                    let hs = a.hsum.as_ptr().add(2 * ab);
+                    off[n] = _mm_fmadd_ps(m0, _mm_set1_ps(*hs), _mm_fmadd_ps(m1, _mm_set1_ps(*hs.add(1)), off[n]));
+                }
+            }
+            let mut out = [[0f32; GROUP]; N];
+            for n in 0..N {
+                out[n] = reduce_512(acc[n], off[n]);
+            }
+            out
+        }
+    }
+
     /// [`super::quantize_block`] in AVX-512: the same bytes (conversion rounds ties to even,
     /// as the scalar code does), then the expansion as two permutes.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and AVX-512 F/BW/VL.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn quantize_block_512(xs: &[f32], q: &mut [i8]) -> (f32, f32) {
-        assert!(xs.len() >= QK && q.len() >= XB);
+    pub unsafe fn quantize_block_512(xs: &[f32], q: &mut [i8], hsum: &mut [f32]) -> (f32, f32) {
+        assert!(xs.len() >= QK && q.len() >= XB && hsum.len() >= 2);
         // SAFETY: in range by the assert.
         unsafe {
             let v0 = _mm512_loadu_ps(xs.as_ptr());
@@ -670,7 +514,10 @@ mod x86 {
             let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
             let i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
             let i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-            let qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+            let (h0, h1) = (_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1));
+            let qsum = h0 + h1;
+            hsum[0] = scale * h0 as f32;
+            hsum[1] = scale * h1 as f32;
             let bytes =
                 _mm512_inserti32x4::<1>(_mm512_castsi128_si512(_mm512_cvtepi32_epi8(i0)), _mm512_cvtepi32_epi8(i1));
             // Lane `l` of half `h` takes the block's 4-byte quad `4h + l / 4`.
@@ -753,105 +600,10 @@ pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gguf::GgmlType;
-
-    /// xorshift: deterministic pseudo-random bytes.
-    fn bytes(n: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 11) as u8
-            })
-            .collect()
-    }
-
-    fn f16b(x: f32) -> [u8; 2] {
-        weave_kernels_gpu::elem::f32_to_f16_bits(x).to_le_bytes()
-    }
-
-    /// The types that pack, each kind.
-    const PACKED: [GgmlType; 7] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q4_K,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q5_K,
-        GgmlType::Q8_0,
-    ];
-
-    /// A random GGUF tensor of `ty`, `rows x cols`: random bits but for the f16 scales and
-    /// offsets, which are finite and modest (K-quants' scales meet 6-bit multipliers).
-    fn ggml(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let (be, size) = ty.block().unwrap();
-        let nb = rows * cols / be;
-        let mut out = bytes(nb * size, seed);
-        for (b, blk) in out.chunks_mut(size).enumerate() {
-            let d = 0.001 + (b % 7) as f32 * 0.003;
-            let (at_d, at_m, d, m) = match ty {
-                GgmlType::Q4_1 | GgmlType::Q5_1 => (0, Some(2), d, -0.02 * (b % 5) as f32),
-                GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2), d / 16.0, 0.0005 * (b % 5) as f32),
-                GgmlType::Q6_K => (208, None, d / 64.0, 0.0),
-                _ => (0, None, d, 0.0),
-            };
-            blk[at_d..at_d + 2].copy_from_slice(&f16b(d));
-            if let Some(i) = at_m {
-                blk[i..i + 2].copy_from_slice(&f16b(m));
-            }
-        }
-        out
-    }
+    use crate::model::packed::test_data::{bytes, ggml, PACKED};
 
     fn acts(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
         bytes(rows * cols, seed).iter().map(|&b| (b as f32 - 128.0) / 50.0).collect()
-    }
-
-    #[test]
-    fn repacked_blocks_decode_like_the_dequantizer() {
-        // Each type alone, then stacked after a part of another type into one matrix (8-bit
-        // when either is), as a fused Q/K/V of a Q4_K_M file.
-        let pairs = PACKED.iter().map(|&t| (t, t)).chain([
-            (GgmlType::Q4_K, GgmlType::Q5_0),
-            (GgmlType::Q5_K, GgmlType::Q4_K),
-            (GgmlType::Q4_0, GgmlType::Q8_0),
-        ]);
-        for (t1, t2) in pairs {
-            // Two tensors stacked, 3 + 6 rows: groups straddle the seam, the last is padded.
-            let (r1, r2, cols) = (3, 6, 512);
-            let (d1, d2) = (ggml(t1, r1, cols, 5), ggml(t2, r2, cols, 9));
-            let kind = if QKind::of(t1) == Some(QKind::U8) { QKind::U8 } else { QKind::of(t2).unwrap() };
-            let mut b = QMatrixBuilder::new(kind, cols);
-            b.push_ggml(t1, r1, &d1).unwrap();
-            b.push_ggml(t2, r2, &d2).unwrap();
-            let m = b.finish();
-            assert_eq!((m.rows, m.groups()), (9, 3));
-            let mut want = vec![0f32; (r1 + r2) * cols];
-            crate::model::quant::dequantize(t1, &d1, &mut want[..r1 * cols]).unwrap();
-            crate::model::quant::dequantize(t2, &d2, &mut want[r1 * cols..]).unwrap();
-            let mut row = vec![0f32; cols];
-            for r in 0..r1 + r2 {
-                m.dequant_row(r, &mut row);
-                for (k, (x, y)) in row.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
-                    // One rounding either way, but the Q4_1/Q5_1 dequantizer rounds twice (`q d + m`).
-                    assert!((x - y).abs() <= 1e-6 * y.abs(), "{t1:?}+{t2:?} row {r} [{k}]: {x} vs {y}");
-                }
-            }
-        }
-        assert!(
-            QMatrix::from_ggml(GgmlType::Q6_K, 1, 256, &ggml(GgmlType::Q6_K, 1, 256, 3)).is_none(),
-            "16-value scales"
-        );
-        assert!(QMatrix::from_ggml(GgmlType::Q4_K, 1, 288, &[0; 162]).is_none(), "288 is not whole super-blocks");
-        let mut b = QMatrixBuilder::new(QKind::U4, 256);
-        assert!(b.push_ggml(GgmlType::Q5_K, 1, &[0; 176]).is_none(), "5 bits do not fit a 4-bit matrix");
-        assert!(QMatrix::from_ggml(GgmlType::Q4_1, 2, 48, &[0; 60]).is_none(), "48 is not whole blocks");
-        assert!(QMatrix::from_ggml(GgmlType::F32, 1, 32, &[0; 128]).is_none());
-        assert!(QMatrix::from_ggml(GgmlType::Q8_0, 2, 32, &[0; 60]).is_none(), "wrong size");
-        let mut b = QMatrixBuilder::new(QKind::U4, 32);
-        assert!(b.push_ggml(GgmlType::Q8_0, 1, &[0; 34]).is_none(), "kinds do not mix");
     }
 
     /// Names each kernel set this CPU lacks, past the test harness's capture.
@@ -882,7 +634,11 @@ mod tests {
                 let (mut a, mut sa) = (QActs::default(), QActs::default());
                 a.quantize(isa, &x, n, cols);
                 sa.quantize(Isa::Scalar, &x, n, cols);
-                assert_eq!((&a.q, &a.d, &a.sum), (&sa.q, &sa.d, &sa.sum), "{isa:?} quantizes as the scalar code");
+                assert_eq!(
+                    (&a.q, &a.d, &a.sum, &a.hsum),
+                    (&sa.q, &sa.d, &sa.sum, &sa.hsum),
+                    "{isa:?} quantizes as the scalar code"
+                );
                 let (mut s, mut v) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 qmatmul(Isa::Scalar, &w, &sa, &mut s, false, 1);
                 qmatmul(isa, &w, &a, &mut v, false, 2);

@@ -74,7 +74,7 @@ struct DevLinear {
 
 impl DevLinear {
     fn upload(k: &Kernels, l: &Linear, dtype: Dtype) -> Result<DevLinear, CudaError> {
-        use crate::backends::cpu::hmatmul::HKind;
+        use crate::model::half::HKind;
         use crate::model::weights::LinearData;
         match &l.data {
             // In the device's type already: the bits as they are.
