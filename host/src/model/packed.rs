@@ -5,8 +5,10 @@
 //! `w = d * u + m`:
 //! - `U4`, 4-bit `u` in 0..15: Q4_1 as it is; Q4_0's `d * (q - 8)` is `m = -8 d`, exactly;
 //!   Q4_K's eight sub-blocks of 32 are eight blocks with `d = d sc`, `m = -dmin min`;
-//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`; the 5-bit
-//!   types (Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks) a byte a value;
+//! - `U5`, 5-bit `u` in 0..31 a byte each: Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks
+//!   (and the 4-bit types, in a matrix stacked with 5-bit parts). Kept apart from `U8` because
+//!   values below 32 let the AVX2 kernel sum eight byte products in 16 bits;
+//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`;
 //! - `U6`, values up to 63 a byte each, with a scale and an offset per *half* block of 16:
 //!   Q6_K, whose sub-blocks are 16 values with a scale each (`d = d sc`, `m = -32 d sc`). A
 //!   matrix with Q6_K parts and 4- or 5-bit ones (a Q4_K_M file's Q/K/V with a Q6_K V) is
@@ -23,7 +25,7 @@
 //! which sums four byte products into each 32-bit lane) leaves lane `l` with a partial sum of
 //! row `l % 4`, and the four rows' scales, broadcast as one 128-bit vector, line up with the
 //! lanes. `U4` packs half 0 in the low nibbles and half 1 in the high nibbles of 64 bytes;
-//! `U8` and `U6` store the two halves one after the other. Scales are `[group][block][4]`
+//! `U5`, `U8` and `U6` store the two halves one after the other. Scales are `[group][block][4]`
 //! (`[group][block][half][4]` for `U6`).
 
 /// Elements per quantization block.
@@ -38,6 +40,8 @@ pub enum QKind {
     U4,
     /// 8-bit values, 128 bytes a group-block.
     U8,
+    /// Values up to 31, 128 bytes a group-block.
+    U5,
     /// Values up to 63, 128 bytes a group-block, two scales and offsets a block (one a half).
     U6,
 }
@@ -49,7 +53,9 @@ impl QKind {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(QKind::U4),
             // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the 8-bit kernels.
-            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q8_0 => Some(QKind::U8),
+            // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the byte kernels.
+            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => Some(QKind::U5),
+            GgmlType::Q8_0 => Some(QKind::U8),
             GgmlType::Q6_K => Some(QKind::U6),
             _ => None,
         }
@@ -60,7 +66,8 @@ impl QKind {
         use crate::model::gguf::GgmlType;
         match self {
             QKind::U4 => QKind::of(ty) == Some(QKind::U4),
-            QKind::U8 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U8)),
+            QKind::U5 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5)),
+            QKind::U8 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::U8)),
             // Every packed type but Q8_0 has values below 64.
             QKind::U6 => QKind::of(ty).is_some() && ty != GgmlType::Q8_0,
         }
@@ -69,14 +76,14 @@ impl QKind {
     /// The kind of a matrix stacked from tensors of `types`: the narrowest that holds them
     /// all, or `None` (Q6_K beside Q8_0, or a type that does not pack).
     pub fn for_types(types: &[crate::model::gguf::GgmlType]) -> Option<QKind> {
-        [QKind::U4, QKind::U8, QKind::U6].into_iter().find(|k| types.iter().all(|&t| k.holds(t)))
+        [QKind::U4, QKind::U5, QKind::U8, QKind::U6].into_iter().find(|k| types.iter().all(|&t| k.holds(t)))
     }
 
     /// Bytes of values per group-block.
     pub fn group_block_bytes(self) -> usize {
         match self {
             QKind::U4 => 2 * QK,
-            QKind::U8 | QKind::U6 => 4 * QK,
+            QKind::U5 | QKind::U8 | QKind::U6 => 4 * QK,
         }
     }
 
@@ -84,7 +91,7 @@ impl QKind {
     pub fn scales_per_block(self) -> usize {
         match self {
             QKind::U6 => 2,
-            QKind::U4 | QKind::U8 => 1,
+            QKind::U4 | QKind::U5 | QKind::U8 => 1,
         }
     }
 }
@@ -102,7 +109,7 @@ pub struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    /// Values: `[group][block]` of 64 (`U4`) or 128 (`U8`) bytes.
+    /// Values: `[group][block]` of 64 (`U4`) or 128 (the others) bytes.
     pub qs: Vec<u8>,
     /// Scales: `[group][block][4]`.
     pub d: Vec<f32>,
@@ -243,7 +250,7 @@ impl QMatrixBuilder {
                     let k = lane_byte(r, e);
                     match o.kind {
                         QKind::U4 => gb[k] = blk[e] | (blk[16 + e] << 4),
-                        QKind::U8 | QKind::U6 => {
+                        QKind::U5 | QKind::U8 | QKind::U6 => {
                             gb[k] = blk[e];
                             gb[64 + k] = blk[16 + e];
                         }
@@ -305,7 +312,7 @@ impl QMatrix {
                 let k = lane_byte(rr, e);
                 let (u0, u1) = match self.kind {
                     QKind::U4 => (gb[k] & 0x0f, gb[k] >> 4),
-                    QKind::U8 | QKind::U6 => (gb[k], gb[64 + k]),
+                    QKind::U5 | QKind::U8 | QKind::U6 => (gb[k], gb[64 + k]),
                 };
                 // One rounding, as the GGUF dequantizer's `d * (q - 8)` or `d * q`.
                 o[e] = (u0 as f32).mul_add(d0, m0);
@@ -386,6 +393,7 @@ mod tests {
             (GgmlType::Q4_K, GgmlType::Q5_0),
             (GgmlType::Q5_K, GgmlType::Q4_K),
             (GgmlType::Q4_0, GgmlType::Q8_0),
+            (GgmlType::Q5_0, GgmlType::Q8_0),
             (GgmlType::Q4_K, GgmlType::Q6_K),
             (GgmlType::Q6_K, GgmlType::Q5_0),
             (GgmlType::Q5_1, GgmlType::Q6_K),
@@ -415,6 +423,9 @@ mod tests {
         assert_eq!(QKind::for_types(&[GgmlType::Q6_K, GgmlType::Q8_0]), None, "Q8_0's values pass 63");
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q4_0]), Some(QKind::U4));
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q8_0]), Some(QKind::U8));
+        assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q5_0]), Some(QKind::U5));
+        assert_eq!(QKind::for_types(&[GgmlType::Q5_1, GgmlType::Q8_0]), Some(QKind::U8));
+        assert_eq!(QKind::for_types(&[GgmlType::Q5_K, GgmlType::Q6_K]), Some(QKind::U6));
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::F16]), None);
         let mut b = QMatrixBuilder::new(QKind::U8, 256);
         assert!(b.push_ggml(GgmlType::Q6_K, 1, &[0; 210]).is_none(), "16-value scales need a U6 matrix");

@@ -1,8 +1,8 @@
 //! The model's weights. Linear layers are row-major `[out][in]` (GGUF's own order); Q/K/V and
 //! gate/up are fused into one matrix each so a layer runs two GEMMs fewer.
 //!
-//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1, Q4_K (4-bit), Q5_0, Q5_1, Q5_K,
-//! Q8_0 (8-bit) and Q6_K (6-bit values a byte each, scales per 16) tensors packed (`super::packed`, multiplied by `backends::cpu::qmatmul`) and F16/BF16
+//! Two precisions: [`Precision::Quant`] keeps Q4_0, Q4_1, Q4_K (4-bit), Q5_0, Q5_1, Q5_K
+//! (5-bit values a byte each), Q8_0 (8-bit) and Q6_K (6-bit values a byte each, scales per 16) tensors packed (`super::packed`, multiplied by `backends::cpu::qmatmul`) and F16/BF16
 //! ones in 16 bits (`super::half`, `backends::cpu::hmatmul`);
 //! [`Precision::F32`] dequantizes every tensor to f32 once at load (the exact path, checked
 //! against the f64 reference). Tensors of other types are f32 in both.
@@ -237,6 +237,7 @@ impl Weights {
                 LinearData::F32(_) => "f32",
                 LinearData::Quant(q) => match q.kind {
                     QKind::U4 => "u4",
+                    QKind::U5 => "u5",
                     QKind::U8 => "u8",
                     QKind::U6 => "u6",
                 },

@@ -171,7 +171,7 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
                 for k in 0..64 {
                     let u = match w.kind {
                         QKind::U4 => (gb[k] >> (4 * h)) & 0x0f,
-                        QKind::U8 | QKind::U6 => gb[64 * h + k],
+                        QKind::U5 | QKind::U8 | QKind::U6 => gb[64 * h + k],
                     };
                     isum[(k / 4) % GROUP] += u as i32 * x[64 * h + k] as i32;
                 }
@@ -196,15 +196,17 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
 #[inline(always)]
 fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     match (isa, w.kind) {
-        // SAFETY (these six): `isa` was detected on this CPU; the kernels check the ranges.
+        // SAFETY (these seven): `isa` was detected on this CPU; the kernels check the ranges.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, QKind::U4) => unsafe { x86::u4_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512Vnni, QKind::U8) => unsafe { x86::u8_512::<N>(w, g, a, i0) },
+        (Isa::Avx512Vnni, QKind::U8 | QKind::U5) => unsafe { x86::u8_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QKind::U4) => unsafe { x86::u4_256::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QKind::U8) => unsafe { x86::u8_256::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QKind::U5) => unsafe { x86::u5_256::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, QKind::U6) => unsafe { x86::u6_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
@@ -322,51 +324,77 @@ mod x86 {
     kernel_512!(u4_512, u4_halves_512, "A group of `U4` rows against `N` activation rows (AVX-512 VNNI).");
     kernel_512!(u8_512, u8_halves_512, "A group of `U8` rows against `N` activation rows (AVX-512 VNNI).");
 
-    /// A group of `U4` rows against `N` activation rows (AVX2). `maddubs` makes i16 sums of
-    /// byte pairs, at most 2 * 15 * 127; four of them still fit i16, so they are added
-    /// before the one widening `madd`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA. Ranges are checked.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn u4_256<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
-        let nb = check(w, g, a, i0, N);
-        // SAFETY: every pointer below stays inside the ranges `check` asserted.
-        unsafe {
-            let qs = w.qs.as_ptr().add(g * nb * 64);
-            let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().add(g * nb * GROUP));
-            let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut off = [_mm_setzero_ps(); N];
-            for b in 0..nb {
-                let p0 = _mm256_loadu_si256(qs.add(b * 64).cast());
-                let p1 = _mm256_loadu_si256(qs.add(b * 64 + 32).cast());
-                let w = [
-                    _mm256_and_si256(p0, mask),
-                    _mm256_and_si256(p1, mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(p0), mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(p1), mask),
-                ];
-                let d4 = _mm256_broadcast_ps(&*(d.add(b * GROUP) as *const __m128));
-                let m4 = _mm_loadu_ps(m.add(b * GROUP));
-                for n in 0..N {
-                    let ab = (i0 + n) * nb + b;
-                    let x = a.q.as_ptr().add(ab * XB);
-                    let p = |k: usize| _mm256_maddubs_epi16(w[k], _mm256_loadu_si256(x.add(32 * k).cast()));
-                    let s16 = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
-                    let s = _mm256_madd_epi16(s16, ones);
-                    let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
-                    acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[n]);
-                    off[n] = _mm_fmadd_ps(m4, _mm_set1_ps(*a.sum.get_unchecked(ab)), off[n]);
+    /// The AVX2 kernels of values below 32 (`U4`, `U5`): a block's four registers of weights
+    /// come from `$weights`, and need no sign trick: `maddubs` makes i16 sums of byte pairs,
+    /// at most 2 * 31 * 127, and four of them still fit i16 (8 * 31 * 127 = 31496), so they
+    /// are added before the one widening `madd`.
+    macro_rules! kernel_256 {
+        ($name:ident, $weights:expr, $doc:literal) => {
+            #[doc = $doc]
+            ///
+            /// # Safety
+            /// The CPU must have AVX2 and FMA. Ranges are checked.
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $name<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
+                let nb = check(w, g, a, i0, N);
+                let gbb = w.kind.group_block_bytes();
+                // SAFETY: every pointer below stays inside the ranges `check` asserted.
+                unsafe {
+                    let qs = w.qs.as_ptr().add(g * nb * gbb);
+                    let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().add(g * nb * GROUP));
+                    let ones = _mm256_set1_epi16(1);
+                    let mut acc = [_mm256_setzero_ps(); N];
+                    let mut off = [_mm_setzero_ps(); N];
+                    for b in 0..nb {
+                        let w: [__m256i; 4] = $weights(qs.add(b * gbb));
+                        let d4 = _mm256_broadcast_ps(&*(d.add(b * GROUP) as *const __m128));
+                        let m4 = _mm_loadu_ps(m.add(b * GROUP));
+                        for n in 0..N {
+                            let ab = (i0 + n) * nb + b;
+                            let x = a.q.as_ptr().add(ab * XB);
+                            let p = |k: usize| _mm256_maddubs_epi16(w[k], _mm256_loadu_si256(x.add(32 * k).cast()));
+                            let s16 = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+                            let s = _mm256_madd_epi16(s16, ones);
+                            let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
+                            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[n]);
+                            off[n] = _mm_fmadd_ps(m4, _mm_set1_ps(*a.sum.get_unchecked(ab)), off[n]);
+                        }
+                    }
+                    let mut out = [[0f32; GROUP]; N];
+                    for n in 0..N {
+                        out[n] = reduce_256(acc[n], off[n]);
+                    }
+                    out
                 }
             }
-            let mut out = [[0f32; GROUP]; N];
-            for n in 0..N {
-                out[n] = reduce_256(acc[n], off[n]);
-            }
-            out
-        }
+        };
     }
+
+    /// 4-bit weights: 64 bytes, half 0 in the low nibbles (two registers), half 1 in the high.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn u4_regs_256(p: *const u8) -> [__m256i; 4] {
+        // SAFETY: the caller passes 64 readable bytes.
+        let (p0, p1) = unsafe { (_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(32).cast())) };
+        let mask = _mm256_set1_epi8(0x0f);
+        [
+            _mm256_and_si256(p0, mask),
+            _mm256_and_si256(p1, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p0), mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(p1), mask),
+        ]
+    }
+
+    /// Byte weights: 128 bytes as they are.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn byte_regs_256(p: *const u8) -> [__m256i; 4] {
+        // SAFETY: the caller passes 128 readable bytes.
+        std::array::from_fn(|k| unsafe { _mm256_loadu_si256(p.add(32 * k).cast()) })
+    }
+
+    kernel_256!(u4_256, u4_regs_256, "A group of `U4` rows against `N` activation rows (AVX2).");
+    kernel_256!(u5_256, byte_regs_256, "A group of `U5` rows against `N` activation rows (AVX2).");
 
     /// A group of `U8` rows against `N` activation rows (AVX2). `maddubs` would overflow i16
     /// on `u` up to 255, so the weights go back to signed (`u - 128`) and through the usual
