@@ -76,6 +76,11 @@ fn quantize_block(isa: Isa, xs: &[f32], q: &mut [i8], hsum: &mut [f32]) -> (f32,
         // `hsum` two floats (asserted inside).
         return unsafe { x86::quantize_block_512(xs, q, hsum) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: as above, for AVX2.
+        return unsafe { x86::quantize_block_256(xs, q, hsum) };
+    }
     let _ = isa;
     let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let scale = amax / 127.0;
@@ -522,6 +527,47 @@ mod x86 {
                 out[n] = reduce_512(acc[n], off[n]);
             }
             out
+        }
+    }
+
+    /// [`super::quantize_block`] in AVX2: the same bytes (the conversion rounds ties to even,
+    /// as the scalar code does). The two packs leave the block's 4-byte quads in the order
+    /// 0 2 4 6 1 3 5 7 (they work within 128-bit lanes), so quad `2j` is dword `j` and quad
+    /// `2j + 1` dword `4 + j`, and one permute a register writes each quad four times.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block_256(xs: &[f32], q: &mut [i8], hsum: &mut [f32]) -> (f32, f32) {
+        assert!(xs.len() >= QK && q.len() >= XB && hsum.len() >= 2);
+        // SAFETY: in range by the assert.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(xs.as_ptr().add(8 * k)));
+            let sign = _mm256_set1_ps(-0.0);
+            let m = v.map(|x| _mm256_andnot_ps(sign, x));
+            let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let i = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)));
+            let hsum_i32 = |a: __m256i, b: __m256i| {
+                let s = _mm256_add_epi32(a, b);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+                _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+            };
+            let (h0, h1) = (hsum_i32(i[0], i[1]), hsum_i32(i[2], i[3]));
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            for j in 0..4 {
+                let (a, b) = (j as i32, 4 + j as i32);
+                let idx = _mm256_setr_epi32(a, a, a, a, b, b, b, b);
+                _mm256_storeu_si256(q.as_mut_ptr().add(32 * j).cast(), _mm256_permutevar8x32_epi32(bytes, idx));
+            }
+            hsum[0] = scale * h0 as f32;
+            hsum[1] = scale * h1 as f32;
+            (scale, scale * (h0 + h1) as f32)
         }
     }
 
