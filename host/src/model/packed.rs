@@ -5,9 +5,8 @@
 //! `w = d * u + m`:
 //! - `U4`, 4-bit `u` in 0..15: Q4_1 as it is; Q4_0's `d * (q - 8)` is `m = -8 d`, exactly;
 //!   Q4_K's eight sub-blocks of 32 are eight blocks with `d = d sc`, `m = -dmin min`;
-//! - `U5`, 5-bit `u` in 0..31 a byte each: Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks
-//!   (and the 4-bit types, in a matrix stacked with 5-bit parts). Kept apart from `U8` because
-//!   values below 32 let the AVX2 kernel sum eight byte products in 16 bits;
+//! - `U5`, 5-bit `u` in 0..31: Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks (and the 4-bit
+//!   types, in a matrix stacked with 5-bit parts): `U4`'s nibbles and a plane of fifth bits;
 //! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`;
 //! - `U6`, values up to 63 a byte each, with a scale and an offset per *half* block of 16:
 //!   Q6_K, whose sub-blocks are 16 values with a scale each (`d = d sc`, `m = -32 d sc`). A
@@ -25,7 +24,11 @@
 //! which sums four byte products into each 32-bit lane) leaves lane `l` with a partial sum of
 //! row `l % 4`, and the four rows' scales, broadcast as one 128-bit vector, line up with the
 //! lanes. `U4` packs half 0 in the low nibbles and half 1 in the high nibbles of 64 bytes;
-//! `U5`, `U8` and `U6` store the two halves one after the other. Scales are `[group][block][4]`
+//! `U5` follows them with 16 bytes of fifth bits: four little-endian u32 `j`, bit `i` of
+//! `j` the fifth bit of byte `32 (j % 2) + i` of half `j / 2`, so each 32-byte register of
+//! nibbles (as the AVX2 kernel unpacks them) has its bits in one u32, and each half its bits in
+//! one u64 (a 64-bit mask for AVX-512). `U8` and `U6` store the two halves one after the
+//! other. Scales are `[group][block][4]`
 //! (`[group][block][half][4]` for `U6`).
 
 /// Elements per quantization block.
@@ -40,7 +43,7 @@ pub enum QKind {
     U4,
     /// 8-bit values, 128 bytes a group-block.
     U8,
-    /// Values up to 31, 128 bytes a group-block.
+    /// 5-bit values, 80 bytes a group-block.
     U5,
     /// Values up to 63, 128 bytes a group-block, two scales and offsets a block (one a half).
     U6,
@@ -53,7 +56,6 @@ impl QKind {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(QKind::U4),
             // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the 8-bit kernels.
-            // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the byte kernels.
             GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => Some(QKind::U5),
             GgmlType::Q8_0 => Some(QKind::U8),
             GgmlType::Q6_K => Some(QKind::U6),
@@ -83,7 +85,8 @@ impl QKind {
     pub fn group_block_bytes(self) -> usize {
         match self {
             QKind::U4 => 2 * QK,
-            QKind::U5 | QKind::U8 | QKind::U6 => 4 * QK,
+            QKind::U5 => 2 * QK + 16,
+            QKind::U8 | QKind::U6 => 4 * QK,
         }
     }
 
@@ -102,6 +105,21 @@ pub(crate) fn lane_byte(r: usize, e: usize) -> usize {
     (4 * (e / 4) + r) * 4 + e % 4
 }
 
+/// Where a `U5` group-block keeps the fifth bit of byte `k` (0..64) of half `h`: its byte and
+/// bit ([`QKind::U5`]).
+#[inline(always)]
+fn fifth_bit(h: usize, k: usize) -> (usize, usize) {
+    let (j, i) = (2 * h + k / 32, k % 32);
+    (64 + 4 * j + i / 8, i % 8)
+}
+
+/// The fifth bit (0 or 1) of byte `k` of half `h` in a `U5` group-block.
+#[inline(always)]
+pub(crate) fn fifth(gb: &[u8], h: usize, k: usize) -> u8 {
+    let (byte, bit) = fifth_bit(h, k);
+    (gb[byte] >> bit) & 1
+}
+
 /// A row-major `[rows][cols]` matrix in blocks of 32 along each row, rows grouped by four
 /// (see the module doc). The last group is padded with zero rows.
 #[derive(Debug, Clone)]
@@ -109,7 +127,7 @@ pub struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    /// Values: `[group][block]` of 64 (`U4`) or 128 (the others) bytes.
+    /// Values: `[group][block]` of 64 (`U4`), 80 (`U5`) or 128 (`U8`, `U6`) bytes.
     pub qs: Vec<u8>,
     /// Scales: `[group][block][4]`.
     pub d: Vec<f32>,
@@ -250,7 +268,14 @@ impl QMatrixBuilder {
                     let k = lane_byte(r, e);
                     match o.kind {
                         QKind::U4 => gb[k] = blk[e] | (blk[16 + e] << 4),
-                        QKind::U5 | QKind::U8 | QKind::U6 => {
+                        QKind::U5 => {
+                            gb[k] = (blk[e] & 0x0f) | ((blk[16 + e] & 0x0f) << 4);
+                            for h in 0..2 {
+                                let (byte, bit) = fifth_bit(h, k);
+                                gb[byte] |= ((blk[16 * h + e] >> 4) & 1) << bit;
+                            }
+                        }
+                        QKind::U8 | QKind::U6 => {
                             gb[k] = blk[e];
                             gb[64 + k] = blk[16 + e];
                         }
@@ -312,7 +337,8 @@ impl QMatrix {
                 let k = lane_byte(rr, e);
                 let (u0, u1) = match self.kind {
                     QKind::U4 => (gb[k] & 0x0f, gb[k] >> 4),
-                    QKind::U5 | QKind::U8 | QKind::U6 => (gb[k], gb[64 + k]),
+                    QKind::U5 => ((gb[k] & 0x0f) | fifth(gb, 0, k) << 4, (gb[k] >> 4) | fifth(gb, 1, k) << 4),
+                    QKind::U8 | QKind::U6 => (gb[k], gb[64 + k]),
                 };
                 // One rounding, as the GGUF dequantizer's `d * (q - 8)` or `d * q`.
                 o[e] = (u0 as f32).mul_add(d0, m0);

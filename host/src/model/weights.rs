@@ -46,7 +46,9 @@ impl Precision {
 #[derive(Debug)]
 pub enum LinearData {
     F32(Vec<f32>),
-    Quant(QMatrix),
+    /// Packed parts stacked along rows, consecutive tensors of one kind in one part (a Q4_K_M
+    /// file's Q/K/V: Q and K in 4 bits, a Q6_K V in its own part).
+    Quant(Vec<QMatrix>),
     /// F16 or BF16, kept in 16 bits.
     Half(HMatrix),
     /// Dummy weights left unmaterialized for a device that fills them itself
@@ -70,7 +72,16 @@ impl Linear {
     pub fn row(&self, r: usize, out: &mut [f32]) {
         match &self.data {
             LinearData::F32(w) => out.copy_from_slice(&w[r * self.in_dim..(r + 1) * self.in_dim]),
-            LinearData::Quant(q) => q.dequant_row(r, out),
+            LinearData::Quant(parts) => {
+                let mut r = r;
+                for q in parts {
+                    if r < q.rows {
+                        return q.dequant_row(r, out);
+                    }
+                    r -= q.rows;
+                }
+                panic!("row past the matrix's {} rows", self.out_dim);
+            }
             LinearData::Half(h) => h.row(r, out),
             LinearData::Dummy { seed, scale } => {
                 for (j, o) in out.iter_mut().enumerate() {
@@ -84,14 +95,14 @@ impl Linear {
     pub fn size_bytes(&self) -> usize {
         match &self.data {
             LinearData::F32(w) => 4 * w.len(),
-            LinearData::Quant(q) => q.size_bytes(),
+            LinearData::Quant(parts) => parts.iter().map(QMatrix::size_bytes).sum(),
             LinearData::Half(h) => h.size_bytes(),
             LinearData::Dummy { .. } => 0,
         }
     }
 
-    /// Stacks `names` (each `[outs[i]][inp]`) into one matrix: packed when every part is of
-    /// one packable kind and `precision` allows it, f32 otherwise.
+    /// Stacks `names` (each `[outs[i]][inp]`) into one matrix: packed when every part packs
+    /// and `precision` allows it, in 16 bits when all are F16 (or all BF16), f32 otherwise.
     fn load(g: &Gguf, names: &[&str], outs: &[u64], inp: u64, precision: Precision) -> Result<Linear, ConfigError> {
         let out_dim = outs.iter().sum::<u64>() as usize;
         if precision == Precision::Quant {
@@ -109,19 +120,26 @@ impl Linear {
         Ok(Linear { data: LinearData::F32(w), out_dim, in_dim: inp as usize })
     }
 
-    /// The parts packed into one matrix of the narrowest kind that holds them all (a Q4_K_M
-    /// file's Q/K/V can be Q4_K, Q4_K and Q5_0, or Q6_K for V), or `None` when none does.
-    fn load_packed(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<QMatrix>, ConfigError> {
-        let types = names.iter().map(|n| Ok(g.tensor(n)?.ty)).collect::<Result<Vec<_>, ConfigError>>()?;
-        let Some(kind) = QKind::for_types(&types) else { return Ok(None) };
-        let mut b = QMatrixBuilder::new(kind, inp as usize);
+    /// The parts packed, consecutive tensors of one kind ([`QKind::of`]) into one matrix, so a
+    /// Q4_K_M file's Q/K/V (Q4_K Q and K, a Q6_K V) is a 4-bit part and a 6-bit one rather
+    /// than one matrix of the wider kind; `None` when some part does not pack.
+    fn load_packed(g: &Gguf, names: &[&str], outs: &[u64], inp: u64) -> Result<Option<Vec<QMatrix>>, ConfigError> {
+        let mut parts: Vec<(QKind, QMatrixBuilder)> = Vec::new();
         for (n, &o) in names.iter().zip(outs) {
             let t = g.tensor(n)?;
-            if t.dims != [inp, o] || b.push_ggml(t.ty, o as usize, g.tensor_bytes(t)).is_none() {
+            let Some(kind) = QKind::of(t.ty) else { return Ok(None) };
+            if t.dims != [inp, o] {
+                return Ok(None);
+            }
+            if parts.last().is_none_or(|(k, _)| *k != kind) {
+                parts.push((kind, QMatrixBuilder::new(kind, inp as usize)));
+            }
+            let (_, b) = parts.last_mut().expect("pushed above");
+            if b.push_ggml(t.ty, o as usize, g.tensor_bytes(t)).is_none() {
                 return Ok(None);
             }
         }
-        Ok(Some(b.finish()))
+        Ok(Some(parts.into_iter().map(|(_, b)| b.finish()).collect()))
     }
 
     /// The parts stacked in 16 bits, or `None` when they are not all F16 (or all BF16).
@@ -233,22 +251,27 @@ impl Weights {
         let mut kinds: Vec<&str> = Vec::new();
         let all = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]);
         for lin in all.chain([&self.embed]).chain(self.lm_head.as_ref()) {
-            let k = match &lin.data {
-                LinearData::F32(_) => "f32",
-                LinearData::Quant(q) => match q.kind {
-                    QKind::U4 => "u4",
-                    QKind::U5 => "u5",
-                    QKind::U8 => "u8",
-                    QKind::U6 => "u6",
-                },
-                LinearData::Half(h) => match h.kind {
+            let ks: Vec<&str> = match &lin.data {
+                LinearData::F32(_) => vec!["f32"],
+                LinearData::Quant(parts) => parts
+                    .iter()
+                    .map(|q| match q.kind {
+                        QKind::U4 => "u4",
+                        QKind::U5 => "u5",
+                        QKind::U8 => "u8",
+                        QKind::U6 => "u6",
+                    })
+                    .collect(),
+                LinearData::Half(h) => vec![match h.kind {
                     HKind::F16 => "f16",
                     HKind::Bf16 => "bf16",
-                },
-                LinearData::Dummy { .. } => "dummy (on the device)",
+                }],
+                LinearData::Dummy { .. } => vec!["dummy (on the device)"],
             };
-            if !kinds.contains(&k) {
-                kinds.push(k);
+            for k in ks {
+                if !kinds.contains(&k) {
+                    kinds.push(k);
+                }
             }
         }
         kinds.join("+")

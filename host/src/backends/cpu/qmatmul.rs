@@ -11,7 +11,7 @@
 //! Kernels: portable scalar code (the definition), AVX2 (+FMA), and AVX-512 VNNI, picked at
 //! run time; the SIMD ones are tested against the scalar one.
 
-use crate::model::packed::{lane_byte, QKind, QMatrix, GROUP, QK};
+use crate::model::packed::{fifth, lane_byte, QKind, QMatrix, GROUP, QK};
 
 use rayon::prelude::*;
 
@@ -176,7 +176,8 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
                 for k in 0..64 {
                     let u = match w.kind {
                         QKind::U4 => (gb[k] >> (4 * h)) & 0x0f,
-                        QKind::U5 | QKind::U8 | QKind::U6 => gb[64 * h + k],
+                        QKind::U5 => ((gb[k] >> (4 * h)) & 0x0f) | fifth(gb, h, k) << 4,
+                        QKind::U8 | QKind::U6 => gb[64 * h + k],
                     };
                     isum[(k / 4) % GROUP] += u as i32 * x[64 * h + k] as i32;
                 }
@@ -201,11 +202,13 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
 #[inline(always)]
 fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     match (isa, w.kind) {
-        // SAFETY (these seven): `isa` was detected on this CPU; the kernels check the ranges.
+        // SAFETY (these eight): `isa` was detected on this CPU; the kernels check the ranges.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, QKind::U4) => unsafe { x86::u4_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512Vnni, QKind::U8 | QKind::U5) => unsafe { x86::u8_512::<N>(w, g, a, i0) },
+        (Isa::Avx512Vnni, QKind::U8) => unsafe { x86::u8_512::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QKind::U5) => unsafe { x86::u5_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QKind::U4) => unsafe { x86::u4_256::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
@@ -328,6 +331,22 @@ mod x86 {
 
     kernel_512!(u4_512, u4_halves_512, "A group of `U4` rows against `N` activation rows (AVX-512 VNNI).");
     kernel_512!(u8_512, u8_halves_512, "A group of `U8` rows against `N` activation rows (AVX-512 VNNI).");
+    kernel_512!(u5_512, u5_halves_512, "A group of `U5` rows against `N` activation rows (AVX-512 VNNI).");
+
+    /// 5-bit weights: [`u4_halves_512`]'s nibbles, and each half's u64 of fifth bits as a
+    /// byte mask selecting 16s to OR in.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    unsafe fn u5_halves_512(p: *const u8) -> (__m512i, __m512i) {
+        // SAFETY: the caller passes 80 readable bytes.
+        let (wa, wb) = unsafe { u4_halves_512(p) };
+        let (m0, m1) = unsafe { (p.add(64).cast::<u64>().read_unaligned(), p.add(72).cast::<u64>().read_unaligned()) };
+        let five = _mm512_set1_epi8(0x10);
+        (
+            _mm512_or_si512(wa, _mm512_maskz_mov_epi8(u64::from_le(m0), five)),
+            _mm512_or_si512(wb, _mm512_maskz_mov_epi8(u64::from_le(m1), five)),
+        )
+    }
 
     /// The AVX2 kernels of values below 32 (`U4`, `U5`): a block's four registers of weights
     /// come from `$weights`, and need no sign trick: `maddubs` makes i16 sums of byte pairs,
@@ -390,16 +409,29 @@ mod x86 {
         ]
     }
 
-    /// Byte weights: 128 bytes as they are.
+    /// 5-bit weights: [`u4_regs_256`]'s nibbles, each register OR'd with its u32 of fifth
+    /// bits spread to bytes (byte `i` takes bit `i`: broadcast, shuffle byte `i / 8` into
+    /// place, test bit `i % 8`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn byte_regs_256(p: *const u8) -> [__m256i; 4] {
-        // SAFETY: the caller passes 128 readable bytes.
-        std::array::from_fn(|k| unsafe { _mm256_loadu_si256(p.add(32 * k).cast()) })
+    unsafe fn u5_regs_256(p: *const u8) -> [__m256i; 4] {
+        // SAFETY: the caller passes 80 readable bytes.
+        let (mut w, hb) = unsafe { (u4_regs_256(p), p.add(64).cast::<[u8; 16]>().read_unaligned()) };
+        let shuf = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let five = _mm256_set1_epi8(0x10);
+        for (j, w) in w.iter_mut().enumerate() {
+            let word = i32::from_le_bytes([hb[4 * j], hb[4 * j + 1], hb[4 * j + 2], hb[4 * j + 3]]);
+            let v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(word), shuf), bit);
+            *w = _mm256_or_si256(*w, _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), five));
+        }
+        w
     }
 
     kernel_256!(u4_256, u4_regs_256, "A group of `U4` rows against `N` activation rows (AVX2).");
-    kernel_256!(u5_256, byte_regs_256, "A group of `U5` rows against `N` activation rows (AVX2).");
+    kernel_256!(u5_256, u5_regs_256, "A group of `U5` rows against `N` activation rows (AVX2).");
 
     /// A group of `U8` rows against `N` activation rows (AVX2). `maddubs` would overflow i16
     /// on `u` up to 255, so the weights go back to signed (`u - 128`) and through the usual
@@ -619,24 +651,35 @@ const TASK_GROUPS: usize = 4;
 /// stay in L1 across the chunk.
 const CHUNK: usize = 64;
 
-/// `out[n][w.rows] (+)= a[n][w.cols] * w^T`, with `a` quantized by [`QActs::quantize`].
-/// Threads split the row groups, so each weight is read once for the whole batch (once per
-/// chunk of 64 activation rows, from cache after the first).
-pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bool, threads: usize) {
+/// `out[n][rows] (+)= a[n][cols] * w^T` for `w` the `parts` stacked along rows (a fused
+/// Q/K/V whose parts are of different kinds: each keeps its own), with `a` quantized by
+/// [`QActs::quantize`]. Threads split the row groups of all parts in one parallel loop, so
+/// each weight is read once for the whole batch (once per chunk of 64 activation rows, from
+/// cache after the first).
+pub fn qmatmul(isa: Isa, parts: &[QMatrix], a: &QActs, out: &mut [f32], accumulate: bool, threads: usize) {
     let n = a.rows;
-    assert_eq!(a.cols, w.cols, "activation row length");
-    assert_eq!(out.len(), n * w.rows);
-    let (rows, groups) = (w.rows, w.groups());
-    let tasks = groups.div_ceil(TASK_GROUPS);
+    // Each part's first output column and first task.
+    let mut firsts = Vec::with_capacity(parts.len());
+    let (mut rows, mut tasks) = (0, 0);
+    for w in parts {
+        assert_eq!(a.cols, w.cols, "activation row length");
+        firsts.push((rows, tasks));
+        rows += w.rows;
+        tasks += w.groups().div_ceil(TASK_GROUPS);
+    }
+    assert_eq!(out.len(), n * rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let p = out_ptr;
+        let k = firsts.partition_point(|&(_, t0)| t0 <= t) - 1;
+        let (w, (col0, t0)) = (&parts[k], firsts[k]);
+        let (t, groups) = (t - t0, w.groups());
         let put = |i: usize, g: usize, v: [f32; GROUP]| {
-            for (r, v) in (g * GROUP..rows).zip(v) {
-                // SAFETY: `i * rows + r` is inside `out` (asserted length), and only the task
-                // owning group `g` writes these columns.
+            for (r, v) in (g * GROUP..w.rows).zip(v) {
+                // SAFETY: `i * rows + col0 + r` is inside `out` (asserted length; `col0 + r` is
+                // below `rows`), and only the task owning group `g` of this part writes it.
                 unsafe {
-                    let o = p.0.add(i * rows + r);
+                    let o = p.0.add(i * rows + col0 + r);
                     *o = if accumulate { *o + v } else { v };
                 }
             }
@@ -674,6 +717,7 @@ pub fn qmatmul(isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32], accumulate: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gguf::GgmlType;
     use crate::model::packed::test_data::{bytes, ggml, PACKED};
 
     fn acts(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
@@ -714,8 +758,8 @@ mod tests {
                     "{isa:?} quantizes as the scalar code"
                 );
                 let (mut s, mut v) = (vec![0f32; n * rows], vec![0f32; n * rows]);
-                qmatmul(Isa::Scalar, &w, &sa, &mut s, false, 1);
-                qmatmul(isa, &w, &a, &mut v, false, 2);
+                qmatmul(Isa::Scalar, std::slice::from_ref(&w), &sa, &mut s, false, 1);
+                qmatmul(isa, std::slice::from_ref(&w), &a, &mut v, false, 2);
                 for (k, (x, y)) in s.iter().zip(&v).enumerate() {
                     assert!(
                         (x - y).abs() <= 1e-4 * x.abs().max(1.0),
@@ -740,7 +784,7 @@ mod tests {
                 let mut a = QActs::default();
                 a.quantize(isa, &x, n, cols);
                 let mut got = vec![1f32; n * rows];
-                qmatmul(isa, &w, &a, &mut got, true, 2);
+                qmatmul(isa, std::slice::from_ref(&w), &a, &mut got, true, 2);
                 for i in 0..n {
                     for r in 0..rows {
                         let exact: f32 = (0..cols).map(|k| x[i * cols + k] * wf[r * cols + k]).sum();
@@ -754,6 +798,46 @@ mod tests {
                             got[i * rows + r] - 1.0
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_parts_write_their_own_columns() {
+        // Q (U4, 5 rows: a padded group), K (U6, 3 rows), V (U8, 9 rows): as a Q4_K_M
+        // file's Q/K/V, each part its own kind; more tasks than one part has.
+        let cols = 256;
+        let types = [(GgmlType::Q4_K, 5), (GgmlType::Q6_K, 3), (GgmlType::Q8_0, 9), (GgmlType::Q4_0, 70)];
+        let parts: Vec<QMatrix> = types
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, r))| QMatrix::from_ggml(t, r, cols, &ggml(t, r, cols, 31 + i as u32)).unwrap())
+            .collect();
+        let rows: usize = types.iter().map(|t| t.1).sum();
+        for n in [1, 6] {
+            let x = acts(n, cols, 5);
+            for isa in Isa::all_here() {
+                let mut a = QActs::default();
+                a.quantize(isa, &x, n, cols);
+                let mut got = vec![0.5f32; n * rows];
+                qmatmul(isa, &parts, &a, &mut got, true, 2);
+                let mut col0 = 0;
+                for w in &parts {
+                    let mut want = vec![0f32; n * w.rows];
+                    qmatmul(isa, std::slice::from_ref(w), &a, &mut want, false, 1);
+                    for i in 0..n {
+                        for r in 0..w.rows {
+                            let g = got[i * rows + col0 + r] - 0.5;
+                            let e = want[i * w.rows + r];
+                            assert!(
+                                (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                                "{isa:?} n={n} [{i}][{}]: {g} vs {e}",
+                                col0 + r
+                            );
+                        }
+                    }
+                    col0 += w.rows;
                 }
             }
         }
