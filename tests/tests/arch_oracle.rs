@@ -30,9 +30,13 @@ const F16_KV_LOGPROB_TOL: f64 = 1e-2;
 /// up to 0.20 (measured, both ways).
 const QUANT_LOGPROB_TOL: f64 = 0.3;
 /// The real Gemma 3 270M on weave's packed path against llama.cpp: llama.cpp's top tokens
-/// differ by up to 0.17, except `<eos>` after the code prompt, 0.62 (0.57 with weave's exact
-/// weights, so not weave's rounding). Not explained yet; the bound holds that measurement.
-const REAL_GEMMA_LOGPROB_TOL: f64 = 0.75;
+/// differ by up to 0.17 (`QUANT_LOGPROB_TOL` holds them), except after the code prompt:
+/// there `<eos>` has -2.23 with weave's exact weights against llama.cpp's -1.66 (0.57, so not
+/// weave's rounding; not explained yet). The packed path moves it by rounding as above:
+/// -2.28 with the Q6_K output matrix in f32, -2.43 with it packed (8-bit activations, as
+/// llama.cpp's), and another token of that step by 0.37. This bound holds that one prompt;
+/// every other must meet `QUANT_LOGPROB_TOL`.
+const REAL_GEMMA_LOGPROB_TOL: f64 = 0.85;
 
 /// The bound for model `s` at `precision`, on first-step log-probabilities and on llama.cpp's
 /// gap where greedy tokens part.
@@ -139,23 +143,25 @@ fn against_llama_cpp(f: &Value, s: &SynthSpec, lm: &LoadedModel, gap_tol: f64) -
     let name = &s.name;
     let prompts =
         f["models"][name]["prompts"].as_array().unwrap_or_else(|| panic!("{name}: no prompts in the fixture"));
-    prompts_against_llama_cpp(name, prompts, lm, gap_tol)
+    let (diffs, agreed, gaps) = prompts_against_llama_cpp(name, prompts, lm, gap_tol);
+    (diffs.iter().copied().fold(0.0, f64::max), agreed, gaps)
 }
 
-/// [`against_llama_cpp`] on the recorded `prompts` of model `name`.
+/// [`against_llama_cpp`] on the recorded `prompts` of model `name`, with each prompt's
+/// largest first-step difference.
 fn prompts_against_llama_cpp(
     name: &str,
     prompts: &[Value],
     lm: &LoadedModel,
     gap_tol: f64,
-) -> (f64, Vec<usize>, Vec<f64>) {
+) -> (Vec<f64>, Vec<usize>, Vec<f64>) {
     let reqs: Vec<PromptSpec> = prompts
         .iter()
         .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
         .collect();
     let r = generate(lm, &config(512), &reqs, &mut |_| {}).unwrap();
     assert!(r.rejected.is_empty(), "{name}: {:?}", r.rejected);
-    let (mut worst, mut agreed, mut gaps) = (0.0f64, Vec::new(), Vec::new());
+    let (mut diffs, mut agreed, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
     for (p, c) in prompts.iter().zip(&r.completions) {
         let pname = p["text"].as_str().unwrap();
         assert_eq!(c.prompt_token_ids, ids(&p["prompt_ids"]), "{name}: prompt {pname:?}");
@@ -166,10 +172,12 @@ fn prompts_against_llama_cpp(
         let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 256, 16, 2, 0);
         let logits = be.forward(&b);
         // `top`: per step, llama.cpp's `[id, log-probability]` pairs, most likely first.
+        let mut diff = 0.0f64;
         for t in p["top"][0].as_array().unwrap() {
             let ours = log_softmax_at(&logits, t[0].as_u64().unwrap() as usize);
-            worst = worst.max((ours - t[1].as_f64().unwrap()).abs());
+            diff = diff.max((ours - t[1].as_f64().unwrap()).abs());
         }
+        diffs.push(diff);
         // Greedy tokens, up to a parting that llama.cpp's own log-probabilities allow: there,
         // our token must be as likely as theirs to within `gap_tol`. (llama.cpp's
         // `ignore_eos` bans end-of-generation tokens, weave's only keeps going, so an end
@@ -197,7 +205,7 @@ fn prompts_against_llama_cpp(
         }
         agreed.push(same);
     }
-    (worst, agreed, gaps)
+    (diffs, agreed, gaps)
 }
 
 #[test]
@@ -305,14 +313,20 @@ fn real_gemma3_270m_follows_llama_cpp() {
         cases.len(),
         &wrong[..wrong.len().min(5)]
     );
-    let (worst, agreed, gaps) =
+    let (mut diffs, agreed, gaps) =
         prompts_against_llama_cpp("gemma3-270m", want["prompts"].as_array().unwrap(), &lm, QUANT_LOGPROB_TOL);
+    diffs.sort_by(|a, b| b.total_cmp(a));
+    let (worst, next) = (diffs[0], diffs[1]);
     // Where greedy tokens part, llama.cpp's gap is the quantization's (`QUANT_LOGPROB_TOL`);
-    // the first step's log-probabilities have the wider bound above.
-    println!("gemma3-270m: largest first-step |logprob - llama.cpp's| {worst:.2e}; greedy tokens agreeing {agreed:?} of 32 (gaps where they part: {gaps:.3?})");
+    // of the prompts' first steps, one has the wider bound above.
+    println!("gemma3-270m: first-step |logprob - llama.cpp's| by prompt, largest first {diffs:.2?}; greedy tokens agreeing {agreed:?} of 32 (gaps where they part: {gaps:.3?})");
     assert!(
         worst < REAL_GEMMA_LOGPROB_TOL,
         "gemma3-270m: first-step log-probabilities differ from llama.cpp's by {worst}"
+    );
+    assert!(
+        next < QUANT_LOGPROB_TOL,
+        "gemma3-270m: a second prompt's first-step log-probabilities differ from llama.cpp's by {next}"
     );
 }
 
