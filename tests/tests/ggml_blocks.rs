@@ -4,9 +4,9 @@
 //! (`tools/golden/ggml_blocks.py` makes it).
 
 use serde_json::Value;
+use weave::model::blocks::dequantize;
 use weave::model::gguf::GgmlType;
 use weave::model::packed::QMatrix;
-use weave::model::quant::dequantize;
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()

@@ -6,7 +6,7 @@ them to.
 The blocks are random bytes, except the f16 scales and offsets, which are set to finite,
 modest values (the bits around them, the 6-bit K-quant scales and every high bit, stay random).
 The rows are short and few, so the committed file stays small; `tests/tests/ggml_blocks.rs`
-checks `weave::model::quant::dequantize` against it value for value, and the packed CPU
+checks `weave::model::blocks::dequantize` against it value for value, and the packed CPU
 matrices against it to one rounding.
 
 Usage:

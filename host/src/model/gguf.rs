@@ -28,7 +28,7 @@ pub enum GgufError {
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name} has shape {shape:?}, expected {expected:?}")]
     Shape { path: PathBuf, name: String, shape: Vec<u64>, expected: Vec<u64> },
-    #[error("{path}: tensor {name} is stored as {ty}, which weave cannot dequantize (supported: {supported})", supported = SUPPORTED_TYPES)]
+    #[error("{path}: tensor {name} is stored as {ty}, which weave cannot dequantize (supported: {supported})", supported = super::blocks::supported())]
     UnsupportedType { path: PathBuf, name: String, ty: String },
 }
 
@@ -67,112 +67,53 @@ impl Value {
     }
 }
 
-/// The storage types weave reads, for error messages.
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
-
-/// ggml tensor storage types weave knows by name (ggml's own spelling).
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    F32,
-    F16,
-    Bf16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-    /// A type weave cannot dequantize, by its ggml number.
-    Other(u32),
-}
+/// A ggml tensor storage type, by its number in the file. The types weave reads are named
+/// constants (`GgmlType::Q4_K`), each defined beside its layout in [`super::blocks`]; any other
+/// number is kept as it is, so that an error can name it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GgmlType(pub u32);
 
 impl GgmlType {
     pub fn from_u32(t: u32) -> GgmlType {
-        match t {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            6 => GgmlType::Q5_0,
-            7 => GgmlType::Q5_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4_K,
-            13 => GgmlType::Q5_K,
-            14 => GgmlType::Q6_K,
-            30 => GgmlType::Bf16,
-            other => GgmlType::Other(other),
-        }
+        GgmlType(t)
     }
     /// The type's ggml number, as a GGUF file stores it.
     pub fn id(self) -> u32 {
-        match self {
-            GgmlType::F32 => 0,
-            GgmlType::F16 => 1,
-            GgmlType::Q4_0 => 2,
-            GgmlType::Q4_1 => 3,
-            GgmlType::Q5_0 => 6,
-            GgmlType::Q5_1 => 7,
-            GgmlType::Q8_0 => 8,
-            GgmlType::Q4_K => 12,
-            GgmlType::Q5_K => 13,
-            GgmlType::Q6_K => 14,
-            GgmlType::Bf16 => 30,
-            GgmlType::Other(t) => t,
-        }
+        self.0
     }
     /// (elements per block, bytes per block), for the types weave reads.
     pub fn block(self) -> Option<(usize, usize)> {
-        Some(match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::Bf16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q5_0 => (32, 22),
-            GgmlType::Q5_1 => (32, 24),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4_K => (256, 144),
-            GgmlType::Q5_K => (256, 176),
-            GgmlType::Q6_K => (256, 210),
-            GgmlType::Other(_) => return None,
-        })
+        super::blocks::of(self).map(|b| b.shape())
     }
+    /// ggml's name for the type, for the ones weave does not read too.
     pub fn name(self) -> String {
-        match self {
-            GgmlType::F32 => "F32".into(),
-            GgmlType::F16 => "F16".into(),
-            GgmlType::Bf16 => "BF16".into(),
-            GgmlType::Q4_0 => "Q4_0".into(),
-            GgmlType::Q4_1 => "Q4_1".into(),
-            GgmlType::Q5_0 => "Q5_0".into(),
-            GgmlType::Q5_1 => "Q5_1".into(),
-            GgmlType::Q8_0 => "Q8_0".into(),
-            GgmlType::Q4_K => "Q4_K".into(),
-            GgmlType::Q5_K => "Q5_K".into(),
-            GgmlType::Q6_K => "Q6_K".into(),
-            GgmlType::Other(t) => {
-                let known = [
-                    (9, "Q8_1"),
-                    (10, "Q2_K"),
-                    (11, "Q3_K"),
-                    (15, "Q8_K"),
-                    (16, "IQ2_XXS"),
-                    (17, "IQ2_XS"),
-                    (18, "IQ3_XXS"),
-                    (19, "IQ1_S"),
-                    (20, "IQ4_NL"),
-                    (21, "IQ3_S"),
-                    (22, "IQ2_S"),
-                    (23, "IQ4_XS"),
-                    (29, "IQ1_M"),
-                    (34, "TQ1_0"),
-                    (35, "TQ2_0"),
-                ];
-                known.iter().find(|k| k.0 == t).map_or(format!("ggml type {t}"), |k| k.1.to_string())
-            }
+        if let Some(b) = super::blocks::of(self) {
+            return b.name().into();
         }
+        let known = [
+            (9, "Q8_1"),
+            (10, "Q2_K"),
+            (11, "Q3_K"),
+            (15, "Q8_K"),
+            (16, "IQ2_XXS"),
+            (17, "IQ2_XS"),
+            (18, "IQ3_XXS"),
+            (19, "IQ1_S"),
+            (20, "IQ4_NL"),
+            (21, "IQ3_S"),
+            (22, "IQ2_S"),
+            (23, "IQ4_XS"),
+            (29, "IQ1_M"),
+            (34, "TQ1_0"),
+            (35, "TQ2_0"),
+        ];
+        known.iter().find(|k| k.0 == self.0).map_or(format!("ggml type {}", self.0), |k| k.1.to_string())
+    }
+}
+
+impl std::fmt::Debug for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
     }
 }
 
@@ -410,7 +351,7 @@ impl Gguf {
         }
         let data = &self.bytes[t.start..t.start + t.len];
         let mut out = vec![0f32; t.num_elements()];
-        super::quant::dequantize(t.ty, data, &mut out).map_err(|ty| GgufError::UnsupportedType {
+        super::blocks::dequantize(t.ty, data, &mut out).map_err(|ty| GgufError::UnsupportedType {
             path: self.path.clone(),
             name: name.into(),
             ty,

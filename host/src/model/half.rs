@@ -14,7 +14,7 @@ impl HKind {
         use crate::model::gguf::GgmlType;
         match ty {
             GgmlType::F16 => Some(HKind::F16),
-            GgmlType::Bf16 => Some(HKind::Bf16),
+            GgmlType::BF16 => Some(HKind::Bf16),
             _ => None,
         }
     }
@@ -75,7 +75,7 @@ mod tests {
         let vals = [1.5f32, -2.0, 0.25, 3.0];
         let bf: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
         let mut m = HMatrix::new(HKind::Bf16, 2);
-        m.push_ggml(GgmlType::Bf16, 2, &bf).unwrap();
+        m.push_ggml(GgmlType::BF16, 2, &bf).unwrap();
         let mut row = [0f32; 2];
         m.row(1, &mut row);
         assert_eq!(row, [0.25, 3.0]);
@@ -86,7 +86,7 @@ mod tests {
         m.row(0, &mut row);
         assert_eq!(row, vals);
         assert!(m.push_ggml(GgmlType::F16, 1, &[0; 7]).is_none(), "wrong size");
-        assert!(m.push_ggml(GgmlType::Bf16, 1, &[0; 8]).is_none(), "wrong kind");
+        assert!(m.push_ggml(GgmlType::BF16, 1, &[0; 8]).is_none(), "wrong kind");
         assert_eq!((m.rows, m.size_bytes()), (1, 8));
     }
 }

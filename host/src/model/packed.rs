@@ -52,26 +52,17 @@ pub enum QKind {
 impl QKind {
     /// The kind a GGUF type packs into, if any.
     pub fn of(ty: crate::model::gguf::GgmlType) -> Option<QKind> {
-        use crate::model::gguf::GgmlType;
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some(QKind::U4),
-            // 5-bit values take a byte each here (1.5x Q5_K's bytes), for the 8-bit kernels.
-            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => Some(QKind::U5),
-            GgmlType::Q8_0 => Some(QKind::U8),
-            GgmlType::Q6_K => Some(QKind::U6),
-            _ => None,
-        }
+        crate::model::blocks::of(ty)?.kind()
     }
 
     /// Whether a matrix of this kind holds tensors of type `ty` exactly.
     pub fn holds(self, ty: crate::model::gguf::GgmlType) -> bool {
-        use crate::model::gguf::GgmlType;
         match self {
             QKind::U4 => QKind::of(ty) == Some(QKind::U4),
             QKind::U5 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5)),
             QKind::U8 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::U8)),
-            // Every packed type but Q8_0 has values below 64.
-            QKind::U6 => QKind::of(ty).is_some() && ty != GgmlType::Q8_0,
+            // Values below 64.
+            QKind::U6 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::U6)),
         }
     }
 
@@ -143,66 +134,6 @@ pub struct QMatrixBuilder {
     pending: Vec<(Vec<u8>, Vec<f32>, Vec<f32>)>,
 }
 
-/// One GGUF block as sub-blocks of 32 unsigned values `u` with `w = d u + m` (of 16 for
-/// Q6_K): appends the values to `u` and each sub-block's scale and offset to `d` and `m`. The K-quants' scales
-/// (`d sc`, `dmin m` of a 16-bit float and a 6-bit integer) are exact in f32, as are Q4_0's
-/// `-8 d`, Q5_0's `-16 d` and Q8_0's `-128 d`. For the types [`QKind::of`] packs.
-fn unpack_block(ty: crate::model::gguf::GgmlType, b: &[u8], u: &mut Vec<u8>, d: &mut Vec<f32>, m: &mut Vec<f32>) {
-    use crate::model::gguf::GgmlType;
-    use crate::model::quant::{f16_at as f16, five_bit, k_nibble, k_scale_min, six_bit};
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(if ty == GgmlType::Q4_0 { -8.0 * s } else { f16(b, 2) });
-            let q = &b[b.len() - 16..];
-            u.extend(q.iter().map(|x| x & 0x0f));
-            u.extend(q.iter().map(|x| x >> 4));
-        }
-        GgmlType::Q5_0 => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(-16.0 * s);
-            u.extend(five_bit(&b[2..6], &b[6..22]));
-        }
-        GgmlType::Q5_1 => {
-            d.push(f16(b, 0));
-            m.push(f16(b, 2));
-            u.extend(five_bit(&b[4..8], &b[8..24]));
-        }
-        GgmlType::Q4_K | GgmlType::Q5_K => {
-            let (sd, smin) = (f16(b, 0), f16(b, 2));
-            let qs = if ty == GgmlType::Q4_K { &b[16..144] } else { &b[48..176] };
-            for j in 0..8 {
-                let (sc, mn) = k_scale_min(&b[4..16], j);
-                d.push(sd * sc as f32);
-                m.push(-(smin * mn as f32));
-                for l in 0..32 {
-                    let high = if ty == GgmlType::Q5_K { ((b[16 + l] >> j) & 1) << 4 } else { 0 };
-                    u.push(k_nibble(qs, j, l) | high);
-                }
-            }
-        }
-        GgmlType::Q6_K => {
-            // `d sc` is exact in f32 (11 by 8 bits), so `u d + m` rounds once, as the
-            // dequantizer's `d sc (q - 32)` does.
-            let s = f16(b, 208);
-            for &sc in &b[192..208] {
-                let ds = s * sc as i8 as f32;
-                d.push(ds);
-                m.push(-32.0 * ds);
-            }
-            u.extend((0..256).map(|e| six_bit(b, e)));
-        }
-        _ => {
-            let s = f16(b, 0);
-            d.push(s);
-            m.push(-128.0 * s);
-            u.extend(b[2..34].iter().map(|&x| (x as i8 as i16 + 128) as u8));
-        }
-    }
-}
-
 impl QMatrixBuilder {
     pub fn new(kind: QKind, cols: usize) -> QMatrixBuilder {
         QMatrixBuilder {
@@ -221,8 +152,9 @@ impl QMatrixBuilder {
         if !self.out.kind.holds(ty) || cols == 0 || !cols.is_multiple_of(be) {
             return None;
         }
+        let block = crate::model::blocks::of(ty)?;
         // A type with one scale per 32 in a matrix with one per 16: each scale twice.
-        let twice = self.out.kind == QKind::U6 && ty != crate::model::gguf::GgmlType::Q6_K;
+        let twice = block.kind()?.scales_per_block() < self.out.kind.scales_per_block();
         let nb = cols / be;
         if data.len() != rows * nb * bytes {
             return None;
@@ -232,7 +164,7 @@ impl QMatrixBuilder {
             let (mut u, mut d, mut m) =
                 (Vec::with_capacity(cols), Vec::with_capacity(cols / QK), Vec::with_capacity(cols / QK));
             for b in row.chunks_exact(bytes) {
-                unpack_block(ty, b, &mut u, &mut d, &mut m);
+                block.unpack(b, &mut u, &mut d, &mut m);
             }
             if twice {
                 d = d.iter().flat_map(|&x| [x, x]).collect();
@@ -366,10 +298,6 @@ pub(crate) mod test_data {
             .collect()
     }
 
-    pub fn f16b(x: f32) -> [u8; 2] {
-        weave_kernels_gpu::elem::f32_to_f16_bits(x).to_le_bytes()
-    }
-
     /// The types that pack, each kind.
     pub const PACKED: [GgmlType; 8] = [
         GgmlType::Q4_0,
@@ -390,16 +318,7 @@ pub(crate) mod test_data {
         let mut out = bytes(nb * size, seed);
         for (b, blk) in out.chunks_mut(size).enumerate() {
             let d = 0.001 + (b % 7) as f32 * 0.003;
-            let (at_d, at_m, d, m) = match ty {
-                GgmlType::Q4_1 | GgmlType::Q5_1 => (0, Some(2), d, -0.02 * (b % 5) as f32),
-                GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2), d / 16.0, 0.0005 * (b % 5) as f32),
-                GgmlType::Q6_K => (208, None, d / 64.0, 0.0),
-                _ => (0, None, d, 0.0),
-            };
-            blk[at_d..at_d + 2].copy_from_slice(&f16b(d));
-            if let Some(i) = at_m {
-                blk[i..i + 2].copy_from_slice(&f16b(m));
-            }
+            crate::model::blocks::of(ty).unwrap().tame(blk, d, -0.02 * (b % 5) as f32);
         }
         out
     }
@@ -435,8 +354,8 @@ mod tests {
             let m = b.finish();
             assert_eq!((m.rows, m.groups()), (9, 3));
             let mut want = vec![0f32; (r1 + r2) * cols];
-            crate::model::quant::dequantize(t1, &d1, &mut want[..r1 * cols]).unwrap();
-            crate::model::quant::dequantize(t2, &d2, &mut want[r1 * cols..]).unwrap();
+            crate::model::blocks::dequantize(t1, &d1, &mut want[..r1 * cols]).unwrap();
+            crate::model::blocks::dequantize(t2, &d2, &mut want[r1 * cols..]).unwrap();
             let mut row = vec![0f32; cols];
             for r in 0..r1 + r2 {
                 m.dequant_row(r, &mut row);

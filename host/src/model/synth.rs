@@ -244,7 +244,7 @@ pub fn gguf(spec: &SynthSpec, vocab: &SynthVocab) -> Vec<u8> {
     // Matrices are `[out][in]`, written with ggml's dimensions `[in, out]`, in `s.ty`.
     let mat = |w: &mut GgufWriter, name: &str, out: usize, inp: usize, data: &[f32]| {
         let ty = matrix_type(s.ty, inp);
-        let bytes = super::quantize::quantize(ty, data).expect("whole blocks (matrix_type)");
+        let bytes = super::blocks::quantize(ty, data).expect("whole blocks (matrix_type)");
         w.tensor_raw(name, &[inp as u64, out as u64], ty.id(), bytes);
     };
     // LM head rows of RMS 2/sqrt(hidden) give logits of about two units' spread, so the next

@@ -873,7 +873,7 @@ mod tests {
             let data = ggml(ty, rows, cols, 11);
             let w = QMatrix::from_ggml(ty, rows, cols, &data).unwrap();
             let mut wf = vec![0f32; rows * cols];
-            crate::model::quant::dequantize(ty, &data, &mut wf).unwrap();
+            crate::model::blocks::dequantize(ty, &data, &mut wf).unwrap();
             let x = acts(n, cols, 17);
             for isa in Isa::all_here() {
                 let mut a = QActs::default();
