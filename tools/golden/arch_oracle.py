@@ -12,13 +12,18 @@
    - /completion, greedy, 32 tokens, for each prompt, with the top log-probabilities of
      every step (so a test can tell a real difference from a near tie); the quantized
      variants (each architecture with its matrices in Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0, as
-     weave::model::quantize writes them) on three prompts.
+     weave::model::blocks writes them) on three prompts.
+4. With --gemma, the real Gemma 3 270M Q4_K_M: its vocabulary on the corpus and three prompts,
+   and the same prompts on the file widened to F32 by llama-quantize (llama.cpp rounds the
+   activations of quantized products to 8 bits; on F32 weights it does not, so weave's exact
+   weights meet it closely there). --gemma-only updates just that section of --out.
 The fixture keeps the vocabulary and those answers; the test rebuilds the models itself.
 
 Usage:
   BIN=$(tools/golden/build_llama_cpp.sh)
   python3 tools/golden/arch_oracle.py --model ~/.cache/weave/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --llama-bin "$BIN" --out tests/fixtures/arch_oracle.json
+      --llama-bin "$BIN" --out tests/fixtures/arch_oracle.json \
+      [--gemma ~/.cache/weave/models/gemma-3-270m-q4_k_m.gguf [--gemma-only]]
 Needs: pip install numpy gguf.
 """
 import argparse, json, os, signal, subprocess, sys, tempfile, time, urllib.request
@@ -217,32 +222,57 @@ def partial_tokens(vocab):
 
 def real_gemma(bin_dir, path):
     """The real Gemma 3 270M: its SentencePiece vocabulary on the corpus, and greedy tokens
-    with each step's top log-probabilities on three prompts."""
+    with each step's top log-probabilities on three prompts, on the file as it is and on its
+    weights widened to F32 (`f32_weights`)."""
     r = GGUFReader(path)
     vocab = {"model": "llama", "tokens": r.fields["tokenizer.ggml.tokens"].contents(),
              "types": [int(t) for t in r.fields["tokenizer.ggml.token_type"].contents()]}
-    s = Server(bin_dir, path, 18699)
-    try:
-        out = {"tokenize": [{"text": t, "ids": s.tokenize(t, False)} for t in corpus()], "prompts": []}
-        partial = partial_tokens(vocab)
+    partial = partial_tokens(vocab)
+
+    def prompts(s):
+        out = []
         for text in PROMPTS[:3]:
             ids = s.tokenize(text, True)
             tokens, top = s.complete(ids, 4, partial)
-            out["prompts"].append({"text": text, "prompt_ids": ids, "tokens": tokens, "top": top})
+            out.append({"text": text, "prompt_ids": ids, "tokens": tokens, "top": top})
+        return out
+
+    s = Server(bin_dir, path, 18699)
+    try:
+        out = {"tokenize": [{"text": t, "ids": s.tokenize(t, False)} for t in corpus()], "prompts": prompts(s)}
     finally:
         s.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        wide = os.path.join(tmp, "gemma-3-270m-f32.gguf")
+        subprocess.run([os.path.join(bin_dir, "llama-quantize"), "--allow-requantize", path, wide, "F32", "2"],
+                       check=True, capture_output=True)
+        s = Server(bin_dir, wide, 18698)
+        try:
+            out["f32_weights"] = {"prompts": prompts(s)}
+        finally:
+            s.close()
     print("gemma3-270m: recorded", file=sys.stderr)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="SmolLM2's GGUF (for its vocabulary)")
+    ap.add_argument("--model", help="SmolLM2's GGUF (for its vocabulary)")
     ap.add_argument("--llama-bin", required=True, help="folder with llama-server (tools/golden/build_llama_cpp.sh)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--gemma", help="Gemma 3 270M Q4_K_M (cargo xtask fetch-model gemma3-270m): also record "
                                     "llama.cpp's tokens on the real file and vocabulary")
+    ap.add_argument("--gemma-only", action="store_true", help="record only the Gemma section into --out")
     a = ap.parse_args()
+    if a.gemma_only:
+        if not a.gemma:
+            ap.error("--gemma-only needs --gemma")
+        fixture = json.load(open(a.out))
+        fixture["gemma3_270m"] = real_gemma(a.llama_bin, a.gemma)
+        write(fixture, a.out)
+        return
+    if not a.model:
+        ap.error("--model is required (SmolLM2's GGUF, for its vocabulary)")
     bpe = cut_vocab(a.model)
     fixture = {"vocab": bpe, "spm_vocab": spm_vocab(bpe)}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -275,10 +305,14 @@ def main():
                 s.close()
     if a.gemma:
         fixture["gemma3_270m"] = real_gemma(a.llama_bin, a.gemma)
-    with open(a.out, "w") as f:
+    write(fixture, a.out)
+
+
+def write(fixture, path):
+    with open(path, "w") as f:
         json.dump(fixture, f, ensure_ascii=False, separators=(",", ":"))
         f.write("\n")
-    print(f"wrote {a.out}", file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
