@@ -7,7 +7,11 @@
 //!   Q4_K's eight sub-blocks of 32 are eight blocks with `d = d sc`, `m = -dmin min`;
 //! - `U5`, 5-bit `u` in 0..31: Q5_0 with `m = -16 d`, Q5_1, Q5_K's sub-blocks (and the 4-bit
 //!   types, in a matrix stacked with 5-bit parts): `U4`'s nibbles and a plane of fifth bits;
-//! - `U8`, 8-bit `u` in 0..255: Q8_0's signed `q` is `u = q + 128`, `m = -128 d`;
+//! - `S8`, Q8_0 as it is: signed 8-bit `q`, `w = d q`, no offsets stored (they would be
+//!   `-128 d`: 4 bytes a block read for nothing, the difference between 9 and 10 bits a
+//!   weight);
+//! - `U8`, 8-bit `u` in 0..255, for a matrix that stacks Q8_0 parts (`u = q + 128`,
+//!   `m = -128 d`) with 4- or 5-bit ones;
 //! - `U6`, values up to 63 a byte each, with a scale and an offset per *half* block of 16:
 //!   Q6_K, whose sub-blocks are 16 values with a scale each (`d = d sc`, `m = -32 d sc`). A
 //!   matrix with Q6_K parts and 4- or 5-bit ones (a Q4_K_M file's Q/K/V with a Q6_K V) is
@@ -41,6 +45,9 @@ pub const GROUP: usize = 4;
 pub enum QKind {
     /// 4-bit values, 64 bytes a group-block.
     U4,
+    /// Signed 8-bit values with a scale and no offset (`m` is empty), 128 bytes a
+    /// group-block: Q8_0.
+    S8,
     /// 8-bit values, 128 bytes a group-block.
     U8,
     /// 5-bit values, 80 bytes a group-block.
@@ -60,7 +67,8 @@ impl QKind {
         match self {
             QKind::U4 => QKind::of(ty) == Some(QKind::U4),
             QKind::U5 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5)),
-            QKind::U8 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::U8)),
+            QKind::S8 => QKind::of(ty) == Some(QKind::S8),
+            QKind::U8 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::S8 | QKind::U8)),
             // Values below 64.
             QKind::U6 => matches!(QKind::of(ty), Some(QKind::U4 | QKind::U5 | QKind::U6)),
         }
@@ -69,7 +77,7 @@ impl QKind {
     /// The kind of a matrix stacked from tensors of `types`: the narrowest that holds them
     /// all, or `None` (Q6_K beside Q8_0, or a type that does not pack).
     pub fn for_types(types: &[crate::model::gguf::GgmlType]) -> Option<QKind> {
-        [QKind::U4, QKind::U5, QKind::U8, QKind::U6].into_iter().find(|k| types.iter().all(|&t| k.holds(t)))
+        [QKind::U4, QKind::U5, QKind::S8, QKind::U8, QKind::U6].into_iter().find(|k| types.iter().all(|&t| k.holds(t)))
     }
 
     /// Bytes of values per group-block.
@@ -77,7 +85,7 @@ impl QKind {
         match self {
             QKind::U4 => 2 * QK,
             QKind::U5 => 2 * QK + 16,
-            QKind::U8 | QKind::U6 => 4 * QK,
+            QKind::S8 | QKind::U8 | QKind::U6 => 4 * QK,
         }
     }
 
@@ -85,7 +93,7 @@ impl QKind {
     pub fn scales_per_block(self) -> usize {
         match self {
             QKind::U6 => 2,
-            QKind::U4 | QKind::U5 | QKind::U8 => 1,
+            QKind::U4 | QKind::U5 | QKind::S8 | QKind::U8 => 1,
         }
     }
 }
@@ -118,11 +126,11 @@ pub struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    /// Values: `[group][block]` of 64 (`U4`), 80 (`U5`) or 128 (`U8`, `U6`) bytes.
+    /// Values: `[group][block]` of 64 (`U4`), 80 (`U5`) or 128 (`S8`, `U8`, `U6`) bytes.
     pub qs: Vec<u8>,
     /// Scales: `[group][block][4]`.
     pub d: Vec<f32>,
-    /// Offsets: `[group][block][4]`.
+    /// Offsets: `[group][block][4]`; empty for `S8`.
     pub m: Vec<f32>,
 }
 
@@ -211,14 +219,24 @@ impl QMatrixBuilder {
                             gb[k] = blk[e];
                             gb[64 + k] = blk[16 + e];
                         }
+                        // `u - 128`, the signed value.
+                        QKind::S8 => {
+                            gb[k] = blk[e] ^ 0x80;
+                            gb[64 + k] = blk[16 + e] ^ 0x80;
+                        }
                     }
                 }
             }
             // `[half][row]` within the block: one 128-bit load gives a half's four rows.
             for h in 0..spb {
                 for (_, d, m) in &self.pending {
-                    o.d.push(d[b * spb + h]);
-                    o.m.push(m[b * spb + h]);
+                    let (d, m) = (d[b * spb + h], m[b * spb + h]);
+                    o.d.push(d);
+                    if o.kind == QKind::S8 {
+                        debug_assert_eq!(m, -128.0 * d, "an S8 block's offset is -128 d");
+                    } else {
+                        o.m.push(m);
+                    }
                 }
             }
         }
@@ -264,6 +282,16 @@ impl QMatrix {
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let gb = &self.qs[(g * nb + b) * gbb..][..gbb];
             let s = |h: usize| ((g * nb + b) * spb + h % spb) * GROUP + rr;
+            if self.kind == QKind::S8 {
+                // As the GGUF dequantizer: `q d`.
+                let d = self.d[s(0)];
+                for e in 0..16 {
+                    let k = lane_byte(rr, e);
+                    o[e] = gb[k] as i8 as f32 * d;
+                    o[16 + e] = gb[64 + k] as i8 as f32 * d;
+                }
+                continue;
+            }
             let ((d0, m0), (d1, m1)) = ((self.d[s(0)], self.m[s(0)]), (self.d[s(1)], self.m[s(1)]));
             for e in 0..16 {
                 let k = lane_byte(rr, e);
@@ -271,6 +299,7 @@ impl QMatrix {
                     QKind::U4 => (gb[k] & 0x0f, gb[k] >> 4),
                     QKind::U5 => ((gb[k] & 0x0f) | fifth(gb, 0, k) << 4, (gb[k] >> 4) | fifth(gb, 1, k) << 4),
                     QKind::U8 | QKind::U6 => (gb[k], gb[64 + k]),
+                    QKind::S8 => unreachable!("decoded above"),
                 };
                 // One rounding, as the GGUF dequantizer's `d * (q - 8)` or `d * q`.
                 o[e] = (u0 as f32).mul_add(d0, m0);
@@ -367,6 +396,8 @@ mod tests {
         }
         assert_eq!(QKind::for_types(&[GgmlType::Q6_K, GgmlType::Q8_0]), None, "Q8_0's values pass 63");
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q4_0]), Some(QKind::U4));
+        assert_eq!(QKind::for_types(&[GgmlType::Q8_0, GgmlType::Q8_0]), Some(QKind::S8));
+        assert_eq!(QMatrix::from_ggml(GgmlType::Q8_0, 4, 64, &[0; 272]).unwrap().m.len(), 0, "S8 stores no offsets");
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q8_0]), Some(QKind::U8));
         assert_eq!(QKind::for_types(&[GgmlType::Q4_K, GgmlType::Q5_0]), Some(QKind::U5));
         assert_eq!(QKind::for_types(&[GgmlType::Q5_1, GgmlType::Q8_0]), Some(QKind::U8));

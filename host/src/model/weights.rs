@@ -258,6 +258,7 @@ impl Weights {
                     .map(|q| match q.kind {
                         QKind::U4 => "u4",
                         QKind::U5 => "u5",
+                        QKind::S8 => "s8",
                         QKind::U8 => "u8",
                         QKind::U6 => "u6",
                     })

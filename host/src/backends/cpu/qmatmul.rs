@@ -161,7 +161,7 @@ impl Isa {
 }
 
 /// The definition: group `g` (four rows) against activation rows `i0..i0 + N`,
-/// `Σ_blocks d e Σ u x + m (e Σ x)` per row.
+/// `Σ_blocks d e Σ u x + m (e Σ x)` per row (`u` signed and `m` 0 for `S8`).
 fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     let nb = w.blocks_per_row();
     let (gbb, spb) = (w.kind.group_block_bytes(), w.kind.scales_per_block());
@@ -175,17 +175,19 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
             for (h, isum) in isum.iter_mut().enumerate() {
                 for k in 0..64 {
                     let u = match w.kind {
-                        QKind::U4 => (gb[k] >> (4 * h)) & 0x0f,
-                        QKind::U5 => ((gb[k] >> (4 * h)) & 0x0f) | fifth(gb, h, k) << 4,
-                        QKind::U8 | QKind::U6 => gb[64 * h + k],
+                        QKind::U4 => ((gb[k] >> (4 * h)) & 0x0f) as i32,
+                        QKind::U5 => (((gb[k] >> (4 * h)) & 0x0f) | fifth(gb, h, k) << 4) as i32,
+                        QKind::U8 | QKind::U6 => gb[64 * h + k] as i32,
+                        QKind::S8 => gb[64 * h + k] as i8 as i32,
                     };
-                    isum[(k / 4) % GROUP] += u as i32 * x[64 * h + k] as i32;
+                    isum[(k / 4) % GROUP] += u * x[64 * h + k] as i32;
                 }
             }
             for r in 0..GROUP {
                 if spb == 1 {
                     let s = (g * nb + b) * GROUP + r;
-                    o[r] += w.d[s] * a.d[ab] * (isum[0][r] + isum[1][r]) as f32 + w.m[s] * a.sum[ab];
+                    let m = if w.kind == QKind::S8 { 0.0 } else { w.m[s] };
+                    o[r] += w.d[s] * a.d[ab] * (isum[0][r] + isum[1][r]) as f32 + m * a.sum[ab];
                 } else {
                     for (h, isum) in isum.iter().enumerate() {
                         let s = ((g * nb + b) * 2 + h) * GROUP + r;
@@ -202,7 +204,7 @@ fn scalar_group<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> 
 #[inline(always)]
 fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
     match (isa, w.kind) {
-        // SAFETY (these eight): `isa` was detected on this CPU; the kernels check the ranges.
+        // SAFETY (these ten): `isa` was detected on this CPU; the kernels check the ranges.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, QKind::U4) => unsafe { x86::u4_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
@@ -219,13 +221,17 @@ fn group<const N: usize>(isa: Isa, w: &QMatrix, g: usize, a: &QActs, i0: usize) 
         (Isa::Avx512Vnni, QKind::U6) => unsafe { x86::u6_512::<N>(w, g, a, i0) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QKind::U6) => unsafe { x86::u6_256::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QKind::S8) => unsafe { x86::s8_512::<N>(w, g, a, i0) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QKind::S8) => unsafe { x86::s8_256::<N>(w, g, a, i0) },
         _ => scalar_group::<N>(w, g, a, i0),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QActs, QMatrix, GROUP, QK, XB};
+    use super::{QActs, QKind, QMatrix, GROUP, QK, XB};
     use std::arch::x86_64::*;
 
     /// Checks that group `g` and activation rows `i0..i0 + n` are in range.
@@ -233,7 +239,8 @@ mod x86 {
     fn check(w: &QMatrix, g: usize, a: &QActs, i0: usize, n: usize) -> usize {
         let nb = w.cols / QK;
         let (gbb, scales) = (w.kind.group_block_bytes(), nb * GROUP * w.kind.scales_per_block());
-        assert!(w.qs.len() >= (g + 1) * nb * gbb && w.d.len() >= (g + 1) * scales && w.m.len() >= (g + 1) * scales);
+        let offsets = w.kind == QKind::S8 || w.m.len() >= (g + 1) * scales;
+        assert!(w.qs.len() >= (g + 1) * nb * gbb && w.d.len() >= (g + 1) * scales && offsets);
         assert!(
             a.cols == w.cols
                 && a.q.len() >= (i0 + n) * nb * XB
@@ -269,9 +276,10 @@ mod x86 {
     /// The AVX-512 kernels: per block, the weights of four rows are two registers (`wa`, `wb`:
     /// the two halves), and each activation row's expanded block is two more. Two `dpbusd`
     /// give the block's integer sums, one FMA applies the four rows' scales (one 128-bit
-    /// vector broadcast), one more the offsets.
+    /// vector broadcast), one more the offsets (`$offsets`: the four rows' of a block, from its
+    /// scales and offsets).
     macro_rules! kernel_512 {
-        ($name:ident, $weights:expr, $doc:literal) => {
+        ($name:ident, $weights:expr, $offsets:expr, $doc:literal) => {
             #[doc = $doc]
             ///
             /// # Safety
@@ -283,13 +291,14 @@ mod x86 {
                 // SAFETY: every pointer below stays inside the ranges `check` asserted.
                 unsafe {
                     let qs = w.qs.as_ptr().add(g * nb * gbb);
-                    let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().add(g * nb * GROUP));
+                    // `m` may be empty (`S8`): its pointer is only formed, never read, then.
+                    let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().wrapping_add(g * nb * GROUP));
                     let mut acc = [_mm512_setzero_ps(); N];
                     let mut off = [_mm_setzero_ps(); N];
                     for b in 0..nb {
                         let (wa, wb): (__m512i, __m512i) = $weights(qs.add(b * gbb));
                         let d4 = _mm512_broadcast_f32x4(_mm_loadu_ps(d.add(b * GROUP)));
-                        let m4 = _mm_loadu_ps(m.add(b * GROUP));
+                        let m4: __m128 = $offsets(d.add(b * GROUP), m.wrapping_add(b * GROUP));
                         for n in 0..N {
                             let ab = (i0 + n) * nb + b;
                             let x = a.q.as_ptr().add(ab * XB);
@@ -329,9 +338,51 @@ mod x86 {
         unsafe { (_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(64).cast())) }
     }
 
-    kernel_512!(u4_512, u4_halves_512, "A group of `U4` rows against `N` activation rows (AVX-512 VNNI).");
-    kernel_512!(u8_512, u8_halves_512, "A group of `U8` rows against `N` activation rows (AVX-512 VNNI).");
-    kernel_512!(u5_512, u5_halves_512, "A group of `U5` rows against `N` activation rows (AVX-512 VNNI).");
+    /// A block's four offsets as stored.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn stored_offsets(_d: *const f32, m: *const f32) -> __m128 {
+        // SAFETY: the caller passes four readable floats at `m`.
+        unsafe { _mm_loadu_ps(m) }
+    }
+
+    /// `S8` weights read as `U8` (`q + 128`): their offsets are `-128 d`, from the scales.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn s8_offsets(d: *const f32, _m: *const f32) -> __m128 {
+        // SAFETY: the caller passes four readable floats at `d`.
+        unsafe { _mm_mul_ps(_mm_set1_ps(-128.0), _mm_loadu_ps(d)) }
+    }
+
+    /// `S8` weights: the two halves, each byte `q + 128` (`vpdpbusd` takes unsigned weights).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    unsafe fn s8_halves_512(p: *const u8) -> (__m512i, __m512i) {
+        // SAFETY: the caller passes 128 readable bytes.
+        let (a, b) = unsafe { u8_halves_512(p) };
+        let flip = _mm512_set1_epi8(-128);
+        (_mm512_xor_si512(a, flip), _mm512_xor_si512(b, flip))
+    }
+
+    kernel_512!(
+        u4_512,
+        u4_halves_512,
+        stored_offsets,
+        "A group of `U4` rows against `N` activation rows (AVX-512 VNNI)."
+    );
+    kernel_512!(
+        u8_512,
+        u8_halves_512,
+        stored_offsets,
+        "A group of `U8` rows against `N` activation rows (AVX-512 VNNI)."
+    );
+    kernel_512!(
+        u5_512,
+        u5_halves_512,
+        stored_offsets,
+        "A group of `U5` rows against `N` activation rows (AVX-512 VNNI)."
+    );
+    kernel_512!(s8_512, s8_halves_512, s8_offsets, "A group of `S8` rows against `N` activation rows (AVX-512 VNNI).");
 
     /// 5-bit weights: [`u4_halves_512`]'s nibbles, and each half's u64 of fifth bits as a
     /// byte mask selecting 16s to OR in.
@@ -503,6 +554,44 @@ mod x86 {
             let mut out = [[0f32; GROUP]; N];
             for ((o, acc_n), off_n) in out.iter_mut().zip(acc).zip(off) {
                 *o = reduce_256(acc_n, off_n);
+            }
+            out
+        }
+    }
+
+    /// A group of `S8` rows against `N` activation rows (AVX2): the sign trick of
+    /// [`u8_256`] on the signed values as stored, with no offsets at all.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA. Ranges are checked.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn s8_256<const N: usize>(w: &QMatrix, g: usize, a: &QActs, i0: usize) -> [[f32; GROUP]; N] {
+        let nb = check(w, g, a, i0, N);
+        // SAFETY: every pointer below stays inside the ranges `check` asserted.
+        unsafe {
+            let qs = w.qs.as_ptr().add(g * nb * 128);
+            let d = w.d.as_ptr().add(g * nb * GROUP);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let ws: [__m256i; 4] = std::array::from_fn(|k| _mm256_loadu_si256(qs.add(b * 128 + 32 * k).cast()));
+                let wabs = ws.map(|v| _mm256_abs_epi8(v));
+                let d4 = _mm256_broadcast_ps(&*(d.add(b * GROUP) as *const __m128));
+                for (n, acc_n) in acc.iter_mut().enumerate() {
+                    let ab = (i0 + n) * nb + b;
+                    let x = a.q.as_ptr().add(ab * XB);
+                    let p = |k: usize| {
+                        let xs = _mm256_sign_epi8(_mm256_loadu_si256(x.add(32 * k).cast()), ws[k]);
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[k], xs), ones)
+                    };
+                    let s = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+                    let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
+                    *acc_n = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc_n);
+                }
+            }
+            let mut out = [[0f32; GROUP]; N];
+            for (o, acc_n) in out.iter_mut().zip(acc) {
+                *o = reduce_256(acc_n, _mm_setzero_ps());
             }
             out
         }
@@ -814,6 +903,7 @@ mod tests {
     use super::*;
     use crate::model::gguf::GgmlType;
     use crate::model::packed::test_data::{bytes, ggml, PACKED};
+    use crate::model::packed::QMatrixBuilder;
 
     fn acts(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
         bytes(rows * cols, seed).iter().map(|&b| (b as f32 - 128.0) / 50.0).collect()
@@ -836,13 +926,20 @@ mod tests {
     }
 
     fn simd_matches_scalar(isa: Isa) {
-        for ty in PACKED {
+        // Each type in each kind that holds it (Q8_0 as `S8` alone, as `U8` beside 4-bit
+        // parts; Q4_K in `U4`, `U5`, `U8` and `U6`).
+        let kinds = [QKind::U4, QKind::U5, QKind::S8, QKind::U8, QKind::U6];
+        for (ty, kind) in
+            PACKED.into_iter().flat_map(|t| kinds.into_iter().filter(move |k| k.holds(t)).map(move |k| (t, k)))
+        {
             // Odd sizes: rows not a multiple of the group, one to many blocks a row, activation
             // rows past a chunk with every tail length (the K-quants take the whole 256s).
             let shapes = [(1, 32, 1), (13, 64, 3), (37, 576, 5), (9, 1536, 17), (6, 96, 71), (5, 256, 2), (6, 512, 71)];
             let be = ty.block().unwrap().0;
             for (rows, cols, n) in shapes.into_iter().filter(|s| s.1 % be == 0) {
-                let w = QMatrix::from_ggml(ty, rows, cols, &ggml(ty, rows, cols, rows as u32 * 7 + 1)).unwrap();
+                let mut b = QMatrixBuilder::new(kind, cols);
+                b.push_ggml(ty, rows, &ggml(ty, rows, cols, rows as u32 * 7 + 1)).unwrap();
+                let w = b.finish();
                 let x = acts(n, cols, cols as u32 + 3);
                 let (mut a, mut sa) = (QActs::default(), QActs::default());
                 a.quantize(isa, &x, n, cols);
@@ -858,7 +955,7 @@ mod tests {
                 for (k, (x, y)) in s.iter().zip(&v).enumerate() {
                     assert!(
                         (x - y).abs() <= 1e-4 * x.abs().max(1.0),
-                        "{isa:?} {ty:?} {rows}x{cols} n={n} [{k}]: {x} vs {y}"
+                        "{isa:?} {ty:?} as {kind:?} {rows}x{cols} n={n} [{k}]: {x} vs {y}"
                     );
                 }
             }

@@ -1,5 +1,6 @@
-//! Q8_0: blocks of 32, an f16 scale `d` and 32 signed bytes; `x = q d`. Packs as `U8` with
-//! `u = q + 128`, `m = -128 d`.
+//! Q8_0: blocks of 32, an f16 scale `d` and 32 signed bytes; `x = q d`. Packs as `S8`, as
+//! it is; unpacked as `u = q + 128`, `m = -128 d` (exact), so that a `U8` matrix can stack it
+//! with 4- and 5-bit parts.
 
 use super::{f16, f16_at, inv, Block};
 use crate::model::gguf::GgmlType;
@@ -35,7 +36,7 @@ impl Block for Q8_0 {
         out.extend(x.iter().map(|&v| (v * inv(d)).round().clamp(-127.0, 127.0) as i8 as u8));
     }
     fn kind(&self) -> Option<QKind> {
-        Some(QKind::U8)
+        Some(QKind::S8)
     }
     fn unpack(&self, b: &[u8], u: &mut Vec<u8>, d: &mut Vec<f32>, m: &mut Vec<f32>) {
         let s = f16_at(b, 0);
