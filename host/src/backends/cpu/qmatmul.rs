@@ -512,6 +512,21 @@ mod x86 {
         }
     }
 
+    /// One block of signed 8-bit weights (`ws`, four registers, and their magnitudes `wabs`)
+    /// against the activation block at `x`, by the sign trick: `|w|` times `x * sign(w)` in
+    /// `maddubs` (pairs fit i16: 2 * 128 * 127), widened by `madd`. Eight i32 lanes of sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sign_dot_256(ws: &[__m256i; 4], wabs: &[__m256i; 4], x: *const i8) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let p = |k: usize| {
+            // SAFETY: the caller passes a block of 128 readable bytes at `x`.
+            let xs = _mm256_sign_epi8(unsafe { _mm256_loadu_si256(x.add(32 * k).cast()) }, ws[k]);
+            _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[k], xs), ones)
+        };
+        _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)))
+    }
+
     /// A group of `U8` rows against `N` activation rows (AVX2). `maddubs` would overflow i16
     /// on `u` up to 255, so the weights go back to signed (`u - 128`) and through the usual
     /// sign trick (`|w|` times `x * sign(w)`; pairs fit, 2 * 128 * 127). That sums
@@ -527,7 +542,7 @@ mod x86 {
         unsafe {
             let qs = w.qs.as_ptr().add(g * nb * 128);
             let (d, m) = (w.d.as_ptr().add(g * nb * GROUP), w.m.as_ptr().add(g * nb * GROUP));
-            let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+            let flip = _mm256_set1_epi8(-128);
             let mut acc = [_mm256_setzero_ps(); N];
             let mut off = [_mm_setzero_ps(); N];
             for b in 0..nb {
@@ -540,12 +555,7 @@ mod x86 {
                     _mm_fmadd_ps(_mm_set1_ps(128.0), _mm_loadu_ps(d.add(b * GROUP)), _mm_loadu_ps(m.add(b * GROUP)));
                 for (n, (acc_n, off_n)) in acc.iter_mut().zip(&mut off).enumerate() {
                     let ab = (i0 + n) * nb + b;
-                    let x = a.q.as_ptr().add(ab * XB);
-                    let p = |k: usize| {
-                        let xs = _mm256_sign_epi8(_mm256_loadu_si256(x.add(32 * k).cast()), ws[k]);
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[k], xs), ones)
-                    };
-                    let s = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+                    let s = sign_dot_256(&ws, &wabs, a.q.as_ptr().add(ab * XB));
                     let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
                     *acc_n = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc_n);
                     *off_n = _mm_fmadd_ps(m4, _mm_set1_ps(*a.sum.get_unchecked(ab)), *off_n);
@@ -571,7 +581,6 @@ mod x86 {
         unsafe {
             let qs = w.qs.as_ptr().add(g * nb * 128);
             let d = w.d.as_ptr().add(g * nb * GROUP);
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..nb {
                 let ws: [__m256i; 4] = std::array::from_fn(|k| _mm256_loadu_si256(qs.add(b * 128 + 32 * k).cast()));
@@ -579,12 +588,7 @@ mod x86 {
                 let d4 = _mm256_broadcast_ps(&*(d.add(b * GROUP) as *const __m128));
                 for (n, acc_n) in acc.iter_mut().enumerate() {
                     let ab = (i0 + n) * nb + b;
-                    let x = a.q.as_ptr().add(ab * XB);
-                    let p = |k: usize| {
-                        let xs = _mm256_sign_epi8(_mm256_loadu_si256(x.add(32 * k).cast()), ws[k]);
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[k], xs), ones)
-                    };
-                    let s = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+                    let s = sign_dot_256(&ws, &wabs, a.q.as_ptr().add(ab * XB));
                     let sc = _mm256_mul_ps(d4, _mm256_set1_ps(*a.d.get_unchecked(ab)));
                     *acc_n = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc_n);
                 }
