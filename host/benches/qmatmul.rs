@@ -11,18 +11,7 @@ use weave::backends::cpu::qmatmul::{qmatmul, Isa, QActs};
 use weave::model::blocks::quantize;
 use weave::model::gguf::GgmlType;
 use weave::model::packed::{QKind, QMatrixBuilder};
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use weave::model::synth::Rng;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -45,7 +34,7 @@ fn run(isa: Isa, threads: usize) {
     for (name, rows, cols) in
         [("q/k/v 960 x 576", 960, 576), ("gate/up 3072 x 576", 3072, 576), ("down 576 x 1536", 576, 1536)]
     {
-        let data = quantize(GgmlType::Q8_0, &values(rows * cols, rows as u32)).unwrap();
+        let data = quantize(GgmlType::Q8_0, &Rng(rows as u64).vec(rows * cols, 0.0, 0.5)).unwrap();
         let build = |kind| {
             let mut b = QMatrixBuilder::new(kind, cols);
             b.push_ggml(GgmlType::Q8_0, rows, &data).unwrap();
@@ -54,7 +43,7 @@ fn run(isa: Isa, threads: usize) {
         let (s8, u8) = (build(QKind::S8), build(QKind::U8));
         for n in [1, 32] {
             let mut a = QActs::default();
-            a.quantize(isa, &values(n * cols, 7), n, cols);
+            a.quantize(isa, &Rng(7).vec(n * cols, 0.0, 0.5), n, cols);
             let mut out = vec![0f32; n * rows];
             let mut time = |w: &weave::model::packed::QMatrix| {
                 let t = Instant::now();

@@ -182,8 +182,9 @@ pub fn matrix_type(ty: GgmlType, row_len: usize) -> GgmlType {
     }
 }
 
-/// SplitMix64: a seeded stream of uniform values in `[-1, 1)`.
-struct Rng(u64);
+/// SplitMix64: a seeded stream of uniform values in `[-1, 1)` (the seed is the state).
+#[derive(Debug)]
+pub struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> f32 {
@@ -196,7 +197,7 @@ impl Rng {
     }
 
     /// `n` values `centre + spread * u`.
-    fn vec(&mut self, n: usize, centre: f32, spread: f32) -> Vec<f32> {
+    pub fn vec(&mut self, n: usize, centre: f32, spread: f32) -> Vec<f32> {
         (0..n).map(|_| centre + spread * self.next()).collect()
     }
 }
