@@ -296,11 +296,7 @@ fn real_gemma3_270m_follows_llama_cpp() {
         skip("the fixture has no gemma3_270m section (tools/golden/arch_oracle.py --gemma PATH)");
         return;
     };
-    let p = weave::paths::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf");
-    if !p.exists() {
-        skip(&format!("{} not found (run `cargo xtask fetch-model gemma3-270m`)", p.display()));
-        return;
-    }
+    let Some(p) = gemma3_270m_file() else { return };
     let lm = LoadedModel::load(&p).unwrap();
     let cases = want["tokenize"].as_array().unwrap();
     let wrong: Vec<&str> = cases
@@ -343,11 +339,7 @@ fn real_gemma3_270m_exact_weights_equal_llama_cpps_f32() {
         skip("the fixture has no gemma3_270m.f32_weights section (tools/golden/arch_oracle.py --gemma PATH)");
         return;
     };
-    let p = weave::paths::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf");
-    if !p.exists() {
-        skip(&format!("{} not found (run `cargo xtask fetch-model gemma3-270m`)", p.display()));
-        return;
-    }
+    let Some(p) = gemma3_270m_file() else { return };
     let lm = LoadedModel::load_with(&p, Precision::F32).unwrap();
     let (diffs, agreed, gaps) =
         prompts_against_llama_cpp("gemma3-270m (f32)", want["prompts"].as_array().unwrap(), &lm, GELU_LOGPROB_TOL);
@@ -358,6 +350,16 @@ fn real_gemma3_270m_exact_weights_equal_llama_cpps_f32() {
         worst < GELU_LOGPROB_TOL,
         "gemma3-270m (f32): first-step log-probabilities differ from llama.cpp's by {worst}"
     );
+}
+
+/// The real Gemma 3 270M Q4_K_M file, or `None` having said why the test is skipped.
+fn gemma3_270m_file() -> Option<PathBuf> {
+    let p = weave::paths::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf");
+    if !p.exists() {
+        skip(&format!("{} not found (run `cargo xtask fetch-model gemma3-270m`)", p.display()));
+        return None;
+    }
+    Some(p)
 }
 
 /// Says `skipped: <reason>` where the test output shows it (stderr, past the capture).
