@@ -14,6 +14,13 @@
 //!
 //! As in vLLM, block 0 is the *null block*: it is never handed out (padding rows of a block
 //! table point at it), so `num_blocks - 1` blocks are usable.
+//!
+//! **Sliding-window models** ([`KvGroups`], vLLM's hybrid allocator): the layers are split into
+//! groups of equal size, some attending to everything (full) and some through a window. A
+//! block is one group's layers for `block_size` tokens, all groups draw from the one pool, and
+//! each sequence has one table per group. A windowed group's blocks that no later query can
+//! see are given back ([`BlockManager::release_outside_window`]) and their table entries point
+//! at the null block, so a window layer holds about `window` tokens whatever the length.
 
 mod free_queue;
 
@@ -69,6 +76,43 @@ pub fn extend_block_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_si
     }
 }
 
+/// How the layers share the pool: `full` groups that keep every token and `windowed` groups
+/// whose layers see only the last `window` tokens (the query's own included). Every group
+/// holds the same number of layers, so one block size in bytes serves them all; group `g`'s
+/// table is `g < full` a full one. The default, one full group, is a model without windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvGroups {
+    pub full: usize,
+    pub windowed: usize,
+    /// Keys a windowed layer's query sees, itself included (unused when `windowed` is 0).
+    pub window: usize,
+}
+
+impl Default for KvGroups {
+    fn default() -> Self {
+        KvGroups { full: 1, windowed: 0, window: 0 }
+    }
+}
+
+impl KvGroups {
+    pub fn len(&self) -> usize {
+        self.full + self.windowed
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether group `g` attends through the window.
+    pub fn is_windowed(&self, g: usize) -> bool {
+        g >= self.full
+    }
+    /// Blocks one windowed group may hold at once for a sequence that computes at most
+    /// `chunk` tokens a step: the window before the step's first query, the chunk, and one
+    /// block of misalignment at each end.
+    pub fn window_blocks(&self, chunk: usize, block_size: usize) -> usize {
+        (self.window.saturating_sub(1) + chunk).div_ceil(block_size) + 1
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockManagerConfig {
     /// Blocks in the pool, the null block included.
@@ -79,6 +123,8 @@ pub struct BlockManagerConfig {
     /// Blocks that [`BlockManager::can_allocate`] keeps in reserve so that running sequences
     /// can keep decoding after a new one is admitted. 0 matches vLLM V1.
     pub watermark_blocks: usize,
+    /// The layer groups sharing the pool (one full group for a model without windows).
+    pub kv_groups: KvGroups,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,10 +164,18 @@ impl PrefixCacheStats {
 
 #[derive(Debug, Clone, Default)]
 struct Table {
+    /// A windowed group's leading entries are [`NULL_BLOCK`] once released.
     blocks: Vec<BlockId>,
-    /// Leading blocks already registered in (or taken from) the prefix cache.
+    /// Leading blocks already registered in (or taken from) the prefix cache (group 0 only:
+    /// prefix caching is for models without windows).
     num_cached: usize,
+    /// Leading entries released (windowed groups).
+    num_released: usize,
 }
+
+/// A sequence's tables, one per group. Every group covers the same token positions, so all
+/// tables have the same length.
+type Tables = Vec<Table>;
 
 /// The pool, the tables and the prefix cache. See the crate docs.
 #[derive(Debug, Clone)]
@@ -131,7 +185,7 @@ pub struct BlockManager {
     block_hash: Vec<Option<BlockHash>>,
     free: FreeQueue,
     cached: HashToBlock,
-    tables: Vec<Option<Table>>,
+    tables: Vec<Option<Tables>>,
     stats: PrefixCacheStats,
 }
 
@@ -148,6 +202,20 @@ impl BlockManager {
         }
         if cfg.num_blocks > u32::MAX as usize - 1 {
             return Err(BlockError::InvalidConfig("num_blocks does not fit in u32".into()));
+        }
+        let g = cfg.kv_groups;
+        if g.full == 0 && g.windowed == 0 {
+            return Err(BlockError::InvalidConfig("kv_groups has no group".into()));
+        }
+        if g.windowed > 0 && g.window == 0 {
+            return Err(BlockError::InvalidConfig("kv_groups: windowed groups need a window of at least 1".into()));
+        }
+        if g.windowed > 0 && cfg.enable_prefix_caching {
+            // A hit would need the last window's blocks of every windowed group cached too;
+            // vLLM solves that, weave does not yet.
+            return Err(BlockError::InvalidConfig(
+                "prefix caching is not supported with sliding-window layer groups".into(),
+            ));
         }
         let n = cfg.num_blocks;
         Ok(BlockManager {
@@ -182,9 +250,22 @@ impl BlockManager {
     pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
         self.stats
     }
-    /// Blocks that hold `num_tokens` tokens.
+    /// Blocks that hold `num_tokens` tokens (in one group).
     pub fn blocks_for(&self, num_tokens: usize) -> usize {
         num_tokens.div_ceil(self.cfg.block_size)
+    }
+
+    /// Blocks of all groups that one sequence of `num_tokens` tokens, computed at most `chunk`
+    /// tokens a step, can hold at once: every group's `blocks_for` without windows; a
+    /// windowed group holds no more than its window and a chunk.
+    pub fn blocks_to_hold(&self, num_tokens: usize, chunk: usize) -> usize {
+        let g = self.cfg.kv_groups;
+        let all = self.blocks_for(num_tokens);
+        g.full * all + g.windowed * all.min(g.window_blocks(chunk, self.cfg.block_size))
+    }
+
+    pub fn kv_groups(&self) -> KvGroups {
+        self.cfg.kv_groups
     }
 
     /// Whether `num_blocks` new blocks can be taken while keeping the watermark in reserve.
@@ -217,16 +298,31 @@ impl BlockManager {
     /// `prefix` being cached blocks it would reuse (free cached ones count: reusing them takes
     /// them out of the free queue).
     pub fn num_blocks_to_allocate(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId]) -> usize {
-        let have = self.table(seq).map_or(0, |t| t.blocks.len()) + prefix.len();
+        let have = self.table(seq).map_or(0, |t| t[0].blocks.len()) + prefix.len();
         let fresh = self.blocks_for(total_tokens).saturating_sub(have);
         let revived = prefix.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
-        fresh + revived
+        fresh * self.cfg.kv_groups.len() + revived
+    }
+
+    /// Blocks that admitting `seq` for all its `total_tokens`, `chunk` tokens a step, can come
+    /// to take from the free pool at once (counted as [`Self::num_blocks_to_allocate`], a
+    /// windowed group capped at its window and a chunk): what admission reserves.
+    pub fn num_blocks_to_admit(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId], chunk: usize) -> usize {
+        let g = self.cfg.kv_groups;
+        if g.windowed == 0 {
+            return self.num_blocks_to_allocate(seq, total_tokens, prefix);
+        }
+        let have = self.table(seq).map_or(0, |t| t[0].blocks.len());
+        let fresh = self.blocks_for(total_tokens).saturating_sub(have);
+        let held_window = self.table(seq).map_or(0, |t| t[g.full].blocks.len() - t[g.full].num_released);
+        let window_room = g.window_blocks(chunk, self.cfg.block_size).saturating_sub(held_window);
+        g.full * fresh + g.windowed * fresh.min(window_room)
     }
 
     /// Gives `seq` (creating its table if needed) the cached `prefix` blocks and enough new
     /// blocks to hold `total_tokens` tokens. All or nothing: on error nothing changed.
     pub fn allocate(&mut self, seq: SeqId, prefix: &[BlockId], total_tokens: usize) -> Result<(), BlockError> {
-        let has_blocks = self.table(seq).is_some_and(|t| !t.blocks.is_empty());
+        let has_blocks = self.table(seq).is_some_and(|t| !t[0].blocks.is_empty());
         if !prefix.is_empty() && has_blocks {
             return Err(BlockError::PrefixOnNonEmptyTable(seq));
         }
@@ -247,25 +343,59 @@ impl BlockManager {
         if idx >= self.tables.len() {
             self.tables.resize_with(idx + 1, || None);
         }
-        let mut table = self.tables[idx].take().unwrap_or_default();
+        let groups = self.cfg.kv_groups.len();
+        let mut tables = self.tables[idx].take().unwrap_or_else(|| vec![Table::default(); groups]);
         if !prefix.is_empty() {
-            table.blocks.extend_from_slice(prefix);
-            table.num_cached = prefix.len();
+            tables[0].blocks.extend_from_slice(prefix);
+            tables[0].num_cached = prefix.len();
         }
         let want = self.blocks_for(total_tokens);
-        while table.blocks.len() < want {
-            let b = self.free.pop_front().expect("free count checked above");
-            if let Some(h) = self.block_hash[b as usize].take() {
-                // Evict: the block's old content is about to be overwritten.
-                if self.cached.get(&h) == Some(&b) {
-                    self.cached.remove(&h);
+        for table in &mut tables {
+            while table.blocks.len() < want {
+                let b = self.free.pop_front().expect("free count checked above");
+                if let Some(h) = self.block_hash[b as usize].take() {
+                    // Evict: the block's old content is about to be overwritten.
+                    if self.cached.get(&h) == Some(&b) {
+                        self.cached.remove(&h);
+                    }
                 }
+                self.ref_cnt[b as usize] = 1;
+                table.blocks.push(b);
             }
-            self.ref_cnt[b as usize] = 1;
-            table.blocks.push(b);
         }
-        self.tables[idx] = Some(table);
+        self.tables[idx] = Some(tables);
         Ok(())
+    }
+
+    /// Gives back the windowed groups' blocks of `seq` that no query at position `computed`
+    /// or later can see (a query at `p` sees keys from `p + 1 - window`); their entries then
+    /// point at the null block. Returns the blocks freed. Nothing to do without windows.
+    pub fn release_outside_window(&mut self, seq: SeqId, computed: usize) -> usize {
+        let g = self.cfg.kv_groups;
+        if g.windowed == 0 {
+            return 0;
+        }
+        let bs = self.cfg.block_size;
+        // Block i ends at (i + 1) * bs: unseen once that is at most the first visible key.
+        let dead = (computed + 1).saturating_sub(g.window) / bs;
+        let Some(tables) = self.tables.get_mut(seq as usize).and_then(Option::as_mut) else {
+            return 0;
+        };
+        let mut freed = 0;
+        for table in &mut tables[g.full..] {
+            let upto = dead.min(table.blocks.len());
+            for b in &mut table.blocks[table.num_released.min(upto)..upto] {
+                let rc = &mut self.ref_cnt[*b as usize];
+                *rc -= 1;
+                if *rc == 0 {
+                    self.free.push_back(*b);
+                    freed += 1;
+                }
+                *b = NULL_BLOCK;
+            }
+            table.num_released = table.num_released.max(upto);
+        }
+        freed
     }
 
     /// Registers the full blocks among the first `num_tokens` tokens of `seq` in the prefix
@@ -276,7 +406,7 @@ impl BlockManager {
             return;
         }
         let bs = self.cfg.block_size;
-        let Some(table) = self.tables.get_mut(seq as usize).and_then(Option::as_mut) else {
+        let Some(table) = self.tables.get_mut(seq as usize).and_then(Option::as_mut).map(|t| &mut t[0]) else {
             return;
         };
         let full = (num_tokens / bs).min(hashes.len()).min(table.blocks.len());
@@ -296,12 +426,14 @@ impl BlockManager {
     /// in reverse table order, so a sequence's last blocks are evicted before its first ones
     /// (the first ones are the likelier shared prefix).
     pub fn free(&mut self, seq: SeqId) -> Result<(), BlockError> {
-        let table = self.tables.get_mut(seq as usize).and_then(Option::take).ok_or(BlockError::UnknownSeq(seq))?;
-        for &b in table.blocks.iter().rev() {
-            let rc = &mut self.ref_cnt[b as usize];
-            *rc -= 1;
-            if *rc == 0 {
-                self.free.push_back(b);
+        let tables = self.tables.get_mut(seq as usize).and_then(Option::take).ok_or(BlockError::UnknownSeq(seq))?;
+        for table in &tables {
+            for &b in table.blocks[table.num_released..].iter().rev() {
+                let rc = &mut self.ref_cnt[b as usize];
+                *rc -= 1;
+                if *rc == 0 {
+                    self.free.push_back(b);
+                }
             }
         }
         Ok(())
@@ -311,38 +443,51 @@ impl BlockManager {
         self.table(seq).is_some()
     }
 
-    /// The block table of `seq` (empty if it has none).
+    /// The block table of `seq` in group 0 (empty if it has none).
     pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
-        self.table(seq).map_or(&[], |t| &t.blocks)
+        self.group_table(seq, 0)
     }
 
-    /// The flat cache slot (`block * block_size + offset`) of token `pos` of `seq`.
+    /// The block table of `seq` in group `group` (empty if it has none).
+    pub fn group_table(&self, seq: SeqId, group: usize) -> &[BlockId] {
+        self.table(seq).and_then(|t| t.get(group)).map_or(&[], |t| &t.blocks)
+    }
+
+    /// The flat cache slot (`block * block_size + offset`) of token `pos` of `seq` in group 0.
     pub fn slot(&self, seq: SeqId, pos: usize) -> Result<u32, BlockError> {
         let blocks = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
         let bs = self.cfg.block_size;
-        let b =
-            blocks.blocks.get(pos / bs).ok_or(BlockError::NoSlot { seq, pos, capacity: blocks.blocks.len() * bs })?;
+        let b = blocks[0].blocks.get(pos / bs).ok_or(BlockError::NoSlot {
+            seq,
+            pos,
+            capacity: blocks[0].blocks.len() * bs,
+        })?;
         Ok(*b * bs as u32 + (pos % bs) as u32)
     }
 
-    /// Appends the slots of positions `start..start + n` of `seq` to `out`.
+    /// Appends the slots of positions `start..start + n` of `seq` in group `group` to `out`.
+    /// A position whose block was released (outside a window) has no slot.
     pub fn extend_slot_mapping(
         &self,
         seq: SeqId,
+        group: usize,
         start: usize,
         n: usize,
         out: &mut Vec<u32>,
     ) -> Result<(), BlockError> {
-        let table = self.table(seq).ok_or(BlockError::UnknownSeq(seq))?;
+        let table = self.table(seq).and_then(|t| t.get(group)).ok_or(BlockError::UnknownSeq(seq))?;
         let bs = self.cfg.block_size;
         if start + n > table.blocks.len() * bs {
             return Err(BlockError::NoSlot { seq, pos: start + n - 1, capacity: table.blocks.len() * bs });
+        }
+        if n > 0 && start / bs < table.num_released {
+            return Err(BlockError::NoSlot { seq, pos: start, capacity: table.blocks.len() * bs });
         }
         out.extend((start..start + n).map(|p| table.blocks[p / bs] * bs as u32 + (p % bs) as u32));
         Ok(())
     }
 
-    fn table(&self, seq: SeqId) -> Option<&Table> {
+    fn table(&self, seq: SeqId) -> Option<&Tables> {
         self.tables.get(seq as usize).and_then(Option::as_ref)
     }
 
@@ -350,12 +495,29 @@ impl BlockManager {
     pub fn audit(&self) -> Result<(), String> {
         let n = self.cfg.num_blocks;
         let mut holders = vec![0u32; n];
-        for t in self.tables.iter().flatten() {
-            for &b in &t.blocks {
-                if b == NULL_BLOCK || b as usize >= n {
-                    return Err(format!("table holds invalid block {b}"));
+        for tables in self.tables.iter().flatten() {
+            if tables.len() != self.cfg.kv_groups.len() {
+                return Err(format!("a sequence has {} tables for {} groups", tables.len(), self.cfg.kv_groups.len()));
+            }
+            if tables.iter().any(|t| t.blocks.len() != tables[0].blocks.len()) {
+                return Err("a sequence's group tables differ in length".into());
+            }
+            for (g, t) in tables.iter().enumerate() {
+                if t.num_released > 0 && !self.cfg.kv_groups.is_windowed(g) {
+                    return Err(format!("full group {g} has released blocks"));
                 }
-                holders[b as usize] += 1;
+                for (i, &b) in t.blocks.iter().enumerate() {
+                    if i < t.num_released {
+                        if b != NULL_BLOCK {
+                            return Err(format!("released entry {i} of group {g} holds block {b}"));
+                        }
+                        continue;
+                    }
+                    if b == NULL_BLOCK || b as usize >= n {
+                        return Err(format!("table holds invalid block {b}"));
+                    }
+                    holders[b as usize] += 1;
+                }
             }
         }
         let mut free_seen = 0;

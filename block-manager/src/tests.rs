@@ -7,6 +7,7 @@ fn bm(num_blocks: usize, block_size: usize, caching: bool) -> BlockManager {
         block_size,
         enable_prefix_caching: caching,
         watermark_blocks: 0,
+        kv_groups: KvGroups::default(),
     })
     .unwrap()
 }
@@ -26,14 +27,16 @@ fn null_block_is_reserved() {
         num_blocks: 1,
         block_size: 4,
         enable_prefix_caching: false,
-        watermark_blocks: 0
+        watermark_blocks: 0,
+        kv_groups: KvGroups::default(),
     })
     .is_err());
     assert!(BlockManager::new(BlockManagerConfig {
         num_blocks: 4,
         block_size: 0,
         enable_prefix_caching: false,
-        watermark_blocks: 0
+        watermark_blocks: 0,
+        kv_groups: KvGroups::default(),
     })
     .is_err());
 }
@@ -53,7 +56,7 @@ fn allocate_grow_slots_and_free() {
     assert_eq!(m.slot(7, 8).unwrap(), 12);
     assert!(matches!(m.slot(7, 12), Err(BlockError::NoSlot { .. })));
     let mut slots = Vec::new();
-    m.extend_slot_mapping(7, 3, 3, &mut slots).unwrap();
+    m.extend_slot_mapping(7, 0, 3, 3, &mut slots).unwrap();
     assert_eq!(slots, vec![7, 8, 9]);
     m.free(7).unwrap();
     assert_eq!(m.num_free_blocks(), 7);
@@ -79,6 +82,7 @@ fn watermark_reserves_blocks() {
         block_size: 4,
         enable_prefix_caching: false,
         watermark_blocks: 2,
+        kv_groups: KvGroups::default(),
     })
     .unwrap();
     assert!(m.can_allocate(8));
@@ -241,5 +245,123 @@ proptest! {
         prop_assert_eq!(m.num_free_blocks(), m.num_usable_blocks());
         prop_assert_eq!(m.num_used_blocks(), 0);
         if let Err(e) = m.audit() { prop_assert!(false, "{}", e); }
+    }
+}
+
+fn windowed(num_blocks: usize, block_size: usize, full: usize, windowed: usize, window: usize) -> BlockManager {
+    BlockManager::new(BlockManagerConfig {
+        num_blocks,
+        block_size,
+        enable_prefix_caching: false,
+        watermark_blocks: 0,
+        kv_groups: KvGroups { full, windowed, window },
+    })
+    .unwrap()
+}
+
+#[test]
+fn windowed_groups_release_what_no_query_sees() {
+    // One full group and two windowed ones, window 6, blocks of 4.
+    let mut m = windowed(40, 4, 1, 2, 6);
+    m.allocate(0, &[], 10).unwrap();
+    // Three blocks in each of the three groups.
+    assert_eq!(m.num_used_blocks(), 9);
+    assert_eq!(m.num_blocks_to_allocate(0, 13, &[]), 3);
+    // A query at position 8 sees keys 3..=8: block 0 (keys 0..4) is still seen.
+    assert_eq!(m.release_outside_window(0, 8), 0);
+    // At 9 it sees 4..=9: block 0 of each windowed group goes back.
+    assert_eq!(m.release_outside_window(0, 9), 2);
+    assert_eq!(m.group_table(0, 1)[0], NULL_BLOCK);
+    assert_eq!(m.group_table(0, 2)[0], NULL_BLOCK);
+    assert_ne!(m.group_table(0, 0)[0], NULL_BLOCK, "the full group keeps every block");
+    // Releasing again, or at an earlier position, frees nothing more.
+    assert_eq!(m.release_outside_window(0, 9), 0);
+    assert_eq!(m.release_outside_window(0, 2), 0);
+    m.audit().unwrap();
+    // The released positions have no slot in a windowed group, the live ones do.
+    let mut slots = Vec::new();
+    assert!(matches!(m.extend_slot_mapping(0, 1, 0, 2, &mut slots), Err(BlockError::NoSlot { .. })));
+    m.extend_slot_mapping(0, 1, 9, 1, &mut slots).unwrap();
+    assert_eq!(slots, vec![m.group_table(0, 1)[2] * 4 + 1]);
+    // Growing keeps the tables the same length, released entries included.
+    m.allocate(0, &[], 30).unwrap();
+    assert!((0..3).all(|g| m.group_table(0, g).len() == 8));
+    assert_eq!(m.release_outside_window(0, 29), 2 * 5, "blocks 1..6 of both windowed groups");
+    assert_eq!(m.num_used_blocks(), 8 + 2 * 2);
+    m.audit().unwrap();
+    // Freeing the sequence returns the rest; nothing leaks, the null block stays reserved.
+    m.free(0).unwrap();
+    assert_eq!(m.num_free_blocks(), m.num_usable_blocks());
+    m.audit().unwrap();
+}
+
+#[test]
+fn windowed_groups_hold_a_window_and_a_chunk_at_most() {
+    let m = windowed(400, 16, 1, 5, 512);
+    // 4096 tokens: 256 blocks for the full group; a windowed group at most (511 + 256) / 16
+    // rounded up, plus one.
+    assert_eq!(m.blocks_to_hold(4096, 256), 256 + 5 * 49);
+    assert_eq!(m.blocks_to_hold(100, 256), 6 * 7, "short sequences hold everything in every group");
+    assert_eq!(m.num_blocks_to_admit(0, 4096, &[], 256), 256 + 5 * 49);
+    // Without windows admission counts every block, as allocation does.
+    let plain = bm(400, 16, false);
+    assert_eq!(plain.num_blocks_to_admit(0, 4096, &[], 256), 256);
+    assert_eq!(plain.blocks_to_hold(4096, 256), 256);
+}
+
+#[test]
+fn windowed_groups_refuse_prefix_caching_and_empty_windows() {
+    let cfg = |caching, window| BlockManagerConfig {
+        num_blocks: 10,
+        block_size: 4,
+        enable_prefix_caching: caching,
+        watermark_blocks: 0,
+        kv_groups: KvGroups { full: 1, windowed: 1, window },
+    };
+    assert!(matches!(BlockManager::new(cfg(true, 8)), Err(BlockError::InvalidConfig(_))));
+    assert!(matches!(BlockManager::new(cfg(false, 0)), Err(BlockError::InvalidConfig(_))));
+    assert!(BlockManager::new(cfg(false, 8)).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Windowed groups under random growth, releases and frees: the invariants hold after every
+    /// operation, a windowed group never holds more than its window and the last growth, every
+    /// position a query can still see has a live slot, and nothing leaks.
+    #[test]
+    fn windowed_invariants_hold_under_random_ops(
+        ops in prop::collection::vec((0u32..4, 1usize..12, any::<bool>()), 1..80),
+        bs in 1usize..6, window in 1usize..20, full in 1usize..3, win_groups in 1usize..4,
+    ) {
+        let mut m = windowed(200, bs, full, win_groups, window);
+        let mut len = [0usize; 4];
+        for (seq, n, free) in ops {
+            let s = seq as usize;
+            if free {
+                prop_assert_eq!(m.free(seq).is_ok(), len[s] > 0);
+                len[s] = 0;
+            } else {
+                // A step computing n tokens from len: release first, as the scheduler does.
+                m.release_outside_window(seq, len[s]);
+                if m.allocate(seq, &[], len[s] + n).is_ok() {
+                    let first_seen = (len[s] + 1).saturating_sub(window);
+                    for g in 0..full + win_groups {
+                        let mut slots = Vec::new();
+                        m.extend_slot_mapping(seq, g, first_seen, len[s] + n - first_seen, &mut slots).unwrap();
+                        prop_assert!(slots.iter().all(|&sl| sl as usize / bs != NULL_BLOCK as usize));
+                        let live = m.group_table(seq, g).iter().filter(|&&b| b != NULL_BLOCK).count();
+                        if g >= full {
+                            prop_assert!(live <= (window - 1 + n).div_ceil(bs) + 1, "{} live blocks", live);
+                        }
+                    }
+                    len[s] += n;
+                }
+            }
+            if let Err(e) = m.audit() { prop_assert!(false, "{}", e); }
+        }
+        for (seq, &l) in len.iter().enumerate() {
+            if l > 0 { m.free(seq as u32).unwrap(); }
+        }
+        prop_assert_eq!(m.num_free_blocks(), m.num_usable_blocks());
     }
 }

@@ -89,6 +89,7 @@ fn bench_blocks(c: &mut Criterion) {
             block_size: 16,
             enable_prefix_caching: caching,
             watermark_blocks: 0,
+            kv_groups: Default::default(),
         };
         let mut m = BlockManager::new(cfg).unwrap();
         let tokens: Vec<u32> = (0..512).collect();

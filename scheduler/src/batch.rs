@@ -6,6 +6,11 @@
 //! to themselves, and their K/V go to `slot_mapping` (flat slot = block * block_size + offset).
 //! Row `i` of `block_tables` (stride `max_blocks_per_seq`, padded with the null block 0)
 //! lists sequence `i`'s blocks.
+//!
+//! A sliding-window model's layers come in `num_kv_groups` groups (see the block manager's
+//! `KvGroups`), each with its own blocks: then `block_tables` holds one such table per group,
+//! group after group, and `slot_mapping` one slot per token per group, group after group.
+//! Group 0 comes first, so a one-group batch reads as it always has.
 
 use crate::request::RequestId;
 
@@ -50,6 +55,8 @@ pub struct ScheduledBatch {
     pub num_partial_prefills: usize,
     pub max_query_len: u32,
     pub max_seq_len: u32,
+    /// Layer groups with their own block tables and slots; 0 is read as 1.
+    pub num_kv_groups: usize,
 }
 
 impl ScheduledBatch {
@@ -75,6 +82,7 @@ impl ScheduledBatch {
             num_partial_prefills,
             max_query_len,
             max_seq_len,
+            num_kv_groups: _,
         } = self;
         *step = 0;
         for v in
@@ -99,9 +107,23 @@ impl ScheduledBatch {
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty()
     }
-    /// Block table row of sequence `i`, padding included.
+    /// Block table row of sequence `i` in group 0, padding included.
     pub fn block_table(&self, i: usize) -> &[u32] {
         &self.block_tables[i * self.max_blocks_per_seq..(i + 1) * self.max_blocks_per_seq]
+    }
+    /// Layer groups in the tables and slots (at least 1).
+    pub fn kv_groups(&self) -> usize {
+        self.num_kv_groups.max(1)
+    }
+    /// Block table row of sequence `i` in group `g`, padding included.
+    pub fn group_block_table(&self, g: usize, i: usize) -> &[u32] {
+        let row = g * self.seqs.len() + i;
+        &self.block_tables[row * self.max_blocks_per_seq..(row + 1) * self.max_blocks_per_seq]
+    }
+    /// Every token's slot in group `g`.
+    pub fn group_slot_mapping(&self, g: usize) -> &[u32] {
+        let n = self.num_tokens();
+        &self.slot_mapping[g * n..(g + 1) * n]
     }
     /// Ids of the sequences that sample, in `logits_indices` order.
     pub fn sampling_request_ids(&self) -> impl Iterator<Item = RequestId> + '_ {

@@ -68,6 +68,9 @@ pub struct SchedulerConfig {
     pub watermark_blocks: usize,
     pub policy: PolicyKind,
     pub adaptive: AdaptiveConfig,
+    /// How the model's layers share the KV pool: one full group, or (sliding-window models)
+    /// full and windowed groups of equal size, each block holding one group's layers.
+    pub kv_groups: weave_block_manager::KvGroups,
 }
 
 impl Default for SchedulerConfig {
@@ -86,6 +89,7 @@ impl Default for SchedulerConfig {
             watermark_blocks: 0,
             policy: PolicyKind::Fcfs,
             adaptive: AdaptiveConfig::default(),
+            kv_groups: weave_block_manager::KvGroups::default(),
         }
     }
 }
@@ -117,8 +121,9 @@ impl SchedulerConfig {
         Ok(())
     }
 
-    /// Token slots in the usable part of the KV pool.
+    /// Tokens the usable part of the KV pool holds in every layer group (with windowed
+    /// groups a long sequence can hold more: their old blocks are given back).
     pub fn kv_capacity_tokens(&self) -> usize {
-        (self.num_gpu_blocks - 1) * self.block_size
+        (self.num_gpu_blocks - 1) / self.kv_groups.len().max(1) * self.block_size
     }
 }

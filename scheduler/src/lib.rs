@@ -49,7 +49,7 @@ pub use batch::{ScheduledBatch, SeqMeta, StepOutput, StepUpdate};
 pub use config::{AdaptiveConfig, PolicyKind, SchedulerConfig};
 pub use policy::{BatchPolicy, Load, StepLimits};
 pub use request::{FinishReason, FinishedRequest, NewRequest, RequestId};
-pub use weave_block_manager::{BlockError, BlockManager, PrefixCacheStats};
+pub use weave_block_manager::{BlockError, BlockManager, KvGroups, PrefixCacheStats};
 
 use queue::{Slot, WaitingQueue};
 use request::{Request, Status};
@@ -145,6 +145,7 @@ impl Scheduler {
             block_size: cfg.block_size,
             enable_prefix_caching: cfg.enable_prefix_caching,
             watermark_blocks: cfg.watermark_blocks,
+            kv_groups: cfg.kv_groups,
         })?;
         let waiting = match cfg.policy {
             PolicyKind::Priority => WaitingQueue::Priority(Default::default()),
@@ -216,7 +217,9 @@ impl Scheduler {
             return reject(Rejection::PromptOverBudget { len, budget: self.cfg.max_num_batched_tokens });
         }
         let max_len = (len + r.max_tokens).min(self.cfg.max_model_len);
-        if self.kv.blocks_for(max_len) + self.cfg.watermark_blocks > self.kv.num_usable_blocks() {
+        if self.kv.blocks_to_hold(max_len, self.cfg.max_num_batched_tokens) + self.cfg.watermark_blocks
+            > self.kv.num_usable_blocks()
+        {
             return reject(Rejection::CacheTooSmall {
                 tokens: max_len,
                 capacity: self.cfg.kv_capacity_tokens(),
@@ -277,6 +280,9 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget.tokens > 0 {
             let slot = self.running[i];
+            // Window layers' blocks that no query from here on can see go back first.
+            let computed = self.req(slot).num_computed_tokens;
+            self.kv.release_outside_window(slot, computed);
             let r = self.req(slot);
             let is_prefill = !r.is_decoding();
             let mut n = r.num_tokens() - r.num_computed_tokens;
@@ -369,7 +375,7 @@ impl Scheduler {
                     break;
                 }
                 // Reserve for the whole known sequence, allocate only this chunk.
-                let whole = self.kv.num_blocks_to_allocate(slot, r.num_tokens(), &prefix);
+                let whole = self.kv.num_blocks_to_admit(slot, r.num_tokens(), &prefix, self.cfg.max_num_batched_tokens);
                 if !self.kv.can_allocate(whole) {
                     break;
                 }
@@ -435,6 +441,8 @@ impl Scheduler {
         b.preempted = preempted;
         b.query_start_loc.push(0);
         b.max_blocks_per_seq = planned.iter().map(|p| self.kv.block_table(p.slot).len()).max().unwrap_or(0);
+        let groups = self.cfg.kv_groups.len();
+        b.num_kv_groups = groups;
         self.last_sampling.clear();
         for p in planned {
             let r = self.slab[p.slot as usize].as_mut().expect("planned slot is live");
@@ -444,7 +452,9 @@ impl Scheduler {
             let samples = after == r.num_tokens();
             b.input_ids.extend_from_slice(&r.tokens[before..after]);
             b.positions.extend(before as u32..after as u32);
-            self.kv.extend_slot_mapping(p.slot, before, p.num_new, &mut b.slot_mapping).expect("slots were allocated");
+            self.kv
+                .extend_slot_mapping(p.slot, 0, before, p.num_new, &mut b.slot_mapping)
+                .expect("slots were allocated");
             let table = self.kv.block_table(p.slot);
             b.block_tables.extend_from_slice(table);
             b.block_tables
@@ -473,6 +483,18 @@ impl Scheduler {
                 is_prefill: p.is_prefill,
                 samples,
             });
+        }
+        // The other groups' tables and slots, group after group (see `ScheduledBatch`).
+        for g in 1..groups {
+            for (p, s) in planned.iter().zip(&b.seqs) {
+                let table = self.kv.group_table(p.slot, g);
+                b.block_tables.extend_from_slice(table);
+                b.block_tables
+                    .resize(b.block_tables.len() + b.max_blocks_per_seq - table.len(), weave_block_manager::NULL_BLOCK);
+                self.kv
+                    .extend_slot_mapping(p.slot, g, s.context_len as usize, p.num_new, &mut b.slot_mapping)
+                    .expect("slots were allocated in every group");
+            }
         }
     }
 

@@ -322,3 +322,74 @@ fn bad_requests_are_rejected_with_their_id() {
     assert_eq!(b.seqs.len(), 1);
     assert!(Scheduler::new(SchedulerConfig { max_num_seqs: 0, ..cfg() }).is_err());
 }
+
+/// A sliding-window model's groups: one full and five windowed (window 64), blocks of 16.
+fn windowed_cfg() -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_batched_tokens: 128,
+        enable_prefix_caching: false,
+        kv_groups: KvGroups { full: 1, windowed: 5, window: 64 },
+        ..cfg()
+    }
+}
+
+#[test]
+fn windowed_groups_keep_a_window_of_blocks_and_every_slot_the_kernels_need() {
+    let mut s = Scheduler::new(windowed_cfg()).unwrap();
+    add(&mut s, 1, 1000, 40);
+    let bs = 16;
+    let mut peak = 0;
+    loop {
+        let b = s.schedule();
+        if b.is_empty() {
+            break;
+        }
+        assert_eq!(b.kv_groups(), 6);
+        assert_eq!(b.block_tables.len(), 6 * b.seqs.len() * b.max_blocks_per_seq);
+        assert_eq!(b.slot_mapping.len(), 6 * b.num_tokens());
+        let (ctx, q) = (b.context_lens[0] as usize, b.seqs[0].num_query_tokens as usize);
+        for g in 0..6 {
+            let table = b.group_block_table(g, 0);
+            let slots = b.group_slot_mapping(g);
+            // Each new token's slot is in the block the table names for its position.
+            for (t, &sl) in slots.iter().enumerate() {
+                assert_eq!(sl / bs, table[(ctx + t) / bs as usize], "group {g} token {t}");
+                assert_ne!(sl / bs, 0, "a slot in the null block");
+            }
+            // Every key the step's queries can see is in a live block; a windowed group's
+            // blocks wholly before the first query's window are released.
+            let first_seen = if g == 0 { 0 } else { (ctx + 1).saturating_sub(64) };
+            let needed = first_seen / bs as usize..(ctx + q).div_ceil(bs as usize);
+            assert!(needed.clone().all(|i| table[i] != 0), "group {g}: a needed block is the null block");
+            if g > 0 {
+                assert!(table[..needed.start].iter().all(|&x| x == 0), "group {g}: an unseen block is held");
+            }
+        }
+        peak = peak.max(s.kv_blocks_used());
+        let out = StepOutput { sampled: vec![7; b.logits_indices.len()] };
+        s.update(&out).unwrap();
+    }
+    // The full group holds all 1040 tokens (65 blocks); each windowed one at most
+    // (63 + 128) / 16 rounded up, plus one: 13.
+    assert!(peak <= 65 + 5 * 13, "peak {peak} blocks");
+    assert!(peak < 6 * 65 / 2, "peak {peak}: the windowed groups should hold far less than everything");
+    assert_eq!(s.kv_blocks_used(), 0, "finished: every block back");
+}
+
+#[test]
+fn windowed_groups_admit_what_a_window_needs_and_refuse_what_cannot_fit() {
+    // 1 + 5 groups, 200 usable blocks: a 2000-token request needs 125 blocks in the full
+    // group and 13 in each windowed one (190): admitted, although all six groups' whole
+    // tables (750) would not fit.
+    let mut s = Scheduler::new(SchedulerConfig { num_gpu_blocks: 201, ..windowed_cfg() }).unwrap();
+    add(&mut s, 1, 1990, 10);
+    // 3000 tokens need 188 + 65 = 253 blocks at once: refused, with the reason.
+    let err = s.add_request(NewRequest::new(2, prompt(2, 2990), 10)).unwrap_err();
+    assert!(matches!(err, SchedError::Rejected { reason: Rejection::CacheTooSmall { .. }, .. }), "{err:?}");
+    let mut finished = 0;
+    for _ in 0..100 {
+        let (_, u) = step(&mut s);
+        finished += u.finished.len();
+    }
+    assert_eq!(finished, 1);
+}

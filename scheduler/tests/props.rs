@@ -22,24 +22,37 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         (16usize..600, 1usize..10, prop::sample::select(vec![1usize, 4, 16]), 8usize..200),
         (any::<bool>(), prop::sample::select(vec![0usize, 32, 100]), any::<bool>()),
         (prop::sample::select(vec![0usize, 1, 2]), prop::sample::select(vec![0usize, 48])),
-        prop::sample::select(vec![PolicyKind::Fcfs, PolicyKind::Priority, PolicyKind::Static, PolicyKind::Adaptive]),
+        (
+            prop::sample::select(vec![
+                PolicyKind::Fcfs,
+                PolicyKind::Priority,
+                PolicyKind::Static,
+                PolicyKind::Adaptive,
+            ]),
+            // No windows, or a sliding-window model's groups (then without prefix caching).
+            prop::sample::select(vec![None, Some((1usize, 2usize, 8usize)), Some((2, 3, 40))]),
+        ),
     )
-        .prop_map(|((budget, seqs, bs, blocks_k), (chunked, thr, caching), (partial, pcap), policy)| {
+        .prop_map(|((budget, seqs, bs, blocks_k), (chunked, thr, caching), (partial, pcap), (policy, windows))| {
+            let kv_groups =
+                windows.map_or(KvGroups::default(), |(full, windowed, window)| KvGroups { full, windowed, window });
             SchedulerConfig {
                 max_num_batched_tokens: budget,
                 max_num_seqs: seqs,
                 max_model_len: 320,
                 block_size: bs,
                 // From barely enough for one request to plenty: preemption gets exercised.
-                num_gpu_blocks: 2 + (340usize.div_ceil(bs)) * blocks_k / 50,
                 enable_chunked_prefill: chunked,
                 long_prefill_token_threshold: thr,
                 max_num_partial_prefills: partial,
                 max_prefill_tokens_per_step: pcap,
-                enable_prefix_caching: caching,
+                enable_prefix_caching: caching && windows.is_none(),
                 watermark_blocks: 0,
                 policy,
                 adaptive: AdaptiveConfig { low_load_requests: 2, low_load_budget: 64 },
+                // The pool grows with the groups, so each keeps about the same room.
+                num_gpu_blocks: 2 + (340usize.div_ceil(bs)) * blocks_k / 50 * kv_groups.len(),
+                kv_groups,
             }
         })
 }
@@ -59,7 +72,10 @@ fn check_batch(b: &ScheduledBatch, cfg: &SchedulerConfig, known: impl Fn(u64) ->
     prop_assert!(b.seqs.len() <= cfg.max_num_seqs);
     prop_assert_eq!(b.query_start_loc.len(), b.seqs.len() + 1);
     prop_assert_eq!(b.num_prefill_tokens + b.num_decode_tokens, b.num_tokens());
-    prop_assert_eq!(b.slot_mapping.len(), b.num_tokens());
+    let groups = cfg.kv_groups.len();
+    prop_assert_eq!(b.kv_groups(), groups);
+    prop_assert_eq!(b.slot_mapping.len(), b.num_tokens() * groups);
+    prop_assert_eq!(b.block_tables.len(), b.seqs.len() * b.max_blocks_per_seq * groups);
     let bs = b.block_size as u32;
     let mut ids = std::collections::HashSet::new();
     for (i, q) in b.seqs.iter().enumerate() {
@@ -69,12 +85,25 @@ fn check_batch(b: &ScheduledBatch, cfg: &SchedulerConfig, known: impl Fn(u64) ->
         prop_assert!(q.num_query_tokens > 0);
         prop_assert_eq!(b.seq_lens[i], b.context_lens[i] + q.num_query_tokens);
         prop_assert!(b.seq_lens[i] as usize <= cfg.max_model_len);
-        for k in lo..hi {
-            let pos = b.positions[k];
-            prop_assert_eq!(pos, b.context_lens[i] + (k - lo) as u32);
-            let blk = b.block_table(i)[(pos / bs) as usize];
-            prop_assert!(blk != 0, "token mapped to the null block");
-            prop_assert_eq!(b.slot_mapping[k], blk * bs + pos % bs);
+        for g in 0..groups {
+            let table = b.group_block_table(g, i);
+            for k in lo..hi {
+                let pos = b.positions[k];
+                prop_assert_eq!(pos, b.context_lens[i] + (k - lo) as u32);
+                let blk = table[(pos / bs) as usize];
+                prop_assert!(blk != 0, "token mapped to the null block in group {}", g);
+                prop_assert_eq!(b.group_slot_mapping(g)[k], blk * bs + pos % bs);
+            }
+            // Every key the sequence's first query sees (all of them, or its window's) is in a
+            // live block.
+            let first = if cfg.kv_groups.is_windowed(g) {
+                (b.context_lens[i] + 1).saturating_sub(cfg.kv_groups.window as u32)
+            } else {
+                0
+            };
+            for j in first / bs..b.seq_lens[i].div_ceil(bs) {
+                prop_assert!(table[j as usize] != 0, "group {} block {} is needed but null", g, j);
+            }
         }
         let chunking_off =
             !cfg.enable_chunked_prefill && cfg.policy != PolicyKind::Adaptive && cfg.long_prefill_token_threshold == 0;
@@ -85,7 +114,7 @@ fn check_batch(b: &ScheduledBatch, cfg: &SchedulerConfig, known: impl Fn(u64) ->
     let mut slots = b.slot_mapping.clone();
     slots.sort_unstable();
     slots.dedup();
-    prop_assert_eq!(slots.len(), b.num_tokens(), "two tokens written to one slot");
+    prop_assert_eq!(slots.len(), b.num_tokens() * groups, "two tokens written to one slot");
     Ok(())
 }
 

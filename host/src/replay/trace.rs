@@ -45,6 +45,7 @@ impl TraceConfig {
             watermark_blocks: self.watermark_blocks.unwrap_or(d.watermark_blocks),
             policy,
             adaptive: d.adaptive,
+            kv_groups: d.kv_groups,
         })
     }
 }
