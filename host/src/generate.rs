@@ -266,6 +266,19 @@ pub fn generate(
     Ok(r)
 }
 
+/// `cfg` with `model`'s KV layer groups ([`crate::model::config::ModelConfig::kv_layout`]): a
+/// sliding-window model's full and windowed groups, and then no prefix caching, which does
+/// not cover windows yet. `num_gpu_blocks` stays: blocks of one group's layers. (A config left
+/// at one group runs a sliding-window model with every layer keeping every token.)
+pub fn sched_for_model(cfg: &SchedulerConfig, model: &crate::model::config::ModelConfig) -> SchedulerConfig {
+    let groups = model.kv_layout().groups;
+    SchedulerConfig {
+        kv_groups: groups,
+        enable_prefix_caching: cfg.enable_prefix_caching && groups.windowed == 0,
+        ..cfg.clone()
+    }
+}
+
 /// The backend `cfg.device` names, the scheduler config to run it with (the CUDA backend sizes
 /// the KV cache from the device's memory, replacing `num_gpu_blocks`), and a line describing
 /// the device when it is a GPU.
@@ -279,8 +292,11 @@ pub fn make_backend(
             if lm.model.w.on_device_only() {
                 bail!("{}: the weights were left for a GPU to fill and cannot run on the CPU; load them with --device cpu", lm.path.display());
             }
-            let be = CpuBackend::new(
+            let layout = crate::model::config::KvLayout::for_groups(&lm.model.cfg, sched_cfg.kv_groups)
+                .map_err(anyhow::Error::msg)?;
+            let be = CpuBackend::with_layout(
                 lm.model.clone(),
+                layout,
                 sched_cfg.num_gpu_blocks,
                 sched_cfg.block_size,
                 cfg.threads,

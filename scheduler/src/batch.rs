@@ -117,7 +117,8 @@ impl ScheduledBatch {
     }
     /// Block table row of sequence `i` in group `g`, padding included.
     pub fn group_block_table(&self, g: usize, i: usize) -> &[u32] {
-        let row = g * self.seqs.len() + i;
+        // Sequences by their query offsets: hand-built batches may leave `seqs` empty.
+        let row = g * self.query_start_loc.len().saturating_sub(1) + i;
         &self.block_tables[row * self.max_blocks_per_seq..(row + 1) * self.max_blocks_per_seq]
     }
     /// Every token's slot in group `g`.

@@ -161,14 +161,14 @@ fn prompts_against_llama_cpp(
         .iter()
         .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
         .collect();
-    let r = generate(lm, &config(512), &reqs, &mut |_| {}).unwrap();
+    let r = generate(lm, &config_for(lm, 512), &reqs, &mut |_| {}).unwrap();
     assert!(r.rejected.is_empty(), "{name}: {:?}", r.rejected);
     let (mut diffs, mut agreed, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
     for (p, c) in prompts.iter().zip(&r.completions) {
         let pname = p["text"].as_str().unwrap();
         assert_eq!(c.prompt_token_ids, ids(&p["prompt_ids"]), "{name}: prompt {pname:?}");
         // The first step's log-probabilities of llama.cpp's top tokens.
-        let mut sch = Scheduler::new(config(512).sched).unwrap();
+        let mut sch = Scheduler::new(weave::generate::sched_for_model(&config(512).sched, &lm.model.cfg)).unwrap();
         sch.add_request(NewRequest::new(0, c.prompt_token_ids.clone(), 1)).unwrap();
         let b = sch.schedule();
         let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 256, 16, 2, 0);
@@ -273,9 +273,9 @@ fn batch_invariance_on_each_architecture() {
             .map(|p| PromptSpec { prompt: p["text"].as_str().unwrap().into(), ..Default::default() })
             .collect();
         // All together on a small budget (chunked prefills beside decodes), then each alone.
-        let together = generate(&lm, &config(24), &prompts, &mut |_| {}).unwrap();
+        let together = generate(&lm, &config_for(&lm, 24), &prompts, &mut |_| {}).unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let alone = generate(&lm, &config(512), std::slice::from_ref(p), &mut |_| {}).unwrap();
+            let alone = generate(&lm, &config_for(&lm, 512), std::slice::from_ref(p), &mut |_| {}).unwrap();
             assert_eq!(
                 together.completions[i].output_token_ids, alone.completions[0].output_token_ids,
                 "{}: prompt {i} inside the batch",
@@ -283,6 +283,82 @@ fn batch_invariance_on_each_architecture() {
             );
         }
     }
+}
+
+/// [`config`] with the model's KV layer groups: a sliding-window model's window layers keep
+/// only their window's blocks (the CLI's default, `weave::generate::sched_for_model`).
+fn config_for(lm: &LoadedModel, budget: usize) -> GenerateConfig {
+    let c = config(budget);
+    GenerateConfig { sched: weave::generate::sched_for_model(&c.sched, &lm.model.cfg), ..c }
+}
+
+/// On each sliding-window fixture, window layers that give their old blocks back (the hybrid
+/// layout) change no token: long prompts, chunked over several steps beside decodes, give the
+/// greedy tokens of the layout where every layer keeps every token, in less KV memory.
+#[test]
+fn window_layers_release_blocks_without_changing_a_token() {
+    let f = fixture();
+    let mut all = models(&f, specs(), Precision::F32);
+    all.extend(models(&f, quant_specs(), Precision::Quant));
+    let mut checked = Vec::new();
+    for (s, lm) in all {
+        let layout = lm.model.cfg.kv_layout();
+        if layout.groups.windowed == 0 {
+            continue;
+        }
+        let texts: Vec<String> = f["models"][&s.name]["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["text"].as_str().unwrap().into())
+            .collect();
+        // Prompts several blocks past the window, and the short ones beside them.
+        let long = texts.join(" ");
+        let mut prompts = vec![
+            PromptSpec { prompt: long.clone(), max_tokens: Some(24), ..Default::default() },
+            PromptSpec { prompt: long[long.len() / 3..].into(), max_tokens: Some(24), ..Default::default() },
+        ];
+        prompts.extend(texts.iter().map(|t| PromptSpec { prompt: t.clone(), ..Default::default() }));
+        let hybrid = config_for(&lm, 32);
+        let mut single = config(32);
+        single.sched.enable_prefix_caching = false;
+        let h = generate(&lm, &hybrid, &prompts, &mut |_| {}).unwrap();
+        let full = generate(&lm, &single, &prompts, &mut |_| {}).unwrap();
+        assert!(h.rejected.is_empty() && full.rejected.is_empty(), "{}: {:?} {:?}", s.name, h.rejected, full.rejected);
+        let n = h.completions[0].prompt_token_ids.len();
+        assert!(n > 4 * 16 + layout.groups.window, "{}: the long prompt is {n} tokens, too short to release", s.name);
+        for (i, (a, b)) in h.completions.iter().zip(&full.completions).enumerate() {
+            assert_eq!(a.output_token_ids, b.output_token_ids, "{}: prompt {i}", s.name);
+        }
+        // Peak KV memory in layer-blocks: a hybrid block holds one group's layers, a plain one
+        // every layer; both pools hold the same number of blocks.
+        let peak = |r: &weave::generate::GenerateReport, layers: usize| {
+            r.summary.kv_usage.max * (hybrid.sched.num_gpu_blocks - 1) as f64 * layers as f64
+        };
+        let (ph, pf) = (peak(&h, layout.group_size), peak(&full, lm.model.cfg.num_layers));
+        assert!(ph < 0.8 * pf, "{}: peak KV {ph} layer-blocks with windows, {pf} without", s.name);
+        checked.push((s.name.clone(), ph / pf));
+    }
+    println!("peak KV memory with window layers releasing, against every layer keeping all: {checked:?}");
+    assert!(!checked.is_empty(), "no sliding-window fixture");
+}
+
+/// A batch whose KV groups are not the cache's is an error that says so, not a panic or a
+/// read of the wrong blocks.
+#[test]
+fn a_batch_with_other_kv_groups_is_refused() {
+    use weave::engine::Backend;
+    let f = fixture();
+    let (_, lm) = models(&f, specs(), Precision::F32)
+        .into_iter()
+        .find(|(_, lm)| lm.model.cfg.kv_layout().groups.windowed > 0)
+        .expect("a sliding-window fixture");
+    let mut sch = Scheduler::new(config(64).sched).unwrap();
+    sch.add_request(NewRequest::new(0, vec![2, 3, 4], 1)).unwrap();
+    let b = sch.schedule();
+    let mut be = weave::backends::cpu::CpuBackend::new(lm.model.clone(), 64, 16, 1, 0);
+    let e = be.execute(&b).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("KV layer group"), "{e}");
 }
 
 /// The real Gemma 3 270M (Q4_K_M: Q4_K, Q5_0 and Q6_K matrices; a 262k-token SentencePiece

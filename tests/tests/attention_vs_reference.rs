@@ -103,7 +103,7 @@ fn run_cpu_backend<T: Elem + weave::backends::cpu::attention::CacheElem>(
     };
     let q: Vec<f32> = b.q.iter().map(|x| x.to_f32()).collect();
     let mut out = vec![f32::NAN; q.len()];
-    weave::backends::cpu::attention::attend(&b.shape, &batch, &q, &b.kc, &b.vc, &mut out, simd, window);
+    weave::backends::cpu::attention::attend(&b.shape, &batch, 0, &q, &b.kc, &b.vc, &mut out, simd, window);
     let f = |x: &[T]| x.iter().map(|v| v.to_f32() as f64).collect::<Vec<_>>();
     let want = reference(&b.shape, &b.qsl, &b.ctx, &b.tables, &f(&b.q), &f(&b.kc), &f(&b.vc), window);
     out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)

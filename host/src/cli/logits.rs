@@ -37,9 +37,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let trace = match device {
         weave::backends::cuda::ExecDevice::Cpu => {
             anyhow::ensure!(!lm.model.w.on_device_only(), "dummy weights left for the GPU cannot run on the CPU");
+            let groups = lm.model.cfg.kv_layout().groups.len();
             let mut be = weave::backends::cpu::CpuBackend::new(
                 lm.model.clone(),
-                1 + len.div_ceil(block_size),
+                1 + groups * len.div_ceil(block_size),
                 block_size,
                 a.run.threads,
                 0,

@@ -35,6 +35,11 @@ pub struct SchedArgs {
     pub no_chunked_prefill: bool,
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Give a sliding-window model's window layers the same KV blocks as its full layers, so
+    /// that every layer keeps every token (vLLM's flag). By default a block holds one layer
+    /// group and a window layer's blocks go back once out of its window.
+    #[arg(long)]
+    pub disable_hybrid_kv_cache_manager: bool,
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
     /// KV-cache size in tokens (default 16384; see also --kv-cache-gib).
@@ -62,8 +67,22 @@ impl SchedArgs {
             (None, Some(g)) => (g * (1u64 << 30) as f64 / cpu.kv_bytes_per_token() as f64) as usize,
             (None, None) => 16384,
         };
-        let blocks = tokens / self.block_size;
+        // A block holds one layer group's K/V: the same memory holds `groups` times as many
+        // (see `ModelConfig::kv_layout`).
+        let layout = if self.disable_hybrid_kv_cache_manager {
+            weave::model::config::KvLayout::single(model.num_layers)
+        } else {
+            model.kv_layout()
+        };
+        let blocks = tokens / self.block_size * layout.groups.len();
         anyhow::ensure!(blocks >= 1, "--kv-cache-tokens {tokens} holds no block of {} tokens", self.block_size);
+        let windowed = layout.groups.windowed > 0;
+        if windowed && !self.no_prefix_caching {
+            eprintln!(
+                "note: prefix caching is off: {} has sliding-window layers, and weave's prefix cache does not cover them yet",
+                model.arch
+            );
+        }
         let max_model_len = self.max_model_len.unwrap_or(model.context_length);
         anyhow::ensure!(
             max_model_len <= model.context_length,
@@ -78,8 +97,9 @@ impl SchedArgs {
             num_gpu_blocks: blocks + 1,
             enable_chunked_prefill: !self.no_chunked_prefill,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
-            enable_prefix_caching: !self.no_prefix_caching,
+            enable_prefix_caching: !self.no_prefix_caching && !windowed,
             policy: self.policy,
+            kv_groups: layout.groups,
             ..Default::default()
         })
     }

@@ -115,6 +115,50 @@ pub struct ModelConfig {
     pub deltas: ArchDeltas,
 }
 
+/// Where each layer's keys and values live in a KV pool shared by layer groups (the block
+/// manager's `KvGroups`, vLLM's hybrid allocator). A model without windows is one group of
+/// all its layers: a block holds every layer's K/V for `block_size` tokens, as always. A
+/// sliding-window model splits its full layers and its window layers into groups of equal size
+/// (the greatest common divisor of the two counts: Gemma 3 270M's 3 full and 15 window layers
+/// make 1 + 5 groups of 3), so a block holds one group's layers and a window layer's old
+/// blocks can go back to the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvLayout {
+    pub groups: weave_scheduler::KvGroups,
+    /// Layers per group: the cache holds this many per-layer arrays, indexed by block.
+    pub group_size: usize,
+    /// Per layer: its group, and its index within the group (its array).
+    pub layer: Vec<(usize, usize)>,
+}
+
+impl KvLayout {
+    /// The layout a scheduler configured with `groups` needs for `model`: the model's own
+    /// ([`ModelConfig::kv_layout`]), or one group of every layer (a model without windows, or
+    /// a sliding-window model run without the hybrid layout: every layer keeps every token).
+    pub fn for_groups(model: &ModelConfig, groups: weave_scheduler::KvGroups) -> Result<KvLayout, String> {
+        let own = model.kv_layout();
+        if groups == own.groups {
+            Ok(own)
+        } else if groups == weave_scheduler::KvGroups::default() {
+            Ok(KvLayout::single(model.num_layers))
+        } else {
+            Err(format!(
+                "the scheduler's KV groups ({} full, {} windowed of window {}) are not {}'s ({} full, {} windowed of window {})",
+                groups.full, groups.windowed, groups.window, model.arch, own.groups.full, own.groups.windowed, own.groups.window
+            ))
+        }
+    }
+
+    /// One group of all `num_layers` layers (no windows).
+    pub fn single(num_layers: usize) -> KvLayout {
+        KvLayout {
+            groups: weave_scheduler::KvGroups::default(),
+            group_size: num_layers.max(1),
+            layer: (0..num_layers).map(|l| (0, l)).collect(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -126,6 +170,40 @@ pub enum ConfigError {
 }
 
 impl ModelConfig {
+    /// How this model's layers share the KV pool (see [`KvLayout`]).
+    pub fn kv_layout(&self) -> KvLayout {
+        let n = self.num_layers;
+        let Some(sl) = self.deltas.sliding.as_ref() else {
+            return KvLayout::single(n);
+        };
+        let windowed: Vec<usize> = (0..n).filter(|&l| sl.layers.get(l) == Some(&true)).collect();
+        let full: Vec<usize> = (0..n).filter(|&l| sl.layers.get(l) != Some(&true)).collect();
+        if windowed.is_empty() {
+            return KvLayout::single(n);
+        }
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        let size = gcd(full.len(), windowed.len());
+        let mut layer = vec![(0, 0); n];
+        for (k, &l) in full.iter().enumerate() {
+            layer[l] = (k / size, k % size);
+        }
+        let nf = full.len() / size;
+        for (k, &l) in windowed.iter().enumerate() {
+            layer[l] = (nf + k / size, k % size);
+        }
+        KvLayout {
+            groups: weave_scheduler::KvGroups { full: nf, windowed: windowed.len() / size, window: sl.window },
+            group_size: size,
+            layer,
+        }
+    }
+
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig, ConfigError> {
         let path = g.path.display().to_string();
         let arch = g.get_str("general.architecture")?.to_string();
@@ -272,5 +350,56 @@ impl ModelConfig {
     }
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod kv_layout_tests {
+    use super::*;
+
+    fn with_layers(num_layers: usize, sliding: Option<Sliding>) -> ModelConfig {
+        let mut c = crate::model::profiles::find_model("smollm2-135m").unwrap().config();
+        c.num_layers = num_layers;
+        c.deltas.sliding = sliding;
+        c
+    }
+
+    #[test]
+    fn gemma_270m_makes_one_full_and_five_window_groups_of_three() {
+        // 18 layers, every sixth one global (5, 11, 17).
+        let layers: Vec<bool> = (0..18).map(|l| l % 6 != 5).collect();
+        let c = with_layers(18, Some(Sliding { window: 512, layers, rope_theta: 1e4 }));
+        let k = c.kv_layout();
+        assert_eq!(k.groups, weave_scheduler::KvGroups { full: 1, windowed: 5, window: 512 });
+        assert_eq!(k.group_size, 3);
+        assert_eq!(k.layer[5], (0, 0));
+        assert_eq!(k.layer[11], (0, 1));
+        assert_eq!(k.layer[17], (0, 2));
+        assert_eq!(k.layer[0], (1, 0));
+        assert_eq!(k.layer[4], (2, 1));
+        assert_eq!(k.layer[16], (5, 2));
+        // Every (group, array) pair is one layer's.
+        let mut seen: Vec<(usize, usize)> = k.layer.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 18);
+        assert!(k.layer.iter().all(|&(g, j)| g < 6 && j < 3));
+    }
+
+    #[test]
+    fn uneven_counts_use_their_common_divisor_and_plain_models_one_group() {
+        // 26 layers with 4 global (Gemma 3 1B's pattern): groups of 2.
+        let layers: Vec<bool> = (0..26).map(|l| l % 6 != 5).collect();
+        let c = with_layers(26, Some(Sliding { window: 512, layers, rope_theta: 1e4 }));
+        let k = c.kv_layout();
+        assert_eq!((k.groups.full, k.groups.windowed, k.group_size), (2, 11, 2));
+        let plain = with_layers(30, None);
+        assert_eq!(plain.kv_layout(), KvLayout::single(30));
+        // A scheduler left at one group runs a windowed model with every layer in it; any
+        // other grouping is refused by name.
+        assert_eq!(KvLayout::for_groups(&c, Default::default()).unwrap(), KvLayout::single(26));
+        assert_eq!(KvLayout::for_groups(&c, k.groups).unwrap(), k);
+        let e = KvLayout::for_groups(&c, weave_scheduler::KvGroups { full: 1, windowed: 1, window: 512 }).unwrap_err();
+        assert!(e.contains("not llama's"), "{e}");
     }
 }

@@ -489,8 +489,16 @@ pub fn run_cpu(
     items: &[WorkItem],
     threads: usize,
 ) -> anyhow::Result<crate::engine::RunReport> {
-    let backend =
-        crate::backends::cpu::CpuBackend::new(lm.model.clone(), cfg.num_gpu_blocks, cfg.block_size, threads, 0);
+    let layout =
+        crate::model::config::KvLayout::for_groups(&lm.model.cfg, cfg.kv_groups).map_err(anyhow::Error::msg)?;
+    let backend = crate::backends::cpu::CpuBackend::with_layout(
+        lm.model.clone(),
+        layout,
+        cfg.num_gpu_blocks,
+        cfg.block_size,
+        threads,
+        0,
+    );
     run_real(lm, cfg, items, backend)
 }
 

@@ -12,6 +12,10 @@ use weave_scheduler::ScheduledBatch;
 pub trait LogitsSource {
     fn step_logits(&mut self, b: &ScheduledBatch) -> anyhow::Result<Vec<f32>>;
     fn vocab_size(&self) -> usize;
+    /// KV layer groups the batches must carry (more than one for sliding-window models).
+    fn kv_groups(&self) -> usize {
+        1
+    }
 }
 
 impl LogitsSource for crate::backends::cpu::CpuBackend {
@@ -20,6 +24,9 @@ impl LogitsSource for crate::backends::cpu::CpuBackend {
     }
     fn vocab_size(&self) -> usize {
         self.model().cfg.vocab_size
+    }
+    fn kv_groups(&self) -> usize {
+        self.kv_layout().groups.len()
     }
 }
 
@@ -49,19 +56,38 @@ pub struct Trace {
 /// The step that brings `new` tokens at positions `ctx..` of one sequence whose KV lives in
 /// blocks `1, 2, ...` of `block_size` tokens (block 0 is the null block).
 pub fn one_sequence_step(new: &[u32], ctx: usize, block_size: usize) -> ScheduledBatch {
+    one_sequence_step_in(new, ctx, block_size, 1, 0)
+}
+
+/// [`one_sequence_step`] for a cache of `groups` KV layer groups: group `g`'s blocks are
+/// `1 + g * stride ..`, `stride` blocks apart (at least the sequence's blocks; the backend
+/// needs `1 + groups * stride` blocks). Nothing is released: a window layer skips what it
+/// does not see.
+pub fn one_sequence_step_in(
+    new: &[u32],
+    ctx: usize,
+    block_size: usize,
+    groups: usize,
+    stride: usize,
+) -> ScheduledBatch {
     let n = new.len();
     let total = ctx + n;
     let blocks = total.div_ceil(block_size);
+    let (groups, stride) = (groups.max(1), stride.max(blocks));
+    let first = |g: usize| 1 + g * stride;
     ScheduledBatch {
         input_ids: new.to_vec(),
         positions: (ctx as u32..total as u32).collect(),
         query_start_loc: vec![0, n as u32],
         seq_lens: vec![total as u32],
         context_lens: vec![ctx as u32],
-        block_tables: (1..=blocks as u32).collect(),
+        block_tables: (0..groups).flat_map(|g| (first(g)..first(g) + blocks).map(|b| b as u32)).collect(),
         max_blocks_per_seq: blocks,
         block_size,
-        slot_mapping: (ctx..total).map(|p| ((1 + p / block_size) * block_size + p % block_size) as u32).collect(),
+        slot_mapping: (0..groups)
+            .flat_map(|g| (ctx..total).map(move |p| ((first(g) + p / block_size) * block_size + p % block_size) as u32))
+            .collect(),
+        num_kv_groups: groups,
         logits_indices: vec![n as u32 - 1],
         num_prefill_tokens: if ctx == 0 { n } else { 0 },
         num_decode_tokens: if ctx == 0 { 0 } else { n },
@@ -85,6 +111,8 @@ pub fn top2(row: &[f32]) -> [(u32, f32); 2] {
 }
 
 /// `prompt` through `src`, then `steps - 1` greedy decode steps (`steps` tokens in all).
+/// The backend needs `1 + groups * (prompt + steps).div_ceil(block_size)` blocks, `groups`
+/// its KV layer groups ([`LogitsSource::kv_groups`]).
 pub fn greedy_trace(
     src: &mut dyn LogitsSource,
     device: &str,
@@ -92,13 +120,14 @@ pub fn greedy_trace(
     steps: usize,
     block_size: usize,
 ) -> anyhow::Result<Trace> {
+    let (groups, stride) = (src.kv_groups(), (prompt.len() + steps).div_ceil(block_size));
     anyhow::ensure!(!prompt.is_empty(), "the prompt has no tokens");
     let vocab = src.vocab_size();
     let mut t = Trace { device: device.into(), prompt_ids: prompt.to_vec(), ..Default::default() };
     let mut new = prompt.to_vec();
     let mut ctx = 0;
     for step in 0..steps {
-        let logits = src.step_logits(&one_sequence_step(&new, ctx, block_size))?;
+        let logits = src.step_logits(&one_sequence_step_in(&new, ctx, block_size, groups, stride))?;
         anyhow::ensure!(logits.len() == vocab, "step {step}: {} logits for a vocabulary of {vocab}", logits.len());
         let best = top2(&logits);
         if step == 0 {

@@ -155,6 +155,7 @@ struct Runs {
 
 /// The simulator against the real CPU backend on [`held_out`] workloads; see the module doc.
 pub fn sim_vs_real(lm: &crate::generate::LoadedModel, threads: usize, quick: bool) -> anyhow::Result<SimVsReal> {
+    crate::study::profile::ensure_one_kv_group(lm)?;
     let repeats = if quick { 1 } else { REPEATS };
     let workloads = held_out(quick);
     let spec = ProfileSpec { max_tokens: 1024, max_seqs: 32, max_context: 4096, block_size: 16, repeats: 1, threads };

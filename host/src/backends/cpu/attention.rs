@@ -197,6 +197,7 @@ unsafe impl Sync for OutPtr {}
 pub fn attend<T: CacheElem>(
     shape: &AttnShape,
     b: &ScheduledBatch,
+    group: usize,
     q: &[f32],
     k_cache: &[T],
     v_cache: &[T],
@@ -217,7 +218,7 @@ pub fn attend<T: CacheElem>(
         }
     }
     let out = OutPtr(out.as_mut_ptr());
-    let inp = Inputs { shape, b, q, k_cache, v_cache, window };
+    let inp = Inputs { shape, b, group, q, k_cache, v_cache, window };
     items.par_iter().for_each_init(Scratch::default, |sc, it| {
         #[cfg(target_arch = "x86_64")]
         if simd {
@@ -232,6 +233,8 @@ pub fn attend<T: CacheElem>(
 struct Inputs<'a, T> {
     shape: &'a AttnShape,
     b: &'a ScheduledBatch,
+    /// The layer's KV group: whose block tables it reads.
+    group: usize,
     q: &'a [f32],
     k_cache: &'a [T],
     v_cache: &'a [T],
@@ -289,7 +292,7 @@ fn dot(simd: bool, a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPtr, simd: bool) {
-    let Inputs { shape, b, q, k_cache, v_cache, window } = inp;
+    let Inputs { shape, b, group, q, k_cache, v_cache, window } = inp;
     let (d, g, bs) = (shape.head_dim as usize, shape.group() as usize, shape.block_size as usize);
     let qd = shape.num_q_heads as usize * d;
     let rows = (it.t1 - it.t0) * g;
@@ -312,7 +315,7 @@ fn item<T: CacheElem>(inp: Inputs<'_, T>, it: Item, sc: &mut Scratch, out: OutPt
     sc.k.resize(bs * d, 0.0);
     sc.v.resize(bs * d, 0.0);
     sc.scores.resize(bs, 0.0);
-    let table = b.block_table(it.seq);
+    let table = b.group_block_table(group, it.seq);
     // Tokens rise within a tile, so the last row sees the most keys.
     let last_visible = visible(rows - 1);
     // Blocks wholly before the first row's window are nobody's: skipped unread.

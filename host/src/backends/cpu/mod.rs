@@ -176,7 +176,9 @@ pub(crate) fn gemm_xwt(
 pub struct CpuBackend {
     model: Arc<CpuModel>,
     shape: AttnShape,
+    /// One K and one V array per layer of a group ([`KvLayout`]), each indexed by block.
     kv: KvCache,
+    layout: crate::model::config::KvLayout,
     /// Attention in AVX2/FMA, with F16C reads of an f16 cache.
     simd: bool,
     /// The threads a forward pass runs on.
@@ -192,9 +194,24 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend with a KV cache of `num_blocks` blocks (the null block included).
+    /// A backend with a KV cache of `num_blocks` blocks (the null block included), each
+    /// holding one layer group's K/V ([`crate::model::config::ModelConfig::kv_layout`]: every
+    /// layer, for a model without sliding windows).
     pub fn new(
         model: Arc<CpuModel>,
+        num_blocks: usize,
+        block_size: usize,
+        threads: usize,
+        base_seed: u64,
+    ) -> CpuBackend {
+        let layout = model.cfg.kv_layout();
+        CpuBackend::with_layout(model, layout, num_blocks, block_size, threads, base_seed)
+    }
+
+    /// [`Self::new`] with the KV layout given ([`crate::model::config::KvLayout::for_groups`]).
+    pub fn with_layout(
+        model: Arc<CpuModel>,
+        layout: crate::model::config::KvLayout,
         num_blocks: usize,
         block_size: usize,
         threads: usize,
@@ -203,17 +220,19 @@ impl CpuBackend {
         let c = &model.cfg;
         let shape = c.attn_shape(block_size);
         let per_layer = num_blocks * block_size * c.kv_dim();
+        let arrays = layout.group_size;
         CpuBackend {
             kv: match model.kv_dtype {
                 KvDtype::F32 => KvCache::F32 {
-                    k: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
-                    v: (0..c.num_layers).map(|_| vec![0f32; per_layer]).collect(),
+                    k: (0..arrays).map(|_| vec![0f32; per_layer]).collect(),
+                    v: (0..arrays).map(|_| vec![0f32; per_layer]).collect(),
                 },
                 KvDtype::F16 => KvCache::F16 {
-                    k: (0..c.num_layers).map(|_| vec![F16::default(); per_layer]).collect(),
-                    v: (0..c.num_layers).map(|_| vec![F16::default(); per_layer]).collect(),
+                    k: (0..arrays).map(|_| vec![F16::default(); per_layer]).collect(),
+                    v: (0..arrays).map(|_| vec![F16::default(); per_layer]).collect(),
                 },
             },
+            layout,
             simd: attention::has_simd(),
             kv16: (Vec::new(), Vec::new()),
             model,
@@ -264,7 +283,33 @@ impl CpuBackend {
         &self.model
     }
 
+    /// The KV layout the scheduler must be configured with (`SchedulerConfig::kv_groups` from
+    /// [`crate::model::config::ModelConfig::kv_layout`]).
+    pub fn kv_layout(&self) -> &crate::model::config::KvLayout {
+        &self.layout
+    }
+
+    /// A batch must carry one table and one slot per token for each of the cache's groups.
+    fn check_groups(&self, b: &ScheduledBatch) -> anyhow::Result<()> {
+        let want = self.layout.groups.len();
+        anyhow::ensure!(
+            b.kv_groups() == want && b.slot_mapping.len() == b.num_tokens() * want,
+            "the batch has {} KV layer group(s) and {} slots for {} tokens; {}'s cache has {want} group(s) \
+             (the scheduler's kv_groups must come from the model's kv_layout)",
+            b.kv_groups(),
+            b.slot_mapping.len(),
+            b.num_tokens(),
+            self.model.cfg.arch
+        );
+        Ok(())
+    }
+
+    /// # Panics
+    /// If the batch's KV groups are not the model's (see [`Self::kv_layout`]).
     pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
+        if let Err(e) = self.check_groups(b) {
+            panic!("{e}");
+        }
         self.run_forward(b);
         self.ws.bufs[Buf::Logits as usize][..self.ws.rows[Buf::Logits as usize] * self.model.cfg.vocab_size].to_vec()
     }
@@ -470,17 +515,17 @@ impl LayerOps for CpuBackend {
     fn reshape_and_cache(&mut self, b: &ScheduledBatch, layer: usize, k: Buf, v: Buf) -> Result<(), Self::Error> {
         let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
         let (kr, vr) = (&self.ws.bufs[k as usize], &self.ws.bufs[v as usize]);
+        let (group, j) = self.layout.layer[layer];
+        let slots = b.group_slot_mapping(group);
         match &mut self.kv {
-            KvCache::F32 { k: kc, v: vc } => {
-                reshape_and_cache_host(&shape, kr, vr, &b.slot_mapping, &mut kc[layer], &mut vc[layer])
-            }
+            KvCache::F32 { k: kc, v: vc } => reshape_and_cache_host(&shape, kr, vr, slots, &mut kc[j], &mut vc[j]),
             KvCache::F16 { k: kc, v: vc } => {
                 let (k16, v16) = &mut self.kv16;
                 k16.clear();
                 k16.extend(kr.iter().map(|&x| F16::from_f32(x)));
                 v16.clear();
                 v16.extend(vr.iter().map(|&x| F16::from_f32(x)));
-                reshape_and_cache_host(&shape, k16, v16, &b.slot_mapping, &mut kc[layer], &mut vc[layer]);
+                reshape_and_cache_host(&shape, k16, v16, slots, &mut kc[j], &mut vc[j]);
             }
         }
         Ok(())
@@ -497,9 +542,10 @@ impl LayerOps for CpuBackend {
         let shape = AttnShape { max_blocks_per_seq: b.max_blocks_per_seq as u32, ..self.shape };
         let mut o = self.take(out);
         let (qs, simd) = (&self.ws.bufs[q as usize], self.simd);
+        let (group, j) = self.layout.layer[layer];
         match &self.kv {
-            KvCache::F32 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd, window),
-            KvCache::F16 { k, v } => attention::attend(&shape, b, qs, &k[layer], &v[layer], &mut o, simd, window),
+            KvCache::F32 { k, v } => attention::attend(&shape, b, group, qs, &k[j], &v[j], &mut o, simd, window),
+            KvCache::F16 { k, v } => attention::attend(&shape, b, group, qs, &k[j], &v[j], &mut o, simd, window),
         }
         self.put(out, o);
         Ok(())
@@ -548,6 +594,7 @@ impl Backend for CpuBackend {
         self.masks = masks;
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        self.check_groups(batch)?;
         let (sampled, logprobs, phases) = self.forward_and_sample(batch);
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
     }

@@ -997,6 +997,12 @@ impl Backend for CudaBackend {
         self.masks = masks;
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
+        // The GPU cache is one group of every layer (sliding-window models are refused at load).
+        anyhow::ensure!(
+            batch.kv_groups() == 1,
+            "the batch has {} KV layer groups; the CUDA backend's cache has one (run the scheduler with the default kv_groups)",
+            batch.kv_groups()
+        );
         // cuBLAS calls take the thread's current context: a server steps on a thread of its
         // own, not the one that made the backend.
         self.k.dev.bind_to_thread()?;
