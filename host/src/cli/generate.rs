@@ -94,7 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if !json {
         eprintln!(
-            "weave: {} ({}{}, {} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, weights {} ({:.0} MiB, {} kernels), KV cache {} tokens in {}",
+            "weave: {} ({}{}, {} layers, hidden {}, {} heads / {} KV heads) loaded from {} in {:.2} s; device {device}, {} threads, weights {} ({:.0} MiB, {} kernels), KV cache {} in {}",
             lm.model.cfg.name,
             lm.model.cfg.arch,
             match lm.model.cfg.deltas.describe().as_str() {
@@ -111,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             lm.model.w.storage(),
             lm.model.w.size_bytes() as f64 / (1u64 << 20) as f64,
             weave::backends::cpu::qmatmul::Isa::detect().name(),
-            (cfg.sched.num_gpu_blocks - 1) * cfg.sched.block_size,
+            super::kv_cache_phrase(&cfg.sched),
             lm.model.kv_dtype.name()
         );
     }

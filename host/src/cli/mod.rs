@@ -59,6 +59,22 @@ pub struct SchedArgs {
     pub policy: weave_scheduler::PolicyKind,
 }
 
+/// The KV cache for the load line: its tokens, and its layer groups where there are several.
+pub fn kv_cache_phrase(sched: &weave_scheduler::SchedulerConfig) -> String {
+    let g = sched.kv_groups;
+    if g.len() <= 1 {
+        return format!("{} tokens", sched.kv_capacity_tokens());
+    }
+    format!(
+        "{} tokens in every layer ({} blocks, each one layer group's: {} full and {} window groups, window {})",
+        sched.kv_capacity_tokens(),
+        sched.num_gpu_blocks - 1,
+        g.full,
+        g.windowed,
+        g.window
+    )
+}
+
 impl SchedArgs {
     pub fn config(&self, cpu: &weave::backends::cpu::CpuModel) -> anyhow::Result<weave_scheduler::SchedulerConfig> {
         let model = &cpu.cfg;

@@ -67,11 +67,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let listener =
             tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         eprintln!(
-            "weave serve: {} on http://{} (device {device}, {} threads, KV cache {} tokens, max_model_len {})",
+            "weave serve: {} on http://{} (device {device}, {} threads, KV cache {}, max_model_len {})",
             cfg.model_name,
             listener.local_addr()?,
             a.run.threads,
-            (sched.num_gpu_blocks - 1) * sched.block_size,
+            super::kv_cache_phrase(&sched),
             sched.max_model_len
         );
         weave::serve::serve_until(app, listener, shutdown_signal(), Duration::from_secs_f64(a.shutdown_timeout)).await
