@@ -374,7 +374,10 @@ impl Scheduler {
                 if n == 0 {
                     break;
                 }
-                // Reserve for the whole known sequence, allocate only this chunk.
+                // Reserve for the whole known sequence, allocate only this chunk. A window
+                // group's share is bounded by the budget, the one bound every chunk keeps: a
+                // whole prompt may pass the prefill cap, and the long-prefill threshold is
+                // lifted for a request alone (the property tests fail with either).
                 let whole = self.kv.num_blocks_to_admit(slot, r.num_tokens(), &prefix, self.cfg.max_num_batched_tokens);
                 if !self.kv.can_allocate(whole) {
                     break;

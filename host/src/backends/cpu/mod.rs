@@ -179,6 +179,9 @@ pub struct CpuBackend {
     /// One K and one V array per layer of a group ([`KvLayout`]), each indexed by block.
     kv: KvCache,
     layout: crate::model::config::KvLayout,
+    /// Blocks in the cache (the null block included) and tokens a block holds.
+    num_blocks: usize,
+    block_size: usize,
     /// Attention in AVX2/FMA, with F16C reads of an f16 cache.
     simd: bool,
     /// The threads a forward pass runs on.
@@ -233,6 +236,8 @@ impl CpuBackend {
                 },
             },
             layout,
+            num_blocks,
+            block_size,
             simd: attention::has_simd(),
             kv16: (Vec::new(), Vec::new()),
             model,
@@ -301,11 +306,35 @@ impl CpuBackend {
             b.num_tokens(),
             self.model.cfg.arch
         );
+        // Out-of-range blocks or slots would panic a worker thread mid-step (taking a server
+        // down with it) or write another sequence's cache: an error instead. The scheduler
+        // never makes them; a hand-built or corrupted batch might.
+        let seqs = b.query_start_loc.len().saturating_sub(1);
+        anyhow::ensure!(
+            b.block_size == self.block_size,
+            "the batch's block size is {}, the cache's {}",
+            b.block_size,
+            self.block_size
+        );
+        anyhow::ensure!(
+            b.block_tables.len() == seqs * b.max_blocks_per_seq * want,
+            "the batch has {} block-table entries for {seqs} sequences of {} blocks in {want} group(s)",
+            b.block_tables.len(),
+            b.max_blocks_per_seq
+        );
+        if let Some(&bad) = b.block_tables.iter().find(|&&x| x as usize >= self.num_blocks) {
+            anyhow::bail!("the batch names block {bad}; the cache has {}", self.num_blocks);
+        }
+        let slots = self.num_blocks * self.block_size;
+        if let Some(&bad) = b.slot_mapping.iter().find(|&&x| x as usize >= slots) {
+            anyhow::bail!("the batch writes slot {bad}; the cache has {slots}");
+        }
         Ok(())
     }
 
     /// # Panics
-    /// If the batch's KV groups are not the model's (see [`Self::kv_layout`]).
+    /// If the batch's KV groups are not the model's (see [`Self::kv_layout`]), or it names
+    /// blocks or slots the cache does not have.
     pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
         if let Err(e) = self.check_groups(b) {
             panic!("{e}");
@@ -622,5 +651,33 @@ impl CpuBackend {
         self.ws.bufs[Buf::Logits as usize] = logits;
         let phases = Phases { forward, sample: t_sample.elapsed().as_secs_f64(), ..Default::default() };
         (sampled, logprobs, phases)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Backend;
+
+    /// A batch naming blocks or slots past the cache, or another block size, is an error
+    /// that says so; the same batch in range runs.
+    #[test]
+    fn out_of_range_batches_are_errors_not_panics() {
+        let model = Arc::new(crate::model::dummy::tiny_model(1, 3, 64));
+        let mut be = CpuBackend::new(model, 4, 16, 1, 0);
+        let good = crate::study::logits::one_sequence_step(&[1, 2, 3], 0, 16);
+        assert!(be.execute(&good).is_ok());
+        let mut far = good.clone();
+        far.block_tables[0] = 4;
+        let e = be.execute(&far).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("block 4") && e.contains("has 4"), "{e}");
+        let mut slot = good.clone();
+        slot.slot_mapping[2] = 64;
+        let e = be.execute(&slot).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("slot 64"), "{e}");
+        let mut bs = good;
+        bs.block_size = 8;
+        let e = be.execute(&bs).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("block size is 8"), "{e}");
     }
 }
