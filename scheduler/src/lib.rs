@@ -377,7 +377,7 @@ impl Scheduler {
                 // Reserve for the whole known sequence, allocate only this chunk. A window
                 // group's share is bounded by the budget, the one bound every chunk keeps: a
                 // whole prompt may pass the prefill cap, and the long-prefill threshold is
-                // lifted for a request alone (the property tests fail with either).
+                // lifted for a request alone (with the prefill cap, the property tests fail).
                 let whole = self.kv.num_blocks_to_admit(slot, r.num_tokens(), &prefix, self.cfg.max_num_batched_tokens);
                 if !self.kv.can_allocate(whole) {
                     break;
