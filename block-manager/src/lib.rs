@@ -21,6 +21,10 @@
 //! each sequence has one table per group. A windowed group's blocks that no later query can
 //! see are given back ([`BlockManager::release_outside_window`]) and their table entries point
 //! at the null block, so a window layer holds about `window` tokens whatever the length.
+//! Prefix caching then keys each group's blocks apart, and a hit of `k` blocks needs every
+//! full group's first `k` and each window group's blocks that the next query can see; a
+//! prefix is passed around group after group, `k` entries each (null where a window group
+//! needs none).
 
 mod free_queue;
 
@@ -210,13 +214,7 @@ impl BlockManager {
         if g.windowed > 0 && g.window == 0 {
             return Err(BlockError::InvalidConfig("kv_groups: windowed groups need a window of at least 1".into()));
         }
-        if g.windowed > 0 && cfg.enable_prefix_caching {
-            // A hit would need the last window's blocks of every windowed group cached too;
-            // vLLM solves that, weave does not yet.
-            return Err(BlockError::InvalidConfig(
-                "prefix caching is not supported with sliding-window layer groups".into(),
-            ));
-        }
+
         let n = cfg.num_blocks;
         Ok(BlockManager {
             cfg,
@@ -268,6 +266,26 @@ impl BlockManager {
         self.cfg.kv_groups
     }
 
+    /// Blocks per group in a prefix (see the crate docs: `k` entries a group, group after group).
+    pub fn prefix_blocks(&self, prefix: &[BlockId]) -> usize {
+        prefix.len() / self.cfg.kv_groups.len()
+    }
+
+    /// The cache key of group `g`'s block of content hash `h` (group 0's is the hash itself).
+    fn key(g: usize, h: BlockHash) -> BlockHash {
+        if g == 0 {
+            h
+        } else {
+            (h ^ (g as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).rotate_left(23)
+        }
+    }
+
+    /// Leading blocks a window group can drop once `computed` tokens are done: those that no
+    /// query at `computed` or later sees.
+    fn dead_blocks(&self, computed: usize) -> usize {
+        (computed + 1).saturating_sub(self.cfg.kv_groups.window) / self.cfg.block_size
+    }
+
     /// Whether `num_blocks` new blocks can be taken while keeping the watermark in reserve.
     pub fn can_allocate(&self, num_blocks: usize) -> bool {
         num_blocks + self.cfg.watermark_blocks <= self.num_free_blocks()
@@ -276,12 +294,36 @@ impl BlockManager {
     /// The longest run of cached full blocks that begins `hashes` and covers at most
     /// `num_tokens - 1` tokens: at least the last known token is always computed, because its
     /// logits are needed. Pure; see [`Self::record_prefix_lookup`].
+    ///
+    /// With layer groups: the longest `k` for which every full group has its first `k` blocks
+    /// cached and every window group the blocks among them that the query at `k * block_size`
+    /// sees; returned group after group, `k` each, null where a window group needs none.
     pub fn lookup_prefix(&self, hashes: &[BlockHash], num_tokens: usize) -> Vec<BlockId> {
         if !self.cfg.enable_prefix_caching {
             return Vec::new();
         }
-        let max_blocks = num_tokens.saturating_sub(1) / self.cfg.block_size;
-        hashes.iter().take(max_blocks).map_while(|h| self.cached.get(h).copied()).collect()
+        let max_blocks = (num_tokens.saturating_sub(1) / self.cfg.block_size).min(hashes.len());
+        let g = self.cfg.kv_groups;
+        let get = |grp: usize, j: usize| self.cached.get(&Self::key(grp, hashes[j])).copied();
+        if g.len() == 1 && g.windowed == 0 {
+            return (0..max_blocks).map_while(|j| get(0, j)).collect();
+        }
+        // Full groups: every block of the prefix.
+        let mut k = (0..max_blocks).take_while(|&j| (0..g.full).all(|grp| get(grp, j).is_some())).count();
+        // Window groups: the blocks the next query sees; shorter hits need other blocks, so
+        // try each length down to 0 (which needs none).
+        while k > 0 && !(self.dead_blocks(k * self.cfg.block_size)..k).all(|j| (g.full..g.len()).all(|grp| get(grp, j).is_some())) {
+            k -= 1;
+        }
+        let dead = self.dead_blocks(k * self.cfg.block_size);
+        let mut out = Vec::with_capacity(k * g.len());
+        for grp in 0..g.len() {
+            for j in 0..k {
+                let needed = !g.is_windowed(grp) || j >= dead;
+                out.push(if needed { get(grp, j).expect("checked above") } else { NULL_BLOCK });
+            }
+        }
+        out
     }
 
     /// Counts one admitted lookup: `num_tokens` queried, `hit_blocks` reused. Callers record
@@ -298,10 +340,15 @@ impl BlockManager {
     /// `prefix` being cached blocks it would reuse (free cached ones count: reusing them takes
     /// them out of the free queue).
     pub fn num_blocks_to_allocate(&self, seq: SeqId, total_tokens: usize, prefix: &[BlockId]) -> usize {
-        let have = self.table(seq).map_or(0, |t| t[0].blocks.len()) + prefix.len();
+        let have = self.table(seq).map_or(0, |t| t[0].blocks.len()) + self.prefix_blocks(prefix);
         let fresh = self.blocks_for(total_tokens).saturating_sub(have);
-        let revived = prefix.iter().filter(|&&b| self.ref_cnt[b as usize] == 0).count();
-        fresh * self.cfg.kv_groups.len() + revived
+        fresh * self.cfg.kv_groups.len() + self.revived(prefix)
+    }
+
+    /// Prefix blocks that are free (cached, unreferenced): reusing them takes them from the
+    /// free queue.
+    fn revived(&self, prefix: &[BlockId]) -> usize {
+        prefix.iter().filter(|&&b| b != NULL_BLOCK && self.ref_cnt[b as usize] == 0).count()
     }
 
     /// Blocks that admitting `seq` for all its `total_tokens`, `chunk` tokens a step, can come
@@ -312,11 +359,13 @@ impl BlockManager {
         if g.windowed == 0 {
             return self.num_blocks_to_allocate(seq, total_tokens, prefix);
         }
-        let have = self.table(seq).map_or(0, |t| t[0].blocks.len());
+        let k = self.prefix_blocks(prefix);
+        let have = self.table(seq).map_or(0, |t| t[0].blocks.len()) + k;
         let fresh = self.blocks_for(total_tokens).saturating_sub(have);
-        let held_window = self.table(seq).map_or(0, |t| t[g.full].blocks.len() - t[g.full].num_released);
+        let held_window = self.table(seq).map_or(0, |t| t[g.full].blocks.len() - t[g.full].num_released)
+            + prefix[g.full * k..(g.full + 1) * k].iter().filter(|&&b| b != NULL_BLOCK).count();
         let window_room = g.window_blocks(chunk, self.cfg.block_size).saturating_sub(held_window);
-        g.full * fresh + g.windowed * fresh.min(window_room)
+        g.full * fresh + g.windowed * fresh.min(window_room) + self.revived(prefix)
     }
 
     /// Gives `seq` (creating its table if needed) the cached `prefix` blocks and enough new
@@ -326,14 +375,14 @@ impl BlockManager {
         if !prefix.is_empty() && has_blocks {
             return Err(BlockError::PrefixOnNonEmptyTable(seq));
         }
-        if let Some(&b) = prefix.iter().find(|&&b| self.block_hash[b as usize].is_none()) {
+        if let Some(&b) = prefix.iter().find(|&&b| b != NULL_BLOCK && self.block_hash[b as usize].is_none()) {
             return Err(BlockError::NotCached(b));
         }
         let needed = self.num_blocks_to_allocate(seq, total_tokens, prefix);
         if needed > self.num_free_blocks() {
             return Err(BlockError::OutOfBlocks { needed, free: self.num_free_blocks() });
         }
-        for &b in prefix {
+        for &b in prefix.iter().filter(|&&b| b != NULL_BLOCK) {
             if self.ref_cnt[b as usize] == 0 {
                 self.free.remove(b);
             }
@@ -345,9 +394,13 @@ impl BlockManager {
         }
         let groups = self.cfg.kv_groups.len();
         let mut tables = self.tables[idx].take().unwrap_or_else(|| vec![Table::default(); groups]);
-        if !prefix.is_empty() {
-            tables[0].blocks.extend_from_slice(prefix);
-            tables[0].num_cached = prefix.len();
+        let k = self.prefix_blocks(prefix);
+        if k > 0 {
+            for (table, part) in tables.iter_mut().zip(prefix.chunks_exact(k)) {
+                table.blocks.extend_from_slice(part);
+                table.num_cached = k;
+                table.num_released = part.iter().take_while(|&&b| b == NULL_BLOCK).count();
+            }
         }
         let want = self.blocks_for(total_tokens);
         for table in &mut tables {
@@ -375,9 +428,8 @@ impl BlockManager {
         if g.windowed == 0 {
             return 0;
         }
-        let bs = self.cfg.block_size;
         // Block i ends at (i + 1) * bs: unseen once that is at most the first visible key.
-        let dead = (computed + 1).saturating_sub(g.window) / bs;
+        let dead = self.dead_blocks(computed);
         let Some(tables) = self.tables.get_mut(seq as usize).and_then(Option::as_mut) else {
             return 0;
         };
@@ -406,20 +458,24 @@ impl BlockManager {
             return;
         }
         let bs = self.cfg.block_size;
-        let Some(table) = self.tables.get_mut(seq as usize).and_then(Option::as_mut).map(|t| &mut t[0]) else {
+        let Some(tables) = self.tables.get_mut(seq as usize).and_then(Option::as_mut) else {
             return;
         };
-        let full = (num_tokens / bs).min(hashes.len()).min(table.blocks.len());
-        let start = table.num_cached.min(full);
-        for (&b, &h) in table.blocks[start..full].iter().zip(&hashes[start..full]) {
-            if self.block_hash[b as usize].is_none() {
-                if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(h) {
-                    e.insert(b);
-                    self.block_hash[b as usize] = Some(h);
+        for (grp, table) in tables.iter_mut().enumerate() {
+            let full = (num_tokens / bs).min(hashes.len()).min(table.blocks.len());
+            // Released window blocks are null here: they were registered before release.
+            let start = table.num_cached.max(table.num_released).min(full);
+            for (&b, &h) in table.blocks[start..full].iter().zip(&hashes[start..full]) {
+                let key = Self::key(grp, h);
+                if self.block_hash[b as usize].is_none() {
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(key) {
+                        e.insert(b);
+                        self.block_hash[b as usize] = Some(key);
+                    }
                 }
             }
+            table.num_cached = table.num_cached.max(full);
         }
-        table.num_cached = table.num_cached.max(full);
     }
 
     /// Frees every block of `seq`. Blocks whose count drops to zero join the free queue's tail

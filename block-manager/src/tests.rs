@@ -310,17 +310,63 @@ fn windowed_groups_hold_a_window_and_a_chunk_at_most() {
 }
 
 #[test]
-fn windowed_groups_refuse_prefix_caching_and_empty_windows() {
-    let cfg = |caching, window| BlockManagerConfig {
+fn windowed_groups_refuse_empty_windows() {
+    let cfg = |window| BlockManagerConfig {
         num_blocks: 10,
         block_size: 4,
-        enable_prefix_caching: caching,
+        enable_prefix_caching: true,
         watermark_blocks: 0,
         kv_groups: KvGroups { full: 1, windowed: 1, window },
     };
-    assert!(matches!(BlockManager::new(cfg(true, 8)), Err(BlockError::InvalidConfig(_))));
-    assert!(matches!(BlockManager::new(cfg(false, 0)), Err(BlockError::InvalidConfig(_))));
-    assert!(BlockManager::new(cfg(false, 8)).is_ok());
+    assert!(matches!(BlockManager::new(cfg(0)), Err(BlockError::InvalidConfig(_))));
+    assert!(BlockManager::new(cfg(8)).is_ok());
+}
+
+#[test]
+fn windowed_prefix_hits_need_the_window_blocks_the_next_query_sees() {
+    // One full group and one window group, window 6, blocks of 4.
+    let mut m = BlockManager::new(BlockManagerConfig {
+        num_blocks: 40,
+        block_size: 4,
+        enable_prefix_caching: true,
+        watermark_blocks: 0,
+        kv_groups: KvGroups { full: 1, windowed: 1, window: 6 },
+    })
+    .unwrap();
+    let a: Vec<u32> = (0..21).collect();
+    let ha = hashes(&a, 4);
+    m.allocate(0, &[], 21).unwrap();
+    m.cache_full_blocks(0, &ha, 21);
+    // Five full blocks cached in both groups: a 21-token prompt may reuse all five (20 tokens).
+    let hit = m.lookup_prefix(&ha, 21);
+    assert_eq!(m.prefix_blocks(&hit), 5);
+    assert_eq!(&hit[..5], m.group_table(0, 0)[..5].to_vec().as_slice());
+    // The query at 20 sees keys 15..=20: the window group needs blocks 3 and 4 only.
+    assert_eq!(&hit[5..], &[NULL_BLOCK, NULL_BLOCK, NULL_BLOCK, m.group_table(0, 1)[3], m.group_table(0, 1)[4]]);
+    // Release the window group's old blocks (as a step at 20 would): they stay cached and
+    // free, so a hit revives them and costs free blocks.
+    m.release_outside_window(0, 20);
+    m.free(0).unwrap();
+    let hit = m.lookup_prefix(&ha, 21);
+    assert_eq!(m.prefix_blocks(&hit), 5);
+    assert_eq!(m.num_blocks_to_allocate(1, 21, &hit), 2 + 5 + 2, "a fresh block a group, and seven revived");
+    m.allocate(1, &hit, 21).unwrap();
+    assert_eq!(m.group_table(1, 1)[..3], [NULL_BLOCK; 3]);
+    m.audit().unwrap();
+    // A window group missing a block the next query needs shortens the hit, though the full
+    // group keeps every block: a sequence holds its full blocks, its old window blocks are
+    // released (cached, free), then taking every free block evicts them.
+    m.free(1).unwrap();
+    let hit = m.lookup_prefix(&ha, 21);
+    m.allocate(3, &hit, 21).unwrap();
+    assert_eq!(m.group_table(3, 0)[..5], hit[..5], "the full group holds the cached blocks");
+    // A 13-token prompt: 3 blocks, whose next query (at 12) sees window blocks 1 and 2.
+    assert_eq!(m.prefix_blocks(&m.lookup_prefix(&ha, 13)), 3);
+    let free = m.num_free_blocks();
+    m.allocate(4, &[], free / 2 * 4).unwrap();
+    assert!(m.num_free_blocks() <= 1);
+    assert_eq!(m.prefix_blocks(&m.lookup_prefix(&ha, 13)), 0, "window blocks 0..3 are gone");
+    m.audit().unwrap();
 }
 
 proptest! {
@@ -331,19 +377,50 @@ proptest! {
     #[test]
     fn windowed_invariants_hold_under_random_ops(
         ops in prop::collection::vec((0u32..4, 1usize..12, any::<bool>()), 1..80),
-        bs in 1usize..6, window in 1usize..20, full in 1usize..3, win_groups in 1usize..4,
+        bs in 1usize..6, window in 1usize..20, full in 1usize..3, win_groups in 1usize..4, caching: bool,
     ) {
-        let mut m = windowed(200, bs, full, win_groups, window);
+        let mut m = BlockManager::new(BlockManagerConfig {
+            num_blocks: 200,
+            block_size: bs,
+            enable_prefix_caching: caching,
+            watermark_blocks: 0,
+            kv_groups: KvGroups { full, windowed: win_groups, window },
+        })
+        .unwrap();
+        let groups = full + win_groups;
+        // Every sequence's tokens are 0, 1, 2, ...: prefixes hit across sequences.
+        let toks: Vec<u32> = (0..2000).collect();
         let mut len = [0usize; 4];
         for (seq, n, free) in ops {
             let s = seq as usize;
             if free {
                 prop_assert_eq!(m.free(seq).is_ok(), len[s] > 0);
                 len[s] = 0;
+            } else if len[s] == 0 {
+                // A new sequence of n + 30 tokens: reuse what the cache has, then compute the rest.
+                let t = &toks[..n + 30];
+                let h = hashes(t, bs);
+                let hit = m.lookup_prefix(&h, t.len());
+                let k = m.prefix_blocks(&hit);
+                prop_assert_eq!(hit.len(), k * groups);
+                let need = m.num_blocks_to_allocate(seq, t.len(), &hit);
+                let free_before = m.num_free_blocks();
+                if m.allocate(seq, &hit, t.len()).is_ok() {
+                    prop_assert_eq!(free_before - m.num_free_blocks(), need);
+                    // Every block the next query (at k * bs) sees is live in every group.
+                    let first_seen = (k * bs + 1).saturating_sub(window);
+                    for g in 0..groups {
+                        let lo = if g >= full { first_seen / bs } else { 0 };
+                        prop_assert!(m.group_table(seq, g)[lo..].iter().all(|&b| b != NULL_BLOCK));
+                    }
+                    m.cache_full_blocks(seq, &h, t.len());
+                    len[s] = t.len();
+                }
             } else {
                 // A step computing n tokens from len: release first, as the scheduler does.
                 m.release_outside_window(seq, len[s]);
                 if m.allocate(seq, &[], len[s] + n).is_ok() {
+                    m.cache_full_blocks(seq, &hashes(&toks[..len[s] + n], bs), len[s] + n);
                     let first_seen = (len[s] + 1).saturating_sub(window);
                     for g in 0..full + win_groups {
                         let mut slots = Vec::new();
@@ -351,7 +428,10 @@ proptest! {
                         prop_assert!(slots.iter().all(|&sl| sl as usize / bs != NULL_BLOCK as usize));
                         let live = m.group_table(seq, g).iter().filter(|&&b| b != NULL_BLOCK).count();
                         if g >= full {
-                            prop_assert!(live <= (window - 1 + n).div_ceil(bs) + 1, "{} live blocks", live);
+                            // The window, this step's tokens, and a block of misalignment at
+                            // each end (a sequence admitted with a cached prefix holds its
+                            // first step's worth).
+                            prop_assert!(live <= (window - 1 + n.max(30)).div_ceil(bs) + 1, "{} live blocks", live);
                         }
                     }
                     len[s] += n;

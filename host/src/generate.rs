@@ -267,16 +267,11 @@ pub fn generate(
 }
 
 /// `cfg` with `model`'s KV layer groups ([`crate::model::config::ModelConfig::kv_layout`]): a
-/// sliding-window model's full and windowed groups, and then no prefix caching, which does
-/// not cover windows yet. `num_gpu_blocks` stays: blocks of one group's layers. (A config left
-/// at one group runs a sliding-window model with every layer keeping every token.)
+/// sliding-window model's full and windowed groups. `num_gpu_blocks` stays: blocks of one
+/// group's layers. (A config left at one group runs a sliding-window model with every layer
+/// keeping every token.)
 pub fn sched_for_model(cfg: &SchedulerConfig, model: &crate::model::config::ModelConfig) -> SchedulerConfig {
-    let groups = model.kv_layout().groups;
-    SchedulerConfig {
-        kv_groups: groups,
-        enable_prefix_caching: cfg.enable_prefix_caching && groups.windowed == 0,
-        ..cfg.clone()
-    }
+    SchedulerConfig { kv_groups: model.kv_layout().groups, ..cfg.clone() }
 }
 
 /// The backend `cfg.device` names, the scheduler config to run it with (the CUDA backend sizes

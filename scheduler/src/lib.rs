@@ -346,7 +346,8 @@ impl Scheduler {
                 };
                 let r = self.req(slot);
                 let prefix = self.kv.lookup_prefix(&r.block_hashes, r.num_tokens());
-                let computed = prefix.len() * self.cfg.block_size;
+                let hit_blocks = self.kv.prefix_blocks(&prefix);
+                let computed = hit_blocks * self.cfg.block_size;
                 let mut n = r.num_tokens() - computed;
                 if threshold > 0 {
                     n = n.min(threshold);
@@ -385,7 +386,7 @@ impl Scheduler {
                 let total = computed + n;
                 let num_tokens = r.num_tokens();
                 self.kv.allocate(slot, &prefix, total).expect("whole sequence fits, so the chunk does");
-                self.kv.record_prefix_lookup(num_tokens, prefix.len());
+                self.kv.record_prefix_lookup(num_tokens, hit_blocks);
                 self.waiting.pop();
                 self.running.push(slot);
                 let r = self.req_mut(slot);

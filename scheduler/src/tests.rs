@@ -393,3 +393,24 @@ fn windowed_groups_admit_what_a_window_needs_and_refuse_what_cannot_fit() {
     }
     assert_eq!(finished, 1);
 }
+
+#[test]
+fn windowed_groups_reuse_a_cached_prefix_with_every_block_the_next_query_sees() {
+    let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: true, ..windowed_cfg() }).unwrap();
+    add(&mut s, 1, 1000, 4);
+    while s.has_unfinished() {
+        step(&mut s);
+    }
+    // The same prompt again: its cached blocks (the window groups' last ones released but
+    // still cached) are reused, all but the block holding the last token.
+    s.add_request(NewRequest::new(2, prompt(1, 1000), 4)).unwrap();
+    let b = s.schedule();
+    let ctx = b.context_lens[0] as usize;
+    assert_eq!(ctx, 992, "62 of 63 blocks reused");
+    for g in 0..6 {
+        let table = b.group_block_table(g, 0);
+        let first_seen = if g == 0 { 0 } else { (ctx + 1).saturating_sub(64) };
+        assert!((first_seen / 16..1000usize.div_ceil(16)).all(|i| table[i] != 0), "group {g}: a needed block is null");
+    }
+    assert!(s.prefix_cache_stats().hit_tokens >= 992);
+}

@@ -29,7 +29,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 PolicyKind::Static,
                 PolicyKind::Adaptive,
             ]),
-            // No windows, or a sliding-window model's groups (then without prefix caching).
+            // No windows, or a sliding-window model's groups.
             prop::sample::select(vec![None, Some((1usize, 2usize, 8usize)), Some((2, 3, 40))]),
         ),
     )
@@ -46,7 +46,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                 long_prefill_token_threshold: thr,
                 max_num_partial_prefills: partial,
                 max_prefill_tokens_per_step: pcap,
-                enable_prefix_caching: caching && windows.is_none(),
+                enable_prefix_caching: caching,
                 watermark_blocks: 0,
                 policy,
                 adaptive: AdaptiveConfig { low_load_requests: 2, low_load_budget: 64 },

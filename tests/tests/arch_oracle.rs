@@ -319,12 +319,24 @@ fn window_layers_release_blocks_without_changing_a_token() {
             PromptSpec { prompt: long[long.len() / 3..].into(), max_tokens: Some(24), ..Default::default() },
         ];
         prompts.extend(texts.iter().map(|t| PromptSpec { prompt: t.clone(), ..Default::default() }));
-        let hybrid = config_for(&lm, 32);
+        let mut hybrid = config_for(&lm, 32);
+        hybrid.sched.enable_prefix_caching = false;
         let mut single = config(32);
         single.sched.enable_prefix_caching = false;
         let h = generate(&lm, &hybrid, &prompts, &mut |_| {}).unwrap();
         let full = generate(&lm, &single, &prompts, &mut |_| {}).unwrap();
         assert!(h.rejected.is_empty() && full.rejected.is_empty(), "{}: {:?} {:?}", s.name, h.rejected, full.rejected);
+        // With prefix caching, the long prompt again (and its longer cousin) reuses the first
+        // one's blocks, window groups included: the same tokens.
+        let mut again = prompts.clone();
+        again.push(prompts[0].clone());
+        again.push(PromptSpec { prompt: format!("{long} {}", texts[0]), max_tokens: Some(24), ..Default::default() });
+        let cached = generate(&lm, &config_for(&lm, 32), &again, &mut |_| {}).unwrap();
+        let plain = generate(&lm, &single, &again, &mut |_| {}).unwrap();
+        assert!(cached.summary.prefix_cache_hit_rate > 0.1, "{}: hit rate {}", s.name, cached.summary.prefix_cache_hit_rate);
+        for (i, (a, b)) in cached.completions.iter().zip(&plain.completions).enumerate() {
+            assert_eq!(a.output_token_ids, b.output_token_ids, "{}: prompt {i} with prefix caching", s.name);
+        }
         let n = h.completions[0].prompt_token_ids.len();
         assert!(n > 4 * 16 + layout.groups.window, "{}: the long prompt is {n} tokens, too short to release", s.name);
         for (i, (a, b)) in h.completions.iter().zip(&full.completions).enumerate() {

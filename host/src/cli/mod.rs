@@ -92,13 +92,7 @@ impl SchedArgs {
         };
         let blocks = tokens / self.block_size * layout.groups.len();
         anyhow::ensure!(blocks >= 1, "--kv-cache-tokens {tokens} holds no block of {} tokens", self.block_size);
-        let windowed = layout.groups.windowed > 0;
-        if windowed && !self.no_prefix_caching {
-            eprintln!(
-                "note: prefix caching is off: {} has sliding-window layers, and weave's prefix cache does not cover them yet",
-                model.arch
-            );
-        }
+
         let max_model_len = self.max_model_len.unwrap_or(model.context_length);
         anyhow::ensure!(
             max_model_len <= model.context_length,
@@ -113,7 +107,7 @@ impl SchedArgs {
             num_gpu_blocks: blocks + 1,
             enable_chunked_prefill: !self.no_chunked_prefill,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
-            enable_prefix_caching: !self.no_prefix_caching && !windowed,
+            enable_prefix_caching: !self.no_prefix_caching,
             policy: self.policy,
             kv_groups: layout.groups,
             ..Default::default()
