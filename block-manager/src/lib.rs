@@ -312,7 +312,10 @@ impl BlockManager {
         let mut k = (0..max_blocks).take_while(|&j| (0..g.full).all(|grp| get(grp, j).is_some())).count();
         // Window groups: the blocks the next query sees; shorter hits need other blocks, so
         // try each length down to 0 (which needs none).
-        while k > 0 && !(self.dead_blocks(k * self.cfg.block_size)..k).all(|j| (g.full..g.len()).all(|grp| get(grp, j).is_some())) {
+        while k > 0
+            && !(self.dead_blocks(k * self.cfg.block_size)..k)
+                .all(|j| (g.full..g.len()).all(|grp| get(grp, j).is_some()))
+        {
             k -= 1;
         }
         let dead = self.dead_blocks(k * self.cfg.block_size);

@@ -333,7 +333,12 @@ fn window_layers_release_blocks_without_changing_a_token() {
         again.push(PromptSpec { prompt: format!("{long} {}", texts[0]), max_tokens: Some(24), ..Default::default() });
         let cached = generate(&lm, &config_for(&lm, 32), &again, &mut |_| {}).unwrap();
         let plain = generate(&lm, &single, &again, &mut |_| {}).unwrap();
-        assert!(cached.summary.prefix_cache_hit_rate > 0.1, "{}: hit rate {}", s.name, cached.summary.prefix_cache_hit_rate);
+        assert!(
+            cached.summary.prefix_cache_hit_rate > 0.1,
+            "{}: hit rate {}",
+            s.name,
+            cached.summary.prefix_cache_hit_rate
+        );
         for (i, (a, b)) in cached.completions.iter().zip(&plain.completions).enumerate() {
             assert_eq!(a.output_token_ids, b.output_token_ids, "{}: prompt {i} with prefix caching", s.name);
         }
