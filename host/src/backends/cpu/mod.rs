@@ -326,7 +326,8 @@ impl CpuBackend {
             anyhow::bail!("the batch names block {bad}; the cache has {}", self.num_blocks);
         }
         let slots = self.num_blocks * self.block_size;
-        if let Some(&bad) = b.slot_mapping.iter().find(|&&x| x as usize >= slots) {
+        // `u32::MAX` is a padding token's slot: nothing is written for it.
+        if let Some(&bad) = b.slot_mapping.iter().find(|&&x| x != u32::MAX && x as usize >= slots) {
             anyhow::bail!("the batch writes slot {bad}; the cache has {slots}");
         }
         Ok(())
