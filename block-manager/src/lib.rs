@@ -1,7 +1,7 @@
 //! Paged KV-cache bookkeeping: which physical blocks hold which sequence's keys and values.
 //!
 //! **Owns**: the pool of `num_blocks` blocks of `block_size` token slots, one block table per
-//! sequence, reference counts, the prefix cache (full blocks identified by a hash chained over
+//! sequence (per layer group, for sliding-window models), reference counts, the prefix cache (full blocks identified by a hash chained over
 //! the parent block's hash and the block's token ids) and the LRU queue of free blocks, some of
 //! which still hold a cached prefix until they are needed.
 //!
@@ -82,8 +82,9 @@ pub fn extend_block_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_si
 
 /// How the layers share the pool: `full` groups that keep every token and `windowed` groups
 /// whose layers see only the last `window` tokens (the query's own included). Every group
-/// holds the same number of layers, so one block size in bytes serves them all; group `g`'s
-/// table is `g < full` a full one. The default, one full group, is a model without windows.
+/// holds the same number of layers, so one block size in bytes serves them all. Groups
+/// `0..full` are the full ones, the rest windowed. The default, one full group, is a model
+/// without windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvGroups {
     pub full: usize,
@@ -170,8 +171,8 @@ impl PrefixCacheStats {
 struct Table {
     /// A windowed group's leading entries are [`NULL_BLOCK`] once released.
     blocks: Vec<BlockId>,
-    /// Leading blocks already registered in (or taken from) the prefix cache (group 0 only:
-    /// prefix caching is for models without windows).
+    /// Leading blocks already registered in (or taken from) the prefix cache, released ones
+    /// included.
     num_cached: usize,
     /// Leading entries released (windowed groups).
     num_released: usize,
