@@ -287,16 +287,7 @@ pub fn make_backend(
             if lm.model.w.on_device_only() {
                 bail!("{}: the weights were left for a GPU to fill and cannot run on the CPU; load them with --device cpu", lm.path.display());
             }
-            let layout = crate::model::config::KvLayout::for_groups(&lm.model.cfg, sched_cfg.kv_groups)
-                .map_err(anyhow::Error::msg)?;
-            let be = CpuBackend::with_layout(
-                lm.model.clone(),
-                layout,
-                sched_cfg.num_gpu_blocks,
-                sched_cfg.block_size,
-                cfg.threads,
-                cfg.sampling.seed.unwrap_or(0),
-            );
+            let be = CpuBackend::for_sched(lm.model.clone(), &sched_cfg, cfg.threads, cfg.sampling.seed.unwrap_or(0))?;
             Ok((Box::new(be), sched_cfg, None))
         }
         crate::backends::cuda::ExecDevice::Cuda | crate::backends::cuda::ExecDevice::Emu => {

@@ -92,7 +92,6 @@ impl SchedArgs {
         };
         let blocks = tokens / self.block_size * layout.groups.len();
         anyhow::ensure!(blocks >= 1, "--kv-cache-tokens {tokens} holds no block of {} tokens", self.block_size);
-
         let max_model_len = self.max_model_len.unwrap_or(model.context_length);
         anyhow::ensure!(
             max_model_len <= model.context_length,

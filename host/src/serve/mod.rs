@@ -63,16 +63,7 @@ pub fn default_model_name(lm: &LoadedModel) -> String {
 /// Starts the engine thread on the CPU backend and builds what the handlers share.
 /// The cache's layout follows the scheduler's KV groups ([`crate::model::config::KvLayout::for_groups`]).
 pub fn start_cpu(lm: &LoadedModel, cfg: &ServeConfig, step_log: StepLogWriter) -> anyhow::Result<Arc<http::App>> {
-    let layout =
-        crate::model::config::KvLayout::for_groups(&lm.model.cfg, cfg.sched.kv_groups).map_err(anyhow::Error::msg)?;
-    let backend = CpuBackend::with_layout(
-        lm.model.clone(),
-        layout,
-        cfg.sched.num_gpu_blocks,
-        cfg.sched.block_size,
-        cfg.threads,
-        cfg.seed,
-    );
+    let backend = CpuBackend::for_sched(lm.model.clone(), &cfg.sched, cfg.threads, cfg.seed)?;
     start_with(lm, cfg, backend, step_log)
 }
 

@@ -489,16 +489,7 @@ pub fn run_cpu(
     items: &[WorkItem],
     threads: usize,
 ) -> anyhow::Result<crate::engine::RunReport> {
-    let layout =
-        crate::model::config::KvLayout::for_groups(&lm.model.cfg, cfg.kv_groups).map_err(anyhow::Error::msg)?;
-    let backend = crate::backends::cpu::CpuBackend::with_layout(
-        lm.model.clone(),
-        layout,
-        cfg.num_gpu_blocks,
-        cfg.block_size,
-        threads,
-        0,
-    );
+    let backend = crate::backends::cpu::CpuBackend::for_sched(lm.model.clone(), cfg, threads, 0)?;
     run_real(lm, cfg, items, backend)
 }
 

@@ -211,8 +211,22 @@ impl CpuBackend {
         CpuBackend::with_layout(model, layout, num_blocks, block_size, threads, base_seed)
     }
 
-    /// [`Self::new`] with the KV layout given ([`crate::model::config::KvLayout::for_groups`]).
-    pub fn with_layout(
+    /// The backend a scheduler with `sched` drives: its blocks, block size, and the KV layout
+    /// its groups need ([`crate::model::config::KvLayout::for_groups`]; an error names a
+    /// grouping that is not the model's).
+    pub fn for_sched(
+        model: Arc<CpuModel>,
+        sched: &weave_scheduler::SchedulerConfig,
+        threads: usize,
+        base_seed: u64,
+    ) -> anyhow::Result<CpuBackend> {
+        let layout =
+            crate::model::config::KvLayout::for_groups(&model.cfg, sched.kv_groups).map_err(anyhow::Error::msg)?;
+        Ok(CpuBackend::with_layout(model, layout, sched.num_gpu_blocks, sched.block_size, threads, base_seed))
+    }
+
+    /// [`Self::new`] with the KV layout given.
+    fn with_layout(
         model: Arc<CpuModel>,
         layout: crate::model::config::KvLayout,
         num_blocks: usize,
@@ -294,8 +308,9 @@ impl CpuBackend {
         &self.layout
     }
 
-    /// A batch must carry one table and one slot per token for each of the cache's groups.
-    fn check_groups(&self, b: &ScheduledBatch) -> anyhow::Result<()> {
+    /// A batch must carry one table and one slot per token for each of the cache's groups, and
+    /// name only blocks and slots the cache has.
+    fn check_batch(&self, b: &ScheduledBatch) -> anyhow::Result<()> {
         let want = self.layout.groups.len();
         anyhow::ensure!(
             b.kv_groups() == want && b.slot_mapping.len() == b.num_tokens() * want,
@@ -337,7 +352,7 @@ impl CpuBackend {
     /// If the batch's KV groups are not the model's (see [`Self::kv_layout`]), or it names
     /// blocks or slots the cache does not have.
     pub fn forward(&mut self, b: &ScheduledBatch) -> Vec<f32> {
-        if let Err(e) = self.check_groups(b) {
+        if let Err(e) = self.check_batch(b) {
             panic!("{e}");
         }
         self.run_forward(b);
@@ -624,7 +639,7 @@ impl Backend for CpuBackend {
         self.masks = masks;
     }
     fn execute(&mut self, batch: &ScheduledBatch) -> anyhow::Result<StepResult> {
-        self.check_groups(batch)?;
+        self.check_batch(batch)?;
         let (sampled, logprobs, phases) = self.forward_and_sample(batch);
         Ok(StepResult { output: StepOutput { sampled }, duration_s: None, logprobs, phases: Some(phases) })
     }
