@@ -40,7 +40,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let groups = lm.model.cfg.kv_layout().groups.len();
             let mut be = weave::backends::cpu::CpuBackend::new(
                 lm.model.clone(),
-                1 + groups * len.div_ceil(block_size),
+                weave::study::logits::trace_blocks(groups, len, block_size),
                 block_size,
                 a.run.threads,
                 0,

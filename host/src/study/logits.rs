@@ -110,9 +110,19 @@ pub fn top2(row: &[f32]) -> [(u32, f32); 2] {
     best
 }
 
-/// `prompt` through `src`, then `steps - 1` greedy decode steps (`steps` tokens in all).
-/// The backend needs `1 + groups * (prompt + steps).div_ceil(block_size)` blocks, `groups`
-/// its KV layer groups ([`LogitsSource::kv_groups`]).
+/// Blocks one group of [`greedy_trace`]'s sequence of `tokens` tokens takes.
+fn trace_stride(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size)
+}
+
+/// KV blocks a backend of `groups` layer groups needs for [`greedy_trace`] over `tokens`
+/// tokens (prompt and steps), the null block included.
+pub fn trace_blocks(groups: usize, tokens: usize, block_size: usize) -> usize {
+    1 + groups * trace_stride(tokens, block_size)
+}
+
+/// `prompt` through `src`, then `steps - 1` greedy decode steps (`steps` tokens in all), on a
+/// backend of [`trace_blocks`] blocks.
 pub fn greedy_trace(
     src: &mut dyn LogitsSource,
     device: &str,
@@ -120,7 +130,7 @@ pub fn greedy_trace(
     steps: usize,
     block_size: usize,
 ) -> anyhow::Result<Trace> {
-    let (groups, stride) = (src.kv_groups(), (prompt.len() + steps).div_ceil(block_size));
+    let (groups, stride) = (src.kv_groups(), trace_stride(prompt.len() + steps, block_size));
     anyhow::ensure!(!prompt.is_empty(), "the prompt has no tokens");
     let vocab = src.vocab_size();
     let mut t = Trace { device: device.into(), prompt_ids: prompt.to_vec(), ..Default::default() };
